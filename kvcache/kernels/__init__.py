@@ -1,0 +1,45 @@
+"""Kernel dispatch: CUDA tensors take the Triton kernels, CPU tensors the plain-torch references.
+
+Set ``KVQ_FORCE_REFERENCE=1`` to force the reference path on CUDA (for debugging a kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..layout import LayerKV
+from .reference import decode_attention_reference, gather_kv_reference, store_kv_reference
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` lives on a GPU and nobody asked for the reference path."""
+    return t.is_cuda and os.environ.get("KVQ_FORCE_REFERENCE", "0") != "1"
+
+
+def store_kv(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write (and quantize) ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
+    if use_triton(key):
+        from .store import store_kv_triton
+
+        return store_kv_triton(layer, key, value, slots)
+    return store_kv_reference(layer, key, value, slots)
+
+
+def gather_kv(
+    layer: LayerKV, block_tables: torch.Tensor, length: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized history into a scratch buffer (the prefill path; decode never does this on GPU)."""
+    return gather_kv_reference(layer, block_tables, length, dtype)
+
+
+def decode_attention(
+    query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its cached history, read in the stored format."""
+    if use_triton(query):
+        from .decode_attention import decode_attention_triton
+
+        return decode_attention_triton(query, layer, block_tables, seq_lens, scale)
+    return decode_attention_reference(query, layer, block_tables, seq_lens, scale)

@@ -1,0 +1,142 @@
+"""Static KV quantization parameters (the ``int8`` mode) and their safetensors file.
+
+One (scale, zp) pair per layer for K and for V, each shaped to its granularity:
+``tensor`` (1, 1), ``head`` (num_kv_heads, 1) or ``channel`` (num_kv_heads, head_dim).
+Kept in fp32 so the parameters add no error of their own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .kv_shape import KVShape
+from .quant import asym_qparams, granularity_shape, reduce_to_granularity, sym_qparams
+
+FORMAT = "kvq-qparams"
+FORMAT_VERSION = 1
+_NAMES = ("k_scale", "k_zp", "v_scale", "v_zp")
+
+
+class QParamsError(ValueError):
+    """A qparams file that is missing, corrupt, or made for another model."""
+
+
+@dataclass
+class KVQParams:
+    k_scale: list[torch.Tensor]
+    k_zp: list[torch.Tensor]
+    v_scale: list[torch.Tensor]
+    v_zp: list[torch.Tensor]
+    granularity: str = "channel"
+    symmetric: bool = False
+    bits: int = 8
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_scale)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(num_kv_heads, head_dim) as far as the granularity tells (1 where it does not)."""
+        return tuple(self.k_scale[0].shape)
+
+    @classmethod
+    def from_stats(
+        cls,
+        key_stats: dict[str, list[torch.Tensor]],
+        value_stats: dict[str, list[torch.Tensor]],
+        granularity: str = "channel",
+        symmetric: bool = False,
+        bits: int = 8,
+        metadata: dict[str, str] | None = None,
+    ) -> "KVQParams":
+        """Parameters from per-layer ``min``/``max``/``absmax`` stats, each (num_kv_heads, head_dim)."""
+        granularity_shape(granularity, 1, 1)  # validates the name
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in _NAMES}
+        for prefix, stats in (("k", key_stats), ("v", value_stats)):
+            for i in range(len(stats["absmax" if symmetric else "max"])):
+                if symmetric:
+                    scale, zp = sym_qparams(reduce_to_granularity(stats["absmax"][i].float(), granularity, "max"), bits)
+                else:
+                    lo = reduce_to_granularity(stats["min"][i].float(), granularity, "min")
+                    hi = reduce_to_granularity(stats["max"][i].float(), granularity, "max")
+                    scale, zp = asym_qparams(lo, hi, bits)
+                out[f"{prefix}_scale"].append(scale)
+                out[f"{prefix}_zp"].append(zp)
+        return cls(**out, granularity=granularity, symmetric=symmetric, bits=bits, metadata=dict(metadata or {}))
+
+    def layer(self, i: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """Layer ``i``'s (k_scale, k_zp, v_scale, v_zp), each expanded to (num_kv_heads, head_dim) fp32."""
+        return tuple(
+            getattr(self, n)[i].float().expand(num_kv_heads, head_dim).contiguous() for n in _NAMES
+        )
+
+    def check_matches(self, shape: KVShape) -> None:
+        """Raise a readable error when these parameters were made for another model."""
+        want_layers = shape.num_layers
+        kvh, d = granularity_shape(self.granularity, shape.num_kv_heads, shape.head_dim)
+        have = (self.num_layers, *self.shape)
+        want = (want_layers, kvh, d)
+        if have != want:
+            raise QParamsError(
+                f"qparams do not match the model: qparams have {have[0]} layers x {have[1:]} per layer "
+                f"({self.granularity}), the model needs {want[0]} layers x {want[1:]} ({shape}); "
+                "calibrate this model with `python -m calib calibrate` and export with `python -m calib kv_qparams`"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {f"layers.{i}.{n}": getattr(self, n)[i].float().contiguous() for n in _NAMES for i in range(self.num_layers)}
+        meta = {
+            **{k: str(v) for k, v in self.metadata.items()},
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "granularity": self.granularity,
+            "symmetric": json.dumps(self.symmetric),
+            "bits": str(self.bits),
+            "num_layers": str(self.num_layers),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "KVQParams":
+        path = Path(path)
+        if not path.is_file():
+            raise QParamsError(f"qparams file not found: {path}; make one with `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise QParamsError(f"{path} is not a readable safetensors qparams file ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise QParamsError(f"{path} is not a KVQ qparams file (format={meta.get('format')!r}); export one with `--format kvq`")
+        version = int(meta.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise QParamsError(f"{path} has format version {version}, newer than this tool reads ({FORMAT_VERSION}); upgrade KVQ Studio")
+        n = int(meta["num_layers"])
+        try:
+            lists = {name: [tensors[f"layers.{i}.{name}"] for i in range(n)] for name in _NAMES}
+        except KeyError as e:
+            raise QParamsError(f"{path} is missing tensor {e.args[0]}; re-export it") from None
+        for name, ts in lists.items():
+            for i, t in enumerate(ts):
+                if not torch.isfinite(t).all():
+                    raise QParamsError(f"{path}: layer {i} {name} has NaN or inf values; recalibrate")
+        reserved = {"format", "format_version", "granularity", "symmetric", "bits", "num_layers"}
+        return cls(
+            **lists,
+            granularity=meta["granularity"],
+            symmetric=json.loads(meta["symmetric"]),
+            bits=int(meta["bits"]),
+            metadata={k: v for k, v in meta.items() if k not in reserved},
+        )

@@ -1,0 +1,102 @@
+"""Quantization math for the KV cache: pure torch functions, no state.
+
+Asymmetric follows LMDeploy's recipe: ``zp = (min+max)/2``, ``scale = (max-min)/(2^bits-1)``,
+``q = clamp(round((x-zp)/scale))``, ``x ~ q*scale + zp``. Symmetric uses
+``scale = absmax/(2^(bits-1)-1)`` and ``zp = 0``. Inside the calibrated range the
+round trip error is at most ``scale/2`` (the clamp at the top edge moves a value by half a
+step, never more).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A floor for scales: a channel whose range is zero would otherwise divide by zero.
+SCALE_EPS = 1e-8
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of a ``bits``-bit code, e.g. (-128, 127) for 8 bits."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def asym_qparams(
+    x_min: torch.Tensor, x_max: torch.Tensor, bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LMDeploy's asymmetric parameters from observed ranges (fp32, so they add no error)."""
+    x_min, x_max = x_min.float(), x_max.float()
+    scale = ((x_max - x_min) / ((1 << bits) - 1)).clamp_min(SCALE_EPS)
+    zp = (x_min + x_max) / 2
+    return scale, zp
+
+
+def sym_qparams(absmax: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric parameters from the observed absolute maximum; the zero point is 0."""
+    scale = (absmax.float() / qrange(bits)[1]).clamp_min(SCALE_EPS)
+    return scale, torch.zeros_like(scale)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Codes of ``x`` as int8 (any bits <= 8 fit); ``scale``/``zp`` broadcast against ``x``."""
+    lo, hi = qrange(bits)
+    q = torch.round((x.float() - zp.float()) / scale.float())
+    return q.clamp_(lo, hi).to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``q*scale + zp`` computed in fp32, returned in ``dtype``."""
+    return (q.float() * scale.float() + zp.float()).to(dtype)
+
+
+def dynamic_qparams(
+    x: torch.Tensor, bits: int = 8, param_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector asymmetric parameters over the last dim (per token, per head), stored in ``param_dtype``.
+
+    The parameters are rounded to their storage dtype *before* quantizing, and the scale is
+    widened so that ``[min, max]`` still fits around the rounded zero point: the stored
+    parameters are exactly the ones used, so they add no error of their own.
+    """
+    x = x.float()
+    x_min, x_max = x.amin(dim=-1), x.amax(dim=-1)
+    zp = ((x_min + x_max) / 2).to(param_dtype).float()
+    half_steps = ((1 << bits) - 1) / 2  # 127.5 for 8 bits: the clamp costs at most half a step
+    scale = torch.maximum(x_max - zp, zp - x_min) / half_steps
+    scale = _round_up(scale.clamp_min(SCALE_EPS), param_dtype)
+    return scale, zp.to(param_dtype)
+
+
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 values to ``dtype``, never downwards, so a range never shrinks."""
+    r = x.to(dtype)
+    low = r.float() < x
+    if low.any():
+        r = torch.where(low, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+    return r
+
+
+def granularity_shape(granularity: str, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """Shape of one layer's static parameter tensor for a granularity name."""
+    shapes = {"tensor": (1, 1), "head": (num_kv_heads, 1), "channel": (num_kv_heads, head_dim)}
+    if granularity not in shapes:
+        raise ValueError(f"unknown granularity {granularity!r}; use one of {', '.join(shapes)}")
+    return shapes[granularity]
+
+
+def reduce_to_granularity(
+    stat: torch.Tensor, granularity: str, reduce: str
+) -> torch.Tensor:
+    """Collapse a (num_kv_heads, head_dim) statistic to a coarser granularity with ``min``/``max``."""
+    fn = {"min": torch.amin, "max": torch.amax}[reduce]
+    if granularity == "channel":
+        return stat.clone()
+    if granularity == "head":
+        return fn(stat, dim=-1, keepdim=True)
+    if granularity == "tensor":
+        return fn(stat.reshape(1, -1), dim=-1, keepdim=True)
+    granularity_shape(granularity, 1, 1)  # raises the readable error
+    raise AssertionError
