@@ -46,7 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=512)
     ch.add_argument("--temperature", type=float, default=0.0)
     ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--cache-max-entry-count", default=None,
+                    help="fix the KV pool: a fraction in (0,1] of the memory free after the weights load, or a number of blocks")
+    cap = sub.add_parser("capacity", help="blocks, tokens and sessions that fit per KV mode in one memory budget")
+    _add_model_args(cap)
+    cap.add_argument("--kv", default="fp16,int8,int8-dynamic", help="comma-separated KV modes")
+    budget = cap.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--cache-max-entry-count", default=None,
+                        help="fraction in (0,1] of the memory free after the weights load, or a whole number of blocks")
+    budget.add_argument("--budget-mib", type=float, default=None, help="a fixed KV budget in MiB")
+    cap.add_argument("--block-size", type=int, default=64)
+    cap.add_argument("--session-tokens", type=int, default=2048, help="length of one conversation for the sessions column")
+    cap.add_argument("--json", default=None, help="write the report here")
     return parser
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
 
 
 def _load(args: argparse.Namespace):
@@ -79,10 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     report["text_file"] = str(args.text_file)
     print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+    _write_json(args.json, report)
     return 0
 
 
@@ -95,7 +111,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise CLIError("KV mode int8 needs --qparams FILE (made by `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`)")
     system = args.meta_instruction if args.meta_instruction is not None else DEFAULT_SYSTEM_PROMPT_FILE.read_text(encoding="utf-8").strip()
     loaded = _load(args)
-    session = ChatSession(loaded, mode.name, qparams=_qparams(args), system_prompt=system or None)
+    cache = None
+    if args.cache_max_entry_count:
+        from .cache import PagedKVCache
+        from .capacity import parse_cache_max_entry_count, pool_blocks
+        from .kv_shape import KVShape
+
+        count = parse_cache_max_entry_count(args.cache_max_entry_count)
+        blocks = pool_blocks(mode, KVShape.from_config(loaded.model.config), count, loaded.device)
+        cache = PagedKVCache.for_model(loaded.model, mode.name, qparams=_qparams(args), num_blocks=blocks, growable=False)
+        print(f"KV pool: {blocks} blocks of 64 tokens ({blocks * 64} tokens)")
+    session = ChatSession(loaded, mode.name, qparams=_qparams(args), system_prompt=system or None, cache=cache)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     print(f"{loaded.name} on {loaded.device}, KV cache: {mode.name}. Empty line or Ctrl-D quits, /reset clears the chat.")
     while True:
@@ -121,17 +147,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from .capacity import format_plan, free_memory_bytes, parse_cache_max_entry_count, plan
+    from .kv_shape import KVShape
+    from .modes import parse_modes
+
+    modes = parse_modes(args.kv)
+    count = parse_cache_max_entry_count(args.cache_max_entry_count) if args.cache_max_entry_count else None
+    if args.budget_mib is not None and args.budget_mib <= 0:
+        raise CLIError(f"--budget-mib must be positive, got {args.budget_mib}")
+    if args.block_size < 1 or args.session_tokens < 1:
+        raise CLIError("--block-size and --session-tokens must be at least 1")
+    loaded = _load(args)
+    report = plan(
+        modes, KVShape.from_config(loaded.model.config), cache_max_entry_count=count,
+        budget_bytes=int(args.budget_mib * 1024 * 1024) if args.budget_mib is not None else None,
+        free_bytes=free_memory_bytes(loaded.device) if isinstance(count, float) else None,
+        block_size=args.block_size, session_tokens=args.session_tokens,
+    )
+    report.update(model=loaded.name, device=str(loaded.device))
+    print(f"{loaded.name} on {loaded.device}")
+    print(format_plan(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .evaluate import EvalError
     from .qparams import QParamsError
 
-    known: tuple[type[BaseException], ...] = (CLIError, EvalError, QParamsError, ValueError, FileNotFoundError)
+    from .block_pool import KVCacheFull
+
+    known: tuple[type[BaseException], ...] = (CLIError, EvalError, QParamsError, ValueError, FileNotFoundError, KVCacheFull)
     try:
         from .model_loader import ModelLoadError
 
         known += (ModelLoadError,)
-        return {"evaluate": cmd_evaluate, "chat": cmd_chat}[args.command](args)
+        return {"evaluate": cmd_evaluate, "chat": cmd_chat, "capacity": cmd_capacity}[args.command](args)
     except known as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ cached as a plain safetensors folder, so later loads take seconds. Every model i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -146,7 +148,9 @@ def _local_path(model: str) -> Path:
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     if path.is_file():
-        raise ModelLoadError(f"{model} is not a .gguf file: pass a .gguf file, a Hugging Face model folder or 'default'")
+        raise ModelLoadError(
+            f"{model} is not a .gguf file: pass a .gguf file, a Hugging Face model folder or 'default'"
+        )
     looks_like_hub = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if looks_like_hub:
         raise ModelLoadError(
@@ -179,6 +183,7 @@ def _check_model_type(model_type: str | None, architectures: list[str] | None, w
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    model_type = model_type or "unknown"
     if model_type in _FAMILIES:
         raise ModelLoadError(
             f"{where.name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
@@ -210,7 +215,7 @@ def _load_dir(
     try:
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{config_file} is unreadable ({exc}): re-download or re-save the model") from None
+        raise ModelLoadError(f"{config_file} is unreadable ({_first_line(exc)}): re-download or re-save it") from None
     _check_model_type(raw.get("model_type"), raw.get("architectures"), path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -225,11 +230,15 @@ def _load_dir(
             local_files_only=True,
             trust_remote_code=False,
         )
-    except (OSError, ValueError) as exc:
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise ModelLoadError(f"{path.name}'s tokenizer is custom code: pass --trust-remote-code if you trust it") from None
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load {path} ({first_line}): check the folder is a complete model") from exc
+            raise ModelLoadError(
+                f"{path.name}'s tokenizer is custom code: pass --trust-remote-code if you trust it"
+            ) from None
+        reason = _first_line(exc)
+        raise ModelLoadError(f"could not load {path} ({reason}): check the folder is a complete model") from exc
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -256,9 +265,17 @@ def _load_gguf(
         return _load_dir(cached, name, str(gguf), device, dtype, trust_remote_code)
 
 
+def _first_line(exc: BaseException) -> str:
+    """Library errors span lines; ours must fit on one."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _source_stamp(gguf: Path) -> dict[str, object]:
     stat = gguf.stat()
-    return {"cache_format": CACHE_FORMAT_VERSION, "source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "cache_format": CACHE_FORMAT_VERSION, "source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns
+    }
 
 
 def _cache_is_fresh(cached: Path, gguf: Path) -> bool:
@@ -276,13 +293,16 @@ def _convert_gguf(gguf: Path, cached: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"{gguf.name} cannot be read as a GGUF model ({exc}): pass a valid .gguf file") from None
+        raise ModelLoadError(
+            f"{gguf.name} cannot be read as a GGUF model ({_first_line(exc)}): pass a valid .gguf file"
+        ) from None
     _check_model_type(config.model_type, None, gguf)
     logger.info("converting %s to %s (first load only)", gguf, cached)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    for stale in cached.parent.glob(f".{cached.name}-*"):
-        if time.time() - stale.stat().st_mtime > _STALE_TMP_S:
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in cached.parent.glob(f".{cached.name}-*"):  # left by killed conversions
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
     try:
         kwargs = {"gguf_file": gguf.name, "local_files_only": True}

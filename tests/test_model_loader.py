@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, GPT2Config, GenerationMixin, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BertConfig,
+    GenerationMixin,
+    GPT2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 from kvcache import model_loader
 from kvcache.model_loader import (
@@ -193,6 +202,22 @@ def test_local_llama_dir_loads(tiny_llama_dir: Path):
     assert logits.shape == (1, 3, len(lm.tokenizer))
 
 
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+def test_every_supported_family_loads_with_kvq(model_type, tmp_path, loaded_default: LoadedModel):
+    small = dict(
+        vocab_size=len(loaded_default.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+    )
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **small)).save_pretrained(tmp_path)
+    loaded_default.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), device="cpu")
+    assert lm.model.config.model_type == model_type and lm.model.config._attn_implementation == "kvq"
+    assert (lm.num_layers, lm.num_kv_heads, lm.head_dim) == (2, 2, 16)
+    with torch.no_grad():
+        assert lm.model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, len(lm.tokenizer))
+
+
 def test_explicit_dtype_is_used(tiny_llama_dir: Path):
     lm = load_model(str(tiny_llama_dir), device="cpu", dtype=torch.bfloat16)
     assert lm.dtype == torch.bfloat16 and lm.model.dtype == torch.bfloat16
@@ -248,6 +273,23 @@ def test_file_that_is_not_gguf(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(str(tmp_path / "weights.bin"), device="cpu")
     _assert_one_line(err, "not a .gguf file")
+
+
+def test_incomplete_model_dir(tmp_path):
+    LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path), device="cpu")
+    _assert_one_line(err, "could not load", "complete model")
+
+
+def test_invalid_gguf_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf at all" * 8)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path / "broken.gguf"), device="cpu")
+    _assert_one_line(err, "cannot be read as a GGUF model")
 
 
 @pytest.mark.parametrize("architectures", [["BertForMaskedLM"], None])

@@ -1,0 +1,53 @@
+"""Capacity planning against hand-computed block arithmetic."""
+
+import json
+
+import pytest
+
+from kvcache import KVShape, get_mode
+from kvcache.capacity import parse_cache_max_entry_count, plan
+from kvcache.cli import main
+
+SMOL = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)
+MODES = [get_mode(m) for m in ("fp16", "int8", "int8-dynamic")]
+
+
+def test_same_memory_int8_holds_twice_the_tokens():
+    rep = plan(MODES, SMOL, budget_bytes=256 * 2**20, block_size=64, session_tokens=2048)
+    fp16, int8, dyn = rep["results"]
+    # fp16: 23040 B/token -> 1,474,560 B/block; 268,435,456 // 1,474,560 = 182 blocks
+    assert (fp16["block_bytes"], fp16["blocks"], fp16["tokens"]) == (1474560, 182, 11648)
+    # int8: 11520 B/token; 92,160 B of per-channel params come off the budget first -> 363 blocks
+    assert (int8["block_bytes"], int8["blocks"]) == (737280, (256 * 2**20 - 92160) // 737280) == (737280, 363)
+    assert int8["tokens_vs_fp16"] >= 1.95
+    assert dyn["bytes_per_token"] == 12240 and dyn["blocks"] == 256 * 2**20 // (12240 * 64)
+    # same conversation: 2048 tokens = 32 blocks
+    assert fp16["session_bytes"] == 32 * 1474560 and fp16["sessions"] == 182 // 32
+    assert int8["session_bytes"] == 32 * 737280 + 92160
+
+
+def test_fraction_of_free_memory_and_block_counts():
+    fake_free = 10 * 2**30
+    rep = plan(MODES[:1], SMOL, cache_max_entry_count=0.5, free_bytes=fake_free)
+    assert rep["budget_bytes"] == 5 * 2**30
+    assert rep["results"][0]["blocks"] == 5 * 2**30 // 1474560
+    rep = plan(MODES, SMOL, cache_max_entry_count=100)  # an integer: blocks, counted in fp16 block memory
+    assert rep["results"][0]["blocks"] == 100
+    assert rep["results"][1]["blocks"] == (100 * 1474560 - 92160) // 737280
+
+
+@pytest.mark.parametrize("text,message", [("0", "at least 1 block"), ("1.5", "not a fraction"), ("lots", "fraction in (0, 1]")])
+def test_bad_cache_max_entry_count(text, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_cache_max_entry_count(text)
+    assert parse_cache_max_entry_count("0.25") == 0.25 and parse_cache_max_entry_count("12") == 12
+
+
+def test_capacity_cli_json(tmp_path, loaded_default, capsys):
+    out = tmp_path / "cap.json"
+    assert main(["capacity", "--budget-mib", "64", "--kv", "fp16,int8", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["budget_bytes"] == 64 * 2**20 and [r["kv"] for r in data["results"]] == ["fp16", "int8"]
+    assert data["results"][0]["blocks"] == 64 * 2**20 // 1474560
+    assert main(["capacity", "--cache-max-entry-count", "2.5"]) == 2
+    assert "not a fraction" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""The chat session: streaming, prefix reuse between turns, stop, and the stats a user reads."""
+
+import threading
+
+import torch
+
+from kvcache.engine import ChatSession, GenerationConfig
+from kvcache.generation import next_token
+
+
+def test_two_turns_reuse_the_cached_prefix(loaded_default):
+    s = ChatSession(loaded_default, "int8-dynamic", system_prompt="You are a helpful tutor.")
+    first = "".join(s.stream_reply("What is 2 + 2?", GenerationConfig(max_new_tokens=12)))
+    assert first.strip()
+    assert s.last.new_tokens > 0 and s.last.tokens_per_s > 0
+    assert s.last.kv.tokens_stored == len(s.cached_ids) == s.cache.num_tokens
+    cached_after_first = len(s.cached_ids)
+    s.reply("And 3 + 3?", GenerationConfig(max_new_tokens=8))
+    # the second turn fed only what was not cached: far fewer tokens than the whole conversation
+    assert s.last.prompt_tokens < len(s._prompt_ids()) - cached_after_first // 2
+    assert s.cached_ids == s.cached_ids[: s.cache.num_tokens]
+    s.reset()
+    assert s.cache.num_tokens == 0 and s.messages == []
+
+
+def test_greedy_is_deterministic_and_matches_fp16_on_short_answers(loaded_default):
+    a = ChatSession(loaded_default, "fp16").reply("Name a primary color.", GenerationConfig(max_new_tokens=6))
+    b = ChatSession(loaded_default, "fp16").reply("Name a primary color.", GenerationConfig(max_new_tokens=6))
+    assert a == b and a
+
+
+def test_stop_event_stops_computing(loaded_default):
+    s = ChatSession(loaded_default, "fp16")
+    stop = threading.Event()
+    pieces = []
+    for piece in s.stream_reply("Count from one to fifty.", GenerationConfig(max_new_tokens=200), stop):
+        pieces.append(piece)
+        stop.set()
+    assert s.last.stopped and s.last.new_tokens < 5
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    picks = {int(next_token(logits, temperature=1.0, top_p=0.5, generator=g)) for _ in range(50)}
+    assert picks == {0}
+    picks = {int(next_token(logits, temperature=1.0, top_p=0.85, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
