@@ -1,0 +1,239 @@
+"""``python -m calib``: calibrate K/V statistics, export KV quantization parameters. A thin layer over
+:func:`calib.calibrate.calibrate`, :func:`calib.stats_io.load_work_dir` and :func:`calib.export.export`.
+
+Spellings follow LMDeploy's ``lite calibrate`` / ``lite kv_qparams`` (``--calib-dataset`` and the older
+``--calib_dataset`` both work). Every known error is one line ``error: ...`` on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import NoReturn
+
+TURBOMIND_VERSIONS = """\
+turbomind layouts (raw float32 little-endian, one file per layer and TP shard,
+layers.{i}.past_kv_scale.{tp}.weight, put into the TurboMind weights dir,
+e.g. workspace/triton_models/weights/, and set quant_policy = 4 in its config.ini):
+  asymmetric (default)  [k_scale, k_zp, v_scale, v_zp]; read by TurboMind's int8 KV cache
+                        (quant_policy=4) from LMDeploy PR #218 (Aug 2023, zp = (min+max)/2)
+                        through LMDeploy 0.3.x.
+  symmetric (--kv-sym)  [k_scale, v_scale]; what LMDeploy's kv_qparams --kv-sym writes, but only
+                        TurboMind from before PR #218 (LMDeploy 0.0.x, mid 2023) reads 2 values;
+                        later TurboMind reads 4 and fails on it (LMDeploy issue #1201).
+  From LMDeploy 0.4 (PR #1377) TurboMind quantizes the KV cache online (quant_policy 8 = int8,
+  4 = int4) and reads no files; the offline path was removed in PR #2097 (July 2024).
+kvq:  kv_qparams.safetensors for `python -m kvcache chat --kv int8 --qparams FILE`.
+vllm: kv_cache_scales.safetensors (FP8 e4m3 k_scale/v_scale) + README_vllm.md (how to merge)."""
+
+
+class CLIError(Exception):
+    """Shown to the user as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error: ...`` line (exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _flag(value: str) -> bool:
+    """``--kv-sym`` alone, or LMDeploy's ``--kv_sym True/False``."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m calib", description="KVQ Studio: KV-cache calibration and parameter export")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,kv_qparams}")
+
+    ca = sub.add_parser(
+        "calibrate", help="run the model on calibration text and record K/V min/max/absmax per layer",
+        description="Record per-layer K/V statistics (min, max, absmax per KV head and channel) into WORK_DIR.",
+    )
+    ca.add_argument("model", nargs="?", metavar="MODEL",
+                    help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
+    ca.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)  # LMDeploy's old --model
+    ca.add_argument("--calib-dataset", "--calib_dataset", dest="calib_dataset", default="c4",
+                    help="calibration dataset (default: c4)")
+    ca.add_argument("--calib-samples", "--calib_samples", dest="calib_samples", type=_positive, default=128,
+                    help="number of samples (default: 128)")
+    ca.add_argument("--calib-seqlen", "--calib_seqlen", dest="calib_seqlen", type=_positive, default=2048,
+                    help="tokens per sample (default: 2048)")
+    ca.add_argument("--work-dir", "--work_dir", dest="work_dir", default="./quant_output",
+                    help="where the stats go (default: ./quant_output)")
+    ca.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    ca.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ca.add_argument("--calib-data-dir", "--calib_data_dir", dest="calib_data_dir", default=None,
+                    help="local folder with the calibration data (nothing is downloaded without it)")
+    ca.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive, default=1,
+                    help="samples per forward pass (default: 1)")
+    ca.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                    help="allow the model's own Python code to run (tokenizer only)")
+
+    kq = sub.add_parser(
+        "kv_qparams", help="export KV quantization parameters from a work dir (turbomind, kvq or vllm)",
+        description="Turn the stats in WORK_DIR (ours, or LMDeploy's `lite calibrate` output) into "
+                    "KV quantization parameters in OUT_DIR.",
+        epilog=TURBOMIND_VERSIONS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    kq.add_argument("work_dir", metavar="WORK_DIR", help="the calibrate work dir (key_stats.pth, value_stats.pth)")
+    kq.add_argument("out_dir", metavar="OUT_DIR", help="where the parameter files go (created if missing)")
+    kq.add_argument("--format", required=True, choices=("turbomind", "kvq", "vllm"),
+                    help="turbomind: LMDeploy TurboMind past_kv_scale files; kvq: kv_qparams.safetensors; "
+                         "vllm: FP8 k_scale/v_scale safetensors")
+    kq.add_argument("--kv-sym", "--kv_sym", dest="kv_sym", nargs="?", const=True, default=False, type=_flag, metavar="BOOL",
+                    help="symmetric (absmax) parameters instead of asymmetric (min/max); vllm is always symmetric")
+    kq.add_argument("--num-tp", "--num_tp", dest="num_tp", type=_positive, default=1,
+                    help="turbomind: tensor-parallel shards; must divide the KV heads (default: 1)")
+    kq.add_argument("--kv-bits", "--kv_bits", dest="kv_bits", type=int, default=8,
+                    help="turbomind and vllm: 8; kvq: 4 or 8 (default: 8)")
+    kq.add_argument("--granularity", choices=("tensor", "head", "channel"), default=None,
+                    help="one parameter per layer (tensor), per KV head (head) or per channel (channel); "
+                         "default: channel for kvq, tensor for turbomind (its only one) and vllm (tensor or head)")
+    kq.add_argument("--model", default=None,
+                    help="check the stats were calibrated on this model ('default', HF dir or .gguf) first")
+    return parser
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    model = args.model or args.model_opt
+    if not model:
+        raise CLIError("give the MODEL to calibrate: 'default', a local HF model dir or a .gguf file")
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise CLIError(f"two models given ({args.model} and --model {args.model_opt}): give one")
+    try:
+        from .calibrate import calibrate
+    except ImportError as exc:
+        raise CLIError(f"calibration is not available in this install ({exc})") from None
+    from kvcache.model_loader import load_model
+
+    loaded = load_model(model, device=args.device, trust_remote_code=args.trust_remote_code)
+
+    def progress(fraction: float, message: str = "") -> None:
+        print(f"\r[{fraction:5.1%}] {message}", end="", file=sys.stderr, flush=True)
+
+    try:
+        work_dir = calibrate(
+            loaded, dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
+            seed=args.seed, work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device,
+            progress=progress, batch_size=args.batch_size,
+        )
+    finally:
+        print(file=sys.stderr)
+    print(f"wrote K/V stats to {work_dir}; next: python -m calib kv_qparams {work_dir} OUT_DIR --format kvq")
+    return 0
+
+
+def cmd_kv_qparams(args: argparse.Namespace) -> int:
+    from .export import export
+    from .stats_io import check_model, load_work_dir
+
+    stats = load_work_dir(args.work_dir)
+    if args.model:
+        check_model(stats, _model_config(args.model))
+    files = export(
+        stats, args.out_dir, args.format, kv_sym=args.kv_sym, num_tp=args.num_tp, kv_bits=args.kv_bits,
+        granularity=args.granularity,
+    )
+    kind = "symmetric" if args.kv_sym or args.format == "vllm" else "asymmetric"
+    print(f"wrote {len(files)} files to {args.out_dir} ({args.format}, {kind}, {stats.shape_str()})")
+    if args.format == "kvq":
+        print(f"use: python -m kvcache chat --kv int8 --qparams {files[0]}")
+    elif args.format == "vllm":
+        print(f"merge into the model as {files[-1]} explains, then serve with kv_cache_dtype='fp8'")
+    else:
+        print("copy them into the TurboMind weights dir and set quant_policy = 4 (see --help for versions)")
+    return 0
+
+
+def _model_config(model: str):
+    """The transformers config to check stats against: read alone for an HF dir, else via the loader."""
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"could not read {path / 'config.json'} ({str(exc).splitlines()[0]})") from None
+    from kvcache.model_loader import load_model
+
+    return load_model(model, device="cpu").config
+
+
+def _known_errors(command: str) -> tuple[type[BaseException], ...]:
+    from kvcache.qparams import QParamsError
+
+    from .stats_io import CalibStatsError
+
+    known: tuple[type[BaseException], ...] = (CLIError, CalibStatsError, QParamsError, ValueError, OSError)
+    try:
+        from kvcache.model_loader import ModelLoadError
+
+        known += (ModelLoadError,)
+    except ImportError:
+        pass
+    if command == "calibrate":
+        try:
+            from . import calibrate as mod
+        except ImportError:
+            return known
+        known += tuple(
+            e for e in (getattr(mod, n, None) for n in ("CalibDataError", "CalibOOMError", "CalibCancelled"))
+            if isinstance(e, type) and issubclass(e, BaseException)
+        )
+    return known
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    known = _known_errors(args.command)
+    command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams}[args.command]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            rc = command(args)
+        except known as e:
+            _print_warnings(caught)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            _print_warnings(caught)
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+    _print_warnings(caught)
+    return rc
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    seen: set[str] = set()
+    for w in caught:
+        text = _one_line(w.message)
+        # Only our own warnings: library chatter (deprecations and the like) stays out of the way.
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or text in seen:
+            continue
+        seen.add(text)
+        print(f"warning: {text}", file=sys.stderr)
+
+
+def _one_line(e: object) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__

@@ -1,0 +1,299 @@
+"""Flash-decoding over the block table, reading K/V in their stored format (fp16/bf16/fp32 or int8).
+
+Computes what :func:`kvcache.kernels.reference.decode_attention_reference` does, without ever
+writing a dequantized copy: each program (batch row, KV head, split) streams tiles of ``BLOCK_N``
+tokens, and all query heads of the KV group share each tile load (GQA). Dequantization is folded
+into the math in registers, so the inner loop only converts codes:
+
+- static int8, per-channel ``s``/``z``: ``q.k = (q*s).c + q.z`` (``q*s`` and ``q.z`` computed once),
+  and ``sum p v = s * sum p c + z * sum p``;
+- dynamic int8, per-token ``s_n``/``z_n``: ``q.k_n = s_n (q.c_n) + z_n sum(q)``, and
+  ``sum p v = sum (p s) c + sum p z``.
+
+Softmax is online in fp32 (base 2). With several splits a second kernel merges the partial
+results through their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import LayerKV
+from .store import FLOAT_DTYPES, _params, check_storage, quant_code
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
+    sm_scale_log2, num_splits,
+    stride_qb, stride_qh,
+    stride_cb, stride_ch, stride_ct,
+    stride_pb, stride_ph,
+    stride_btb,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_IEEE: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """One (batch row, KV head, split): partial attention of the group's query heads over its token range."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    gmask = offs_g < GROUP
+    dmask = offs_d < HEAD_D
+    heads = kvh * GROUP + offs_g
+
+    # This split's token range: the row's length cut in num_splits tile-aligned chunks.
+    seq_len = tl.load(lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
+    if QUANT == 1:
+        # Static per-channel parameters, loaded once: fold the K scale into q, the K zero point into a bias.
+        p_off = kvh * stride_ph + offs_d
+        k_s = tl.load(ks_ptr + p_off, mask=dmask, other=0.0)
+        k_z = tl.load(kz_ptr + p_off, mask=dmask, other=0.0)
+        v_s = tl.load(vs_ptr + p_off, mask=dmask, other=0.0)
+        v_z = tl.load(vz_ptr + p_off, mask=dmask, other=0.0)
+        qk = q * k_s[None, :]
+        q_bias = tl.sum(q * k_z[None, :], axis=1)
+    else:
+        qk = q
+    if QUANT == 2:
+        q_sum = tl.sum(q, axis=1)
+    if USE_DOT:
+        qk_dot = qk.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    pz_i = tl.zeros([BLOCK_G], tl.float32)  # sum p * v_zp (dynamic mode)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    bt_row = bt_ptr + b * stride_btb
+    head_off = kvh * stride_ch
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + offs_n
+        valid = pos < end
+        # A tile may span several blocks (or part of one): look up each token's block.
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        row = blk * stride_cb + head_off + in_blk * stride_ct  # [BLOCK_N]
+        kv_mask = valid[:, None] & dmask[None, :]
+        kv_off = row[:, None] + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0)  # codes in the stored dtype
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0)
+        if QUANT == 2:
+            p_off = blk * stride_pb + kvh * stride_ph + in_blk
+            t_ks = tl.load(ks_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
+            t_kz = tl.load(kz_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
+            t_vs = tl.load(vs_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
+            t_vz = tl.load(vz_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
+
+        if USE_DOT:
+            if DOT_IEEE:  # fp32 operands: full precision, not tf32
+                s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee")
+            else:
+                s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)))
+        else:  # one query head: multiply-and-sum over head_dim
+            s = tl.sum(qk * k.to(tl.float32), axis=1)[None, :]  # [1, BLOCK_N]
+        if QUANT == 1:
+            s = s + q_bias[:, None]
+        elif QUANT == 2:
+            s = s * t_ks[None, :] + q_sum[:, None] * t_kz[None, :]
+        s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if QUANT == 2:
+            pz_i = pz_i * alpha + tl.sum(p * t_vz[None, :], axis=1)
+            p = p * t_vs[None, :]
+        if USE_DOT:
+            if DOT_IEEE:
+                pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        else:
+            pv = tl.sum(tl.reshape(p, (BLOCK_N, 1)) * v.to(tl.float32), axis=0)[None, :]
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if QUANT == 1:
+        acc = acc * v_s[None, :] + l_i[:, None] * v_z[None, :]
+    elif QUANT == 2:
+        acc = acc + pz_i[:, None]
+    # An empty split (a row shorter than the others) leaves l = 0: output 0 with weight exp(-inf) = 0.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    if STORE_LSE:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    o_part_ptr, lse_ptr, out_ptr, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the splits of one (batch row, query head): weights ``2^(lse_s - max lse)``."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_splits
+    dmask = offs_d < HEAD_D
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+    o = tl.load(o_part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a couple of splits exercise the reduce without slowing tests down
+
+
+def default_block_n(head_dim: int) -> int:
+    """Tokens per tile: ~8K elements per K tile (64 tokens at head_dim 128, 128 at 64)."""
+    return max(16, min(128, 8192 // triton.next_power_of_2(head_dim)))
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """Enough (row, head, split) programs to fill the SMs a few times, each with >= 4 tiles of work."""
+    programs = batch * num_kv_heads
+    want = triton.cdiv(4 * _sm_count(device), programs)
+    return max(1, min(want, triton.cdiv(triton.cdiv(max_len, block_n), 4), _MAX_SPLITS))
+
+
+def _check_inputs(query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> int:
+    """Raise ValueError on anything the kernel cannot read safely; return the longest length."""
+    check_storage(layer)
+    if query.dim() != 3:
+        raise ValueError(f"query must be [batch, num_heads, head_dim], got {tuple(query.shape)}")
+    b, hq, d = query.shape
+    if query.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"query must be fp16, bf16 or fp32, got {query.dtype}")
+    if query.stride(-1) != 1:
+        raise ValueError(f"query must be contiguous along head_dim (stride {query.stride(-1)})")
+    if d != layer.head_dim:
+        raise ValueError(f"query head_dim {d} does not match the storage's {layer.head_dim}")
+    if hq % layer.num_kv_heads:
+        raise ValueError(f"{hq} query heads is not a multiple of {layer.num_kv_heads} KV heads")
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be int32 [{b}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens must be int32 [{b}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    for name, t in (("query", query), ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.device != layer.k.device:
+            raise ValueError(f"{name} is on {t.device}, the storage on {layer.k.device}")
+    if not (block_tables.is_contiguous() and seq_lens.is_contiguous()):
+        raise ValueError("block_tables and seq_lens must be contiguous")
+    if b == 0:
+        return 0
+    if block_tables.shape[1] == 0:
+        raise ValueError("block_tables has no columns: every sequence needs at least one block")
+    # One host sync for all range checks: an out-of-range id would be an illegal memory access.
+    bt_min, bt_max, len_min, len_max = torch.stack(
+        [block_tables.min(), block_tables.max(), seq_lens.min(), seq_lens.max()]).tolist()
+    if bt_min < 0 or bt_max >= layer.num_blocks:
+        raise ValueError(f"block_tables entries must be in [0, {layer.num_blocks}) (the storage's num_blocks), "
+                         f"got [{bt_min}, {bt_max}]")
+    covered = block_tables.shape[1] * layer.block_size
+    if len_min < 1 or len_max > covered:
+        raise ValueError(f"seq_lens must be in [1, {covered}] (max_blocks {block_tables.shape[1]} x block_size "
+                         f"{layer.block_size}), got [{len_min}, {len_max}]")
+    return len_max
+
+
+def decode_attention_triton(
+    query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    *, num_splits: int | None = None, block_n: int | None = None, use_dot: bool | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per row (``[batch, heads, head_dim]``) over its paged history.
+
+    ``num_splits``/``block_n``/``use_dot``/``num_warps`` override the heuristics (tests, tuning); ``use_dot``
+    defaults to tensor-core dots when a KV head serves several query heads, else a multiply-and-sum.
+    """
+    max_len = _check_inputs(query, layer, block_tables, seq_lens)
+    b, hq, d = query.shape
+    out = torch.empty((b, hq, d), dtype=query.dtype, device=query.device)
+    if b == 0:
+        return out
+    kvh = layer.num_kv_heads
+    group = hq // kvh
+    block_d = triton.next_power_of_2(d)
+    block_n = block_n or default_block_n(d)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    use_dot = group > 1 if use_dot is None else use_dot
+    if not use_dot and group != 1:
+        raise ValueError("the multiply-and-sum path serves one query head per KV head; use_dot=True for GQA")
+    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    splits = num_splits or default_num_splits(b, kvh, max_len, block_n, query.device)
+    splits = max(1, min(splits, triton.cdiv(max_len, block_n)))  # no split is empty for the longest row
+
+    # Dot operands: int8 codes and fp16/bf16 values convert exactly to fp16 (or the stored dtype);
+    # fp32 anywhere keeps full fp32 ("ieee", not tf32).
+    if query.dtype == torch.float32 or layer.k.dtype == torch.float32:
+        dot_dtype = torch.float32
+    else:
+        dot_dtype = torch.float16 if layer.k.dtype == torch.int8 else layer.k.dtype
+    quant = quant_code(layer)
+    ks, kz, vs, vz = _params(layer)
+    stride_pb, stride_ph = (ks.stride(0), ks.stride(1)) if quant == 2 else (0, ks.stride(0) if quant == 1 else 0)
+
+    if splits == 1:  # write the final output directly, no reduce
+        o_part, lse = out, out
+        o_strides, l_strides = (out.stride(0), out.stride(1), 0), (0, 0)
+    else:
+        o_part = torch.empty((b, hq, splits, d), dtype=torch.float32, device=query.device)
+        lse = torch.empty((b, hq, splits), dtype=torch.float32, device=query.device)
+        o_strides, l_strides = o_part.stride()[:3], lse.stride()[:2]
+
+    num_warps = num_warps or (4 if block_n * block_d <= 8192 else 8)
+    _decode_partial_kernel[(b, kvh, splits)](
+        query, layer.k, layer.v, ks, kz, vs, vz, block_tables, seq_lens, o_part, lse,
+        scale * math.log2(math.e), splits,
+        query.stride(0), query.stride(1),
+        layer.k.stride(0), layer.k.stride(1), layer.k.stride(2),
+        stride_pb, stride_ph,
+        block_tables.stride(0),
+        *o_strides, *l_strides,
+        GROUP=group, BLOCK_G=block_g, HEAD_D=d, BLOCK_D=block_d,
+        BLOCK_SIZE=layer.block_size, BLOCK_N=block_n, QUANT=quant,
+        USE_DOT=use_dot, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_IEEE=dot_dtype == torch.float32,
+        STORE_LSE=splits > 1,
+        num_warps=num_warps, num_stages=3,
+    )
+    if splits > 1:
+        _decode_reduce_kernel[(b, hq)](
+            o_part, lse, out, splits,
+            *o_part.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1),
+            HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,228 @@
+"""The app's handlers as plain functions (no server, no browser), on the real default model."""
+
+import subprocess
+import sys
+
+import gradio as gr
+import pytest
+import torch
+
+from kvcache.engine import ChatSession
+from kvcache.model_loader import ModelLoadError
+from ui import charts, handlers
+from ui.errors import shown_in_page
+from ui.state import AppState, SessionState, UserError
+
+
+@pytest.fixture
+def app(loaded_default, tmp_path):
+    state = AppState(loaded=loaded_default, model_version=1, work_root=tmp_path)
+    return state
+
+
+def _run_chat(app, sess, message="What is 2+2?", mode="int8-dynamic", max_new_tokens=6, **kw):
+    frames = list(handlers.chat(app, sess, message, mode, "You are a helpful assistant.", max_new_tokens, **kw))
+    return frames
+
+
+def _text(history):
+    return history[-1]["content"]
+
+
+def test_chat_streams_both_panes(app):
+    sess = SessionState()
+    frames = _run_chat(app, sess)
+    assert len(frames) >= 3  # the empty start, then at least one step per token
+    left, right, left_stats, right_stats = frames[-1]
+    assert _text(left) and _text(right)
+    assert left[-2] == {"role": "user", "content": "What is 2+2?"}
+    for stats in (left_stats, right_stats):
+        assert "tokens/s" in stats and "KV" in stats and " B, " in stats
+    assert "identical" in left_stats or "diverge at token" in left_stats
+    assert sess.left.kv == "fp16" and sess.right.kv == "int8-dynamic"
+    assert sess.left.cache.memory().bytes_held > sess.right.cache.memory().bytes_held  # int8 holds fewer bytes
+    # streaming: an early frame has less text than the last one
+    assert len(_text(frames[1][0])) < len(_text(left)) or len(frames) > 3
+
+
+def test_second_turn_keeps_the_conversation(app):
+    sess = SessionState()
+    _run_chat(app, sess, "Name a colour.")
+    left, right, *_ = _run_chat(app, sess, "Name another one.")[-1]
+    assert len(left) == 4 and len(right) == 4
+    assert handlers.reset_chat(sess) == ([], [], "", "")
+    assert sess.left.messages == [] and sess.left.cache.memory().tokens_stored == 0
+
+
+def test_sessions_are_isolated(app):
+    a, b = SessionState(), SessionState()
+    _run_chat(app, a, "First question from tab A.")
+    left_b, *_ = _run_chat(app, b, "Hello from tab B.")[-1]
+    assert len(left_b) == 2 and "tab A" not in str(left_b)
+    assert a.left is not b.left and a.left.cache is not b.left.cache
+    assert a.left.loaded is b.left.loaded  # one model's weights, shared
+
+
+def test_stop_really_stops_the_worker(app):
+    sess = SessionState()
+    gen = handlers.chat(app, sess, "Write a long story about a dragon.", "int8-dynamic", "", 200)
+    next(gen)
+    next(gen)
+    handlers.stop(sess)
+    frames = list(gen)
+    assert sess.left.last.stopped and sess.right.last.stopped
+    assert sess.left.last.new_tokens < 10 and sess.right.last.new_tokens < 10
+    assert "stopped" in frames[-1][2]
+    frames = _run_chat(app, sess, "And now?")  # a new turn clears the stop
+    assert not sess.left.last.stopped
+
+
+def test_divergence_reports_the_first_differing_token(app):
+    sess = SessionState()
+    _run_chat(app, sess)
+    sess.left.last.token_ids, sess.right.last.token_ids = [1, 2, 3], [1, 2, 4]
+    assert handlers.divergence(sess.left, sess.right).startswith("first diverge at token 2")
+    sess.right.last.token_ids = [1, 2, 3]
+    assert handlers.divergence(sess.left, sess.right) == "identical so far (3 tokens)"
+
+
+def test_empty_message_and_int8_without_qparams(app):
+    with pytest.raises(UserError, match="Type a message"):
+        _run_chat(app, SessionState(), "   ")
+    with pytest.raises(UserError, match="needs calibrated parameters"):
+        _run_chat(app, SessionState(), mode="int8")
+    assert "needs calibrated parameters" in handlers.set_mode(app, SessionState(), "int8")[-1]
+
+
+def test_no_model_loaded_says_what_to_do(tmp_path):
+    with pytest.raises(UserError, match="No model is loaded.*press Load"):
+        _run_chat(AppState(work_root=tmp_path), SessionState())
+
+
+def test_bad_model_path_keeps_the_previous_model(app, tmp_path):
+    before = app.loaded
+    with pytest.raises(UserError, match="previous model stays loaded"):
+        handlers.load_model(app, str(tmp_path / "missing.gguf"))
+    assert app.loaded is before and "does not exist" in app.load_error
+    assert "still serving the previous model" in handlers.model_status(app)
+    sess = SessionState()
+    assert _text(_run_chat(app, sess)[-1][0])  # still serving
+
+
+def test_out_of_memory_in_chat_is_a_message(app, monkeypatch):
+    sess = SessionState()
+    _run_chat(app, sess)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+        yield ""
+
+    monkeypatch.setattr(ChatSession, "stream_reply", oom)
+    with pytest.raises(UserError, match="Out of GPU memory"):
+        _run_chat(app, sess)
+    assert sess.left.messages == []  # the conversation was freed
+    monkeypatch.undo()
+    assert _text(_run_chat(app, sess)[-1][0])
+
+
+def test_errors_become_page_messages():
+    with pytest.raises(gr.Error, match="bad path"):
+        with shown_in_page():
+            raise ModelLoadError("bad path: pass 'default'")
+    with pytest.raises(gr.Error, match="Unexpected error .ZeroDivisionError"):
+        with shown_in_page():
+            1 / 0  # noqa: B018
+
+
+def test_memory_reports_process_memory_and_exact_kv(app):
+    sess = SessionState()
+    figures, banner, gauges, mem, kv = handlers.memory(app, sess)
+    assert figures["process_rss"] > 0 and all(v is None for v in figures["kv"].values())
+    _run_chat(app, sess)
+    figures, banner, gauges, mem, kv = handlers.memory(app, sess)
+    left = figures["kv"]["fp16 (left)"]
+    assert left["bytes_held"] == sess.left.cache.memory().bytes_held and left["capacity_tokens"] >= left["tokens_stored"]
+    assert figures["kv"]["int8-dynamic (right)"]["bytes_per_token"] < left["bytes_per_token"]
+    if figures["nvml_error"]:
+        assert "NVIDIA" in banner and "exact KV bytes" in banner
+    assert "process RSS" in gauges and "KV fp16 (left)" in gauges and "gauge-fill" in gauges
+    assert set(mem["series"]) >= {"process RSS"} and len(kv) == 2
+    assert len(sess.memory_log) == 2
+
+
+def test_gauge_colours_follow_nvitop():
+    fig = {
+        "timestamp": 0, "gpus": [{"index": 0, "name": "H100", "total": 100, "used": 90, "free": 10, "reserved": None,
+                                  "process_used": 40}],
+        "torch_cuda": {"device": 0, "allocated": 10, "reserved": 70, "max_allocated": 20},
+        "process_rss": None, "system_total": None, "kv": {"fp16": None},
+    }
+    html = charts.gauges_html(fig)
+    assert 'class="gauge-fill crit" style="width:90.0%"' in html
+    assert 'class="gauge-fill warn" style="width:70.0%"' in html
+    assert 'class="gauge-fill ok" style="width:10.0%"' in html
+    assert "this process 40 B" in html
+
+
+def test_upload_is_size_limited(app, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 2048)
+    app.max_upload_bytes = 1024
+    with pytest.raises(UserError, match="over the 1.00 KiB limit"):
+        handlers.check_upload(str(big), app, "text file")
+    with pytest.raises(UserError, match="Upload a text file"):
+        handlers.check_upload(None, app, "text file")
+
+
+def test_evaluate_tiny(app):
+    sess = SessionState()
+    summary, table, quality, cost = handlers.evaluate(app, sess, "builtin", None, ["int8-dynamic"], 32, 2)
+    assert list(table["kv"]) == ["fp16", "int8-dynamic"]
+    assert table["vs fp16"].iloc[1] < 0.6 and "2 windows x 32 tokens" in summary
+    assert list(cost["kv"]) == ["fp16", "int8-dynamic"]
+    with pytest.raises(UserError, match="Pick at least one"):
+        handlers.evaluate(app, sess, "builtin", None, [], 32, 2)
+
+
+def test_calibrate_tiny_exports_and_feeds_chat(app):
+    pytest.importorskip("calib.calibrate")
+    sess = SessionState()
+    seen = []
+    view = handlers.calibrate(app, sess, "builtin", None, 2, 32, "channel", False, 1, 3,
+                              progress=lambda f, m="": seen.append(f))
+    status, k_heat, v_heat, ranges, outliers, files, tm_zip, kvq, vllm_zip = view
+    assert "Calibrated" in status and seen
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    assert {"kv_qparams.safetensors", "kv_cache_scales.safetensors", "layers.0.past_kv_scale.0.weight"} <= names
+    assert tm_zip.endswith(".zip") and kvq.endswith("kv_qparams.safetensors") and vllm_zip.endswith(".zip")
+    assert k_heat.axes[0].images[0].get_array().shape == (app.loaded.num_kv_heads, app.loaded.head_dim)
+    assert set(ranges["series"]) == {"K max", "K min", "V max", "V min"} and len(outliers) > 0
+    # export options the format can't honour become a note, not a crash
+    bad = handlers.reexport(app, sess, "channel", True, 2, 0)
+    assert "Not exported" in bad[0] and "does not divide" in bad[0]
+    handlers.reexport(app, sess, "head", True, 1, 0)
+    mode, message = handlers.use_in_chat(app, sess)
+    assert mode == "int8" and "int8" in message
+    left, right, *_ = _run_chat(app, sess, mode="int8")[-1]
+    assert sess.right.kv == "int8" and _text(right)
+
+
+def test_calibration_cancel(app):
+    pytest.importorskip("calib.calibrate")
+    sess = SessionState()
+
+    def cancel_midway(fraction, message=""):
+        handlers.cancel_calibration(sess)
+
+    with pytest.raises(Exception) as info:
+        handlers.calibrate(app, sess, "builtin", None, 4, 32, "channel", False, 1, progress=cancel_midway)
+    assert type(info.value).__name__ == "CalibCancelled"
+    assert sess.calib_stats is None
+
+
+def test_library_rooms_never_import_gradio():
+    code = (
+        "import sys, kvcache.engine, kvcache.evaluate, kvcache.device_memory, kvcache.cli, calib.export, calib.stats_io\n"
+        "assert 'gradio' not in sys.modules, 'gradio imported by the library'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

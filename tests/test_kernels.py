@@ -1,0 +1,353 @@
+"""Triton kernels against their plain-torch references (``kvcache/kernels/reference.py``).
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes
+are tiny; with one, the same tests run the compiled kernels on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcache.kernels import decode_attention, store_kv, use_triton
+from kvcache.kernels.reference import decode_attention_reference, store_kv_reference
+from kvcache.layout import LayerKV, new_blocks
+from kvcache.modes import get_mode
+from kvcache.qparams import KVQParams
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable: the kernels cannot run, not even in the interpreter")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (mode, granularity, symmetric) for every way the storage can be parameterised.
+MODES = [
+    ("fp16", None, False),
+    ("int8", "tensor", False),
+    ("int8", "head", True),
+    ("int8", "channel", False),
+    ("int8", "channel", True),
+    ("int8-dynamic", None, False),
+]
+MODE_IDS = [m if g is None else f"{m}-{g}-{'sym' if s else 'asym'}" for m, g, s in MODES]
+
+
+def _store_triton(*args):
+    from kvcache.kernels.store import store_kv_triton
+
+    return store_kv_triton(*args)
+
+
+def _decode_triton(*args, **kwargs):
+    from kvcache.kernels.decode_attention import decode_attention_triton
+
+    return decode_attention_triton(*args, **kwargs)
+
+
+def make_layer(kv: str, num_blocks: int, kvh: int, block_size: int, head_dim: int, *, granularity: str | None = None,
+               symmetric: bool = False, fp_dtype: torch.dtype = torch.float16, lim: float = 2.5, seed: int = 0) -> LayerKV:
+    """Zeroed storage from ``new_blocks``; static modes get random calibrated-looking parameters."""
+    mode = get_mode(kv)
+    layer = LayerKV(mode, **new_blocks(mode, num_blocks, kvh, block_size, head_dim, DEVICE, fp_dtype))
+    if mode.needs_qparams:
+        g = torch.Generator().manual_seed(seed)
+        lo = -lim * (0.5 + torch.rand(kvh, head_dim, generator=g))
+        hi = lim * (0.5 + torch.rand(kvh, head_dim, generator=g))
+        stats = {"min": [lo], "max": [hi], "absmax": [torch.maximum(-lo, hi)]}
+        vstats = {k: [v[0] * 0.7] for k, v in stats.items()}
+        qp = KVQParams.from_stats(stats, vstats, granularity=granularity or "channel", symmetric=symmetric)
+        layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp = (t.to(DEVICE) for t in qp.layer(0, kvh, head_dim))
+    return layer
+
+
+def clone_layer(layer: LayerKV) -> LayerKV:
+    return LayerKV(layer.mode, *(None if t is None else t.clone() for t in
+                                 (layer.k, layer.v, layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp)))
+
+
+def assert_same_storage(got: LayerKV, want: LayerKV) -> None:
+    for name in got.per_block_tensors():
+        a, b = getattr(got, name), getattr(want, name)
+        if not torch.equal(a, b):
+            diff = (a.float() - b.float()).abs()
+            raise AssertionError(f"{name}: {int((diff > 0).sum())} of {a.numel()} differ, max {float(diff.max())}")
+
+
+# --- store ------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv,granularity,symmetric", MODES, ids=MODE_IDS)
+def test_store_matches_reference(kv, granularity, symmetric, head_dim):
+    torch.manual_seed(1)
+    layer = make_layer(kv, 6, 3, 8, head_dim, granularity=granularity, symmetric=symmetric)
+    ref = clone_layer(layer)
+    n = 13
+    key = (torch.randn(n, 3, head_dim) * 2).half().to(DEVICE)  # some values beyond the static range: clamped
+    value = torch.randn(n, 3, head_dim).half().to(DEVICE)
+    key[0, 0] = 0.5  # a constant vector: zero range, the scale floor
+    key[1, 1, :5] = 40.0  # an outlier
+    slots = torch.randperm(6 * 8)[:n].to(DEVICE)
+    _store_triton(layer, key, value, slots)
+    store_kv_reference(ref, key, value, slots)
+    assert_same_storage(layer, ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["fp16", "int8-dynamic"])
+@pytest.mark.parametrize("in_dtype,fp_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                                (torch.float16, torch.float32)])
+def test_store_dtypes(kv, in_dtype, fp_dtype):
+    torch.manual_seed(2)
+    layer = make_layer(kv, 4, 2, 4, 32, fp_dtype=fp_dtype)
+    ref = clone_layer(layer)
+    key, value = (torch.randn(7, 2, 32, dtype=in_dtype, device=DEVICE) for _ in range(2))
+    slots = torch.tensor([0, 3, 4, 5, 9, 14, 15], device=DEVICE)
+    _store_triton(layer, key, value, slots)
+    store_kv_reference(ref, key, value, slots)
+    assert_same_storage(layer, ref)
+
+
+@needs_triton
+def test_store_dynamic_padded_head_dim_and_ties():
+    """head_dim 48 pads to 64 lanes: padding must never enter min/max; half-way codes round to even."""
+    torch.manual_seed(3)
+    layer = make_layer("int8-dynamic", 3, 5, 4, 48)
+    ref = clone_layer(layer)
+    key = torch.randn(6, 5, 48, device=DEVICE).half() + 3.0  # all positive: a zero in a padded lane would show
+    value = -torch.rand(6, 5, 48, device=DEVICE).half() - 1.0  # all negative
+    # Integers plus exact halves: with min -128, max 127 the codes land on .5 ties.
+    value[0, 0] = torch.arange(48, device=DEVICE).half() - 24.5
+    key[0, 1] = torch.linspace(-127.5, 127.5, 48, device=DEVICE).half()
+    slots = torch.arange(6, device=DEVICE) * 2
+    _store_triton(layer, key, value, slots)
+    store_kv_reference(ref, key, value, slots)
+    assert_same_storage(layer, ref)
+    zps = layer.k_zp[slots // 4, :, slots % 4]
+    assert zps[1:].min() > 0  # all-positive rows: padded lanes' zeros never pulled the minimum down
+
+
+@needs_triton
+def test_store_static_ties_round_half_even():
+    layer = make_layer("int8", 1, 1, 4, 16)
+    layer.k_scale.fill_(0.5)
+    layer.k_zp.zero_()
+    layer.v_scale.fill_(1.0)
+    layer.v_zp.fill_(0.25)
+    ref = clone_layer(layer)
+    halves = (torch.arange(16, device=DEVICE, dtype=torch.float32) - 8) * 0.25  # x/0.5 = ..., -1.5, -1, -0.5, 0, ...
+    key = halves.reshape(1, 1, 16).repeat(2, 1, 1)
+    value = halves.reshape(1, 1, 16).repeat(2, 1, 1) + 0.25
+    _store_triton(layer, key, value, torch.tensor([0, 2], device=DEVICE))
+    store_kv_reference(ref, key, value, torch.tensor([0, 2], device=DEVICE))
+    assert_same_storage(layer, ref)
+    assert layer.k[0, 0, 0, :8].tolist() == [-4, -4, -3, -2, -2, -2, -1, 0]
+
+
+# --- decode attention -------------------------------------------------------------------------------
+
+
+def fill_rows(layer: LayerKV, lengths: list[int], max_blocks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random history for each row at randomly placed blocks; returns (block_tables, seq_lens)."""
+    g = torch.Generator().manual_seed(seed)
+    b, bs = len(lengths), layer.block_size
+    ids = torch.randperm(layer.num_blocks, generator=g)[: b * max_blocks].reshape(b, max_blocks)
+    for i, n in enumerate(lengths):
+        ids[i, -(-n // bs):] = 0  # padding past the row's length, like PagedKVCache's tables
+        pos = torch.arange(n)
+        slots = (ids[i, pos // bs] * bs + pos % bs).to(DEVICE)
+        k = torch.randn(n, layer.num_kv_heads, layer.head_dim, generator=g) * 1.5
+        v = torch.randn(n, layer.num_kv_heads, layer.head_dim, generator=g)
+        store_kv_reference(layer, k.to(DEVICE), v.to(DEVICE), slots)
+    return ids.to(torch.int32).to(DEVICE), torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+
+
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def check_decode(layer, block_tables, seq_lens, num_heads, dtype=torch.float16, seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(seq_lens), num_heads, layer.head_dim, generator=g).to(dtype).to(DEVICE)
+    scale = layer.head_dim**-0.5
+    want = decode_attention_reference(q, layer, block_tables, seq_lens, scale)
+    got = _decode_triton(q, layer, block_tables, seq_lens, scale, **kwargs)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("kv,granularity,symmetric", MODES, ids=MODE_IDS)
+def test_decode_matches_reference(kv, granularity, symmetric, group):
+    """Unequal lengths, none a multiple of the block size, blocks scattered; auto splits and one split."""
+    layer = make_layer(kv, 24, 2, 16, 64, granularity=granularity, symmetric=symmetric)
+    tables, lens = fill_rows(layer, [37, 5, 70], max_blocks=5)
+    check_decode(layer, tables, lens, 2 * group, block_n=32)
+    check_decode(layer, tables, lens, 2 * group, dtype=torch.float32, num_splits=1, seed=1)
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic"])
+def test_decode_head_dims(kv, group, head_dim):
+    layer = make_layer(kv, 10, 2, 32, head_dim)
+    tables, lens = fill_rows(layer, [77, 19], max_blocks=4, seed=2)
+    check_decode(layer, tables, lens, 2 * group)  # default tile size and split heuristic
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic"])
+def test_decode_many_splits_and_empty_splits(kv):
+    """Four splits over rows of 130 and 3 tokens: the short row leaves splits empty."""
+    layer = make_layer(kv, 20, 1, 16, 32)
+    tables, lens = fill_rows(layer, [130, 3], max_blocks=9, seed=3)
+    check_decode(layer, tables, lens, 3, dtype=torch.float32, num_splits=4, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_size,block_n", [(8, 32), (64, 16), (5, 16)])
+def test_decode_tile_vs_block_size(block_size, block_n):
+    """A tile spanning several blocks, a tile inside one block, and a block size that is not a power of two."""
+    layer = make_layer("int8-dynamic", 40, 2, block_size, 32)
+    tables, lens = fill_rows(layer, [100, 41], max_blocks=-(-100 // block_size), seed=4)
+    check_decode(layer, tables, lens, 4, dtype=torch.float32, block_n=block_n)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,fp_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                            (torch.float16, torch.float32)])
+def test_decode_float_dtypes(dtype, fp_dtype):
+    layer = make_layer("fp16", 8, 2, 16, 32, fp_dtype=fp_dtype)
+    tables, lens = fill_rows(layer, [40, 17], max_blocks=3, seed=5)
+    check_decode(layer, tables, lens, 6, dtype=dtype)
+    check_decode(layer, tables, lens, 2, dtype=dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["int8", "int8-dynamic"])
+def test_decode_mha_with_dot_and_padded_head_dim(kv):
+    """The tensor-core path for one query head per KV head, and head_dim 48 padded to 64 lanes."""
+    layer = make_layer(kv, 8, 2, 16, 48)
+    tables, lens = fill_rows(layer, [50, 23], max_blocks=4, seed=6)
+    check_decode(layer, tables, lens, 2, use_dot=True)
+    check_decode(layer, tables, lens, 2, dtype=torch.float32)
+
+
+# --- bad inputs -------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_store_rejects_bad_inputs():
+    layer = make_layer("int8-dynamic", 4, 2, 4, 32)
+    key = torch.randn(3, 2, 32, device=DEVICE)
+    slots = torch.tensor([0, 1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        _store_triton(layer, key.double(), key.double(), slots)
+    with pytest.raises(ValueError, match="contiguous along head_dim"):
+        wide = torch.randn(3, 2, 64, device=DEVICE)[..., ::2]
+        _store_triton(layer, wide, wide, slots)
+    with pytest.raises(ValueError, match="key and value"):
+        _store_triton(layer, key, key[:2], slots)
+    with pytest.raises(ValueError, match="heads"):
+        _store_triton(layer, key[:, :1], key[:, :1], slots)
+    with pytest.raises(ValueError, match=r"slots must be in \[0, 16\)"):
+        _store_triton(layer, key, key, torch.tensor([0, 1, 16], device=DEVICE))
+    with pytest.raises(ValueError, match="slots must be in"):
+        _store_triton(layer, key, key, torch.tensor([-1, 1, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="slots must be int64"):
+        _store_triton(layer, key, key, slots.float())
+    with pytest.raises(ValueError, match="head_dim 8 is not supported"):
+        small = make_layer("fp16", 2, 1, 4, 8)
+        _store_triton(small, torch.randn(1, 1, 8, device=DEVICE), torch.randn(1, 1, 8, device=DEVICE), slots[:1])
+    static = make_layer("int8", 4, 2, 4, 32)
+    static.k_scale = None
+    with pytest.raises(ValueError, match="needs k_scale"):
+        _store_triton(static, key, key, slots)
+    bad = make_layer("int8", 4, 2, 4, 32)
+    bad.v_zp = bad.v_zp.half()
+    with pytest.raises(ValueError, match="v_zp must be torch.float32"):
+        _store_triton(bad, key, key, slots)
+
+
+@needs_triton
+def test_decode_rejects_bad_inputs():
+    layer = make_layer("int8", 6, 2, 8, 32)
+    tables, lens = fill_rows(layer, [20, 9], max_blocks=3)
+    q = torch.randn(2, 4, 32, device=DEVICE, dtype=torch.float16)
+    run = lambda q=q, layer=layer, tables=tables, lens=lens: _decode_triton(q, layer, tables, lens, 0.1)  # noqa: E731
+    run()  # the good case works
+    with pytest.raises(ValueError, match=r"block_tables entries must be in \[0, 6\)"):
+        run(tables=torch.where(tables == tables.max(), 6, tables).int())
+    with pytest.raises(ValueError, match="block_tables entries"):
+        run(tables=torch.where(tables == tables.max(), -1, tables).int())
+    with pytest.raises(ValueError, match=r"seq_lens must be in \[1, 24\]"):
+        run(lens=torch.tensor([25, 9], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="seq_lens must be in"):
+        run(lens=torch.tensor([0, 9], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        run(tables=tables.long())
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        run(lens=lens[:1])
+    with pytest.raises(ValueError, match="query must be fp16, bf16 or fp32"):
+        run(q=q.double())
+    with pytest.raises(ValueError, match="head_dim 16 does not match"):
+        run(q=q[..., :16].contiguous())
+    with pytest.raises(ValueError, match="contiguous along head_dim"):
+        run(q=torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)[..., ::2])
+    with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
+        run(q=q[:, :3].contiguous())
+    with pytest.raises(ValueError, match="block_tables and seq_lens must be contiguous"):
+        run(tables=torch.zeros(2, 6, dtype=torch.int32, device=DEVICE)[:, ::2])
+    strided = clone_layer(layer)
+    strided.k = layer.k.transpose(2, 3).contiguous().transpose(2, 3)
+    with pytest.raises(ValueError, match="storage must be contiguous"):
+        run(layer=strided)
+    wrong = clone_layer(layer)
+    wrong.k = wrong.k.half()
+    with pytest.raises(ValueError, match="K/V storage must be two equal"):
+        run(layer=wrong)
+    for d in (8, 512):
+        odd = make_layer("fp16", 2, 1, 4, d)
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported"):
+            _decode_triton(torch.randn(1, 1, d, device=DEVICE), odd, tables[:1, :1], lens[:1].clamp(max=4), 0.1)
+
+
+# --- dispatch ---------------------------------------------------------------------------------------
+
+
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    """CPU tensors go to the references even where Triton is installed."""
+    import sys
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton path was taken for CPU tensors")
+
+    for mod, name in (("kvcache.kernels.store", "store_kv_triton"),
+                      ("kvcache.kernels.decode_attention", "decode_attention_triton")):
+        if HAVE_TRITON:
+            __import__(mod)
+            monkeypatch.setattr(sys.modules[mod], name, boom)
+        else:
+            monkeypatch.setitem(sys.modules, mod, type(sys)("stub"))
+            setattr(sys.modules[mod], name, boom)
+    mode = get_mode("int8-dynamic")
+    layer = LayerKV(mode, **new_blocks(mode, 3, 2, 4, 16, "cpu", torch.float16))
+    ref = clone_layer(layer)
+    key, value = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    slots = torch.tensor([0, 1, 2, 4, 5])
+    assert not use_triton(key)
+    store_kv(layer, key, value, slots)
+    store_kv_reference(ref, key, value, slots)
+    assert_same_storage(layer, ref)
+    q = torch.randn(2, 4, 16)
+    tables = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    lens = torch.tensor([3, 6], dtype=torch.int32)
+    torch.testing.assert_close(decode_attention(q, layer, tables, lens, 0.25),
+                               decode_attention_reference(q, layer, tables, lens, 0.25), rtol=0, atol=0)

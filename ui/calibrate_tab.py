@@ -1,0 +1,92 @@
+"""Calibrate tab: record K/V statistics, look at them, export parameters, use them in chat."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import handlers
+from .chat_tab import GPU, ChatTab
+from .errors import shown_in_page
+from .state import AppState
+
+SYMMETRY = [("asymmetric (min / max)", "asym"), ("symmetric (absmax)", "sym")]
+
+
+def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
+    num_layers = app.loaded.num_layers if app.loaded is not None else 32
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            dataset = gr.Dropdown(list(handlers.CALIB_DATASETS), value="builtin", label="Dataset", elem_id="calib-dataset",
+                                  info="builtin: text shipped with the app; self: text the model writes; others need --calib-data-dir")
+            upload = gr.File(label="Calibration text (UTF-8 .txt)", file_types=[".txt"], type="filepath",
+                             visible=False, elem_id="calib-upload")
+            samples = gr.Slider(1, 512, value=16, step=1, label="Samples", elem_id="calib-samples")
+            seqlen = gr.Slider(16, 4096, value=256, step=16, label="Sequence length (tokens)", elem_id="calib-seqlen")
+            granularity = gr.Radio(["tensor", "head", "channel"], value="channel", label="Granularity",
+                                   info="for the kvq file; turbomind is per tensor, vllm per tensor or head")
+            symmetry = gr.Radio(SYMMETRY, value="asym", label="Quantization")
+            num_tp = gr.Slider(1, 8, value=1, step=1, label="num_tp (turbomind shards)",
+                               info="must divide the number of KV heads")
+            with gr.Row():
+                run = gr.Button("Calibrate", variant="primary", elem_id="calib-run")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="calib-cancel")
+            status = gr.Markdown(label="status", elem_id="calib-status", elem_classes="note")
+        with gr.Column(scale=2):
+            layer = gr.Slider(0, max(0, num_layers - 1), value=0, step=1, label="Layer for the heatmaps", elem_id="calib-layer")
+            k_heat = gr.Plot(label="K absmax (KV head x channel)", elem_id="k-heatmap", format="png")
+            v_heat = gr.Plot(label="V absmax (KV head x channel)", elem_id="v-heatmap", format="png")
+            ranges = gr.LinePlot(x="layer", y="value", color="series", title="Per-layer K/V range", height=240,
+                                 elem_id="calib-ranges")
+            outliers = gr.Dataframe(label="Outlier channels (absmax far above the layer's median channel)",
+                                    elem_id="calib-outliers", interactive=False, max_height=260)
+            with gr.Row():
+                dl_tm = gr.DownloadButton("turbomind files (.zip)", value=None, elem_id="dl-turbomind", interactive=True)
+                dl_kvq = gr.DownloadButton("kvq qparams (.safetensors)", value=None, elem_id="dl-kvq")
+                dl_vllm = gr.DownloadButton("vllm scales (.zip)", value=None, elem_id="dl-vllm")
+                use = gr.Button("Use in chat", variant="primary", elem_id="calib-use")
+            files = gr.File(label="Exported files", file_count="multiple", interactive=False, elem_id="calib-files")
+
+    view = [status, k_heat, v_heat, ranges, outliers, files, dl_tm, dl_kvq, dl_vllm]
+
+    def run_calibrate(dataset_, upload_, samples_, seqlen_, granularity_, symmetry_, num_tp_, layer_,
+                      state, progress=gr.Progress()):
+        def report(fraction: float, message: str = "") -> None:
+            progress(fraction, desc=message)
+
+        with shown_in_page():
+            return handlers.calibrate(app, state, dataset_, upload_, samples_, seqlen_, granularity_,
+                                      symmetry_ == "sym", num_tp_, layer_, progress=report)
+
+    def run_reexport(granularity_, symmetry_, num_tp_, layer_, state):
+        with shown_in_page():
+            out = handlers.reexport(app, state, granularity_, symmetry_ == "sym", num_tp_, layer_)
+        return out if out is not None else [gr.skip()] * len(view)
+
+    def run_heatmaps(layer_, state):
+        with shown_in_page():
+            out = handlers.heatmaps(state, layer_)
+        return out if out is not None else (gr.skip(), gr.skip())
+
+    def run_use(state):
+        with shown_in_page():
+            mode, message = handlers.use_in_chat(app, state)
+        gr.Info(message)
+        return mode, message
+
+    dataset.change(lambda d: gr.update(visible=d == "upload"), [dataset], [upload], queue=False, api_visibility="private")
+    def layer_range(state):
+        stats = state.calib_stats
+        return gr.update(maximum=max(0, stats.num_layers - 1)) if stats is not None else gr.skip()
+
+    run.click(run_calibrate, [dataset, upload, samples, seqlen, granularity, symmetry, num_tp, layer, sess], view,
+              api_name="calibrate", concurrency_id=GPU).success(
+        layer_range, [sess], [layer], queue=False, api_visibility="private")
+    cancel.click(lambda state: handlers.cancel_calibration(state), [sess], [status], api_name="cancel_calibration",
+                 concurrency_limit=None, queue=False)
+    for opt in (granularity, symmetry, num_tp):
+        opt.change(run_reexport, [granularity, symmetry, num_tp, layer, sess], view, api_visibility="private",
+                   concurrency_id="export")
+    layer.change(run_heatmaps, [layer, sess], [k_heat, v_heat], api_visibility="private", concurrency_id="export",
+                 trigger_mode="always_last")
+    # "Use in chat" switches the right pane to the static mode; its .change resets both conversations.
+    use.click(run_use, [sess], [chat.mode, chat.note], api_name="use_in_chat", concurrency_id=GPU)

@@ -1,0 +1,167 @@
+"""Pictures of numbers: memory gauges (HTML bars in nvitop's green/yellow/red), rolling memory
+frames, K/V heatmaps and ranges, evaluation bars. Pure functions of data the library returned."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # never a GUI backend inside a server
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+MiB = 2**20
+WARN_PCT, CRIT_PCT = 60.0, 85.0  # bar colours: green below 60 %, yellow below 85 %, red above
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def level(pct: float) -> str:
+    return "crit" if pct >= CRIT_PCT else "warn" if pct >= WARN_PCT else "ok"
+
+
+def bar(label: str, value: float | None, total: float | None, detail: str = "") -> str:
+    """One gauge row: label, coloured bar, figures."""
+    if value is None or not total:
+        pct, figures = 0.0, "n/a"
+    else:
+        pct = max(0.0, min(100.0, 100.0 * value / total))
+        figures = f"{fmt_bytes(value)} / {fmt_bytes(total)} ({pct:.1f}%)"
+    return (
+        f'<div class="gauge"><span class="gauge-label">{html.escape(label)}</span>'
+        f'<span class="gauge-track"><span class="gauge-fill {level(pct)}" style="width:{pct:.1f}%"></span></span>'
+        f'<span class="gauge-figures">{html.escape(figures)}</span>'
+        f'<span class="gauge-detail">{html.escape(detail)}</span></div>'
+    )
+
+
+def gauges_html(fig: dict[str, Any]) -> str:
+    """The gauge panel for one reading (the dict the memory handler returns)."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(fig.get("timestamp", time.time())))
+    rows: list[str] = [f'<div class="gauge-head">reading at <span class="gauge-time">{stamp}</span> · every second</div>']
+    for g in fig["gpus"]:
+        mine = f"this process {fmt_bytes(g['process_used'])}" if g["process_used"] is not None else "this process: not visible to NVML"
+        reserved = f", driver reserve {fmt_bytes(g['reserved'])}" if g.get("reserved") else ""
+        rows.append(bar(f"GPU{g['index']} memory", g["used"], g["total"], f"{g['name']}: {mine}{reserved}"))
+    t = fig.get("torch_cuda")
+    if t:
+        total = fig["gpus"][0]["total"] if fig["gpus"] else t["reserved"] or None
+        rows.append(bar("torch allocated", t["allocated"], total, f"cuda:{t['device']}"))
+        rows.append(bar("torch reserved", t["reserved"], total, "caching allocator"))
+        rows.append(bar("torch peak", t["max_allocated"], total, "max allocated"))
+    if fig.get("process_rss") is not None:
+        rows.append(bar("process RSS", fig["process_rss"], fig.get("system_total"), "host memory of this app"))
+    if fig.get("system_total"):
+        used = fig["system_total"] - (fig.get("system_available") or 0)
+        rows.append(bar("host memory", used, fig["system_total"], f"{fmt_bytes(fig.get('system_available'))} available"))
+    for name, kv in fig["kv"].items():
+        if kv is None:
+            rows.append(bar(f"KV {name}", None, None, "no engine yet: send a message"))
+            continue
+        detail = (
+            f"{kv['bytes_held']:,} B held · {kv['tokens_stored']} tokens in {kv['blocks_used']} blocks · "
+            f"capacity {kv['capacity_tokens']:,} tokens · {kv['bytes_per_token']:,} B/token"
+        )
+        if kv.get("fits_tokens") is not None:
+            detail += f" · room for {kv['fits_tokens']:,} more tokens in free memory"
+        rows.append(bar(f"KV {name}", kv["bytes_used"], kv["bytes_held"] or None, detail))
+    return '<div class="gauges">' + "".join(rows) + "</div>"
+
+
+def memory_frames(log: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rolling plots: device/process memory and KV bytes (MiB) against seconds before now."""
+    cols = ["seconds", "MiB", "series"]
+    if not log:
+        return pd.DataFrame(columns=cols), pd.DataFrame(columns=cols)
+    now = log[-1]["t"]
+    mem, kv = [], []
+    for point in log:
+        x = round(point["t"] - now, 1)
+        for series, value in point["memory"].items():
+            mem.append((x, value / MiB, series))
+        for series, value in point["kv"].items():
+            kv.append((x, value / MiB, series))
+    return pd.DataFrame(mem, columns=cols), pd.DataFrame(kv, columns=cols)
+
+
+# --- calibration ------------------------------------------------------------------------------------
+
+
+def heatmap(stat: torch.Tensor, title: str) -> Figure:
+    """A (num_kv_heads, head_dim) statistic as a heads x channels heatmap."""
+    data = stat.float().cpu().numpy()
+    heads, channels = data.shape
+    fig = Figure(figsize=(8, 0.45 * heads + 1.3), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(data, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("channel")
+    ax.set_ylabel("KV head")
+    ax.set_yticks(range(heads))
+    ax.tick_params(labelsize=8)
+    fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04)
+    return fig
+
+
+def layer_ranges(key_stats: dict[str, list[torch.Tensor]], value_stats: dict[str, list[torch.Tensor]]) -> pd.DataFrame:
+    """Per-layer min and max of K and V (over heads and channels), long form for a line plot."""
+    rows = []
+    for name, stats in (("K", key_stats), ("V", value_stats)):
+        for i, (lo, hi) in enumerate(zip(stats["min"], stats["max"])):
+            rows.append((i, float(hi.max()), f"{name} max"))
+            rows.append((i, float(lo.min()), f"{name} min"))
+    return pd.DataFrame(rows, columns=["layer", "value", "series"])
+
+
+def outlier_channels(
+    key_stats: dict[str, list[torch.Tensor]], value_stats: dict[str, list[torch.Tensor]], top: int = 12
+) -> pd.DataFrame:
+    """The channels whose absmax stands furthest above their layer's median channel."""
+    rows = []
+    for name, stats in (("K", key_stats), ("V", value_stats)):
+        for i, absmax in enumerate(stats["absmax"]):
+            a = absmax.float()
+            median = float(a.median()) or 1e-12
+            flat = a.flatten()
+            k = min(top, flat.numel())
+            values, idx = flat.topk(k)
+            for v, j in zip(values.tolist(), idx.tolist()):
+                head, channel = divmod(j, a.shape[1])
+                rows.append((i, name, head, channel, round(v, 3), round(v / median, 1)))
+    df = pd.DataFrame(rows, columns=["layer", "K/V", "head", "channel", "absmax", "x median"])
+    return df.sort_values("x median", ascending=False).head(top).reset_index(drop=True)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+EVAL_COLUMNS = ["kv", "perplexity", "Δppl %", "KL vs fp16", "greedy match %", "KV bytes/token", "vs fp16"]
+
+
+def eval_table(report: dict[str, Any]) -> pd.DataFrame:
+    base = report["results"][0]["kv_bytes_per_token"]
+    rows = [
+        (r["kv"], round(r["ppl"], 4), round(r["delta_ppl_pct"], 3), float(f"{r['kl_vs_fp16']:.3g}"),
+         round(r["greedy_match_pct"], 1), r["kv_bytes_per_token"], round(r["kv_bytes_per_token"] / base, 3))
+        for r in report["results"]
+    ]
+    return pd.DataFrame(rows, columns=EVAL_COLUMNS)
+
+
+def eval_bars(report: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two bar charts: quality (Δppl %) and cost (KV bytes per token), one bar per mode."""
+    quality = pd.DataFrame([(r["kv"], r["delta_ppl_pct"]) for r in report["results"]], columns=["kv", "Δppl %"])
+    cost = pd.DataFrame([(r["kv"], r["kv_bytes_per_token"]) for r in report["results"]], columns=["kv", "KV bytes/token"])
+    return quality, cost

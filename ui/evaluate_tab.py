@@ -1,0 +1,43 @@
+"""Evaluate tab: perplexity, KL and greedy agreement of KV modes against fp16, as a table and bars."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import handlers
+from .chat_tab import GPU
+from .errors import shown_in_page
+from .state import AppState
+
+SOURCES = [("built-in English technical text", "builtin"), ("uploaded text file", "upload")]
+
+
+def build(app: AppState, sess: gr.State) -> None:
+    modes = handlers.quantized_modes()
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            source = gr.Radio(SOURCES, value="builtin", label="Text", elem_id="eval-source")
+            upload = gr.File(label="Text to score (UTF-8 .txt)", file_types=[".txt"], type="filepath", visible=False,
+                             elem_id="eval-upload")
+            chosen = gr.CheckboxGroup(modes, value=[m for m in modes if m == "int8-dynamic"] or modes[:1],
+                                      label="KV modes (fp16 is always the reference)", elem_id="eval-modes")
+            seqlen = gr.Slider(32, 2048, value=256, step=32, label="Sequence length (tokens per window)")
+            samples = gr.Slider(1, 64, value=4, step=1, label="Windows")
+            run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
+        with gr.Column(scale=2):
+            summary = gr.Markdown(label="summary", elem_id="eval-summary", elem_classes="note")
+            table = gr.Dataframe(label="Results", interactive=False, elem_id="eval-table")
+            with gr.Row():
+                quality = gr.BarPlot(x="kv", y="Δppl %", color="kv", title="Perplexity change vs fp16 (%)", height=240)
+                cost = gr.BarPlot(x="kv", y="KV bytes/token", color="kv", title="KV bytes per token", height=240)
+
+    def run_eval(source_, upload_, chosen_, seqlen_, samples_, state, progress=gr.Progress()):
+        def report(fraction: float, message: str = "") -> None:
+            progress(fraction, desc=message)
+
+        with shown_in_page():
+            return handlers.evaluate(app, state, source_, upload_, chosen_, seqlen_, samples_, progress=report)
+
+    source.change(lambda s: gr.update(visible=s == "upload"), [source], [upload], queue=False, api_visibility="private")
+    run.click(run_eval, [source, upload, chosen, seqlen, samples, sess], [summary, table, quality, cost],
+              api_name="evaluate", concurrency_id=GPU)

@@ -1,0 +1,568 @@
+"""What the page's buttons do, as plain functions over :class:`AppState` and :class:`SessionState`.
+
+No gradio here: each function takes plain values and returns plain values (text, pandas frames,
+matplotlib figures, file paths), so it can be tested without a browser. Every step is a call into
+the library (``kvcache``, ``calib``); this module only arranges the results for the page. Errors a
+person can fix are raised as :class:`UserError` (or the library's own one-line errors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcache.capacity import free_memory_bytes
+from kvcache.cli import DEFAULT_EVAL_TEXT, DEFAULT_SYSTEM_PROMPT_FILE
+from kvcache.device_memory import read_device_memory
+from kvcache.engine import ChatSession, GenerationConfig
+from kvcache.modes import KV_MODES, get_mode
+from kvcache.qparams import KVQParams
+
+from . import charts
+from .state import LEFT_MODE, MEMORY_HISTORY_S, AppState, SessionState, UserError
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], Any]
+EXAMPLES_FILE = DEFAULT_SYSTEM_PROMPT_FILE.parent / "examples.json"
+CALIB_DATASETS = ("builtin", "self", "c4", "wikitext2", "ptb", "pileval", "upload")
+EXPORT_FORMATS = ("turbomind", "kvq", "vllm")
+
+
+# --- assets ---------------------------------------------------------------------------------------------
+
+
+def default_system_prompt() -> str:
+    try:
+        return DEFAULT_SYSTEM_PROMPT_FILE.read_text(encoding="utf-8").strip()
+    except OSError:
+        logger.warning("system prompt %s not found; starting with an empty one", DEFAULT_SYSTEM_PROMPT_FILE)
+        return ""
+
+
+def example_questions() -> list[str]:
+    """The clickable example questions (Chinese and English) from ``assets/prompts/examples.json``."""
+    try:
+        items = json.loads(EXAMPLES_FILE.read_text(encoding="utf-8"))
+        return [str(item["text"]) for item in items if str(item.get("text", "")).strip()]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        logger.warning("example questions unavailable (%s)", exc)
+        return []
+
+
+def quantized_modes() -> list[str]:
+    """Every KV mode the library has, but the fp16 baseline (it is the left pane)."""
+    return [name for name in KV_MODES if name != LEFT_MODE]
+
+
+def check_upload(path: str | Path | None, app: AppState, what: str) -> Path:
+    """An uploaded file, checked for presence and size; it is only ever read as data."""
+    if not path:
+        raise UserError(f"Upload a {what} first.")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The uploaded {what} is gone; upload it again.")
+    size = path.stat().st_size
+    if size > app.max_upload_bytes:
+        raise UserError(
+            f"The uploaded {what} is {charts.fmt_bytes(size)}, over the {charts.fmt_bytes(app.max_upload_bytes)} limit."
+        )
+    return path
+
+
+# --- model ----------------------------------------------------------------------------------------------
+
+
+def model_status(app: AppState) -> str:
+    m = app.loaded
+    if m is None:
+        why = f" Last attempt: {app.load_error}" if app.load_error else ""
+        return f"**No model loaded.**{why}"
+    text = (
+        f"**{m.name}** on `{m.device}` ({str(m.dtype).removeprefix('torch.')}) · {m.num_layers} layers · "
+        f"{m.num_kv_heads} KV heads · head_dim {m.head_dim}"
+    )
+    if app.load_error:
+        text = f"⚠️ {app.load_error} — still serving the previous model.\n\n{text}"
+    return text
+
+
+def load_model(app: AppState, path: str) -> str:
+    """Load ``path`` ('default', a local HF folder or a .gguf) for everyone; on failure the old model stays."""
+    from kvcache.model_loader import ModelLoadError
+    from kvcache.model_loader import load_model as _load
+
+    path = (path or "").strip() or "default"
+    with app.load_lock:
+        try:
+            loaded = _load(path, device=app.device)
+        except ModelLoadError as exc:
+            app.load_error = str(exc)
+            raise UserError(f"Could not load {path}: {exc}. The previous model stays loaded.") from None
+        except torch.OutOfMemoryError:
+            app.load_error = f"out of memory loading {path}"
+            _empty_cuda_cache()
+            raise UserError(f"Out of memory loading {path}: the previous model stays loaded.") from None
+        except Exception as exc:  # a broken checkpoint must not take the app down
+            logger.exception("loading %s failed", path)
+            app.load_error = f"{type(exc).__name__}: {_one_line(exc)}"
+            raise UserError(f"Could not load {path} ({app.load_error}). The previous model stays loaded.") from None
+        app.replace_model(loaded)
+        app.model_path = path
+    return model_status(app)
+
+
+# --- chat -----------------------------------------------------------------------------------------------
+
+
+def divergence(left: ChatSession | None, right: ChatSession | None) -> str:
+    """Where the two replies of the current turn first differ, by token index."""
+    if left is None or right is None:
+        return ""
+    a, b = left.last.token_ids, right.last.token_ids
+    if not a and not b:
+        return ""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            tok = left.loaded.tokenizer
+            return f"first diverge at token {i}: {tok.decode([x])!r} vs {tok.decode([y])!r}"
+    if len(a) == len(b):
+        return f"identical so far ({len(a)} tokens)"
+    return f"identical for the first {min(len(a), len(b))} tokens"
+
+
+def pane_stats(engine: ChatSession | None, busy_s: float, diverge: str) -> str:
+    """The line under a pane: tokens, tokens/s, KV bytes held now, divergence."""
+    if engine is None:
+        return ""
+    s = engine.last
+    kv = engine.cache.memory()
+    rate = s.new_tokens / busy_s if busy_s > 0 else 0.0
+    parts = [
+        f"**{s.new_tokens}** tokens",
+        f"**{rate:.1f}** tokens/s",
+        f"KV **{charts.fmt_bytes(kv.bytes_held)}** held ({kv.bytes_held:,} B, {kv.tokens_stored} tokens)",
+    ]
+    if s.stopped:
+        parts.append("stopped")
+    if diverge:
+        parts.append(diverge)
+    return " · ".join(parts)
+
+
+def _history(prior: list[dict[str, str]], user: str, reply: str) -> list[dict[str, str]]:
+    return [*prior, {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def chat(
+    app: AppState,
+    sess: SessionState,
+    message: str,
+    mode: str,
+    system_prompt: str,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> Iterator[tuple[list[dict[str, str]], list[dict[str, str]], str, str]]:
+    """Send ``message`` to both engines and stream both replies at once, token by token.
+
+    Yields ``(left_history, right_history, left_stats, right_stats)``. The two generators are
+    interleaved in this one worker, so the device runs one engine step at a time and each engine's
+    tokens/s counts only its own compute time. ``sess.stop`` (the Stop button) ends both replies.
+    """
+    message = (message or "").strip()
+    if not message:
+        raise UserError("Type a message first.")
+    left, right = sess.engines(app, mode)
+    app.sessions.add(sess)
+    system = (system_prompt or "").strip() or None
+    left.system_prompt = right.system_prompt = system
+    config = GenerationConfig(
+        max_new_tokens=max(1, int(max_new_tokens)), temperature=float(temperature), top_p=float(top_p)
+    )
+    sess.stop.clear()
+    engines = (left, right)
+    priors = [list(e.messages) for e in engines]
+    replies = ["", ""]
+    busy = [0.0, 0.0]
+    sess.busy_s = busy
+    streams: list[Iterator[str] | None] = [e.stream_reply(message, config, sess.stop) for e in engines]
+
+    def frame() -> tuple[list[dict[str, str]], list[dict[str, str]], str, str]:
+        div = divergence(left, right)
+        return (
+            _history(priors[0], message, replies[0]),
+            _history(priors[1], message, replies[1]),
+            pane_stats(left, busy[0], div),
+            pane_stats(right, busy[1], div),
+        )
+
+    yield _history(priors[0], message, ""), _history(priors[1], message, ""), "", ""
+    try:
+        while any(s is not None for s in streams):
+            for i, stream in enumerate(streams):
+                if stream is None:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    replies[i] += next(stream)
+                except StopIteration:
+                    streams[i] = None
+                busy[i] += time.perf_counter() - t0
+            yield frame()
+    except torch.OutOfMemoryError:
+        for s in streams:
+            if s is not None:
+                s.close()
+        sess.reset_chat()
+        _empty_cuda_cache()
+        raise UserError(
+            "Out of GPU memory during the reply: the conversation was cleared to free its KV cache. "
+            "Try fewer max new tokens or a shorter conversation."
+        ) from None
+    finally:
+        for s in streams:
+            if s is not None:
+                s.close()
+
+
+def stop(sess: SessionState) -> None:
+    """Stop this session's running replies: the worker stops after its current token."""
+    sess.stop.set()
+
+
+def reset_chat(sess: SessionState) -> tuple[list, list, str, str]:
+    sess.reset_chat()
+    return [], [], "", ""
+
+
+def chat_view(sess: SessionState) -> tuple[list, list, str, str]:
+    """Both panes as the engines hold them now (e.g. after a Stop)."""
+    engines = (sess.left, sess.right)
+    div = divergence(*engines)
+    return (
+        [dict(m) for m in sess.left.messages] if sess.left else [],
+        [dict(m) for m in sess.right.messages] if sess.right else [],
+        pane_stats(sess.left, sess.busy_s[0], div),
+        pane_stats(sess.right, sess.busy_s[1], div),
+    )
+
+
+def set_mode(app: AppState, sess: SessionState, mode: str) -> tuple[list, list, str, str, str]:
+    """Switch the right pane's KV mode; both conversations start fresh so they stay comparable."""
+    kv = get_mode(mode)
+    sess.reset_chat()
+    if sess.right is not None and sess.right.kv != kv.name:
+        sess.right = None
+    qparams, label = sess.current_qparams(app)
+    if kv.needs_qparams and qparams is None:
+        note = f"⚠️ {kv.name} needs calibrated parameters: calibrate in the Calibrate tab, then press 'Use in chat'."
+    elif kv.needs_qparams:
+        note = f"{kv.name} with parameters from {label}."
+    else:
+        note = f"{kv.name}: {kv.description}."
+    return [], [], "", "", note
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+
+def _kv_figures(engine: ChatSession | None, free: int | None) -> dict[str, Any] | None:
+    if engine is None:
+        return None
+    mem = engine.cache.memory()
+    out = mem.as_dict()
+    out["capacity_tokens"] = (mem.bytes_held - mem.param_bytes) // mem.bytes_per_token if mem.bytes_per_token else 0
+    out["fits_tokens"] = free // mem.bytes_per_token if free is not None and mem.bytes_per_token else None
+    return out
+
+
+def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str, Any, Any]:
+    """One reading: ``(figures, banner, gauges_html, memory_frame, kv_frame)``. Never raises for NVML."""
+    reading = read_device_memory()
+    figures = reading.as_dict()
+    free = None
+    if app.loaded is not None:
+        try:
+            free = free_memory_bytes(app.loaded.device)
+        except Exception:
+            free = None
+    figures["kv"] = {
+        f"{LEFT_MODE} (left)": _kv_figures(sess.left, free),
+        f"{sess.right.kv if sess.right else 'quantized'} (right)": _kv_figures(sess.right, free),
+    }
+    figures["kv_all_sessions_bytes"] = sum(
+        e.cache.memory().bytes_held for s in list(app.sessions) for e in (s.left, s.right) if e is not None
+    )
+    banner = ""
+    if reading.nvml_error:
+        banner = f"**No GPU figures.** {reading.nvml_error} Showing this process's memory and the exact KV bytes instead."
+
+    point_mem: dict[str, float] = {}
+    for g in reading.gpus:
+        point_mem[f"GPU{g.index} used"] = g.used
+        if g.process_used is not None:
+            point_mem[f"GPU{g.index} this process"] = g.process_used
+    if reading.torch_cuda:
+        point_mem["torch allocated"] = reading.torch_cuda.allocated
+        point_mem["torch reserved"] = reading.torch_cuda.reserved
+    if reading.process_rss is not None:
+        point_mem["process RSS"] = reading.process_rss
+    point_kv = {name: kv["bytes_held"] for name, kv in figures["kv"].items() if kv is not None}
+    sess.memory_log.append({"t": reading.timestamp, "memory": point_mem, "kv": point_kv})
+    while sess.memory_log and reading.timestamp - sess.memory_log[0]["t"] > MEMORY_HISTORY_S:
+        sess.memory_log.popleft()
+    mem_frame, kv_frame = charts.memory_frames(list(sess.memory_log))
+    return figures, banner, charts.gauges_html(figures), mem_frame, kv_frame
+
+
+# --- calibration ----------------------------------------------------------------------------------------
+
+
+def calibrate(
+    app: AppState,
+    sess: SessionState,
+    dataset: str,
+    upload: str | None,
+    samples: int,
+    seqlen: int,
+    granularity: str,
+    symmetric: bool,
+    num_tp: int,
+    layer: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[Any, ...]:
+    """Calibrate the loaded model, then export every format. Returns :func:`calibration_view`'s tuple."""
+    from calib.calibrate import calibrate as _calibrate
+    from calib.stats_io import load_work_dir
+
+    loaded = app.require_model()
+    if dataset not in CALIB_DATASETS:
+        raise UserError(f"Unknown dataset {dataset!r}: pick one of {', '.join(CALIB_DATASETS)}.")
+    kwargs: dict[str, Any] = {}
+    if dataset == "upload":
+        kwargs.update(_upload_windows(app, loaded, upload, int(samples), int(seqlen)))
+        dataset = "builtin"
+    sess.cancel.clear()
+
+    def on_progress(fraction: float, message: str = "") -> bool:
+        if progress is not None:
+            progress(fraction, message)
+        return not sess.cancel.is_set()
+
+    work_dir = sess.work_dir(app, "calib")
+    try:
+        out = _calibrate(
+            loaded, dataset=dataset, samples=int(samples), seqlen=int(seqlen), work_dir=work_dir,
+            data_dir=app.calib_data_dir, device=app.device, progress=on_progress, **kwargs,
+        )
+    except torch.OutOfMemoryError:
+        _empty_cuda_cache()
+        raise UserError("Out of GPU memory during calibration: use fewer samples or a shorter sequence length.") from None
+    sess.calib_stats = load_work_dir(out)
+    sess.calib_dir = Path(out)
+    sess.exports = {}
+    _try_export(app, sess, granularity, symmetric, num_tp)
+    return calibration_view(sess, layer)
+
+
+def _try_export(app: AppState, sess: SessionState, granularity: str, symmetric: bool, num_tp: int) -> None:
+    """Export; options no format can honour (e.g. a num_tp that does not divide the KV heads) become a note."""
+    from calib.export import ExportError
+
+    try:
+        export_all(app, sess, granularity, symmetric, num_tp)
+    except ExportError as exc:
+        sess.exports = {"error": str(exc)}
+
+
+def _upload_windows(app: AppState, loaded: Any, upload: str | None, samples: int, seqlen: int) -> dict[str, Any]:
+    """An uploaded text as calibration windows (read as UTF-8 text, never executed)."""
+    from kvcache.evaluate import make_windows, read_text
+
+    text = read_text(check_upload(upload, app, "calibration text"))
+    windows = make_windows(loaded.tokenizer, text, seqlen, samples, loaded.max_positions)
+    return {"windows": windows}
+
+
+def cancel_calibration(sess: SessionState) -> str:
+    sess.cancel.set()
+    return "Cancelling…"
+
+
+def export_all(app: AppState, sess: SessionState, granularity: str, symmetric: bool, num_tp: int) -> dict[str, Any]:
+    """Write the turbomind / kvq / vllm files for the last calibration; one download file per format."""
+    from calib.export import export
+
+    if sess.calib_stats is None:
+        raise UserError("Run a calibration first.")
+    root = sess.work_dir(app, "export")
+    files: dict[str, list[Path]] = {}
+    notes: list[str] = []
+    for fmt in EXPORT_FORMATS:
+        fmt_granularity = _format_granularity(fmt, granularity)
+        if fmt_granularity != granularity:
+            notes.append(f"{fmt}: {fmt_granularity} granularity (its only choice)" if fmt == "turbomind"
+                         else f"{fmt}: {fmt_granularity} granularity (it takes tensor or head)")
+        files[fmt] = export(
+            sess.calib_stats, root / fmt, fmt, kv_sym=bool(symmetric),
+            num_tp=int(num_tp) if fmt == "turbomind" else 1, granularity=fmt_granularity,
+        )
+    downloads = {
+        "turbomind": _zip(files["turbomind"], root / "kv_qparams_turbomind.zip"),
+        "kvq": files["kvq"][0],
+        "vllm": _zip(files["vllm"], root / "kv_qparams_vllm.zip"),
+    }
+    sess.exports = {"files": files, "downloads": downloads, "notes": notes,
+                    "granularity": granularity, "symmetric": bool(symmetric), "num_tp": int(num_tp)}
+    return sess.exports
+
+
+def _format_granularity(fmt: str, granularity: str) -> str:
+    from calib.export import DEFAULT_GRANULARITY
+
+    if fmt == "turbomind" or (fmt == "vllm" and granularity not in ("tensor", "head")):
+        return DEFAULT_GRANULARITY[fmt]
+    return granularity
+
+
+def _zip(files: list[Path], dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in files:
+            z.write(f, f.name)
+    return dest
+
+
+def calibration_view(sess: SessionState, layer: int = 0) -> tuple[Any, ...]:
+    """``(status, k_heatmap, v_heatmap, ranges, outliers, files, turbomind_zip, kvq_file, vllm_zip)``."""
+    stats = sess.calib_stats
+    if stats is None:
+        raise UserError("Run a calibration first.")
+    layer = max(0, min(int(layer), stats.num_layers - 1))
+    meta = stats.meta
+    status = (
+        f"Calibrated **{meta.get('model', '?')}** on **{meta.get('dataset', '?')}**: "
+        f"{meta.get('samples', '?')} samples x {meta.get('seqlen', '?')} tokens · {stats.shape_str()}."
+    )
+    ex = sess.exports
+    if ex.get("error"):
+        status += f" ⚠️ Not exported: {ex['error']}."
+    if ex.get("notes"):
+        status += " Export: " + "; ".join(ex["notes"]) + "."
+    files = [str(p) for fmt in EXPORT_FORMATS for p in ex.get("files", {}).get(fmt, [])]
+    downloads = ex.get("downloads", {})
+    return (
+        status,
+        charts.heatmap(stats.key_stats["absmax"][layer], f"K absmax, layer {layer} (KV head x channel)"),
+        charts.heatmap(stats.value_stats["absmax"][layer], f"V absmax, layer {layer} (KV head x channel)"),
+        charts.layer_ranges(stats.key_stats, stats.value_stats),
+        charts.outlier_channels(stats.key_stats, stats.value_stats),
+        files,
+        str(downloads["turbomind"]) if "turbomind" in downloads else None,
+        str(downloads["kvq"]) if "kvq" in downloads else None,
+        str(downloads["vllm"]) if "vllm" in downloads else None,
+    )
+
+
+def heatmaps(sess: SessionState, layer: int) -> tuple[Any, Any] | None:
+    """The K and V heatmaps of ``layer``; None before any calibration."""
+    if sess.calib_stats is None:
+        return None
+    view = calibration_view(sess, layer)
+    return view[1], view[2]
+
+
+def reexport(
+    app: AppState, sess: SessionState, granularity: str, symmetric: bool, num_tp: int, layer: int
+) -> tuple[Any, ...] | None:
+    """New export options for the same statistics (no recalibration); None before any calibration."""
+    if sess.calib_stats is None:
+        return None
+    _try_export(app, sess, granularity, symmetric, num_tp)
+    return calibration_view(sess, layer)
+
+
+def use_in_chat(app: AppState, sess: SessionState) -> tuple[str, str]:
+    """Load the last calibration's kvq parameters into this session's quantized engine (mode int8)."""
+    kvq = sess.exports.get("downloads", {}).get("kvq")
+    if kvq is None:
+        error = sess.exports.get("error")
+        raise UserError(f"Nothing exported yet ({error}): change the export options." if error else "Run a calibration first.")
+    qparams = KVQParams.load(kvq)
+    loaded = app.require_model()
+    from kvcache.kv_shape import KVShape
+
+    qparams.check_matches(KVShape.from_config(loaded.model.config))
+    ex = sess.exports
+    label = (f"this session's calibration ({ex['granularity']}, "
+             f"{'symmetric' if ex['symmetric'] else 'asymmetric'})")
+    sess.use_qparams(qparams, label)
+    mode = next((m.name for m in KV_MODES.values() if m.needs_qparams), "int8")
+    return mode, f"The quantized pane now uses {mode} with {label}. Both conversations start fresh."
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+def evaluate(
+    app: AppState,
+    sess: SessionState,
+    source: str,
+    upload: str | None,
+    modes: list[str],
+    seqlen: int,
+    samples: int,
+    progress: ProgressFn | None = None,
+) -> tuple[str, Any, Any, Any]:
+    """Score the chosen modes against fp16: ``(summary, table, quality_bars, cost_bars)``."""
+    from kvcache.evaluate import evaluate as _evaluate
+    from kvcache.evaluate import read_text
+
+    loaded = app.require_model()
+    modes = [m for m in (modes or []) if m]
+    if not modes:
+        raise UserError("Pick at least one KV mode to compare with fp16.")
+    path = check_upload(upload, app, "text file") if source == "upload" else DEFAULT_EVAL_TEXT
+    text = read_text(path)
+    qparams, label = sess.current_qparams(app)
+    needs = [m for m in modes if get_mode(m).needs_qparams]
+    if needs and qparams is None:
+        raise UserError(f"{', '.join(needs)} needs calibrated parameters: calibrate first and press 'Use in chat'.")
+    try:
+        report = _evaluate(
+            loaded, text, modes, qparams=qparams if needs else None, seqlen=int(seqlen), samples=int(samples),
+            progress=progress,
+        )
+    except torch.OutOfMemoryError:
+        _empty_cuda_cache()
+        raise UserError("Out of GPU memory during evaluation: use a shorter sequence length or fewer samples.") from None
+    report["text_file"] = path.name
+    sess.eval_report = report
+    summary = (
+        f"**{report['model']}** on `{path.name}`: {report['samples']} windows x {report['seqlen']} tokens "
+        f"({report['tokens_scored']:,} scored), greedy agreement over {report['greedy_prompts']} prompts x "
+        f"{report['greedy_tokens']} tokens."
+    )
+    if needs:
+        summary += f" int8 parameters: {label}."
+    quality, cost = charts.eval_bars(report)
+    return summary, charts.eval_table(report), quality, cost
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

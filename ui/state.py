@@ -1,0 +1,141 @@
+"""What the app holds: one shared model (:class:`AppState`) and, per browser session, its own
+conversation, engines, calibration and memory history (:class:`SessionState`).
+
+The model's weights are loaded once and shared; every session builds its two chat engines
+(fp16 left, the chosen mode right) over them, each with its own KV cache.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvcache.engine import ChatSession
+from kvcache.modes import get_mode
+from kvcache.qparams import KVQParams
+
+LEFT_MODE = "fp16"
+MEMORY_HISTORY_S = 300  # the rolling memory plot shows the last five minutes
+
+
+class UserError(Exception):
+    """Something the person can fix; the page shows the message as it is."""
+
+
+@dataclass
+class AppState:
+    """Shared by every session: the loaded model and the app's settings."""
+
+    loaded: Any = None  # kvcache.model_loader.LoadedModel
+    model_path: str = "default"  # what the model box shows: the last path that loaded
+    model_version: int = 0  # bumped on every successful load; sessions rebuild their engines
+    load_error: str | None = None  # why the last load failed (the previous model stays)
+    device: str | None = None
+    default_qparams: KVQParams | None = None
+    default_qparams_label: str | None = None
+    calib_data_dir: str | None = None
+    max_upload_bytes: int = 20 * 2**20
+    work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvq-studio-")))
+    sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def require_model(self) -> Any:
+        if self.loaded is None:
+            why = f" (last attempt: {self.load_error})" if self.load_error else ""
+            raise UserError(f"No model is loaded{why}: enter a model path and press Load.")
+        return self.loaded
+
+    def replace_model(self, loaded: Any) -> None:
+        """Switch every session to ``loaded``; their old engines (and the old weights) are released."""
+        self.loaded, self.load_error = loaded, None
+        self.model_version += 1
+        for session in list(self.sessions):
+            session.drop_engines()
+        gc.collect()
+        _empty_cuda_cache()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work_root, ignore_errors=True)
+
+
+class SessionState:
+    """One browser tab's own state. Gradio keeps one per session (``gr.State(SessionState)``)."""
+
+    def __init__(self) -> None:
+        self.model_version = -1
+        self.left: ChatSession | None = None
+        self.right: ChatSession | None = None
+        self.qparams: KVQParams | None = None  # from "Use in chat"; else the app's --qparams
+        self.qparams_label: str | None = None
+        self.stop = threading.Event()  # Stop button: the running reply stops after its current token
+        self.cancel = threading.Event()  # Cancel button: the running calibration stops at its next step
+        self.memory_log: deque[dict[str, Any]] = deque()
+        self.busy_s = [0.0, 0.0]  # compute seconds of the last turn, left and right
+        self.calib_stats: Any = None  # calib.stats_io.CalibStats of the last calibration
+        self.calib_dir: Path | None = None
+        self.exports: dict[str, Any] = {}
+        self.eval_report: dict[str, Any] | None = None
+
+    def __deepcopy__(self, memo: dict) -> "SessionState":
+        return self  # gradio deep-copies a State's initial value; ours is made fresh per session
+
+    def drop_engines(self) -> None:
+        self.left = self.right = None
+        self.model_version = -1
+
+    def current_qparams(self, app: AppState) -> tuple[KVQParams | None, str | None]:
+        if self.qparams is not None:
+            return self.qparams, self.qparams_label
+        return app.default_qparams, app.default_qparams_label
+
+    def engines(self, app: AppState, mode: str) -> tuple[ChatSession, ChatSession]:
+        """The two chat engines over the shared model, rebuilt when the model or the right mode changed."""
+        loaded = app.require_model()
+        kv = get_mode(mode)
+        if self.model_version != app.model_version or self.left is None:
+            self.left = ChatSession(loaded, LEFT_MODE)
+            self.right = None
+            self.model_version = app.model_version
+        if self.right is None or self.right.kv != kv.name:
+            qparams, _ = self.current_qparams(app)
+            if kv.needs_qparams and qparams is None:
+                raise UserError(
+                    f"KV mode {kv.name} needs calibrated parameters: run a calibration in the Calibrate tab "
+                    "and press 'Use in chat' (or start the app with --qparams FILE), or pick int8-dynamic."
+                )
+            self.right = ChatSession(loaded, kv.name, qparams=qparams if kv.needs_qparams else None)
+            self.left.reset()  # keep the two conversations comparable
+        return self.left, self.right
+
+    def use_qparams(self, qparams: KVQParams, label: str) -> None:
+        self.qparams, self.qparams_label = qparams, label
+        if self.right is not None and get_mode(self.right.kv).needs_qparams:
+            self.right = None  # rebuilt with the new parameters at the next turn
+
+    def reset_chat(self) -> None:
+        for engine in (self.left, self.right):
+            if engine is not None:
+                engine.reset()
+        self.busy_s = [0.0, 0.0]
+
+    def work_dir(self, app: AppState, name: str) -> Path:
+        """A fresh folder of this session's own under the app's work root."""
+        path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=app.work_root))
+        return path
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
