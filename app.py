@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest file a user may upload (default: 20)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

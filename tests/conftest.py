@@ -38,3 +38,45 @@ def loaded_default():
     from kvcache.model_loader import load_model
 
     return load_model("default", device="cpu")
+
+
+# --- app (issue 5): one `python app.py` on a free port, shared by test_app_api.py and test_app_browser.py. ---
+# Started on first use, killed at the end of the session; its log is printed when it fails to start.
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    root = Path(__file__).resolve().parent.parent
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--max-upload-mb", "2"],
+                                cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"app.py did not start (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -29,27 +29,30 @@ def _text(history):
     return history[-1]["content"]
 
 
-def test_chat_streams_both_panes(app):
+def test_chat_streams_both_panes_and_keeps_the_conversation(app):
     sess = SessionState()
     frames = _run_chat(app, sess)
-    assert len(frames) >= 3  # the empty start, then at least one step per token
+    assert len(frames) >= 3  # the empty start, then one frame per step of the two engines
     left, right, left_stats, right_stats = frames[-1]
     assert _text(left) and _text(right)
     assert left[-2] == {"role": "user", "content": "What is 2+2?"}
+    assert _text(frames[0][0]) == "" and len(_text(frames[1][0])) <= len(_text(left))  # it streams
     for stats in (left_stats, right_stats):
         assert "tokens/s" in stats and "KV" in stats and " B, " in stats
-    assert "identical" in left_stats or "diverge at token" in left_stats
+    assert "identical" in left_stats or "differs at token" in left_stats
     assert sess.left.kv == "fp16" and sess.right.kv == "int8-dynamic"
     assert sess.left.cache.memory().bytes_held > sess.right.cache.memory().bytes_held  # int8 holds fewer bytes
-    # streaming: an early frame has less text than the last one
-    assert len(_text(frames[1][0])) < len(_text(left)) or len(frames) > 3
 
+    # divergence: the first token index where the two answers differ
+    ids = (list(sess.left.last.token_ids), list(sess.right.last.token_ids))
+    sess.left.last.token_ids, sess.right.last.token_ids = [1, 2, 3], [1, 2, 4]
+    assert handlers.divergence(sess.left, sess.right).startswith("first differs at token 2")
+    sess.right.last.token_ids = [1, 2, 3]
+    assert handlers.divergence(sess.left, sess.right) == "identical so far (3 tokens)"
+    sess.left.last.token_ids, sess.right.last.token_ids = ids
 
-def test_second_turn_keeps_the_conversation(app):
-    sess = SessionState()
-    _run_chat(app, sess, "Name a colour.")
-    left, right, *_ = _run_chat(app, sess, "Name another one.")[-1]
-    assert len(left) == 4 and len(right) == 4
+    left, right, *_ = _run_chat(app, sess, "And 3+3?", max_new_tokens=3)[-1]
+    assert len(left) == 4 and len(right) == 4 and left[0]["content"] == "What is 2+2?"
     assert handlers.reset_chat(sess) == ([], [], "", "")
     assert sess.left.messages == [] and sess.left.cache.memory().tokens_stored == 0
 
@@ -73,17 +76,20 @@ def test_stop_really_stops_the_worker(app):
     assert sess.left.last.stopped and sess.right.last.stopped
     assert sess.left.last.new_tokens < 10 and sess.right.last.new_tokens < 10
     assert "stopped" in frames[-1][2]
-    frames = _run_chat(app, sess, "And now?")  # a new turn clears the stop
-    assert not sess.left.last.stopped
+    gen = handlers.chat(app, sess, "And now?", "int8-dynamic", "", 5)
+    next(gen)  # a new turn clears the stop before it computes anything
+    assert not sess.stop.is_set()
+    gen.close()
 
 
-def test_divergence_reports_the_first_differing_token(app):
+def test_stop_pressed_before_the_turn_starts(app):
     sess = SessionState()
-    _run_chat(app, sess)
-    sess.left.last.token_ids, sess.right.last.token_ids = [1, 2, 3], [1, 2, 4]
-    assert handlers.divergence(sess.left, sess.right).startswith("first diverge at token 2")
-    sess.right.last.token_ids = [1, 2, 3]
-    assert handlers.divergence(sess.left, sess.right) == "identical so far (3 tokens)"
+    handlers.submit(sess)  # Send (the page clears the stop flag here) ...
+    handlers.stop(sess)  # ... then Stop while the turn still waits in the queue
+    frames = list(handlers.chat(app, sess, "Hello?", "int8-dynamic", "", 50))
+    assert frames == [([], [], "", "")] and sess.left is None  # nothing was computed
+    frames = _run_chat(app, sess, max_new_tokens=2)  # an API turn (no Send) starts clean
+    assert _text(frames[-1][0])
 
 
 def test_empty_message_and_int8_without_qparams(app):
@@ -105,13 +111,12 @@ def test_bad_model_path_keeps_the_previous_model(app, tmp_path):
         handlers.load_model(app, str(tmp_path / "missing.gguf"))
     assert app.loaded is before and "does not exist" in app.load_error
     assert "still serving the previous model" in handlers.model_status(app)
-    sess = SessionState()
-    assert _text(_run_chat(app, sess)[-1][0])  # still serving
+    left, right = SessionState().engines(app, "int8-dynamic")  # still serving
+    assert left.loaded is before
 
 
 def test_out_of_memory_in_chat_is_a_message(app, monkeypatch):
     sess = SessionState()
-    _run_chat(app, sess)
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -120,9 +125,7 @@ def test_out_of_memory_in_chat_is_a_message(app, monkeypatch):
     monkeypatch.setattr(ChatSession, "stream_reply", oom)
     with pytest.raises(UserError, match="Out of GPU memory"):
         _run_chat(app, sess)
-    assert sess.left.messages == []  # the conversation was freed
-    monkeypatch.undo()
-    assert _text(_run_chat(app, sess)[-1][0])
+    assert sess.left.messages == [] and sess.left.cache.memory().blocks_used == 0  # the conversation was freed
 
 
 def test_errors_become_page_messages():
@@ -138,10 +141,11 @@ def test_memory_reports_process_memory_and_exact_kv(app):
     sess = SessionState()
     figures, banner, gauges, mem, kv = handlers.memory(app, sess)
     assert figures["process_rss"] > 0 and all(v is None for v in figures["kv"].values())
-    _run_chat(app, sess)
+    left_engine, _ = sess.engines(app, "int8-dynamic")
+    left_engine.cache.slots(1, 0, 100)  # hold 100 tokens' blocks, as a turn would
     figures, banner, gauges, mem, kv = handlers.memory(app, sess)
     left = figures["kv"]["fp16 (left)"]
-    assert left["bytes_held"] == sess.left.cache.memory().bytes_held and left["capacity_tokens"] >= left["tokens_stored"]
+    assert left["bytes_held"] == sess.left.cache.memory().bytes_held and left["capacity_tokens"] >= 100
     assert figures["kv"]["int8-dynamic (right)"]["bytes_per_token"] < left["bytes_per_token"]
     if figures["nvml_error"]:
         assert "NVIDIA" in banner and "exact KV bytes" in banner
@@ -176,16 +180,15 @@ def test_upload_is_size_limited(app, tmp_path):
 
 def test_evaluate_tiny(app):
     sess = SessionState()
-    summary, table, quality, cost = handlers.evaluate(app, sess, "builtin", None, ["int8-dynamic"], 32, 2)
+    summary, table, quality, cost = handlers.evaluate(app, sess, "builtin", None, ["int8-dynamic"], 32, 2, 1, 2)
     assert list(table["kv"]) == ["fp16", "int8-dynamic"]
-    assert table["vs fp16"].iloc[1] < 0.6 and "2 windows x 32 tokens" in summary
+    assert table["vs fp16"].iloc[1] < 0.6 and "2 windows x 32 tokens" in summary and "1 prompts x 2 tokens" in summary
     assert list(cost["kv"]) == ["fp16", "int8-dynamic"]
     with pytest.raises(UserError, match="Pick at least one"):
-        handlers.evaluate(app, sess, "builtin", None, [], 32, 2)
+        handlers.evaluate(app, sess, "builtin", None, [], 32, 2, 1, 2)
 
 
 def test_calibrate_tiny_exports_and_feeds_chat(app):
-    pytest.importorskip("calib.calibrate")
     sess = SessionState()
     seen = []
     view = handlers.calibrate(app, sess, "builtin", None, 2, 32, "channel", False, 1, 3,
@@ -203,12 +206,11 @@ def test_calibrate_tiny_exports_and_feeds_chat(app):
     handlers.reexport(app, sess, "head", True, 1, 0)
     mode, message = handlers.use_in_chat(app, sess)
     assert mode == "int8" and "int8" in message
-    left, right, *_ = _run_chat(app, sess, mode="int8")[-1]
+    left, right, *_ = _run_chat(app, sess, mode="int8", max_new_tokens=3)[-1]
     assert sess.right.kv == "int8" and _text(right)
 
 
 def test_calibration_cancel(app):
-    pytest.importorskip("calib.calibrate")
     sess = SessionState()
 
     def cancel_midway(fraction, message=""):
@@ -226,3 +228,12 @@ def test_library_rooms_never_import_gradio():
         "assert 'gradio' not in sys.modules, 'gradio imported by the library'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cancel_pressed_before_the_run_starts(app):
+    sess = SessionState()
+    handlers.submit_calibration(sess)  # Calibrate (the page clears the flag here) ...
+    handlers.cancel_calibration(sess)  # ... then Cancel while the run still waits in the queue
+    with pytest.raises(Exception) as info:
+        handlers.calibrate(app, sess, "builtin", None, 2, 32, "channel", False, 1)
+    assert type(info.value).__name__ == "CalibCancelled" and sess.calib_stats is None

@@ -22,16 +22,14 @@ try:
 except ImportError:
     HAVE_TRITON = False
 
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable: the kernels cannot run, not even in the interpreter")
+needs_triton = pytest.mark.skipif(
+    not HAVE_TRITON, reason="triton is not importable: the kernels cannot run, not even in the interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (mode, granularity, symmetric) for every way the storage can be parameterised.
 MODES = [
     ("fp16", None, False),
-    ("int8", "tensor", False),
-    ("int8", "head", True),
-    ("int8", "channel", False),
-    ("int8", "channel", True),
+    *(("int8", g, sym) for g in ("tensor", "head", "channel") for sym in (False, True)),
     ("int8-dynamic", None, False),
 ]
 MODE_IDS = [m if g is None else f"{m}-{g}-{'sym' if s else 'asym'}" for m, g, s in MODES]

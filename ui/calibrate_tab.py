@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from calib.data import FILE_EXTENSIONS, CalibCancelled
+
 from . import handlers
 from .chat_tab import GPU, ChatTab
 from .errors import shown_in_page
@@ -18,7 +20,8 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
         with gr.Column(scale=1, min_width=300):
             dataset = gr.Dropdown(list(handlers.CALIB_DATASETS), value="builtin", label="Dataset", elem_id="calib-dataset",
                                   info="builtin: text shipped with the app; self: text the model writes; others need --calib-data-dir")
-            upload = gr.File(label="Calibration text (UTF-8 .txt)", file_types=[".txt"], type="filepath",
+            upload = gr.File(label="Calibration file (.txt, .jsonl, .json or .parquet with a text field)",
+                             file_types=list(FILE_EXTENSIONS), type="filepath",
                              visible=False, elem_id="calib-upload")
             samples = gr.Slider(1, 512, value=16, step=1, label="Samples", elem_id="calib-samples")
             seqlen = gr.Slider(16, 4096, value=256, step=16, label="Sequence length (tokens)", elem_id="calib-seqlen")
@@ -33,8 +36,8 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
             status = gr.Markdown(label="status", elem_id="calib-status", elem_classes="note")
         with gr.Column(scale=2):
             layer = gr.Slider(0, max(0, num_layers - 1), value=0, step=1, label="Layer for the heatmaps", elem_id="calib-layer")
-            k_heat = gr.Plot(label="K absmax (KV head x channel)", elem_id="k-heatmap", format="png")
-            v_heat = gr.Plot(label="V absmax (KV head x channel)", elem_id="v-heatmap", format="png")
+            k_heat = gr.Plot(label="K absmax (KV head x channel)", elem_id="k-heatmap", format="png", show_label=False)
+            v_heat = gr.Plot(label="V absmax (KV head x channel)", elem_id="v-heatmap", format="png", show_label=False)
             ranges = gr.LinePlot(x="layer", y="value", color="series", title="Per-layer K/V range", height=240,
                                  elem_id="calib-ranges")
             outliers = gr.Dataframe(label="Outlier channels (absmax far above the layer's median channel)",
@@ -44,7 +47,8 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
                 dl_kvq = gr.DownloadButton("kvq qparams (.safetensors)", value=None, elem_id="dl-kvq")
                 dl_vllm = gr.DownloadButton("vllm scales (.zip)", value=None, elem_id="dl-vllm")
                 use = gr.Button("Use in chat", variant="primary", elem_id="calib-use")
-            files = gr.File(label="Exported files", file_count="multiple", interactive=False, elem_id="calib-files")
+            files = gr.File(label="Exported files", file_count="multiple", interactive=False, elem_id="calib-files",
+                            height=240)
 
     view = [status, k_heat, v_heat, ranges, outliers, files, dl_tm, dl_kvq, dl_vllm]
 
@@ -54,8 +58,12 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
             progress(fraction, desc=message)
 
         with shown_in_page():
-            return handlers.calibrate(app, state, dataset_, upload_, samples_, seqlen_, granularity_,
-                                      symmetry_ == "sym", num_tp_, layer_, progress=report)
+            try:
+                return handlers.calibrate(app, state, dataset_, upload_, samples_, seqlen_, granularity_,
+                                          symmetry_ == "sym", num_tp_, layer_, progress=report)
+            except CalibCancelled:
+                gr.Info("Calibration cancelled.")
+                return ["Calibration cancelled: nothing was written.", *[gr.skip()] * (len(view) - 1)]
 
     def run_reexport(granularity_, symmetry_, num_tp_, layer_, state):
         with shown_in_page():
@@ -73,15 +81,16 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
         gr.Info(message)
         return mode, message
 
-    dataset.change(lambda d: gr.update(visible=d == "upload"), [dataset], [upload], queue=False, api_visibility="private")
     def layer_range(state):
         stats = state.calib_stats
         return gr.update(maximum=max(0, stats.num_layers - 1)) if stats is not None else gr.skip()
 
-    run.click(run_calibrate, [dataset, upload, samples, seqlen, granularity, symmetry, num_tp, layer, sess], view,
-              api_name="calibrate", concurrency_id=GPU).success(
-        layer_range, [sess], [layer], queue=False, api_visibility="private")
-    cancel.click(lambda state: handlers.cancel_calibration(state), [sess], [status], api_name="cancel_calibration",
+    dataset.change(lambda d: gr.update(visible=d == "upload"), [dataset], [upload], queue=False, api_visibility="private")
+    inputs = [dataset, upload, samples, seqlen, granularity, symmetry, num_tp, layer, sess]
+    run.click(handlers.submit_calibration, [sess], None, queue=False, api_visibility="private").then(
+        run_calibrate, inputs, view, api_name="calibrate", concurrency_id=GPU,
+    ).success(layer_range, [sess], [layer], queue=False, api_visibility="private")
+    cancel.click(handlers.cancel_calibration, [sess], [status], api_name="cancel_calibration",
                  concurrency_limit=None, queue=False)
     for opt in (granularity, symmetry, num_tp):
         opt.change(run_reexport, [granularity, symmetry, num_tp, layer, sess], view, api_visibility="private",

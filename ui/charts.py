@@ -33,16 +33,16 @@ def level(pct: float) -> str:
     return "crit" if pct >= CRIT_PCT else "warn" if pct >= WARN_PCT else "ok"
 
 
-def bar(label: str, value: float | None, total: float | None, detail: str = "") -> str:
-    """One gauge row: label, coloured bar, figures."""
+def bar(label: str, value: float | None, total: float | None, detail: str = "", kind: str | None = None) -> str:
+    """One gauge row: label, bar (coloured by level, or ``kind``), figures."""
     if value is None or not total:
         pct, figures = 0.0, "n/a"
     else:
         pct = max(0.0, min(100.0, 100.0 * value / total))
-        figures = f"{fmt_bytes(value)} / {fmt_bytes(total)} ({pct:.1f}%)"
+        figures = fmt_bytes(value) if kind else f"{fmt_bytes(value)} / {fmt_bytes(total)} ({pct:.1f}%)"
     return (
         f'<div class="gauge"><span class="gauge-label">{html.escape(label)}</span>'
-        f'<span class="gauge-track"><span class="gauge-fill {level(pct)}" style="width:{pct:.1f}%"></span></span>'
+        f'<span class="gauge-track"><span class="gauge-fill {kind or level(pct)}" style="width:{pct:.1f}%"></span></span>'
         f'<span class="gauge-figures">{html.escape(figures)}</span>'
         f'<span class="gauge-detail">{html.escape(detail)}</span></div>'
     )
@@ -51,7 +51,10 @@ def bar(label: str, value: float | None, total: float | None, detail: str = "") 
 def gauges_html(fig: dict[str, Any]) -> str:
     """The gauge panel for one reading (the dict the memory handler returns)."""
     stamp = time.strftime("%H:%M:%S", time.localtime(fig.get("timestamp", time.time())))
-    rows: list[str] = [f'<div class="gauge-head">reading at <span class="gauge-time">{stamp}</span> · every second</div>']
+    head = f'reading at <span class="gauge-time">{stamp}</span> · every second'
+    if fig.get("kv_all_sessions_bytes") is not None:
+        head += f" · KV held by all sessions: {fmt_bytes(fig['kv_all_sessions_bytes'])}"
+    rows: list[str] = [f'<div class="gauge-head">{head}</div>']
     for g in fig["gpus"]:
         mine = f"this process {fmt_bytes(g['process_used'])}" if g["process_used"] is not None else "this process: not visible to NVML"
         reserved = f", driver reserve {fmt_bytes(g['reserved'])}" if g.get("reserved") else ""
@@ -67,6 +70,8 @@ def gauges_html(fig: dict[str, Any]) -> str:
     if fig.get("system_total"):
         used = fig["system_total"] - (fig.get("system_available") or 0)
         rows.append(bar("host memory", used, fig["system_total"], f"{fmt_bytes(fig.get('system_available'))} available"))
+    held = [kv["bytes_held"] for kv in fig["kv"].values() if kv]
+    scale = max(held) if held else 0
     for name, kv in fig["kv"].items():
         if kv is None:
             rows.append(bar(f"KV {name}", None, None, "no engine yet: send a message"))
@@ -77,7 +82,8 @@ def gauges_html(fig: dict[str, Any]) -> str:
         )
         if kv.get("fits_tokens") is not None:
             detail += f" · room for {kv['fits_tokens']:,} more tokens in free memory"
-        rows.append(bar(f"KV {name}", kv["bytes_used"], kv["bytes_held"] or None, detail))
+        # KV bars compare the engines (longest = 100 %); a full, growable pool is no warning sign.
+        rows.append(bar(f"KV {name}", kv["bytes_held"], scale or None, detail, kind="kv"))
     return '<div class="gauges">' + "".join(rows) + "</div>"
 
 

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from kvcache.modes import KV_MODES
-
 from . import handlers
 from .errors import shown_in_page
 from .state import LEFT_MODE, AppState
@@ -31,10 +29,7 @@ class ChatTab:
 
 def build(app: AppState, sess: gr.State) -> ChatTab:
     modes = handlers.quantized_modes()
-    qparams, _ = app.default_qparams, app.default_qparams_label
-    default_mode = next((m for m in modes if KV_MODES[m].needs_qparams), modes[0]) if qparams else (
-        "int8-dynamic" if "int8-dynamic" in modes else modes[0]
-    )
+    default_mode = handlers.default_quantized_mode(app)
     with gr.Row(equal_height=True):
         with gr.Column(elem_classes="pane"):
             gr.Textbox(f"{LEFT_MODE}: the unquantized baseline", label="Baseline KV cache", interactive=False,
@@ -70,7 +65,8 @@ def build(app: AppState, sess: gr.State) -> ChatTab:
 
     tab = ChatTab(mode, left, right, left_stats, right_stats, note)
 
-    def take(message: str) -> tuple[str, str]:
+    def take(message: str, state) -> tuple[str, str]:
+        handlers.submit(state)
         return "", message
 
     def run_chat(message, kv_mode, system_prompt, max_new_tokens, temp, top_p_, state):
@@ -90,7 +86,7 @@ def build(app: AppState, sess: gr.State) -> ChatTab:
 
     chat_inputs = [pending, mode, system, max_new, temperature, top_p, sess]
     for trigger, api_name in ((send.click, "chat"), (msg.submit, None)):
-        trigger(take, [msg], [msg, pending], queue=False, api_visibility="private").then(
+        trigger(take, [msg, sess], [msg, pending], queue=False, api_visibility="private").then(
             run_chat, chat_inputs, tab.panes, api_name=api_name, concurrency_id=GPU, show_progress="minimal",
             api_visibility="public" if api_name else "private",
         )

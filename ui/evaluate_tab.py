@@ -23,6 +23,10 @@ def build(app: AppState, sess: gr.State) -> None:
                                       label="KV modes (fp16 is always the reference)", elem_id="eval-modes")
             seqlen = gr.Slider(32, 2048, value=256, step=32, label="Sequence length (tokens per window)")
             samples = gr.Slider(1, 64, value=4, step=1, label="Windows")
+            greedy_prompts = gr.Slider(1, 16, value=2, step=1, label="Greedy prompts",
+                                       info="windows whose start each mode continues greedily")
+            greedy_tokens = gr.Slider(1, 128, value=16, step=1, label="Greedy tokens",
+                                      info="tokens compared for greedy agreement")
             run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
         with gr.Column(scale=2):
             summary = gr.Markdown(label="summary", elem_id="eval-summary", elem_classes="note")
@@ -31,13 +35,16 @@ def build(app: AppState, sess: gr.State) -> None:
                 quality = gr.BarPlot(x="kv", y="Δppl %", color="kv", title="Perplexity change vs fp16 (%)", height=240)
                 cost = gr.BarPlot(x="kv", y="KV bytes/token", color="kv", title="KV bytes per token", height=240)
 
-    def run_eval(source_, upload_, chosen_, seqlen_, samples_, state, progress=gr.Progress()):
+    def run_eval(source_, upload_, chosen_, seqlen_, samples_, prompts_, tokens_, state, progress=gr.Progress()):
         def report(fraction: float, message: str = "") -> None:
             progress(fraction, desc=message)
 
         with shown_in_page():
-            return handlers.evaluate(app, state, source_, upload_, chosen_, seqlen_, samples_, progress=report)
+            summary_, table_, quality_, cost_ = handlers.evaluate(
+                app, state, source_, upload_, chosen_, seqlen_, samples_, prompts_, tokens_, progress=report)
+        top = float(cost_["KV bytes/token"].max()) * 1.1  # bars from zero, so the saving reads true
+        return summary_, table_, quality_, gr.update(value=cost_, y_lim=[0, top])
 
     source.change(lambda s: gr.update(visible=s == "upload"), [source], [upload], queue=False, api_visibility="private")
-    run.click(run_eval, [source, upload, chosen, seqlen, samples, sess], [summary, table, quality, cost],
+    run.click(run_eval, [source, upload, chosen, seqlen, samples, greedy_prompts, greedy_tokens, sess], [summary, table, quality, cost],
               api_name="evaluate", concurrency_id=GPU)

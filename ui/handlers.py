@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,6 +61,14 @@ def example_questions() -> list[str]:
 def quantized_modes() -> list[str]:
     """Every KV mode the library has, but the fp16 baseline (it is the left pane)."""
     return [name for name in KV_MODES if name != LEFT_MODE]
+
+
+def default_quantized_mode(app: AppState) -> str:
+    """The right pane's first mode: the static one when the app started with --qparams, else a dynamic one."""
+    modes = quantized_modes()
+    if app.default_qparams is not None:
+        return next((m for m in modes if KV_MODES[m].needs_qparams), modes[0])
+    return next((m for m in modes if not KV_MODES[m].needs_qparams), modes[0])
 
 
 def check_upload(path: str | Path | None, app: AppState, what: str) -> Path:
@@ -132,29 +141,34 @@ def divergence(left: ChatSession | None, right: ChatSession | None) -> str:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             tok = left.loaded.tokenizer
-            return f"first diverge at token {i}: {tok.decode([x])!r} vs {tok.decode([y])!r}"
+            return f"first differs at token {i}: {tok.decode([x])!r} vs {tok.decode([y])!r}"
     if len(a) == len(b):
         return f"identical so far ({len(a)} tokens)"
     return f"identical for the first {min(len(a), len(b))} tokens"
 
 
-def pane_stats(engine: ChatSession | None, busy_s: float, diverge: str) -> str:
-    """The line under a pane: tokens, tokens/s, KV bytes held now, divergence."""
+def pane_stats(engine: ChatSession | None, busy_s: tuple[float, float], diverge: str, running: bool = False) -> str:
+    """The line under a pane: tokens, decode tokens/s, prefill, KV bytes held now, divergence.
+
+    ``busy_s``: this engine's own compute seconds, (prefill and first token, the rest).
+    """
     if engine is None:
         return ""
     s = engine.last
     kv = engine.cache.memory()
-    rate = s.new_tokens / busy_s if busy_s > 0 else 0.0
+    first_s, rest_s = busy_s
+    decode_rate = (s.new_tokens - 1) / rest_s if s.new_tokens > 1 and rest_s > 0 else 0.0
     parts = [
         f"**{s.new_tokens}** tokens",
-        f"**{rate:.1f}** tokens/s",
+        f"**{decode_rate:.1f}** tokens/s",
+        f"prefill {s.prompt_tokens} tokens in {first_s:.2f} s",
         f"KV **{charts.fmt_bytes(kv.bytes_held)}** held ({kv.bytes_held:,} B, {kv.tokens_stored} tokens)",
     ]
     if s.stopped:
         parts.append("stopped")
     if diverge:
         parts.append(diverge)
-    return " · ".join(parts)
+    return ("generating… · " if running else "") + " · ".join(parts)
 
 
 def _history(prior: list[dict[str, str]], user: str, reply: str) -> list[dict[str, str]]:
@@ -180,6 +194,13 @@ def chat(
     message = (message or "").strip()
     if not message:
         raise UserError("Type a message first.")
+    if sess.submitted:  # the page cleared the flag at Send: a Stop since then stops this turn before it starts
+        sess.submitted = False
+        if sess.stop.is_set():
+            yield chat_view(sess)
+            return
+    else:
+        sess.stop.clear()
     left, right = sess.engines(app, mode)
     app.sessions.add(sess)
     system = (system_prompt or "").strip() or None
@@ -187,11 +208,11 @@ def chat(
     config = GenerationConfig(
         max_new_tokens=max(1, int(max_new_tokens)), temperature=float(temperature), top_p=float(top_p)
     )
-    sess.stop.clear()
     engines = (left, right)
     priors = [list(e.messages) for e in engines]
     replies = ["", ""]
-    busy = [0.0, 0.0]
+    busy = [[0.0, 0.0], [0.0, 0.0]]  # per engine: (prefill + first token, later tokens) seconds
+    first = [True, True]
     sess.busy_s = busy
     streams: list[Iterator[str] | None] = [e.stream_reply(message, config, sess.stop) for e in engines]
 
@@ -200,8 +221,8 @@ def chat(
         return (
             _history(priors[0], message, replies[0]),
             _history(priors[1], message, replies[1]),
-            pane_stats(left, busy[0], div),
-            pane_stats(right, busy[1], div),
+            pane_stats(left, busy[0], div, running=streams[0] is not None),
+            pane_stats(right, busy[1], div, running=streams[1] is not None),
         )
 
     yield _history(priors[0], message, ""), _history(priors[1], message, ""), "", ""
@@ -215,7 +236,8 @@ def chat(
                     replies[i] += next(stream)
                 except StopIteration:
                     streams[i] = None
-                busy[i] += time.perf_counter() - t0
+                busy[i][0 if first[i] else 1] += time.perf_counter() - t0
+                first[i] = False
             yield frame()
     except torch.OutOfMemoryError:
         for s in streams:
@@ -231,6 +253,12 @@ def chat(
         for s in streams:
             if s is not None:
                 s.close()
+
+
+def submit(sess: SessionState) -> None:
+    """The page's Send: a new turn is queued; Stop from now on applies to it, even before it starts."""
+    sess.stop.clear()
+    sess.submitted = True
 
 
 def stop(sess: SessionState) -> None:
@@ -346,11 +374,12 @@ def calibrate(
     loaded = app.require_model()
     if dataset not in CALIB_DATASETS:
         raise UserError(f"Unknown dataset {dataset!r}: pick one of {', '.join(CALIB_DATASETS)}.")
-    kwargs: dict[str, Any] = {}
-    if dataset == "upload":
-        kwargs.update(_upload_windows(app, loaded, upload, int(samples), int(seqlen)))
-        dataset = "builtin"
-    sess.cancel.clear()
+    if dataset == "upload":  # the library reads a data file by path (.txt/.jsonl/.json/.parquet), as data only
+        dataset = str(check_upload(upload, app, "calibration file"))
+    if sess.calib_submitted:  # the page cleared the flag at Calibrate: a Cancel since then counts
+        sess.calib_submitted = False
+    else:
+        sess.cancel.clear()
 
     def on_progress(fraction: float, message: str = "") -> bool:
         if progress is not None:
@@ -361,7 +390,7 @@ def calibrate(
     try:
         out = _calibrate(
             loaded, dataset=dataset, samples=int(samples), seqlen=int(seqlen), work_dir=work_dir,
-            data_dir=app.calib_data_dir, device=app.device, progress=on_progress, **kwargs,
+            data_dir=app.calib_data_dir, device=app.device, progress=on_progress, bar=False,
         )
     except torch.OutOfMemoryError:
         _empty_cuda_cache()
@@ -383,18 +412,15 @@ def _try_export(app: AppState, sess: SessionState, granularity: str, symmetric: 
         sess.exports = {"error": str(exc)}
 
 
-def _upload_windows(app: AppState, loaded: Any, upload: str | None, samples: int, seqlen: int) -> dict[str, Any]:
-    """An uploaded text as calibration windows (read as UTF-8 text, never executed)."""
-    from kvcache.evaluate import make_windows, read_text
-
-    text = read_text(check_upload(upload, app, "calibration text"))
-    windows = make_windows(loaded.tokenizer, text, seqlen, samples, loaded.max_positions)
-    return {"windows": windows}
+def submit_calibration(sess: SessionState) -> None:
+    """The page's Calibrate: a run is queued; Cancel from now on applies to it, even before it starts."""
+    sess.cancel.clear()
+    sess.calib_submitted = True
 
 
 def cancel_calibration(sess: SessionState) -> str:
     sess.cancel.set()
-    return "Cancelling…"
+    return "Cancelling… (the run stops at its next step; nothing is written)"
 
 
 def export_all(app: AppState, sess: SessionState, granularity: str, symmetric: bool, num_tp: int) -> dict[str, Any]:
@@ -411,10 +437,13 @@ def export_all(app: AppState, sess: SessionState, granularity: str, symmetric: b
         if fmt_granularity != granularity:
             notes.append(f"{fmt}: {fmt_granularity} granularity (its only choice)" if fmt == "turbomind"
                          else f"{fmt}: {fmt_granularity} granularity (it takes tensor or head)")
-        files[fmt] = export(
-            sess.calib_stats, root / fmt, fmt, kv_sym=bool(symmetric),
-            num_tp=int(num_tp) if fmt == "turbomind" else 1, granularity=fmt_granularity,
-        )
+        with warnings.catch_warnings(record=True) as caught:  # the exporter's advice goes into the page
+            warnings.simplefilter("always")
+            files[fmt] = export(
+                sess.calib_stats, root / fmt, fmt, kv_sym=bool(symmetric),
+                num_tp=int(num_tp) if fmt == "turbomind" else 1, granularity=fmt_granularity,
+            )
+        notes.extend(f"{fmt}: {_one_line(w.message)}" for w in caught if issubclass(w.category, UserWarning))
     downloads = {
         "turbomind": _zip(files["turbomind"], root / "kv_qparams_turbomind.zip"),
         "kvq": files["kvq"][0],
@@ -519,6 +548,8 @@ def evaluate(
     modes: list[str],
     seqlen: int,
     samples: int,
+    greedy_prompts: int = 4,
+    greedy_tokens: int = 32,
     progress: ProgressFn | None = None,
 ) -> tuple[str, Any, Any, Any]:
     """Score the chosen modes against fp16: ``(summary, table, quality_bars, cost_bars)``."""
@@ -538,7 +569,7 @@ def evaluate(
     try:
         report = _evaluate(
             loaded, text, modes, qparams=qparams if needs else None, seqlen=int(seqlen), samples=int(samples),
-            progress=progress,
+            greedy_prompts=int(greedy_prompts), greedy_tokens=int(greedy_tokens), progress=progress,
         )
     except torch.OutOfMemoryError:
         _empty_cuda_cache()

@@ -11,7 +11,8 @@ from .state import AppState
 REFRESH_S = 1.0
 
 
-def build(app: AppState, sess: gr.State) -> None:
+def build(app: AppState, sess: gr.State, timer: gr.Timer) -> None:
+    """The gauges; ``timer`` lives outside the tabs so the history fills even while another tab is open."""
     banner = gr.Markdown(label="banner", elem_id="nvml-banner", elem_classes="banner")
     gauges = gr.HTML(label="gauges", elem_id="gauges", value='<div class="gauges"><div class="gauge">reading memory…</div></div>')
     with gr.Row():
@@ -28,8 +29,6 @@ def build(app: AppState, sess: gr.State) -> None:
         "pool holds, and how many tokens that storage can take.",
         elem_classes="note",
     )
-    timer = gr.Timer(REFRESH_S)
-
     def tick(state):
         with shown_in_page():
             return handlers.memory(app, state)

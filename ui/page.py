@@ -16,6 +16,7 @@ and a quantized one, side by side</span></div>"""
 def build_demo(app: AppState) -> gr.Blocks:
     with gr.Blocks(title="KVQ Studio") as demo:
         sess = gr.State(SessionState)  # one per browser session: its own chats, engines, calibration
+        timer = gr.Timer(memory_tab.REFRESH_S)  # memory readings, whichever tab is open
         gr.HTML(HEADER)
         with gr.Row(equal_height=True, elem_id="model-bar"):
             model_path = gr.Textbox(app.model_path, label="Model", scale=3, elem_id="model-path",
@@ -26,7 +27,7 @@ def build_demo(app: AppState) -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 chat = chat_tab.build(app, sess)
             with gr.Tab("Memory", id="memory", elem_id="memory-tab"):
-                memory_tab.build(app, sess)
+                memory_tab.build(app, sess, timer)
             with gr.Tab("Calibrate", id="calibrate", elem_id="calibrate-tab"):
                 calibrate_tab.build(app, sess, chat)
             with gr.Tab("Evaluate", id="evaluate", elem_id="evaluate-tab"):

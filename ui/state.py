@@ -75,9 +75,11 @@ class SessionState:
         self.qparams: KVQParams | None = None  # from "Use in chat"; else the app's --qparams
         self.qparams_label: str | None = None
         self.stop = threading.Event()  # Stop button: the running reply stops after its current token
+        self.submitted = False  # Send was pressed and its turn has not started yet
         self.cancel = threading.Event()  # Cancel button: the running calibration stops at its next step
+        self.calib_submitted = False  # Calibrate was pressed and its run has not started yet
         self.memory_log: deque[dict[str, Any]] = deque()
-        self.busy_s = [0.0, 0.0]  # compute seconds of the last turn, left and right
+        self.busy_s = [[0.0, 0.0], [0.0, 0.0]]  # compute seconds of the last turn, left and right
         self.calib_stats: Any = None  # calib.stats_io.CalibStats of the last calibration
         self.calib_dir: Path | None = None
         self.exports: dict[str, Any] = {}
@@ -123,7 +125,7 @@ class SessionState:
         for engine in (self.left, self.right):
             if engine is not None:
                 engine.reset()
-        self.busy_s = [0.0, 0.0]
+        self.busy_s = [[0.0, 0.0], [0.0, 0.0]]
 
     def work_dir(self, app: AppState, name: str) -> Path:
         """A fresh folder of this session's own under the app's work root."""

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import LayerKV
-from .store import FLOAT_DTYPES, _params, check_storage, quant_code
+from .store import FLOAT_DTYPES, _params, check_storage, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _MAX_SPLITS = 64
@@ -42,7 +43,7 @@ def _decode_partial_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_IEEE: tl.constexpr, STORE_LSE: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """One (batch row, KV head, split): partial attention of the group's query heads over its token range."""
     b = tl.program_id(0)
@@ -106,8 +107,8 @@ def _decode_partial_kernel(
             t_vz = tl.load(vz_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
 
         if USE_DOT:
-            if DOT_IEEE:  # fp32 operands: full precision, not tf32
-                s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee")
+            if DOT_FP32:  # fp32 operands: three tf32 passes (~fp32 accuracy), not one
+                s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)), input_precision="tf32x3")
             else:
                 s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)))
         else:  # one query head: multiply-and-sum over head_dim
@@ -126,8 +127,8 @@ def _decode_partial_kernel(
             pz_i = pz_i * alpha + tl.sum(p * t_vz[None, :], axis=1)
             p = p * t_vs[None, :]
         if USE_DOT:
-            if DOT_IEEE:
-                pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+            if DOT_FP32:
+                pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="tf32x3")
             else:
                 pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
         else:
@@ -188,8 +189,10 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int
     return max(1, min(want, triton.cdiv(triton.cdiv(max_len, block_n), 4), _MAX_SPLITS))
 
 
-def _check_inputs(query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> int:
-    """Raise ValueError on anything the kernel cannot read safely; return the longest length."""
+def _check_inputs(
+    query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, check_ranges: bool
+) -> int:
+    """Raise ValueError on anything the kernel cannot read safely; return the longest length (or a bound)."""
     check_storage(layer)
     if query.dim() != 3:
         raise ValueError(f"query must be [batch, num_heads, head_dim], got {tuple(query.shape)}")
@@ -215,13 +218,15 @@ def _check_inputs(query: torch.Tensor, layer: LayerKV, block_tables: torch.Tenso
         return 0
     if block_tables.shape[1] == 0:
         raise ValueError("block_tables has no columns: every sequence needs at least one block")
+    covered = block_tables.shape[1] * layer.block_size
+    if not check_ranges:
+        return covered
     # One host sync for all range checks: an out-of-range id would be an illegal memory access.
     bt_min, bt_max, len_min, len_max = torch.stack(
         [block_tables.min(), block_tables.max(), seq_lens.min(), seq_lens.max()]).tolist()
     if bt_min < 0 or bt_max >= layer.num_blocks:
         raise ValueError(f"block_tables entries must be in [0, {layer.num_blocks}) (the storage's num_blocks), "
                          f"got [{bt_min}, {bt_max}]")
-    covered = block_tables.shape[1] * layer.block_size
     if len_min < 1 or len_max > covered:
         raise ValueError(f"seq_lens must be in [1, {covered}] (max_blocks {block_tables.shape[1]} x block_size "
                          f"{layer.block_size}), got [{len_min}, {len_max}]")
@@ -231,14 +236,18 @@ def _check_inputs(query: torch.Tensor, layer: LayerKV, block_tables: torch.Tenso
 def decode_attention_triton(
     query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
     *, num_splits: int | None = None, block_n: int | None = None, use_dot: bool | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, num_stages: int = 3, check_ranges: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per row (``[batch, heads, head_dim]``) over its paged history.
 
-    ``num_splits``/``block_n``/``use_dot``/``num_warps`` override the heuristics (tests, tuning); ``use_dot``
+    ``num_splits``/``block_n``/``use_dot``/``num_warps``/``num_stages`` override the defaults (tests, tuning); ``use_dot``
     defaults to tensor-core dots when a KV head serves several query heads, else a multiply-and-sum.
+    ``check_ranges=False`` skips the one host sync that range-checks ``block_tables``/``seq_lens``
+    (default: on, unless ``KVQ_KERNEL_CHECKS=0``): only for callers whose indices are known good.
     """
-    max_len = _check_inputs(query, layer, block_tables, seq_lens)
+    if check_ranges is None:
+        check_ranges = range_checks_enabled()
+    max_len = _check_inputs(query, layer, block_tables, seq_lens, check_ranges)
     b, hq, d = query.shape
     out = torch.empty((b, hq, d), dtype=query.dtype, device=query.device)
     if b == 0:
@@ -257,11 +266,13 @@ def decode_attention_triton(
     splits = max(1, min(splits, triton.cdiv(max_len, block_n)))  # no split is empty for the longest row
 
     # Dot operands: int8 codes and fp16/bf16 values convert exactly to fp16 (or the stored dtype);
-    # fp32 anywhere keeps full fp32 ("ieee", not tf32).
+    # fp32 anywhere keeps ~fp32 accuracy through tf32x3 ("ieee" would spill registers).
     if query.dtype == torch.float32 or layer.k.dtype == torch.float32:
         dot_dtype = torch.float32
     else:
         dot_dtype = torch.float16 if layer.k.dtype == torch.int8 else layer.k.dtype
+    if dot_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bf16 bit patterns as integers
     quant = quant_code(layer)
     ks, kz, vs, vz = _params(layer)
     stride_pb, stride_ph = (ks.stride(0), ks.stride(1)) if quant == 2 else (0, ks.stride(0) if quant == 1 else 0)
@@ -274,7 +285,8 @@ def decode_attention_triton(
         lse = torch.empty((b, hq, splits), dtype=torch.float32, device=query.device)
         o_strides, l_strides = o_part.stride()[:3], lse.stride()[:2]
 
-    num_warps = num_warps or (4 if block_n * block_d <= 8192 else 8)
+    if num_warps is None:
+        num_warps = 8 if block_n * block_d > 8192 or (use_dot and dot_dtype == torch.float32) else 4
     _decode_partial_kernel[(b, kvh, splits)](
         query, layer.k, layer.v, ks, kz, vs, vz, block_tables, seq_lens, o_part, lse,
         scale * math.log2(math.e), splits,
@@ -285,9 +297,9 @@ def decode_attention_triton(
         *o_strides, *l_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_D=d, BLOCK_D=block_d,
         BLOCK_SIZE=layer.block_size, BLOCK_N=block_n, QUANT=quant,
-        USE_DOT=use_dot, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_IEEE=dot_dtype == torch.float32,
+        USE_DOT=use_dot, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_FP32=dot_dtype == torch.float32,
         STORE_LSE=splits > 1,
-        num_warps=num_warps, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _decode_reduce_kernel[(b, hq)](

@@ -4,9 +4,15 @@ Computes exactly what :func:`kvcache.kernels.reference.store_kv_reference` does:
 the per-(token, head) parameters and the codes are bit-identical to :func:`kvcache.quant.dynamic_qparams`
 and :func:`kvcache.quant.quantize` (IEEE division, round-half-even, fp16 rounding of the parameters).
 One program handles one token and a tile of its heads, K and V together.
+
+The wrappers check shapes, dtypes and layouts for free, and index ranges (slots, block tables,
+lengths) with one host sync per call; ``KVQ_KERNEL_CHECKS=0`` skips the range checks, for
+benchmarks whose indices come from a trusted :class:`~kvcache.cache.PagedKVCache`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -99,6 +105,11 @@ def _store_kv_kernel(
                stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, QUANT, QMIN, QMAX, SCALE_FLOOR)
 
 
+def range_checks_enabled() -> bool:
+    """False when ``KVQ_KERNEL_CHECKS=0``: skip the host-syncing index range checks."""
+    return os.environ.get("KVQ_KERNEL_CHECKS", "1") != "0"
+
+
 def check_storage(layer: LayerKV) -> None:
     """Raise ValueError unless ``layer``'s tensors have the layout and dtypes the kernels assume."""
     mode, k, v = layer.mode, layer.k, layer.v
@@ -140,11 +151,14 @@ def quant_code(layer: LayerKV) -> int:
     return 0 if not layer.mode.quantized else (2 if layer.mode.dynamic else 1)
 
 
-def store_kv_triton(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+def store_kv_triton(
+    layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, *, check_ranges: bool | None = None
+) -> None:
     """Quantize (per the layer's mode) and write ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
     check_storage(layer)
     if key.dim() != 3 or key.shape != value.shape:
-        raise ValueError(f"key and value must both be [num_tokens, kv_heads, head_dim], got {tuple(key.shape)} and {tuple(value.shape)}")
+        raise ValueError(f"key and value must both be [num_tokens, kv_heads, head_dim], "
+                         f"got {tuple(key.shape)} and {tuple(value.shape)}")
     n, kvh, d = key.shape
     if (kvh, d) != (layer.num_kv_heads, layer.head_dim):
         raise ValueError(f"key has {kvh} heads x head_dim {d}, the storage {layer.num_kv_heads} x {layer.head_dim}")
@@ -161,11 +175,23 @@ def store_kv_triton(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slot
         raise ValueError("slots must be a contiguous tensor on the same device as key")
     if n == 0:
         return
+    if check_ranges is None:
+        check_ranges = range_checks_enabled()
+    if check_ranges:
+        _check_slots(slots, layer)
+    _launch(layer, key, value, slots)
+
+
+def _check_slots(slots: torch.Tensor, layer: LayerKV) -> None:
     lo, hi = torch.stack(torch.aminmax(slots)).tolist()  # one host sync: a bad slot must not become a stray write
     capacity = layer.num_blocks * layer.block_size
     if lo < 0 or hi >= capacity:
         raise ValueError(f"slots must be in [0, {capacity}) ({layer.num_blocks} blocks of {layer.block_size}), got [{lo}, {hi}]")
 
+
+def _launch(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """One program per (token, tile of up to 4K head elements): K and V of a token in one go."""
+    n, kvh, d = key.shape
     block_d = triton.next_power_of_2(d)
     block_h = min(triton.next_power_of_2(kvh), max(1, 4096 // block_d))
     quant = quant_code(layer)
