@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kvcache.layout import LayerKV, new_blocks  # noqa: E402
 from kvcache.modes import get_mode  # noqa: E402
 
@@ -320,15 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWARNING: {len(bad)} results differ from their reference by > 1e-2: "
               + ", ".join(f"{r['shape']}/{r['batch']}/{r['context']}/{r['method']}" for r in bad))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         props = torch.cuda.get_device_properties(0)
         meta = dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
                     triton=triton.__version__, copy_GBps=copy_bps / 1e9, block_size=args.block_size,
                     overrides=dict(splits=args.splits, block_n=args.block_n, num_warps=args.num_warps,
-                                   num_stages=args.num_stages, use_dot=args.use_dot),
-                    seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"))
-        args.json.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-        print(f"wrote {args.json}")
+                                   num_stages=args.num_stages, use_dot=args.use_dot))
+        write_json(args.json, meta, rows, t0)
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kvcache.modes import get_mode, parse_modes  # noqa: E402
 
 GiB = 1 << 30
@@ -261,14 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_rows(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                     transformers=transformers.__version__, config={**LLAMA2_7B, "num_hidden_layers": args.layers},
                     weight_bytes=weight_bytes, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-                    warmup=args.warmup, calib_tokens=args.calib_tokens, range_checks=not args.no_range_checks,
-                    seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"))
-        args.json.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-        print(f"wrote {args.json}")
+                    warmup=args.warmup, calib_tokens=args.calib_tokens, range_checks=not args.no_range_checks)
+        write_json(args.json, meta, rows, t0)
     return 0
 
 

@@ -8,6 +8,7 @@ Spellings follow LMDeploy's ``lite calibrate`` / ``lite kv_qparams`` (``--calib-
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -127,17 +128,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     loaded = load_model(model, device=args.device, trust_remote_code=args.trust_remote_code)
 
-    def progress(fraction: float, message: str = "") -> None:
-        print(f"\r[{fraction:5.1%}] {message}", end="", file=sys.stderr, flush=True)
-
-    try:
-        work_dir = calibrate(
-            loaded, dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
-            seed=args.seed, work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device,
-            progress=progress, batch_size=args.batch_size,
-        )
-    finally:
-        print(file=sys.stderr)
+    # calibrate() draws its own tqdm bar on a terminal.
+    work_dir = calibrate(
+        loaded, dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
+        seed=args.seed, work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device,
+        batch_size=args.batch_size,
+    )
     print(f"wrote K/V stats to {work_dir}; next: python -m calib kv_qparams {work_dir} OUT_DIR --format kvq")
     return 0
 
@@ -193,7 +189,7 @@ def _known_errors(command: str) -> tuple[type[BaseException], ...]:
         pass
     if command == "calibrate":
         try:
-            from . import calibrate as mod
+            mod = importlib.import_module(f"{__package__}.calibrate")
         except ImportError:
             return known
         known += tuple(

@@ -37,8 +37,7 @@ def kvq_attention(
     scale = scaling if scaling is not None else d**-0.5
     storage, cache = view.storage, view.cache
     if q_len == 1 and attention_mask is None:
-        seq_lens = torch.full((b,), view.end, dtype=torch.int32, device=query.device)
-        out = decode_attention(query[:, :, 0], storage, cache.block_table_tensor(), seq_lens, scale)
+        out = decode_attention(query[:, :, 0], storage, cache.block_table_tensor(), view.seq_lens(b, query.device), scale)
         return out[:, None], None
     k, v = gather_kv(storage, cache.block_table_tensor(), view.end, query.dtype)
     return sdpa_attention_forward(module, query, k, v, attention_mask, dropout=dropout, scaling=scale, **kwargs)

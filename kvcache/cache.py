@@ -52,6 +52,10 @@ class PagedView:
     def storage(self) -> LayerKV:
         return self.cache.pool.layers[self.layer_idx]
 
+    def seq_lens(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        """``[batch]`` int32 tokens each row holds: all rows share ``end`` here (a batch view overrides it)."""
+        return torch.full((batch,), self.end, dtype=torch.int32, device=device)
+
 
 class PagedLayer(CacheLayerMixin):
     is_sliding = False
@@ -109,6 +113,7 @@ class PagedKVCache(Cache):
         self.pool = pool
         self.block_tables: list[list[int]] = []
         self._slot_cache: tuple[tuple[int, int, int], torch.Tensor] | None = None
+        self._table_tensor: torch.Tensor | None = None  # built once per change of the block tables
         super().__init__(layers=[PagedLayer(self, i) for i in range(pool.shape.num_layers)])
 
     @classmethod
@@ -156,16 +161,19 @@ class PagedKVCache(Cache):
         for table in self.block_tables:
             if len(table) < need:
                 table.extend(self.pool.allocate(need - len(table)))
+                self._table_tensor = None
         positions = torch.arange(start, end, device=self.pool.device).expand(batch, -1)
         slots = slot_mapping(self.block_table_tensor(), positions, bs).reshape(-1)
         self._slot_cache = (key, slots)
         return slots
 
     def block_table_tensor(self) -> torch.Tensor:
-        """``[batch, max_blocks]`` int32 block tables (rows padded with 0)."""
-        width = max((len(t) for t in self.block_tables), default=0)
-        rows = [t + [0] * (width - len(t)) for t in self.block_tables]
-        return torch.tensor(rows, dtype=torch.int32, device=self.pool.device).reshape(len(rows), width)
+        """``[batch, max_blocks]`` int32 block tables (rows padded with 0); every layer of a step reads it."""
+        if self._table_tensor is None:
+            width = max((len(t) for t in self.block_tables), default=0)
+            rows = [t + [0] * (width - len(t)) for t in self.block_tables]
+            self._table_tensor = torch.tensor(rows, dtype=torch.int32, device=self.pool.device).reshape(len(rows), width)
+        return self._table_tensor
 
     def truncate(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` positions of every row (e.g. to reuse a chat prefix)."""
@@ -177,14 +185,14 @@ class PagedKVCache(Cache):
             del table[keep:]
         for layer in self.layers:
             layer.num_tokens = num_tokens
-        self._slot_cache = None
+        self._slot_cache = self._table_tensor = None
 
     def reset(self) -> None:
         """Free every block; the cache is empty and may take a new batch size."""
         for table in self.block_tables:
             self.pool.free(table)
         self.block_tables = []
-        self._slot_cache = None
+        self._slot_cache = self._table_tensor = None
         super().reset()
 
     def memory(self) -> KVMemory:

@@ -27,6 +27,15 @@ def make_tiny_llama(num_layers: int = 2, num_heads: int = 4, num_kv_heads: int =
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()
 

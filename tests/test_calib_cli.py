@@ -230,7 +230,6 @@ def fake_calibrate(monkeypatch, tmp_path):
         calls.update(kwargs, loaded=loaded)
         if calls.get("raise"):
             raise calls["raise"]
-        kwargs["progress"](1.0, "done")
         return Path(kwargs["work_dir"])
 
     mod.__dict__.update(calibrate=calibrate, CalibDataError=CalibDataError, CalibOOMError=CalibOOMError,

@@ -14,13 +14,7 @@ from calib.observers import ActivationObserver, KVObserver
 from kvcache.compat import cache_kwargs, output_cache
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- plain tensors ---------------------------------------------------------------------------------
 

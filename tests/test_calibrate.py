@@ -25,13 +25,7 @@ from kvcache.qparams import KVQParams
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3, 4, 2, 16, 64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from kvcache.cli import DEFAULT_EVAL_TEXT, main
 from kvcache.evaluate import EvalError, evaluate, make_windows, read_text
