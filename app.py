@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--qparams", default=None, help="kv_qparams.safetensors for the int8 mode at start")
     p.add_argument("--calib-data-dir", default=None, help="local folder with c4 / wikitext2 / ptb / pileval data")
+    p.add_argument("--cache-max-entry-count", default=None, metavar="F|N",
+                   help="preallocate the KV pools: a fraction (0, 1] of the memory free after the weights load, "
+                        "split evenly between the fp16 and the quantized pool, or a whole number of blocks each "
+                        "(default: every cache grows on demand)")
     return p
 
 
@@ -57,10 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --max-upload-mb must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from kvcache.capacity import parse_cache_max_entry_count
     from kvcache.model_loader import ModelLoadError, load_model
     from kvcache.qparams import KVQParams, QParamsError
     from ui import AppState, build_demo
 
+    try:
+        pool = parse_cache_max_entry_count(args.cache_max_entry_count) if args.cache_max_entry_count else None
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     app = AppState(device=args.device, calib_data_dir=args.calib_data_dir, model_path=args.model,
                    max_upload_bytes=int(args.max_upload_mb * 2**20))
     if args.qparams:
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         app.default_qparams_label = Path(args.qparams).name
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     try:
-        app.replace_model(load_model(args.model, device=args.device))
+        app.replace_model(load_model(args.model, device=args.device), pool)
     except ModelLoadError as exc:  # still serve: the page says why and offers the model box
         app.load_error = str(exc)
         print(f"warning: {exc}; serving without a model", file=sys.stderr)

@@ -8,6 +8,7 @@ attention implementation (``kvcache.attention``), which the model loader selects
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -106,12 +107,20 @@ class PagedLayer(CacheLayerMixin):
         raise NotImplementedError("PagedKVCache does not support selecting batch rows")
 
 
+def _free_tables(pool: BlockPool, tables: list[list[int]]) -> None:
+    for table in tables:
+        pool.free(table)
+    tables.clear()
+
+
 class PagedKVCache(Cache):
     """Block-based KV cache for ``model.generate(ids, past_key_values=cache)``; one block table per batch row."""
 
     def __init__(self, pool: BlockPool):
         self.pool = pool
-        self.block_tables: list[list[int]] = []
+        self.block_tables: list[list[int]] = []  # changed in place only: the finalizer below holds it
+        # A cache dropped without reset() still gives its blocks back (a shared pool outlives its caches).
+        weakref.finalize(self, _free_tables, pool, self.block_tables)
         self._slot_cache: tuple[tuple[int, int, int], torch.Tensor] | None = None
         self._table_tensor: torch.Tensor | None = None  # built once per change of the block tables
         super().__init__(layers=[PagedLayer(self, i) for i in range(pool.shape.num_layers)])
@@ -153,7 +162,7 @@ class PagedKVCache(Cache):
         if self._slot_cache is not None and self._slot_cache[0] == key:
             return self._slot_cache[1]
         if not self.block_tables:
-            self.block_tables = [[] for _ in range(batch)]
+            self.block_tables.extend([] for _ in range(batch))
         elif len(self.block_tables) != batch:
             raise ValueError(f"this cache holds {len(self.block_tables)} sequences, the input has {batch}; call reset() first")
         bs = self.pool.block_size
@@ -189,9 +198,7 @@ class PagedKVCache(Cache):
 
     def reset(self) -> None:
         """Free every block; the cache is empty and may take a new batch size."""
-        for table in self.block_tables:
-            self.pool.free(table)
-        self.block_tables = []
+        _free_tables(self.pool, self.block_tables)
         self._slot_cache = self._table_tensor = None
         super().reset()
 

@@ -123,9 +123,20 @@ def format_plan(report: dict[str, Any]) -> str:
 
 
 def pool_blocks(
-    mode: KVMode, shape: KVShape, cache_max_entry_count: float | int, device: torch.device | str, block_size: int = 64
+    mode: KVMode,
+    shape: KVShape,
+    cache_max_entry_count: float | int,
+    device: torch.device | str,
+    block_size: int = 64,
+    free_bytes: int | None = None,
 ) -> int:
-    """Blocks of ``mode`` a fixed pool gets for ``cache_max_entry_count`` on ``device`` (call after the weights load)."""
-    free = free_memory_bytes(device) if isinstance(cache_max_entry_count, float) else None
+    """Blocks of ``mode`` a fixed pool gets for ``cache_max_entry_count`` on ``device``.
+
+    ``free_bytes``: the memory a fraction applies to (default: what is free on ``device`` now, so call
+    this after the weights load).
+    """
+    free = None
+    if isinstance(cache_max_entry_count, float):
+        free = free_memory_bytes(device) if free_bytes is None else free_bytes
     report = plan([mode], shape, cache_max_entry_count=cache_max_entry_count, free_bytes=free, block_size=block_size)
     return report["results"][0]["blocks"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .block_pool import KVCacheFull
 from .cache import KVMemory, PagedKVCache
 from .generation import forward_tokens, next_token
 from .qparams import KVQParams
@@ -29,6 +30,7 @@ class TurnStats:
     token_ids: list[int] = field(default_factory=list)
     kv: KVMemory | None = None
     stopped: bool = False
+    cache_full: str | None = None  # why the reply ended early: the pool had no block left
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,8 +105,15 @@ class ChatSession:
         gen = torch.Generator(device="cpu").manual_seed(config.seed)
         t0 = time.perf_counter()
         feed = torch.tensor([ids[start:]], device=model.device)
+        try:
+            logits = forward_tokens(model, self.cache, feed)[:, -1]
+        except KVCacheFull as exc:
+            # Nothing of this turn was stored (blocks are taken before any write): undo the turn, keep the rest.
+            self.cache.truncate(start)
+            self.messages.pop()
+            stats.cache_full = str(exc)
+            raise
         self.cached_ids.extend(ids[start:])
-        logits = forward_tokens(model, self.cache, feed)[:, -1]
         text = ""
         eos = _eos_ids(tok, model)
         for _ in range(config.max_new_tokens):
@@ -120,7 +129,11 @@ class ChatSession:
             if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
                 yield new_text[len(text):]
                 text = new_text
-            logits = forward_tokens(model, self.cache, torch.tensor([[t]], device=model.device))[:, -1]
+            try:
+                logits = forward_tokens(model, self.cache, torch.tensor([[t]], device=model.device))[:, -1]
+            except KVCacheFull as exc:  # the reply ends here; what is stored stays consistent
+                stats.cache_full = str(exc)
+                break
             self.cached_ids.append(t)
         stats.seconds = time.perf_counter() - t0
         stats.kv = self.cache.memory()

@@ -6,7 +6,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 ENDPOINTS = {"/load_model", "/chat", "/stop", "/reset_chat", "/memory", "/calibrate", "/cancel_calibration",
-             "/use_in_chat", "/evaluate"}
+             "/use_in_chat", "/evaluate", "/capacity"}
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,12 @@ def test_tiny_evaluation_returns_a_table(client):
     assert table["headers"][:3] == ["kv", "perplexity", "Δppl %"]
     assert [row[0] for row in table["data"]] == ["fp16", "int8-dynamic"]
     assert table["data"][1][5] < table["data"][0][5]  # int8 stores fewer KV bytes per token
+
+
+def test_capacity_endpoint_gives_both_views(client):
+    report, same_memory, same_conversation = client.predict(0.5, 2048, api_name="/capacity")
+    by_kv = {r["kv"]: r for r in report["results"]}
+    assert report["cache_max_entry_count"] == 0.5 and report["budget_bytes"] == report["free_bytes"] // 2
+    assert by_kv["int8"]["tokens_vs_fp16"] >= 1.95 and by_kv["int8"]["session_bytes_vs_fp16"] < 0.51
+    assert same_memory["headers"][:3] == ["kv", "blocks", "tokens"]
+    assert [row[0] for row in same_conversation["data"]] == ["fp16", "int8", "int8-dynamic"]

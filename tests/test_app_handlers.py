@@ -1,5 +1,6 @@
 """The app's handlers as plain functions (no server, no browser), on the real default model."""
 
+import gc
 import subprocess
 import sys
 
@@ -237,3 +238,67 @@ def test_cancel_pressed_before_the_run_starts(app):
     with pytest.raises(Exception) as info:
         handlers.calibrate(app, sess, "builtin", None, 2, 32, "channel", False, 1)
     assert type(info.value).__name__ == "CalibCancelled" and sess.calib_stats is None
+
+
+# --- KV pool (cache_max_entry_count) and capacity -------------------------------------------------------
+
+LONG_MESSAGE = "Explain, step by step and with examples, how a key-value cache speeds up decoding. " * 12
+
+
+def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, loaded_default):
+    app.replace_model(loaded_default, 4)  # each pool gets the memory of 4 fp16 blocks (256 fp16 tokens)
+    a, b = SessionState(), SessionState()
+    _run_chat(app, a)
+    _run_chat(app, b)
+    assert a.left.cache.pool is b.left.cache.pool and a.right.cache.pool is b.right.cache.pool
+    fp16_pool, dyn_pool = a.left.cache.pool, a.right.cache.pool
+    assert (fp16_pool.num_blocks, dyn_pool.num_blocks) == (4, 7)  # same memory: 4 x 1,474,560 B // 783,360 B
+    assert fp16_pool.num_used == 2 and dyn_pool.num_used == 2
+    figures = handlers.memory(app, a)[0]
+    assert figures["kv_all_sessions_bytes"] == fp16_pool.capacity_bytes + dyn_pool.capacity_bytes  # once each
+    assert {p["kv"]: p["blocks_used"] for p in figures["kv_pools"]} == {"fp16": 2, "int8-dynamic": 2}
+    assert "KV pool fp16" in handlers.memory(app, a)[2]
+
+    # ~250 prompt tokens: they fit in int8's pool but not in what is left of fp16's
+    left, right, left_stats, right_stats = _run_chat(app, a, LONG_MESSAGE, max_new_tokens=4)[-1]
+    assert _text(left).startswith("⚠️ Not answered: KV cache full:") and "tokens in use of 256" in _text(left)
+    assert "KV cache full" in left_stats
+    assert _text(right) and not _text(right).startswith("⚠️") and "KV cache full" not in right_stats
+    # the fp16 conversation is as it was; session b never noticed
+    assert [m["content"] for m in a.left.messages][-2] == "What is 2+2?" and fp16_pool.num_used == 2
+    handlers.reset_chat(b)
+    assert fp16_pool.num_used == 1
+    del a
+    gc.collect()  # a closed browser session gives its blocks back
+    assert fp16_pool.num_used == 0 and dyn_pool.num_used == 0
+
+
+def test_pool_from_a_fraction_of_free_memory_and_bad_values(app, loaded_default):
+    with pytest.raises(ValueError, match="not a fraction"):
+        handlers.load_model(app, "default", 1.5)
+    app.replace_model(loaded_default, 0.5)
+    app.free_after_load = 100 * 2**20  # as if 100 MiB were free after the weights loaded
+    left, right = SessionState().engines(app, "int8-dynamic")
+    # half of it, split evenly between the two panes: 25 MiB each
+    assert left.cache.pool.num_blocks == 25 * 2**20 // 1_474_560 and right.cache.pool.num_blocks == 25 * 2**20 // 783_360
+    assert "cache_max_entry_count=0.5" in handlers.model_status(app) and "fp16 0/17 blocks" in handlers.model_status(app)
+
+
+def test_capacity_both_views_against_block_arithmetic(app):
+    sess = SessionState()
+    report, same_memory, same_conversation = handlers.capacity(app, sess, 10, 1000)
+    by_kv = {r["kv"]: r for r in report["results"]}
+    # SmolLM2-135M: 30 layers x 3 KV heads x head_dim 64. fp16: 23,040 B/token, 1,474,560 B per block of 64;
+    # budget 10 such blocks. int8 (per channel): 11,520 B/token + 92,160 B of fp32 parameters;
+    # int8-dynamic: 12,240 B/token (an fp16 scale and zero point per token, head, K and V).
+    assert report["budget_bytes"] == 10 * 1_474_560
+    assert (by_kv["fp16"]["blocks"], by_kv["fp16"]["tokens"], by_kv["fp16"]["sessions"]) == (10, 640, 0)
+    assert (by_kv["int8"]["blocks"], by_kv["int8"]["tokens"]) == ((14_745_600 - 92_160) // 737_280, 1216)
+    assert (by_kv["int8-dynamic"]["blocks"], by_kv["int8-dynamic"]["bytes_per_token"]) == (18, 12_240)
+    assert by_kv["int8"]["tokens_vs_fp16"] >= 1.9
+    # same conversation of 1000 tokens = 16 blocks
+    assert by_kv["fp16"]["session_bytes"] == 16 * 1_474_560 and by_kv["int8"]["session_bytes"] == 16 * 737_280 + 92_160
+    assert list(same_memory["kv"]) == ["fp16", "int8", "int8-dynamic"] and list(same_memory["tokens"]) == [640, 1216, 1152]
+    assert "bytes for 1000 tokens" in same_conversation.columns
+    with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
+        handlers.capacity(app, sess, "lots", 1000)

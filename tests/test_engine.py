@@ -2,8 +2,11 @@
 
 import threading
 
+import pytest
 import torch
 
+from kvcache.block_pool import KVCacheFull
+from kvcache.cache import PagedKVCache
 from kvcache.engine import ChatSession, GenerationConfig
 from kvcache.generation import next_token
 
@@ -46,3 +49,28 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0}
     picks = {int(next_token(logits, temperature=1.0, top_p=0.85, generator=g)) for _ in range(200)}
     assert picks == {0, 1}
+
+
+def _fixed_cache(loaded, blocks: int, block_size: int = 16) -> PagedKVCache:
+    return PagedKVCache.for_model(loaded.model, "int8-dynamic", block_size=block_size, num_blocks=blocks,
+                                  growable=False, fp_dtype=torch.float32)
+
+
+def test_full_pool_ends_the_reply_and_keeps_the_conversation_consistent(loaded_default):
+    s = ChatSession(loaded_default, "int8-dynamic", cache=_fixed_cache(loaded_default, blocks=3))  # 48 tokens
+    reply = s.reply("Count from one to fifty, one number per line.", GenerationConfig(max_new_tokens=200))
+    assert s.last.cache_full and s.last.cache_full.startswith("KV cache full: 48 tokens in use of 48")
+    assert reply and s.messages[-1] == {"role": "assistant", "content": reply}
+    # what the cache holds is exactly the tokens the session believes it holds
+    assert s.cache.num_tokens == len(s.cached_ids) == 48
+
+
+def test_full_pool_at_prefill_undoes_the_turn(loaded_default):
+    s = ChatSession(loaded_default, "int8-dynamic", cache=_fixed_cache(loaded_default, blocks=2))  # 32 tokens
+    s.reply("Hi", GenerationConfig(max_new_tokens=4))
+    before = (list(s.messages), list(s.cached_ids), s.cache.num_tokens, s.cache.pool.num_used)
+    with pytest.raises(KVCacheFull, match="KV cache full"):
+        s.reply("Explain the causes of the First World War in detail, with dates and names of the key people.")
+    assert (s.messages, s.cached_ids, s.cache.num_tokens, s.cache.pool.num_used) == before
+    s.reset()  # the session frees its blocks and starts again
+    assert s.cache.pool.num_used == 0 and s.reply("Hi", GenerationConfig(max_new_tokens=4))

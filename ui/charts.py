@@ -84,7 +84,26 @@ def gauges_html(fig: dict[str, Any]) -> str:
             detail += f" · room for {kv['fits_tokens']:,} more tokens in free memory"
         # KV bars compare the engines (longest = 100 %); a full, growable pool is no warning sign.
         rows.append(bar(f"KV {name}", kv["bytes_held"], scale or None, detail, kind="kv"))
+    for pool in fig.get("kv_pools", []):  # a shared, preallocated pool: here a full one is a warning sign
+        detail = (f"{pool['blocks_used'] * pool['block_size']:,} of {pool['blocks'] * pool['block_size']:,} tokens "
+                  f"in use, all sessions · {fmt_bytes(pool['bytes'])} preallocated")
+        rows.append(bar(f"KV pool {pool['kv']}", pool["bytes_used"], pool["bytes"], detail))
     return '<div class="gauges">' + "".join(rows) + "</div>"
+
+
+def capacity_tables(report: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A capacity plan as the two tables people confuse: same memory -> tokens; same conversation -> bytes."""
+    n = report["session_tokens"]
+    same_memory = pd.DataFrame(
+        [(r["kv"], r["blocks"], r["tokens"], round(r["tokens_vs_fp16"], 3), r["sessions"]) for r in report["results"]],
+        columns=["kv", "blocks", "tokens", "x fp16 tokens", f"sessions of {n} tokens"],
+    )
+    same_conversation = pd.DataFrame(
+        [(r["kv"], r["bytes_per_token"], fmt_bytes(r["session_bytes"]), round(r["session_bytes_vs_fp16"], 3))
+         for r in report["results"]],
+        columns=["kv", "bytes/token", f"bytes for {n} tokens", "x fp16 bytes"],
+    )
+    return same_memory, same_conversation
 
 
 def memory_frames(log: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:

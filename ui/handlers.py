@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
-from kvcache.capacity import free_memory_bytes
+from kvcache.block_pool import KVCacheFull
+from kvcache.capacity import free_memory_bytes, parse_cache_max_entry_count, plan
 from kvcache.cli import DEFAULT_EVAL_TEXT, DEFAULT_SYSTEM_PROMPT_FILE
 from kvcache.device_memory import read_device_memory
 from kvcache.engine import ChatSession, GenerationConfig
+from kvcache.kv_shape import KVShape
 from kvcache.modes import KV_MODES, get_mode
 from kvcache.qparams import KVQParams
 
@@ -100,15 +102,21 @@ def model_status(app: AppState) -> str:
     )
     if app.load_error:
         text = f"⚠️ {app.load_error} — still serving the previous model.\n\n{text}"
-    return text
+    return f"{text}\n\n{pool_status(app)}"
 
 
-def load_model(app: AppState, path: str) -> str:
-    """Load ``path`` ('default', a local HF folder or a .gguf) for everyone; on failure the old model stays."""
+def load_model(app: AppState, path: str, cache_max_entry_count: float | int | None = None) -> str:
+    """Load ``path`` ('default', a local HF folder or a .gguf) for everyone; on failure the old model stays.
+
+    ``cache_max_entry_count``: the KV pools' size, applied after the weights load (0 or None: grow on demand).
+    """
     from kvcache.model_loader import ModelLoadError
     from kvcache.model_loader import load_model as _load
 
     path = (path or "").strip() or "default"
+    pool = cache_max_entry_count or None
+    if pool is not None:
+        pool = parse_cache_max_entry_count(str(pool))
     with app.load_lock:
         try:
             loaded = _load(path, device=app.device)
@@ -123,7 +131,7 @@ def load_model(app: AppState, path: str) -> str:
             logger.exception("loading %s failed", path)
             app.load_error = f"{type(exc).__name__}: {_one_line(exc)}"
             raise UserError(f"Could not load {path} ({app.load_error}). The previous model stays loaded.") from None
-        app.replace_model(loaded)
+        app.replace_model(loaded, pool)
         app.model_path = path
     return model_status(app)
 
@@ -166,6 +174,8 @@ def pane_stats(engine: ChatSession | None, busy_s: tuple[float, float], diverge:
     ]
     if s.stopped:
         parts.append("stopped")
+    if s.cache_full:
+        parts.append(f"⚠️ {s.cache_full}")
     if diverge:
         parts.append(diverge)
     return ("generating… · " if running else "") + " · ".join(parts)
@@ -236,6 +246,9 @@ def chat(
                     replies[i] += next(stream)
                 except StopIteration:
                     streams[i] = None
+                except KVCacheFull as exc:  # the shared pool is full: this pane's turn is undone, the other goes on
+                    streams[i] = None
+                    replies[i] = f"⚠️ Not answered: {exc}."
                 busy[i][0 if first[i] else 1] += time.perf_counter() - t0
                 first[i] = False
             yield frame()
@@ -326,9 +339,13 @@ def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str,
         f"{LEFT_MODE} (left)": _kv_figures(sess.left, free),
         f"{sess.right.kv if sess.right else 'quantized'} (right)": _kv_figures(sess.right, free),
     }
-    figures["kv_all_sessions_bytes"] = sum(
-        e.cache.memory().bytes_held for s in list(app.sessions) for e in (s.left, s.right) if e is not None
-    )
+    pools = {id(e.cache.pool): e.cache.pool for s in list(app.sessions) for e in (s.left, s.right) if e is not None}
+    figures["kv_all_sessions_bytes"] = sum(p.capacity_bytes for p in pools.values())  # a shared pool counts once
+    figures["kv_pools"] = [
+        dict(kv=kv, blocks_used=p.num_used, blocks=p.num_blocks, block_size=p.block_size, bytes=p.capacity_bytes,
+             bytes_used=p.used_bytes)
+        for (kv, _), p in list(app.pools.items())
+    ]
     banner = ""
     if reading.nvml_error:
         banner = f"**No GPU figures.** {reading.nvml_error} Showing this process's memory and the exact KV bytes instead."
@@ -349,6 +366,38 @@ def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str,
         sess.memory_log.popleft()
     mem_frame, kv_frame = charts.memory_frames(list(sess.memory_log))
     return figures, banner, charts.gauges_html(figures), mem_frame, kv_frame
+
+
+def pool_status(app: AppState) -> str:
+    """One line on the KV pools: their size setting and, per pool, blocks in use of blocks held."""
+    if app.cache_max_entry_count is None:
+        return "KV pool: each cache grows on demand (set cache_max_entry_count to preallocate a shared pool)."
+    parts = [
+        f"{kv} {p.num_used}/{p.num_blocks} blocks ({p.num_blocks * p.block_size:,} tokens, {charts.fmt_bytes(p.capacity_bytes)})"
+        for (kv, _), p in app.pools.items()
+    ]
+    return f"KV pool: cache_max_entry_count={app.cache_max_entry_count}, shared by every session" + (
+        ": " + " · ".join(parts) if parts else " (allocated at the first message)")
+
+
+def capacity(
+    app: AppState, sess: SessionState, cache_max_entry_count: float | int, session_tokens: int = 2048
+) -> tuple[dict[str, Any], Any, Any]:
+    """Both views of the KV budget for the loaded model, every mode: ``(report, same_memory, same_conversation)``.
+
+    Same memory: blocks, tokens and sessions of ``session_tokens`` that ``cache_max_entry_count`` of
+    the memory free after the weights loaded holds. Same conversation: the bytes one conversation of
+    ``session_tokens`` (or this session's own chat, when it is longer) takes.
+    """
+    loaded = app.require_model()
+    count = parse_cache_max_entry_count(str(cache_max_entry_count))
+    held = sess.left.cache.num_tokens if sess.left is not None else 0
+    tokens = max(int(session_tokens), held, 1)
+    free = app.free_after_load if app.free_after_load is not None else free_memory_bytes(loaded.device)
+    report = plan([get_mode(m) for m in KV_MODES], KVShape.from_config(loaded.model.config),
+                  cache_max_entry_count=count, free_bytes=free, session_tokens=tokens)
+    same_memory, same_conversation = charts.capacity_tables(report)
+    return report, same_memory, same_conversation
 
 
 # --- calibration ----------------------------------------------------------------------------------------

@@ -29,6 +29,27 @@ def build(app: AppState, sess: gr.State, timer: gr.Timer) -> None:
         "pool holds, and how many tokens that storage can take.",
         elem_classes="note",
     )
+    gr.Markdown("### Capacity: the two views people confuse", elem_id="capacity-title")
+    with gr.Row(equal_height=True):
+        fraction = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="cache_max_entry_count",
+                             info="fraction of the memory free after the weights loaded", elem_id="capacity-fraction")
+        session_tokens = gr.Number(2048, precision=0, minimum=1, label="tokens per conversation", elem_id="capacity-tokens")
+        compute = gr.Button("Compute", scale=0, min_width=110, elem_id="capacity-compute")
+    with gr.Row():
+        same_memory = gr.Dataframe(label="Same memory: how many tokens", elem_id="capacity-same-memory",
+                                   interactive=False)
+        same_conversation = gr.Dataframe(label="Same conversation: how many bytes",
+                                         elem_id="capacity-same-conversation", interactive=False)
+    with gr.Accordion("Capacity plan (JSON)", open=False):
+        plan_json = gr.JSON(label="capacity plan", elem_id="capacity-json")
+
+    def run_capacity(state, count, tokens):
+        with shown_in_page():
+            return handlers.capacity(app, state, count, int(tokens or 1))
+
+    compute.click(run_capacity, [sess, fraction, session_tokens], [plan_json, same_memory, same_conversation],
+                  api_name="capacity", concurrency_id="memory")
+
     def tick(state):
         with shown_in_page():
             return handlers.memory(app, state)

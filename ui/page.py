@@ -21,6 +21,9 @@ def build_demo(app: AppState) -> gr.Blocks:
         with gr.Row(equal_height=True, elem_id="model-bar"):
             model_path = gr.Textbox(app.model_path, label="Model", scale=3, elem_id="model-path",
                                     info="'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder or a .gguf file")
+            pool = gr.Slider(0.0, 1.0, value=app.cache_max_entry_count if isinstance(app.cache_max_entry_count, float) else 0.0,
+                             step=0.05, label="KV pool (cache_max_entry_count)", scale=1, elem_id="pool-fraction",
+                             info="share of memory free after the weights load; 0 = grow on demand; applied at Load")
             load = gr.Button("Load", variant="secondary", scale=0, min_width=90, elem_id="load")
             status = gr.Markdown(handlers.model_status(app), label="model status", elem_id="model-status", elem_classes="model-status")
         with gr.Tabs(elem_id="tabs"):
@@ -33,14 +36,14 @@ def build_demo(app: AppState) -> gr.Blocks:
             with gr.Tab("Evaluate", id="evaluate", elem_id="evaluate-tab"):
                 evaluate_tab.build(app, sess)
 
-        def run_load(path: str) -> str:
+        def run_load(path: str, pool_fraction: float = 0.0) -> str:
             try:
-                return handlers.load_model(app, path)
+                return handlers.load_model(app, path, pool_fraction)
             except Exception as exc:  # the message goes into the page; the previous model keeps serving
                 gr.Warning(str(exc))
                 return handlers.model_status(app)
 
-        load.click(run_load, [model_path], [status], api_name="load_model", concurrency_id=GPU).then(
+        load.click(run_load, [model_path, pool], [status], api_name="load_model", concurrency_id=GPU).then(
             lambda state: handlers.reset_chat(state), [sess], chat.panes, api_visibility="private", queue=False)
         demo.load(lambda: handlers.model_status(app), None, [status], api_visibility="private", queue=False)
     return demo

@@ -2,7 +2,9 @@
 conversation, engines, calibration and memory history (:class:`SessionState`).
 
 The model's weights are loaded once and shared; every session builds its two chat engines
-(fp16 left, the chosen mode right) over them, each with its own KV cache.
+(fp16 left, the chosen mode right) over them, each with its own KV cache. With a KV pool size
+(``cache_max_entry_count``) every cache takes its blocks from one preallocated pool per mode,
+shared by all sessions, as a serving engine does; without one each cache grows on demand.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvcache.block_pool import BlockPool
+from kvcache.cache import PagedKVCache
+from kvcache.capacity import free_memory_bytes, pool_blocks
 from kvcache.engine import ChatSession
+from kvcache.kv_shape import KVShape
 from kvcache.modes import get_mode
 from kvcache.qparams import KVQParams
 
@@ -45,6 +51,11 @@ class AppState:
     work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvq-studio-")))
     sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
+    # KV pool: None grows each cache on demand; a fraction (0, 1] of the memory free after the weights
+    # load, or a whole number of blocks, preallocates one pool per mode, shared by every session.
+    cache_max_entry_count: float | int | None = None
+    free_after_load: int | None = None
+    pools: dict[tuple[str, int], BlockPool] = field(default_factory=dict)
 
     def require_model(self) -> Any:
         if self.loaded is None:
@@ -52,14 +63,43 @@ class AppState:
             raise UserError(f"No model is loaded{why}: enter a model path and press Load.")
         return self.loaded
 
-    def replace_model(self, loaded: Any) -> None:
-        """Switch every session to ``loaded``; their old engines (and the old weights) are released."""
+    def replace_model(self, loaded: Any, cache_max_entry_count: float | int | None = None) -> None:
+        """Switch every session to ``loaded``; their old engines, pools and the old weights are released."""
         self.loaded, self.load_error = loaded, None
         self.model_version += 1
         for session in list(self.sessions):
             session.drop_engines()
+        self.pools.clear()
         gc.collect()
         _empty_cuda_cache()
+        self.cache_max_entry_count = cache_max_entry_count
+        self.free_after_load = free_memory_bytes(loaded.device)
+
+    def new_cache(self, mode: str, qparams: KVQParams | None = None) -> PagedKVCache | None:
+        """A cache over the shared pool of ``mode`` when a pool size is set; None lets the engine grow its own.
+
+        The fp16 pane's pool and the quantized pane's pool get the same memory (a fraction is split
+        evenly between the two), so the page shows what the same memory holds in each mode.
+        """
+        count = self.cache_max_entry_count
+        if count is None:
+            return None
+        kv = get_mode(mode)
+        qparams = qparams if kv.needs_qparams else None
+        key = (kv.name, id(qparams))
+        pool = self.pools.get(key)
+        if pool is None:
+            for stale in [k for k, p in self.pools.items() if k[0] == kv.name and p.num_used == 0]:
+                del self.pools[stale]  # e.g. parameters replaced by 'Use in chat'; no session holds blocks there
+            model = self.require_model().model
+            shape = KVShape.from_config(model.config)
+            free = self.free_after_load // 2 if isinstance(count, float) and self.free_after_load else None
+            blocks = pool_blocks(kv, shape, count, model.device, free_bytes=free)
+            if blocks < 1:
+                raise UserError(f"A KV pool of cache_max_entry_count={count} holds no block of {kv.name}: raise it.")
+            pool = BlockPool(kv, shape, num_blocks=blocks, growable=False, device=model.device, qparams=qparams)
+            self.pools[key] = pool
+        return PagedKVCache(pool)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.work_root, ignore_errors=True)
@@ -89,6 +129,9 @@ class SessionState:
         return self  # gradio deep-copies a State's initial value; ours is made fresh per session
 
     def drop_engines(self) -> None:
+        for engine in (self.left, self.right):
+            if engine is not None:
+                engine.reset()  # gives its blocks back to a shared pool now
         self.left = self.right = None
         self.model_version = -1
 
@@ -102,7 +145,7 @@ class SessionState:
         loaded = app.require_model()
         kv = get_mode(mode)
         if self.model_version != app.model_version or self.left is None:
-            self.left = ChatSession(loaded, LEFT_MODE)
+            self.left = ChatSession(loaded, LEFT_MODE, cache=app.new_cache(LEFT_MODE))
             self.right = None
             self.model_version = app.model_version
         if self.right is None or self.right.kv != kv.name:
@@ -112,7 +155,8 @@ class SessionState:
                     f"KV mode {kv.name} needs calibrated parameters: run a calibration in the Calibrate tab "
                     "and press 'Use in chat' (or start the app with --qparams FILE), or pick int8-dynamic."
                 )
-            self.right = ChatSession(loaded, kv.name, qparams=qparams if kv.needs_qparams else None)
+            qparams = qparams if kv.needs_qparams else None
+            self.right = ChatSession(loaded, kv.name, qparams=qparams, cache=app.new_cache(kv.name, qparams))
             self.left.reset()  # keep the two conversations comparable
         return self.left, self.right
 
