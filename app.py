@@ -1,9 +1,11 @@
 """KVQ Studio in the browser: ``python app.py`` serves http://127.0.0.1:7860 with the embedded model loaded.
 
 Chat with an fp16 and a quantized KV cache side by side, watch memory live, calibrate, evaluate.
-Every event that runs the model shares one queue (``concurrency_id="gpu"``), so timings are not
-distorted and memory is not oversubscribed. Named API endpoints (``load_model``, ``chat``,
-``calibrate``, ``evaluate``, ``memory``, ...) let ``gradio_client`` drive the app.
+Chat turns of every session go to one batch worker that decodes the requests sharing a KV pool
+together (continuous batching); loading, calibration and evaluation share one queue
+(``concurrency_id="gpu"``) and take the device from the worker between its steps, so memory is not
+oversubscribed. Named API endpoints (``load_model``, ``chat``, ``calibrate``, ``evaluate``,
+``memory``, ``capacity``, ...) let ``gradio_client`` drive the app.
 """
 
 from __future__ import annotations

@@ -8,14 +8,18 @@ own blocks (:class:`BatchCache`) and attention reads its history up to its own l
 Admission: a request starts only when the pool can hold it to its end (prompt + max_new_tokens),
 counting what the running sequences may still need. So a running sequence never runs out of
 blocks and nobody is preempted; blocks are still allocated as tokens arrive, so
-``pool.num_used`` is what is really stored. The scheduler assumes it is the pool's only user.
+``pool.num_used`` is what is really stored. Others may hold blocks of the pool (a chat session
+keeps its conversation's blocks between turns and hands them in with its next request, so only
+the new tokens are prefilled); a request that cannot fit while none of the scheduler's own runs
+is refused with ``Sequence.error`` rather than left waiting forever.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +49,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # block ids in the shared pool, in order
     num_cached: int = 0  # tokens whose K/V are stored
     finished: bool = False
+    sampler: Callable[[torch.Tensor], int] | None = None  # next token from ``[vocab]`` fp32 logits; None: greedy
+    keep_blocks: bool = False  # at the end its blocks stay with their owner (a chat session's next turn)
+    error: str | None = None  # why it was refused (the pool cannot hold it)
+    prefill_s: float = 0.0  # compute seconds of its prefill
+    decode_s: float = 0.0  # compute seconds of the decode steps it was in (a batched step counts fully)
     num_prompt_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -164,12 +173,32 @@ class BatchScheduler:
         self.sequences: dict[int, Sequence] = {}  # every sequence added, by id
         self._ids = itertools.count()
 
-    def add(self, prompt_ids: list[int], max_new_tokens: int) -> int:
-        """Queue a request; it starts at the next ``step()`` the pool can hold it. Returns its id."""
+    def add(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        *,
+        block_table: list[int] | None = None,
+        num_cached: int = 0,
+        sampler: Callable[[torch.Tensor], int] | None = None,
+        eos_ids: Iterable[int] | None = None,
+    ) -> int:
+        """Queue a request; it starts at the next ``step()`` the pool can hold it. Returns its id.
+
+        ``block_table`` / ``num_cached``: the first ``num_cached`` prompt tokens are already stored in
+        these blocks (the caller's list, extended in place and left to the caller at the end).
+        """
         if len(prompt_ids) == 0 or max_new_tokens < 1:
             raise ValueError(f"need a non-empty prompt and max_new_tokens >= 1, got {len(prompt_ids)} tokens and {max_new_tokens}")
-        seq = Sequence(next(self._ids), list(prompt_ids), max_new_tokens, self.eos_ids)
         pool, bs = self.pool, self.pool.block_size
+        if not 0 <= num_cached < len(prompt_ids) or len(block_table or []) < _num_blocks(num_cached, bs):
+            raise ValueError(f"{num_cached} cached tokens need {_num_blocks(num_cached, bs)} blocks and at least one "
+                             f"new token of the {len(prompt_ids)}-token prompt")
+        eos = self.eos_ids if eos_ids is None else frozenset(eos_ids)
+        seq = Sequence(next(self._ids), list(prompt_ids), max_new_tokens, eos, num_cached=num_cached,
+                       sampler=sampler, keep_blocks=block_table is not None)
+        if block_table is not None:
+            seq.block_table = block_table
         if not pool.growable and _num_blocks(seq.max_tokens_cached, bs) > pool.num_blocks:
             raise KVCacheFull(
                 f"KV cache full: this request needs {seq.max_tokens_cached} tokens ({seq.num_prompt_tokens} prompt + "
@@ -183,10 +212,17 @@ class BatchScheduler:
     def step(self) -> dict[int, int]:
         """Prefill the newly admitted sequences, then decode all the others in one forward: ``{seq id: new token}``."""
         decoding = list(self.running)
-        new = {seq.id: self._append(seq, self._forward([seq], [seq.token_ids])[0]) for seq in self._admit()}
+        new = {}
+        t0 = time.perf_counter()
+        for seq in self._admit():
+            new[seq.id] = self._append(seq, self._forward([seq], [seq.token_ids[seq.num_cached:]])[0])
+            seq.prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
         if decoding:
             tokens = self._forward(decoding, [[s.token_ids[-1]] for s in decoding])
-            new.update((s.id, self._append(s, t)) for s, t in zip(decoding, tokens))
+            spent = time.perf_counter() - t0
+            for s, t in zip(decoding, tokens):
+                s.decode_s += spent
+                new[s.id] = self._append(s, t)
         return new
 
     def run_until_done(self) -> dict[int, list[int]]:
@@ -202,8 +238,10 @@ class BatchScheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table, seq.finished = [], True
+        if not seq.keep_blocks:
+            self.pool.free(seq.block_table)
+            seq.block_table = []
+        seq.finished = True
         return seq
 
     # --- internals -------------------------------------------------------------------------
@@ -213,18 +251,21 @@ class BatchScheduler:
         while self.waiting and self._fits(self.waiting[0]):
             admitted.append(self.waiting.popleft())
             self.running.append(admitted[-1])
-        if self.waiting and not self.running:  # nothing of ours holds blocks: someone else does
-            pool = self.pool
-            raise KVCacheFull(
-                f"KV cache full: {pool.num_used * pool.block_size} tokens in use of {pool.num_blocks * pool.block_size} "
-                f"by other users of the pool; request {self.waiting[0].id} needs {self.waiting[0].max_tokens_cached}"
+        if self.waiting and not self.running:  # nothing of ours will free blocks: others hold them
+            pool, seq = self.pool, self.waiting[0]
+            seq.error = (
+                f"KV cache full: {pool.num_used * pool.block_size} tokens in use of {pool.num_blocks * pool.block_size}, "
+                f"held by other conversations; this request needs {seq.max_tokens_cached}"
             )
+            self.finish(seq.id)
         return admitted
 
     def _fits(self, seq: Sequence) -> bool:
-        bs = self.pool.block_size
-        promised = sum(_num_blocks(s.max_tokens_cached, bs) - len(s.block_table) for s in self.running)
-        return self.pool.growable or _num_blocks(seq.max_tokens_cached, bs) <= self.pool.num_free - promised
+        promised = sum(self._blocks_to_come(s) for s in self.running)
+        return self.pool.growable or self._blocks_to_come(seq) <= self.pool.num_free - promised
+
+    def _blocks_to_come(self, seq: Sequence) -> int:
+        return _num_blocks(seq.max_tokens_cached, self.pool.block_size) - len(seq.block_table)
 
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], ids: list[list[int]]) -> list[int]:
@@ -236,7 +277,9 @@ class BatchScheduler:
             use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache),
         )
         self.cache.end_step()
-        return next_token(out.logits[:, -1].float()).tolist()
+        logits = out.logits[:, -1].float()
+        greedy = next_token(logits).tolist()  # one device sync for the whole batch
+        return [g if s.sampler is None else s.sampler(row) for s, g, row in zip(seqs, greedy, logits)]
 
     def _append(self, seq: Sequence, token: int) -> int:
         seq.token_ids.append(token)

@@ -184,6 +184,21 @@ class PagedKVCache(Cache):
             self._table_tensor = torch.tensor(rows, dtype=torch.int32, device=self.pool.device).reshape(len(rows), width)
         return self._table_tensor
 
+    def row_table(self) -> list[int]:
+        """The one sequence's block table, for a batch scheduler to extend in place (see ``set_num_tokens``)."""
+        if len(self.block_tables) > 1:
+            raise ValueError(f"this cache holds {len(self.block_tables)} sequences; a batch scheduler takes one")
+        if not self.block_tables:
+            self.block_tables.append([])
+        self._slot_cache = self._table_tensor = None
+        return self.block_tables[0]
+
+    def set_num_tokens(self, num_tokens: int) -> None:
+        """Record how many tokens the row holds after a batch scheduler wrote them into ``row_table()``."""
+        for layer in self.layers:
+            layer.num_tokens = num_tokens
+        self._slot_cache = self._table_tensor = None
+
     def truncate(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` positions of every row (e.g. to reuse a chat prefix)."""
         if num_tokens < 0 or num_tokens > self.num_tokens:

@@ -103,6 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from .block_pool import KVCacheFull
     from .engine import ChatSession, GenerationConfig
     from .modes import get_mode
 
@@ -135,15 +136,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
             session.reset()
             continue
         print("assistant> ", end="", flush=True)
+        stream = session.stream_reply(user, config)
         try:
-            for piece in session.stream_reply(user, config):
+            for piece in stream:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
+            stream.close()  # the reply so far stays in the conversation
             print(" [stopped]")
+        except KVCacheFull as exc:
+            print(f"[not answered: {exc}; /reset starts over]")
+            continue
         s = session.last
         kv = s.kv
         held = f"{kv.bytes_used / 1024:.1f} KiB for {kv.tokens_stored} tokens" if kv else "?"
-        print(f"\n[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, KV {mode.name}: {held}]")
+        print(f"\n[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s decoding, prefill {s.prompt_tokens} "
+              f"tokens in {s.prefill_s:.2f} s, KV {mode.name}: {held}]")
+        if s.cache_full:
+            print(f"[reply cut short: {s.cache_full}]")
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,9 @@ from .block_pool import KVCacheFull
 from .cache import KVMemory, PagedKVCache
 from .generation import forward_tokens, next_token
 from .qparams import KVQParams
+from .serving import BatchWorker
+
+Sampler = Callable[[torch.Tensor], int]  # next token from one row of fp32 logits
 
 
 @dataclass
@@ -26,7 +29,9 @@ class TurnStats:
 
     new_tokens: int = 0
     prompt_tokens: int = 0  # tokens fed this turn (not cached before)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole reply
+    prefill_s: float = 0.0  # compute time of the prefill (and first token)
+    decode_s: float = 0.0  # compute time of the later tokens (a batched step counts fully for each row)
     token_ids: list[int] = field(default_factory=list)
     kv: KVMemory | None = None
     stopped: bool = False
@@ -35,6 +40,11 @@ class TurnStats:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first per second of decode compute: what the KV mode changes."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
 
 
 @dataclass
@@ -55,8 +65,12 @@ class ChatSession:
         system_prompt: str | None = None,
         block_size: int = 64,
         cache: PagedKVCache | None = None,
+        worker: BatchWorker | None = None,
     ):
+        """``worker``: decode through a shared :class:`~kvcache.serving.BatchWorker` (``cache`` must be over
+        a pool it serves) instead of in the caller's thread."""
         self.loaded = loaded
+        self.worker = worker
         self.cache = cache or PagedKVCache.for_model(loaded.model, kv, qparams=qparams, block_size=block_size)
         self.system_prompt = system_prompt
         self.messages: list[dict[str, str]] = []
@@ -90,63 +104,105 @@ class ChatSession:
         del self.cached_ids[common:]
         return common
 
-    @torch.inference_mode()
     def stream_reply(
         self, user_text: str, config: GenerationConfig | None = None, stop: threading.Event | None = None
     ) -> Iterator[str]:
         """Yield the reply's text as it grows (each item is the new piece); stats land in ``self.last``."""
         config = config or GenerationConfig()
-        tok, model = self.loaded.tokenizer, self.loaded.model
+        tok = self.loaded.tokenizer
         self.messages.append({"role": "user", "content": user_text})
         ids = self._prompt_ids()
         start = self._reuse_prefix(ids)
         stats = TurnStats(prompt_tokens=len(ids) - start)
         self.last = stats
         gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        sample = None  # greedy: the batch worker picks every greedy row with one argmax
+        if config.temperature > 0:
+            sample = lambda logits: int(next_token(logits[None].cpu(), config.temperature, config.top_p, gen)[0])  # noqa: E731
         t0 = time.perf_counter()
-        feed = torch.tensor([ids[start:]], device=model.device)
+        produce = self._tokens_local if self.worker is None else self._tokens_batched
+        tokens = produce(ids, start, config.max_new_tokens, sample, stop, stats)
+        text = ""
+        eos = eos_ids(tok, self.loaded.model)
+        refused = False
         try:
-            logits = forward_tokens(model, self.cache, feed)[:, -1]
+            for t in tokens:
+                if stop is not None and stop.is_set():
+                    stats.stopped = True
+                    break
+                if t in eos:
+                    break
+                stats.token_ids.append(t)
+                stats.new_tokens += 1
+                new_text = tok.decode(stats.token_ids, skip_special_tokens=True)
+                if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
+                    yield new_text[len(text):]
+                    text = new_text
+            else:  # the tokens ran out: the length limit, a full pool, or the worker saw the Stop first
+                stopped_early = stats.new_tokens < config.max_new_tokens and not stats.cache_full
+                stats.stopped = stopped_early and stop is not None and stop.is_set()
+            tokens.close()  # a batched request ends now, not when the caller has read the rest
+            final = tok.decode(stats.token_ids, skip_special_tokens=True)
+            if len(final) > len(text):
+                yield final[len(text):]
         except KVCacheFull as exc:
-            # Nothing of this turn was stored (blocks are taken before any write): undo the turn, keep the rest.
+            # Refused before anything of this turn was stored: undo the turn, keep the conversation.
+            refused = True
             self.cache.truncate(start)
             self.messages.pop()
             stats.cache_full = str(exc)
             raise
-        self.cached_ids.extend(ids[start:])
-        text = ""
-        eos = _eos_ids(tok, model)
-        for _ in range(config.max_new_tokens):
-            if stop is not None and stop.is_set():
-                stats.stopped = True
-                break
-            t = int(next_token(logits.cpu(), config.temperature, config.top_p, gen)[0])
-            if t in eos:
-                break
-            stats.token_ids.append(t)
-            stats.new_tokens += 1
-            new_text = tok.decode(stats.token_ids, skip_special_tokens=True)
-            if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
-                yield new_text[len(text):]
-                text = new_text
+        finally:  # also when the caller stops reading midway (Ctrl-C, a closed page): the turn stands as far as it got
+            tokens.close()
+            self.cached_ids = (ids + stats.token_ids)[: self.cache.num_tokens]
+            stats.seconds = time.perf_counter() - t0
+            stats.kv = self.cache.memory()
+            if not refused:
+                self.messages.append({"role": "assistant", "content": tok.decode(stats.token_ids, skip_special_tokens=True)})
+
+    @torch.inference_mode()
+    def _tokens_local(
+        self, ids: list[int], start: int, max_new: int, sample: Sampler | None, stop: threading.Event | None, stats: TurnStats
+    ) -> Iterator[int]:
+        """This session alone: prefill the new tokens, then one forward per token, in the caller's thread."""
+        model, device = self.loaded.model, self.loaded.model.device
+        t0 = time.perf_counter()
+        logits = forward_tokens(model, self.cache, torch.tensor([ids[start:]], device=device))[0, -1]
+        stats.prefill_s = time.perf_counter() - t0
+        for i in range(max_new):
+            t = int(logits.argmax()) if sample is None else sample(logits)
+            yield t
+            if i == max_new - 1:
+                return
+            t0 = time.perf_counter()
             try:
-                logits = forward_tokens(model, self.cache, torch.tensor([[t]], device=model.device))[:, -1]
+                logits = forward_tokens(model, self.cache, torch.tensor([[t]], device=device))[0, -1]
             except KVCacheFull as exc:  # the reply ends here; what is stored stays consistent
                 stats.cache_full = str(exc)
-                break
-            self.cached_ids.append(t)
-        stats.seconds = time.perf_counter() - t0
-        stats.kv = self.cache.memory()
-        final = tok.decode(stats.token_ids, skip_special_tokens=True)
-        if len(final) > len(text):
-            yield final[len(text):]
-        self.messages.append({"role": "assistant", "content": final})
+                return
+            stats.decode_s += time.perf_counter() - t0
+
+    def _tokens_batched(
+        self, ids: list[int], start: int, max_new: int, sample: Sampler | None, stop: threading.Event | None, stats: TurnStats
+    ) -> Iterator[int]:
+        """Through the shared worker: this session's request joins the others of its pool in each step."""
+        request = self.worker.submit(
+            self.cache.pool, ids, max_new, block_table=self.cache.row_table(), num_cached=start,
+            sampler=sample, stop=stop,
+        )
+        try:
+            yield from request
+        finally:
+            request.cancel()  # a no-op when it ended by itself
+            self.cache.set_num_tokens(request.seq.num_cached)
+            stats.prefill_s, stats.decode_s = request.seq.prefill_s, request.seq.decode_s
 
     def reply(self, user_text: str, config: GenerationConfig | None = None) -> str:
         return "".join(self.stream_reply(user_text, config))
 
 
-def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
+def eos_ids(tokenizer: Any, model: Any) -> set[int]:
+    """Every token that ends a reply: the model's and tokenizer's EOS, and ChatML's ``<|im_end|>``."""
     ids = set()
     for v in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(v, int):

@@ -17,8 +17,10 @@ from ui.state import AppState, SessionState, UserError
 
 @pytest.fixture
 def app(loaded_default, tmp_path):
-    state = AppState(loaded=loaded_default, model_version=1, work_root=tmp_path)
-    return state
+    state = AppState(work_root=tmp_path)
+    state.replace_model(loaded_default)  # as the app starts: shared pools, one batch worker
+    yield state
+    state.cleanup()
 
 
 def _run_chat(app, sess, message="What is 2+2?", mode="int8-dynamic", max_new_tokens=6, **kw):
@@ -259,11 +261,14 @@ def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, load
     assert {p["kv"]: p["blocks_used"] for p in figures["kv_pools"]} == {"fp16": 2, "int8-dynamic": 2}
     assert "KV pool fp16" in handlers.memory(app, a)[2]
 
-    # ~250 prompt tokens: they fit in int8's pool but not in what is left of fp16's
+    # ~275 tokens: more than the whole fp16 pool; int8-dynamic's pool (448 tokens) still answers
     left, right, left_stats, right_stats = _run_chat(app, a, LONG_MESSAGE, max_new_tokens=4)[-1]
-    assert _text(left).startswith("⚠️ Not answered: KV cache full:") and "tokens in use of 256" in _text(left)
+    assert _text(left).startswith("⚠️ Not answered: KV cache full: this request needs") and "of 256" in _text(left)
     assert "KV cache full" in left_stats
     assert _text(right) and not _text(right).startswith("⚠️") and "KV cache full" not in right_stats
+    # ~200 tokens: the fp16 pool could hold them, but not while b keeps its conversation there
+    left = _run_chat(app, a, LONG_MESSAGE[: len(LONG_MESSAGE) * 2 // 3], max_new_tokens=4)[-1][0]
+    assert _text(left).startswith("⚠️ Not answered: KV cache full: 128 tokens in use of 256, held by other conversations")
     # the fp16 conversation is as it was; session b never noticed
     assert [m["content"] for m in a.left.messages][-2] == "What is 2+2?" and fp16_pool.num_used == 2
     handlers.reset_chat(b)
@@ -281,7 +286,9 @@ def test_pool_from_a_fraction_of_free_memory_and_bad_values(app, loaded_default)
     left, right = SessionState().engines(app, "int8-dynamic")
     # half of it, split evenly between the two panes: 25 MiB each
     assert left.cache.pool.num_blocks == 25 * 2**20 // 1_474_560 and right.cache.pool.num_blocks == 25 * 2**20 // 783_360
-    assert "cache_max_entry_count=0.5" in handlers.model_status(app) and "fp16 0/17 blocks" in handlers.model_status(app)
+    assert "KV pools: shared, cache_max_entry_count=0.5" in handlers.model_status(app)
+    pools = {p["kv"]: p for p in handlers.memory(app, SessionState())[0]["kv_pools"]}
+    assert (pools["fp16"]["blocks"], pools["fp16"]["blocks_used"], pools["fp16"]["growable"]) == (17, 0, False)
 
 
 def test_capacity_both_views_against_block_arithmetic(app):
@@ -302,3 +309,30 @@ def test_capacity_both_views_against_block_arithmetic(app):
     assert "bytes for 1000 tokens" in same_conversation.columns
     with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
         handlers.capacity(app, sess, "lots", 1000)
+
+
+def test_two_sessions_chatting_at_once_are_decoded_together(app):
+    import threading
+    import time as _time
+
+    questions = ("What is the capital of France?", "Name a primary colour.")
+    alone = [_run_chat(app, SessionState(), q, max_new_tokens=10)[-1][:2] for q in questions]
+    for s in list(app.sessions):
+        s.reset_chat()
+    app.worker.max_batch = 0
+    results = {}
+
+    def chat(i):
+        results[i] = _run_chat(app, SessionState(), questions[i], max_new_tokens=10)[-1][:2]
+
+    with app.device_lock:  # both turns are queued before the worker takes its first step
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = _time.monotonic() + 60
+        while sum(len(s.waiting) for s in app.worker._schedulers.values()) < 2 and _time.monotonic() < deadline:
+            _time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=300)
+    assert app.worker.max_batch == 2  # one decode forward carried both sessions' rows of a pool
+    assert [results[0], results[1]] == alone  # and each got exactly the replies it gets alone

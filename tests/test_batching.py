@@ -5,7 +5,6 @@ import torch
 
 from kvcache import BlockPool, KVCacheFull, KVShape, PagedKVCache, get_mode
 from kvcache.batching import BatchCache, BatchScheduler, Sequence
-from kvcache.cache import PagedView
 from kvcache.generation import greedy_generate
 from kvcache.kernels import decode_attention
 
@@ -13,13 +12,6 @@ from conftest import make_tiny_llama
 
 BLOCK = 4
 PROMPT_LENS, MAX_NEW = (9, 5, 14), (12, 4, 10)  # the second one finishes early
-
-# The batched decode needs the kvq attention to read each row's length from the view
-# (``view.seq_lens(b, device)`` instead of ``torch.full((b,), view.end)``): see the hand-off note.
-needs_row_lengths = pytest.mark.skipif(
-    not hasattr(PagedView, "seq_lens"), reason="kvq attention does not read per-row lengths (PagedView.seq_lens) yet"
-)
-
 
 @pytest.fixture(scope="module")
 def model():
@@ -57,7 +49,6 @@ def _run(sched: BatchScheduler, joins: dict[int, list[tuple[list[int], int]]]) -
     return streamed, rows
 
 
-@needs_row_lengths
 @pytest.mark.parametrize("kv", ["fp16", "int8-dynamic"])
 def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(model, kv):
     prompts = _prompts()
@@ -74,7 +65,6 @@ def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(model, kv):
     assert pool.num_used == 0
 
 
-@needs_row_lengths
 def test_eos_ends_a_sequence_early(model):
     prompts = _prompts(seed=2)
     refs = [_alone(model, "fp16", p, n) for p, n in zip(prompts, MAX_NEW)]
@@ -88,7 +78,6 @@ def test_eos_ends_a_sequence_early(model):
     assert sched.pool.num_used == 0
 
 
-@needs_row_lengths
 def test_small_pool_makes_later_requests_wait(model):
     prompts = _prompts()
     # blocks each needs to its end (prompt + max_new - 1 tokens, blocks of 4): 5, 2, 6 -> 8 hold the first two only
@@ -151,3 +140,33 @@ def test_batch_cache_rows_keep_their_own_lengths(model):
         torch.testing.assert_close(got[row], torch.einsum("hl,hld->hd", weights, kv))
     cache.end_step()
     assert (a.num_cached, b.num_cached) == (6, 3)
+
+
+def test_a_conversation_continues_in_its_own_blocks(model):
+    """A second turn hands in the blocks of the first: only its new tokens are prefilled, same tokens as alone."""
+    first, more = _prompts()[0], _prompts(seed=5)[1]
+    pool = _pool(model, "int8-dynamic", num_blocks=32)
+    sched = BatchScheduler(model, pool)
+    table: list[int] = []
+    a = sched.add(first, 6, block_table=table)
+    sched.run_until_done()
+    turn1 = sched.sequences[a]
+    assert turn1.block_table is table and pool.num_used == len(table) > 0  # the blocks stay with their owner
+    history = first + turn1.generated_ids
+    b = sched.add(history + more, 6, block_table=table, num_cached=turn1.num_cached)
+    sched.run_until_done()
+    assert sched.sequences[b].generated_ids == _alone(model, "int8-dynamic", history + more, 6)
+    with pytest.raises(ValueError, match="cached tokens need"):
+        sched.add(history, 2, block_table=[], num_cached=5)
+
+
+def test_a_request_others_crowd_out_is_refused_not_left_waiting(model):
+    pool = _pool(model, "fp16", num_blocks=6)
+    held = pool.allocate(4)  # another conversation's blocks
+    sched = BatchScheduler(model, pool)
+    i = sched.add(_prompts()[2], 4)  # needs 5 blocks of 4 tokens: fits the pool, not what is free
+    assert sched.step() == {}
+    seq = sched.sequences[i]
+    assert seq.finished and seq.error.startswith("KV cache full: 16 tokens in use of 24, held by other conversations")
+    assert not sched.waiting and pool.num_used == 4
+    pool.free(held)

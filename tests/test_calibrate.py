@@ -196,3 +196,25 @@ def test_default_model_on_the_builtin_corpus(loaded_default, tmp_path):
     assert stats.shape_str() == "30 layers x 3 KV heads x head_dim 64"
     meta = json.loads((out / "calib_meta.json").read_text())
     assert meta["model"] == loaded_default.name and meta["dataset"] == "builtin" and meta["tokens_seen"] == 64
+
+
+def test_calibrated_per_channel_int8_within_the_perplexity_bound(loaded_default, tmp_path):
+    """The whole recipe on the real model: calibrate, export kvq, evaluate int8 through the cache."""
+    from calib.export import export
+    from kvcache.cli import DEFAULT_EVAL_TEXT
+    from kvcache.evaluate import evaluate, read_text
+
+    stats = load_work_dir(calibrate(loaded_default, dataset="builtin", samples=32, seqlen=512, batch_size=4,
+                                    work_dir=tmp_path / "wd"))
+    text = read_text(DEFAULT_EVAL_TEXT)
+    delta = {}
+    for granularity in ("channel", "tensor"):
+        [path] = export(stats, tmp_path / granularity, "kvq", granularity=granularity)
+        report = evaluate(loaded_default, text, ["int8"], qparams=KVQParams.load(path), seqlen=256, samples=4,
+                          batch_size=2, greedy_prompts=1, greedy_tokens=1)
+        int8 = report["results"][1]
+        assert int8["kv"] == "int8" and int8["kv_bytes_per_token"] / report["results"][0]["kv_bytes_per_token"] <= 0.501
+        delta[granularity] = int8["delta_ppl_pct"]
+    # per-channel parameters keep int8 close to fp16; LMDeploy's per-tensor ones lose more
+    assert abs(delta["channel"]) < 0.1, delta
+    assert abs(delta["channel"]) < abs(delta["tensor"]), delta

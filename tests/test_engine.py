@@ -74,3 +74,14 @@ def test_full_pool_at_prefill_undoes_the_turn(loaded_default):
     assert (s.messages, s.cached_ids, s.cache.num_tokens, s.cache.pool.num_used) == before
     s.reset()  # the session frees its blocks and starts again
     assert s.cache.pool.num_used == 0 and s.reply("Hi", GenerationConfig(max_new_tokens=4))
+
+
+def test_a_reply_abandoned_midway_stays_in_the_conversation(loaded_default):
+    s = ChatSession(loaded_default, "fp16")
+    stream = s.stream_reply("Count from one to fifty.", GenerationConfig(max_new_tokens=100))
+    got = next(stream) + next(stream)
+    stream.close()  # Ctrl-C in the terminal, a closed browser tab
+    assert s.messages[-1]["role"] == "assistant" and s.messages[-1]["content"].startswith(got)
+    assert s.cache.num_tokens == len(s.cached_ids) and s.last.new_tokens < 100
+    assert s.reply("Thanks!", GenerationConfig(max_new_tokens=4))
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]

@@ -84,10 +84,11 @@ def gauges_html(fig: dict[str, Any]) -> str:
             detail += f" · room for {kv['fits_tokens']:,} more tokens in free memory"
         # KV bars compare the engines (longest = 100 %); a full, growable pool is no warning sign.
         rows.append(bar(f"KV {name}", kv["bytes_held"], scale or None, detail, kind="kv"))
-    for pool in fig.get("kv_pools", []):  # a shared, preallocated pool: here a full one is a warning sign
+    for pool in fig.get("kv_pools", []):  # shared by every session; a full preallocated one is a warning sign
         detail = (f"{pool['blocks_used'] * pool['block_size']:,} of {pool['blocks'] * pool['block_size']:,} tokens "
-                  f"in use, all sessions · {fmt_bytes(pool['bytes'])} preallocated")
-        rows.append(bar(f"KV pool {pool['kv']}", pool["bytes_used"], pool["bytes"], detail))
+                  f"in use, all sessions · {fmt_bytes(pool['bytes'])} " + ("held, grows on demand" if pool["growable"] else "preallocated"))
+        rows.append(bar(f"KV pool {pool['kv']}", pool["bytes_used"], pool["bytes"], detail,
+                        kind="kv" if pool["growable"] else None))
     return '<div class="gauges">' + "".join(rows) + "</div>"
 
 

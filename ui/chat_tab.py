@@ -10,7 +10,9 @@ from . import handlers
 from .errors import shown_in_page
 from .state import LEFT_MODE, AppState
 
-GPU = "gpu"  # one queue for everything that runs the model
+GPU = "gpu"  # one queue for the model work that is not chat (load, calibrate, evaluate)
+CHAT = "chat"  # chat turns of many sessions run at once: the batch worker decodes them together
+CHAT_SESSIONS = 16  # chat turns in flight at once, across sessions
 
 
 @dataclass
@@ -87,10 +89,11 @@ def build(app: AppState, sess: gr.State) -> ChatTab:
     chat_inputs = [pending, mode, system, max_new, temperature, top_p, sess]
     for trigger, api_name in ((send.click, "chat"), (msg.submit, None)):
         trigger(take, [msg, sess], [msg, pending], queue=False, api_visibility="private").then(
-            run_chat, chat_inputs, tab.panes, api_name=api_name, concurrency_id=GPU, show_progress="minimal",
+            run_chat, chat_inputs, tab.panes, api_name=api_name, concurrency_id=CHAT,
+            concurrency_limit=CHAT_SESSIONS, show_progress="minimal",
             api_visibility="public" if api_name else "private",
         )
     stop.click(run_stop, [sess], None, api_name="stop", concurrency_limit=None, queue=False)
-    clear.click(run_clear, [sess], tab.panes, api_name="reset_chat", concurrency_id=GPU)
-    mode.change(run_mode, [mode, sess], [*tab.panes, note], api_visibility="private", concurrency_id=GPU)
+    clear.click(run_clear, [sess], tab.panes, api_name="reset_chat", concurrency_id=CHAT)
+    mode.change(run_mode, [mode, sess], [*tab.panes, note], api_visibility="private", concurrency_id=CHAT)
     return tab

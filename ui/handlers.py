@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -102,7 +101,7 @@ def model_status(app: AppState) -> str:
     )
     if app.load_error:
         text = f"⚠️ {app.load_error} — still serving the previous model.\n\n{text}"
-    return f"{text}\n\n{pool_status(app)}"
+    return f"{text} · {pool_status(app)}"
 
 
 def load_model(app: AppState, path: str, cache_max_entry_count: float | int | None = None) -> str:
@@ -155,21 +154,16 @@ def divergence(left: ChatSession | None, right: ChatSession | None) -> str:
     return f"identical for the first {min(len(a), len(b))} tokens"
 
 
-def pane_stats(engine: ChatSession | None, busy_s: tuple[float, float], diverge: str, running: bool = False) -> str:
-    """The line under a pane: tokens, decode tokens/s, prefill, KV bytes held now, divergence.
-
-    ``busy_s``: this engine's own compute seconds, (prefill and first token, the rest).
-    """
+def pane_stats(engine: ChatSession | None, diverge: str, running: bool = False) -> str:
+    """The line under a pane: tokens, decode tokens/s (this engine's own compute), prefill, KV bytes, divergence."""
     if engine is None:
         return ""
     s = engine.last
     kv = engine.cache.memory()
-    first_s, rest_s = busy_s
-    decode_rate = (s.new_tokens - 1) / rest_s if s.new_tokens > 1 and rest_s > 0 else 0.0
     parts = [
         f"**{s.new_tokens}** tokens",
-        f"**{decode_rate:.1f}** tokens/s",
-        f"prefill {s.prompt_tokens} tokens in {first_s:.2f} s",
+        f"**{s.decode_tokens_per_s:.1f}** tokens/s",
+        f"prefill {s.prompt_tokens} tokens in {s.prefill_s:.2f} s",
         f"KV **{charts.fmt_bytes(kv.bytes_held)}** held ({kv.bytes_held:,} B, {kv.tokens_stored} tokens)",
     ]
     if s.stopped:
@@ -197,9 +191,9 @@ def chat(
 ) -> Iterator[tuple[list[dict[str, str]], list[dict[str, str]], str, str]]:
     """Send ``message`` to both engines and stream both replies at once, token by token.
 
-    Yields ``(left_history, right_history, left_stats, right_stats)``. The two generators are
-    interleaved in this one worker, so the device runs one engine step at a time and each engine's
-    tokens/s counts only its own compute time. ``sess.stop`` (the Stop button) ends both replies.
+    Yields ``(left_history, right_history, left_stats, right_stats)``. With the app's batch worker the
+    two replies (and every other session's) are computed there, batched per KV pool; tokens/s counts
+    each engine's own compute time. ``sess.stop`` (the Stop button) ends both replies.
     """
     message = (message or "").strip()
     if not message:
@@ -211,6 +205,14 @@ def chat(
             return
     else:
         sess.stop.clear()
+    with sess.turn_lock:  # Clear, a mode switch or new parameters wait for this turn to end
+        yield from _turn(app, sess, message, mode, system_prompt, max_new_tokens, temperature, top_p)
+
+
+def _turn(
+    app: AppState, sess: SessionState, message: str, mode: str, system_prompt: str, max_new_tokens: int,
+    temperature: float, top_p: float,
+) -> Iterator[tuple[list[dict[str, str]], list[dict[str, str]], str, str]]:
     left, right = sess.engines(app, mode)
     app.sessions.add(sess)
     system = (system_prompt or "").strip() or None
@@ -221,9 +223,6 @@ def chat(
     engines = (left, right)
     priors = [list(e.messages) for e in engines]
     replies = ["", ""]
-    busy = [[0.0, 0.0], [0.0, 0.0]]  # per engine: (prefill + first token, later tokens) seconds
-    first = [True, True]
-    sess.busy_s = busy
     streams: list[Iterator[str] | None] = [e.stream_reply(message, config, sess.stop) for e in engines]
 
     def frame() -> tuple[list[dict[str, str]], list[dict[str, str]], str, str]:
@@ -231,8 +230,8 @@ def chat(
         return (
             _history(priors[0], message, replies[0]),
             _history(priors[1], message, replies[1]),
-            pane_stats(left, busy[0], div, running=streams[0] is not None),
-            pane_stats(right, busy[1], div, running=streams[1] is not None),
+            pane_stats(left, div, running=streams[0] is not None),
+            pane_stats(right, div, running=streams[1] is not None),
         )
 
     yield _history(priors[0], message, ""), _history(priors[1], message, ""), "", ""
@@ -241,7 +240,6 @@ def chat(
             for i, stream in enumerate(streams):
                 if stream is None:
                     continue
-                t0 = time.perf_counter()
                 try:
                     replies[i] += next(stream)
                 except StopIteration:
@@ -249,8 +247,6 @@ def chat(
                 except KVCacheFull as exc:  # the shared pool is full: this pane's turn is undone, the other goes on
                     streams[i] = None
                     replies[i] = f"⚠️ Not answered: {exc}."
-                busy[i][0 if first[i] else 1] += time.perf_counter() - t0
-                first[i] = False
             yield frame()
     except torch.OutOfMemoryError:
         for s in streams:
@@ -280,7 +276,10 @@ def stop(sess: SessionState) -> None:
 
 
 def reset_chat(sess: SessionState) -> tuple[list, list, str, str]:
-    sess.reset_chat()
+    """Forget both conversations (a running turn is stopped first) and give their blocks back."""
+    sess.stop.set()
+    with sess.turn_lock:
+        sess.reset_chat()
     return [], [], "", ""
 
 
@@ -291,15 +290,15 @@ def chat_view(sess: SessionState) -> tuple[list, list, str, str]:
     return (
         [dict(m) for m in sess.left.messages] if sess.left else [],
         [dict(m) for m in sess.right.messages] if sess.right else [],
-        pane_stats(sess.left, sess.busy_s[0], div),
-        pane_stats(sess.right, sess.busy_s[1], div),
+        pane_stats(sess.left, div),
+        pane_stats(sess.right, div),
     )
 
 
 def set_mode(app: AppState, sess: SessionState, mode: str) -> tuple[list, list, str, str, str]:
     """Switch the right pane's KV mode; both conversations start fresh so they stay comparable."""
     kv = get_mode(mode)
-    sess.reset_chat()
+    reset_chat(sess)
     if sess.right is not None and sess.right.kv != kv.name:
         sess.right = None
     qparams, label = sess.current_qparams(app)
@@ -343,7 +342,7 @@ def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str,
     figures["kv_all_sessions_bytes"] = sum(p.capacity_bytes for p in pools.values())  # a shared pool counts once
     figures["kv_pools"] = [
         dict(kv=kv, blocks_used=p.num_used, blocks=p.num_blocks, block_size=p.block_size, bytes=p.capacity_bytes,
-             bytes_used=p.used_bytes)
+             bytes_used=p.used_bytes, growable=p.growable)
         for (kv, _), p in list(app.pools.items())
     ]
     banner = ""
@@ -369,15 +368,10 @@ def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str,
 
 
 def pool_status(app: AppState) -> str:
-    """One line on the KV pools: their size setting and, per pool, blocks in use of blocks held."""
+    """The KV pools' size setting, in a few words (their use is on the Memory tab's gauges)."""
     if app.cache_max_entry_count is None:
-        return "KV pool: each cache grows on demand (set cache_max_entry_count to preallocate a shared pool)."
-    parts = [
-        f"{kv} {p.num_used}/{p.num_blocks} blocks ({p.num_blocks * p.block_size:,} tokens, {charts.fmt_bytes(p.capacity_bytes)})"
-        for (kv, _), p in app.pools.items()
-    ]
-    return f"KV pool: cache_max_entry_count={app.cache_max_entry_count}, shared by every session" + (
-        ": " + " · ".join(parts) if parts else " (allocated at the first message)")
+        return "KV pools: shared, growing on demand"
+    return f"KV pools: shared, cache_max_entry_count={app.cache_max_entry_count}"
 
 
 def capacity(
@@ -437,10 +431,11 @@ def calibrate(
 
     work_dir = sess.work_dir(app, "calib")
     try:
-        out = _calibrate(
-            loaded, dataset=dataset, samples=int(samples), seqlen=int(seqlen), work_dir=work_dir,
-            data_dir=app.calib_data_dir, device=app.device, progress=on_progress, bar=False,
-        )
+        with app.device_lock:  # chat steps wait until the calibration is done
+            out = _calibrate(
+                loaded, dataset=dataset, samples=int(samples), seqlen=int(seqlen), work_dir=work_dir,
+                data_dir=app.calib_data_dir, device=app.device, progress=on_progress, bar=False,
+            )
     except torch.OutOfMemoryError:
         _empty_cuda_cache()
         raise UserError("Out of GPU memory during calibration: use fewer samples or a shorter sequence length.") from None
@@ -581,7 +576,8 @@ def use_in_chat(app: AppState, sess: SessionState) -> tuple[str, str]:
     ex = sess.exports
     label = (f"this session's calibration ({ex['granularity']}, "
              f"{'symmetric' if ex['symmetric'] else 'asymmetric'})")
-    sess.use_qparams(qparams, label)
+    with sess.turn_lock:
+        sess.use_qparams(qparams, label)
     mode = next((m.name for m in KV_MODES.values() if m.needs_qparams), "int8")
     return mode, f"The quantized pane now uses {mode} with {label}. Both conversations start fresh."
 
@@ -616,10 +612,11 @@ def evaluate(
     if needs and qparams is None:
         raise UserError(f"{', '.join(needs)} needs calibrated parameters: calibrate first and press 'Use in chat'.")
     try:
-        report = _evaluate(
-            loaded, text, modes, qparams=qparams if needs else None, seqlen=int(seqlen), samples=int(samples),
-            greedy_prompts=int(greedy_prompts), greedy_tokens=int(greedy_tokens), progress=progress,
-        )
+        with app.device_lock:  # chat steps wait until the evaluation is done
+            report = _evaluate(
+                loaded, text, modes, qparams=qparams if needs else None, seqlen=int(seqlen), samples=int(samples),
+                greedy_prompts=int(greedy_prompts), greedy_tokens=int(greedy_tokens), progress=progress,
+            )
     except torch.OutOfMemoryError:
         _empty_cuda_cache()
         raise UserError("Out of GPU memory during evaluation: use a shorter sequence length or fewer samples.") from None

@@ -2,9 +2,10 @@
 conversation, engines, calibration and memory history (:class:`SessionState`).
 
 The model's weights are loaded once and shared; every session builds its two chat engines
-(fp16 left, the chosen mode right) over them, each with its own KV cache. With a KV pool size
-(``cache_max_entry_count``) every cache takes its blocks from one preallocated pool per mode,
-shared by all sessions, as a serving engine does; without one each cache grows on demand.
+(fp16 left, the chosen mode right) over them. Every session's cache takes its blocks from one pool
+per KV mode, shared by all sessions as in a serving engine, and one batch worker decodes the
+requests of each pool together. With a pool size (``cache_max_entry_count``) the pools are
+preallocated and fixed; without one they grow on demand.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 from kvcache.block_pool import BlockPool
 from kvcache.cache import PagedKVCache
 from kvcache.capacity import free_memory_bytes, pool_blocks
-from kvcache.engine import ChatSession
+from kvcache.engine import ChatSession, eos_ids
 from kvcache.kv_shape import KVShape
 from kvcache.modes import get_mode
 from kvcache.qparams import KVQParams
+from kvcache.serving import BatchWorker
 
 LEFT_MODE = "fp16"
 MEMORY_HISTORY_S = 300  # the rolling memory plot shows the last five minutes
@@ -56,6 +58,8 @@ class AppState:
     cache_max_entry_count: float | int | None = None
     free_after_load: int | None = None
     pools: dict[tuple[str, int], BlockPool] = field(default_factory=dict)
+    worker: BatchWorker | None = None  # decodes every session's chat requests, batched per pool
+    device_lock: threading.Lock = field(default_factory=threading.Lock)  # calibration/evaluation vs the worker
 
     def require_model(self) -> Any:
         if self.loaded is None:
@@ -65,25 +69,26 @@ class AppState:
 
     def replace_model(self, loaded: Any, cache_max_entry_count: float | int | None = None) -> None:
         """Switch every session to ``loaded``; their old engines, pools and the old weights are released."""
+        if self.worker is not None:
+            self.worker.close()  # replies still running end with a message saying why
         self.loaded, self.load_error = loaded, None
         self.model_version += 1
         for session in list(self.sessions):
             session.drop_engines()
         self.pools.clear()
+        self.worker = BatchWorker(loaded.model, eos_ids=eos_ids(loaded.tokenizer, loaded.model), device_lock=self.device_lock)
         gc.collect()
         _empty_cuda_cache()
         self.cache_max_entry_count = cache_max_entry_count
         self.free_after_load = free_memory_bytes(loaded.device)
 
-    def new_cache(self, mode: str, qparams: KVQParams | None = None) -> PagedKVCache | None:
-        """A cache over the shared pool of ``mode`` when a pool size is set; None lets the engine grow its own.
+    def new_cache(self, mode: str, qparams: KVQParams | None = None) -> PagedKVCache:
+        """A cache over the shared pool of ``mode`` (and ``qparams``), made at its first use.
 
-        The fp16 pane's pool and the quantized pane's pool get the same memory (a fraction is split
-        evenly between the two), so the page shows what the same memory holds in each mode.
+        With a pool size, the fp16 pane's pool and the quantized pane's pool get the same memory (a
+        fraction is split evenly between the two), so the page shows what the same memory holds in each.
         """
         count = self.cache_max_entry_count
-        if count is None:
-            return None
         kv = get_mode(mode)
         qparams = qparams if kv.needs_qparams else None
         key = (kv.name, id(qparams))
@@ -93,15 +98,19 @@ class AppState:
                 del self.pools[stale]  # e.g. parameters replaced by 'Use in chat'; no session holds blocks there
             model = self.require_model().model
             shape = KVShape.from_config(model.config)
-            free = self.free_after_load // 2 if isinstance(count, float) and self.free_after_load else None
-            blocks = pool_blocks(kv, shape, count, model.device, free_bytes=free)
-            if blocks < 1:
-                raise UserError(f"A KV pool of cache_max_entry_count={count} holds no block of {kv.name}: raise it.")
-            pool = BlockPool(kv, shape, num_blocks=blocks, growable=False, device=model.device, qparams=qparams)
+            blocks = 0
+            if count is not None:
+                free = self.free_after_load // 2 if isinstance(count, float) and self.free_after_load else None
+                blocks = pool_blocks(kv, shape, count, model.device, free_bytes=free)
+                if blocks < 1:
+                    raise UserError(f"A KV pool of cache_max_entry_count={count} holds no block of {kv.name}: raise it.")
+            pool = BlockPool(kv, shape, num_blocks=blocks, growable=count is None, device=model.device, qparams=qparams)
             self.pools[key] = pool
         return PagedKVCache(pool)
 
     def cleanup(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
         shutil.rmtree(self.work_root, ignore_errors=True)
 
 
@@ -115,11 +124,11 @@ class SessionState:
         self.qparams: KVQParams | None = None  # from "Use in chat"; else the app's --qparams
         self.qparams_label: str | None = None
         self.stop = threading.Event()  # Stop button: the running reply stops after its current token
+        self.turn_lock = threading.Lock()  # held by a chat turn; what changes the engines waits for it
         self.submitted = False  # Send was pressed and its turn has not started yet
         self.cancel = threading.Event()  # Cancel button: the running calibration stops at its next step
         self.calib_submitted = False  # Calibrate was pressed and its run has not started yet
         self.memory_log: deque[dict[str, Any]] = deque()
-        self.busy_s = [[0.0, 0.0], [0.0, 0.0]]  # compute seconds of the last turn, left and right
         self.calib_stats: Any = None  # calib.stats_io.CalibStats of the last calibration
         self.calib_dir: Path | None = None
         self.exports: dict[str, Any] = {}
@@ -145,7 +154,7 @@ class SessionState:
         loaded = app.require_model()
         kv = get_mode(mode)
         if self.model_version != app.model_version or self.left is None:
-            self.left = ChatSession(loaded, LEFT_MODE, cache=app.new_cache(LEFT_MODE))
+            self.left = ChatSession(loaded, LEFT_MODE, cache=app.new_cache(LEFT_MODE), worker=app.worker)
             self.right = None
             self.model_version = app.model_version
         if self.right is None or self.right.kv != kv.name:
@@ -156,7 +165,7 @@ class SessionState:
                     "and press 'Use in chat' (or start the app with --qparams FILE), or pick int8-dynamic."
                 )
             qparams = qparams if kv.needs_qparams else None
-            self.right = ChatSession(loaded, kv.name, qparams=qparams, cache=app.new_cache(kv.name, qparams))
+            self.right = ChatSession(loaded, kv.name, cache=app.new_cache(kv.name, qparams), worker=app.worker)
             self.left.reset()  # keep the two conversations comparable
         return self.left, self.right
 
@@ -169,7 +178,6 @@ class SessionState:
         for engine in (self.left, self.right):
             if engine is not None:
                 engine.reset()
-        self.busy_s = [[0.0, 0.0], [0.0, 0.0]]
 
     def work_dir(self, app: AppState, name: str) -> Path:
         """A fresh folder of this session's own under the app's work root."""
