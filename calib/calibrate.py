@@ -90,7 +90,9 @@ class ObservingCache(Cache):
         super().__init__(layers=[])
         self.on_update = on_update
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.on_update(layer_idx, key_states, value_states)
         return key_states, value_states
 

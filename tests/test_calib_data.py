@@ -258,6 +258,20 @@ def test_pileval_concatenates_short_documents(tmp_path, tok):
     one_line(err, "120 tokens", "1000 are needed")
 
 
+def test_pileval_reads_the_hubs_compressed_file(tmp_path, tok):
+    """mit-han-lab/pile-val-backup ships val.jsonl.zst: it is read as it is, no decompressing by hand."""
+    import zstandard
+
+    docs = [words(6, 6 * i) for i in range(20)]
+    plain = "\n".join(json.dumps({"text": d, "meta": {}}) for d in docs).encode()
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "zst" / "val.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "val.jsonl").write_bytes(plain)
+    got = load_calib_windows("pileval", tok, 3, 10, data_dir=tmp_path / "zst")
+    assert torch.equal(got, load_calib_windows("pileval", tok, 3, 10, data_dir=tmp_path / "plain"))
+
+
 def test_named_datasets_all_say_where_their_file_goes(tok):
     for name in ("wikitext2", "ptb", "pileval"):
         with pytest.raises(CalibDataError) as err:
