@@ -116,15 +116,29 @@ class BatchWorker:
 
     # --- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed and not self._busy():
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                    schedulers = [(key, s) for key, s in self._schedulers.items() if s.waiting or s.running]
+                for key, sched in schedulers:
+                    self._step(key, sched)
+        except BaseException as exc:  # a bug here must not leave callers waiting for tokens that never come
+            logger.exception("the batch worker stopped")
             with self._wake:
-                while not self._closed and not self._busy():
-                    self._wake.wait()
-                if self._closed:
-                    return
-                schedulers = [(key, s) for key, s in self._schedulers.items() if s.waiting or s.running]
-            for key, sched in schedulers:
-                self._step(key, sched)
+                self._closed = True
+                for key in list(self._requests):
+                    self._end(key, RuntimeError(f"the batch worker stopped ({type(exc).__name__}: {exc})"))
+
+    def status(self) -> dict[str, Any]:
+        """What the page shows: requests running and waiting per pool, steps taken, the largest decode batch."""
+        with self._wake:
+            pools = {s.pool.mode.name: dict(running=len(s.running), waiting=len(s.waiting))
+                     for s in self._schedulers.values()}
+        return dict(pools=pools, steps=self.steps, max_batch=self.max_batch, alive=not self._closed)
 
     def _busy(self) -> bool:
         return any(s.waiting or s.running for s in self._schedulers.values())

@@ -335,4 +335,7 @@ def test_two_sessions_chatting_at_once_are_decoded_together(app):
     for t in threads:
         t.join(timeout=300)
     assert app.worker.max_batch == 2  # one decode forward carried both sessions' rows of a pool
+    figures, _, gauges, _, _ = handlers.memory(app, SessionState())
+    assert figures["batching"]["max_batch"] == 2 and "largest decode batch 2" in gauges
+    assert figures["batching"]["pools"]["fp16"] == {"running": 0, "waiting": 0}
     assert [results[0], results[1]] == alone  # and each got exactly the replies it gets alone

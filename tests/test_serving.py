@@ -8,6 +8,7 @@ import torch
 
 from kvcache import BlockPool, KVShape, PagedKVCache, get_mode
 from kvcache.engine import ChatSession, GenerationConfig, eos_ids
+from kvcache.batching import BatchScheduler
 from kvcache.serving import BatchWorker
 
 QUESTIONS = ("What is the capital of France?", "Name three primary colours.")
@@ -121,3 +122,19 @@ def test_sampling_rows_use_their_own_generator(loaded_default, worker):
     a, b = (_session(loaded_default, pool, worker) for _ in range(2))
     assert a.reply(QUESTIONS[0], config) == b.reply(QUESTIONS[0], config)  # same seed, same text
     assert torch.is_grad_enabled()  # the worker's inference mode never leaks into the caller
+
+
+def test_a_failing_step_ends_the_requests_with_its_error(loaded_default, worker, monkeypatch):
+    s = _session(loaded_default, _pool(loaded_default, "fp16"), worker)
+    monkeypatch.setattr(BatchScheduler, "step", lambda self: (_ for _ in ()).throw(torch.OutOfMemoryError("boom")))
+    with pytest.raises(torch.OutOfMemoryError, match="boom"):
+        s.reply("Hello!", CONFIG)
+    assert s.cache.num_tokens == len(s.cached_ids) == 0 and worker.status()["alive"]
+
+
+def test_a_broken_worker_never_leaves_a_caller_waiting(loaded_default, worker, monkeypatch):
+    s = _session(loaded_default, _pool(loaded_default, "fp16"), worker)
+    monkeypatch.setattr(BatchWorker, "_step", lambda self, key, sched: 1 / 0)
+    with pytest.raises(RuntimeError, match="the batch worker stopped \\(ZeroDivisionError"):
+        s.reply("Hello!", CONFIG)
+    assert not worker.status()["alive"]

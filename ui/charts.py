@@ -89,6 +89,15 @@ def gauges_html(fig: dict[str, Any]) -> str:
                   f"in use, all sessions · {fmt_bytes(pool['bytes'])} " + ("held, grows on demand" if pool["growable"] else "preallocated"))
         rows.append(bar(f"KV pool {pool['kv']}", pool["bytes_used"], pool["bytes"], detail,
                         kind="kv" if pool["growable"] else None))
+    batching = fig.get("batching")
+    if batching:
+        running = sum(p["running"] for p in batching["pools"].values())
+        waiting = sum(p["waiting"] for p in batching["pools"].values())
+        rows.append(
+            f'<div class="gauge batching"><span class="gauge-label">batch worker</span><span class="gauge-detail">'
+            f"{running} replies decoding, {waiting} waiting, all sessions · largest decode batch "
+            f"{batching['max_batch']} · {batching['steps']:,} steps</span></div>"
+        )
     return '<div class="gauges">' + "".join(rows) + "</div>"
 
 

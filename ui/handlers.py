@@ -345,6 +345,7 @@ def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str,
              bytes_used=p.used_bytes, growable=p.growable)
         for (kv, _), p in list(app.pools.items())
     ]
+    figures["batching"] = app.worker.status() if app.worker is not None else None
     banner = ""
     if reading.nvml_error:
         banner = f"**No GPU figures.** {reading.nvml_error} Showing this process's memory and the exact KV bytes instead."
