@@ -104,6 +104,13 @@ class BatchWorker:
             self._wake.notify()
         return request
 
+    def forget(self, pool: BlockPool) -> None:
+        """Drop the scheduler of a pool nobody uses any more, so the pool's memory can be freed."""
+        with self._wake:
+            sched = self._schedulers.get(id(pool))
+            if sched is not None and not (sched.waiting or sched.running):
+                del self._schedulers[id(pool)]
+
     def close(self) -> None:
         """End every request (with an error saying why) and stop the thread."""
         with self._wake:
@@ -126,6 +133,7 @@ class BatchWorker:
                     schedulers = [(key, s) for key, s in self._schedulers.items() if s.waiting or s.running]
                 for key, sched in schedulers:
                     self._step(key, sched)
+                schedulers = sched = None  # hold no pool while idle: a forgotten one must be freeable
         except BaseException as exc:  # a bug here must not leave callers waiting for tokens that never come
             logger.exception("the batch worker stopped")
             with self._wake:
@@ -171,6 +179,9 @@ class BatchWorker:
                     self._end((k, seq_id), error)
 
     def _end(self, key: tuple[int, int], error: BaseException | None = None) -> None:
+        sched = self._schedulers.get(key[0])
+        if sched is not None:
+            sched.sequences.pop(key[1], None)  # a long-running app keeps no history of finished requests
         request = self._requests.pop(key, None)
         if request is not None:
             request._end(error)

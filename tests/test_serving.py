@@ -138,3 +138,18 @@ def test_a_broken_worker_never_leaves_a_caller_waiting(loaded_default, worker, m
     with pytest.raises(RuntimeError, match="the batch worker stopped \\(ZeroDivisionError"):
         s.reply("Hello!", CONFIG)
     assert not worker.status()["alive"]
+
+
+def test_a_pool_nobody_uses_is_forgotten(loaded_default, worker):
+    import gc
+    import weakref
+
+    pool = _pool(loaded_default, "fp16")
+    s = _session(loaded_default, pool, worker)
+    s.reply("Hi", GenerationConfig(max_new_tokens=2))
+    s.reset()
+    worker.forget(pool)
+    gone = weakref.ref(pool)
+    del s, pool
+    gc.collect()
+    assert gone() is None  # the worker no longer holds the pool's storage

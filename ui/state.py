@@ -95,7 +95,10 @@ class AppState:
         pool = self.pools.get(key)
         if pool is None:
             for stale in [k for k, p in self.pools.items() if k[0] == kv.name and p.num_used == 0]:
-                del self.pools[stale]  # e.g. parameters replaced by 'Use in chat'; no session holds blocks there
+                # e.g. parameters replaced by 'Use in chat': no session holds blocks there any more
+                if self.worker is not None:
+                    self.worker.forget(self.pools[stale])
+                del self.pools[stale]
             model = self.require_model().model
             shape = KVShape.from_config(model.config)
             blocks = 0
