@@ -154,7 +154,10 @@ class ChatSession:
             raise
         finally:  # also when the caller stops reading midway (Ctrl-C, a closed page): the turn stands as far as it got
             tokens.close()
-            self.cached_ids = (ids + stats.token_ids)[: self.cache.num_tokens]
+            taken = ids + stats.token_ids
+            if self.cache.num_tokens > len(taken):  # the worker ran ahead of what the reply took (a Stop)
+                self.cache.truncate(len(taken))
+            self.cached_ids = taken[: self.cache.num_tokens]
             stats.seconds = time.perf_counter() - t0
             stats.kv = self.cache.memory()
             if not refused:
