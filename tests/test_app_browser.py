@@ -79,7 +79,7 @@ def test_memory_gauges_update(page):
         arg=first, timeout=15_000,
     )
     gauges = page.locator("#gauges").inner_text()
-    assert "KV fp16 (left)" in gauges and "B held" in gauges
+    assert "KV fp16 (left)" in gauges and "this conversation:" in gauges and "KV pool fp16" in gauges
     banner = page.locator("#nvml-banner").inner_text()
     assert "GPU" in gauges or "NVIDIA" in banner
 

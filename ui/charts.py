@@ -70,20 +70,20 @@ def gauges_html(fig: dict[str, Any]) -> str:
     if fig.get("system_total"):
         used = fig["system_total"] - (fig.get("system_available") or 0)
         rows.append(bar("host memory", used, fig["system_total"], f"{fmt_bytes(fig.get('system_available'))} available"))
-    held = [kv["bytes_held"] for kv in fig["kv"].values() if kv]
-    scale = max(held) if held else 0
+    used = [kv["bytes_used"] for kv in fig["kv"].values() if kv]
+    scale = max(used) if used else 0
     for name, kv in fig["kv"].items():
         if kv is None:
             rows.append(bar(f"KV {name}", None, None, "no engine yet: send a message"))
             continue
         detail = (
-            f"{kv['bytes_held']:,} B held · {kv['tokens_stored']} tokens in {kv['blocks_used']} blocks · "
-            f"capacity {kv['capacity_tokens']:,} tokens · {kv['bytes_per_token']:,} B/token"
+            f"this conversation: {kv['bytes_used']:,} B, {kv['tokens_stored']} tokens in {kv['blocks_used']} blocks · "
+            f"{kv['bytes_per_token']:,} B/token · its pool holds {kv['capacity_tokens']:,} tokens"
         )
         if kv.get("fits_tokens") is not None:
             detail += f" · room for {kv['fits_tokens']:,} more tokens in free memory"
-        # KV bars compare the engines (longest = 100 %); a full, growable pool is no warning sign.
-        rows.append(bar(f"KV {name}", kv["bytes_held"], scale or None, detail, kind="kv"))
+        # KV bars compare the two conversations (longest = 100 %); the pools have their own bars below.
+        rows.append(bar(f"KV {name}", kv["bytes_used"], scale or None, detail, kind="kv"))
     for pool in fig.get("kv_pools", []):  # shared by every session; a full preallocated one is a warning sign
         detail = (f"{pool['blocks_used'] * pool['block_size']:,} of {pool['blocks'] * pool['block_size']:,} tokens "
                   f"in use, all sessions · {fmt_bytes(pool['bytes'])} " + ("held, grows on demand" if pool["growable"] else "preallocated"))

@@ -164,7 +164,7 @@ def pane_stats(engine: ChatSession | None, diverge: str, running: bool = False) 
         f"**{s.new_tokens}** tokens",
         f"**{s.decode_tokens_per_s:.1f}** tokens/s",
         f"prefill {s.prompt_tokens} tokens in {s.prefill_s:.2f} s",
-        f"KV **{charts.fmt_bytes(kv.bytes_held)}** held ({kv.bytes_held:,} B, {kv.tokens_stored} tokens)",
+        f"KV **{charts.fmt_bytes(kv.bytes_used)}** held ({kv.bytes_used:,} B, {kv.tokens_stored} tokens)",
     ]
     if s.stopped:
         parts.append("stopped")
@@ -360,7 +360,7 @@ def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str,
         point_mem["torch reserved"] = reading.torch_cuda.reserved
     if reading.process_rss is not None:
         point_mem["process RSS"] = reading.process_rss
-    point_kv = {name: kv["bytes_held"] for name, kv in figures["kv"].items() if kv is not None}
+    point_kv = {name: kv["bytes_used"] for name, kv in figures["kv"].items() if kv is not None}
     sess.memory_log.append({"t": reading.timestamp, "memory": point_mem, "kv": point_kv})
     while sess.memory_log and reading.timestamp - sess.memory_log[0]["t"] > MEMORY_HISTORY_S:
         sess.memory_log.popleft()

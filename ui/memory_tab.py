@@ -18,15 +18,15 @@ def build(app: AppState, sess: gr.State, timer: gr.Timer) -> None:
     with gr.Row():
         mem_plot = gr.LinePlot(x="seconds", y="MiB", color="series", title="Memory, last minutes",
                                x_title="seconds before now", y_title="MiB", height=260, elem_id="memory-plot")
-        kv_plot = gr.LinePlot(x="seconds", y="MiB", color="series", title="KV cache held, last minutes",
+        kv_plot = gr.LinePlot(x="seconds", y="MiB", color="series", title="KV cache of each conversation, last minutes",
                               x_title="seconds before now", y_title="MiB", height=260, elem_id="kv-plot")
     with gr.Accordion("Raw figures (JSON)", open=False):
         figures = gr.JSON(label="memory reading", elem_id="memory-json")
     gr.Markdown(
         "GPU figures come from NVML (v2 memory info where the driver has it, else v1); *this process* is "
         "NVML's compute-process entry for this PID, when NVML can see it (not always inside containers). "
-        "torch figures are the CUDA caching allocator's. KV figures are exact: the bytes each engine's block "
-        "pool holds, and how many tokens that storage can take.",
+        "torch figures are the CUDA caching allocator's. KV figures are exact: the bytes of each conversation's "
+        "blocks, and each shared pool's size and use (one pool per KV mode serves every session).",
         elem_classes="note",
     )
     gr.Markdown("### Capacity: the two views people confuse", elem_id="capacity-title")
