@@ -181,7 +181,6 @@ class BatchScheduler:
         block_table: list[int] | None = None,
         num_cached: int = 0,
         sampler: Callable[[torch.Tensor], int] | None = None,
-        eos_ids: Iterable[int] | None = None,
     ) -> int:
         """Queue a request; it starts at the next ``step()`` the pool can hold it. Returns its id.
 
@@ -194,8 +193,7 @@ class BatchScheduler:
         if not 0 <= num_cached < len(prompt_ids) or len(block_table or []) < _num_blocks(num_cached, bs):
             raise ValueError(f"{num_cached} cached tokens need {_num_blocks(num_cached, bs)} blocks and at least one "
                              f"new token of the {len(prompt_ids)}-token prompt")
-        eos = self.eos_ids if eos_ids is None else frozenset(eos_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), max_new_tokens, eos, num_cached=num_cached,
+        seq = Sequence(next(self._ids), list(prompt_ids), max_new_tokens, self.eos_ids, num_cached=num_cached,
                        sampler=sampler, keep_blocks=block_table is not None)
         if block_table is not None:
             seq.block_table = block_table

@@ -170,7 +170,7 @@ class PagedKVCache(Cache):
         for table in self.block_tables:
             if len(table) < need:
                 table.extend(self.pool.allocate(need - len(table)))
-                self._table_tensor = None
+                self._tables_changed()
         positions = torch.arange(start, end, device=self.pool.device).expand(batch, -1)
         slots = slot_mapping(self.block_table_tensor(), positions, bs).reshape(-1)
         self._slot_cache = (key, slots)
@@ -184,20 +184,24 @@ class PagedKVCache(Cache):
             self._table_tensor = torch.tensor(rows, dtype=torch.int32, device=self.pool.device).reshape(len(rows), width)
         return self._table_tensor
 
+    def _tables_changed(self) -> None:
+        """Block tables or lengths changed: the tensors derived from them are rebuilt when next needed."""
+        self._slot_cache = self._table_tensor = None
+
     def row_table(self) -> list[int]:
         """The one sequence's block table, for a batch scheduler to extend in place (see ``set_num_tokens``)."""
         if len(self.block_tables) > 1:
             raise ValueError(f"this cache holds {len(self.block_tables)} sequences; a batch scheduler takes one")
         if not self.block_tables:
             self.block_tables.append([])
-        self._slot_cache = self._table_tensor = None
+        self._tables_changed()
         return self.block_tables[0]
 
     def set_num_tokens(self, num_tokens: int) -> None:
         """Record how many tokens the row holds after a batch scheduler wrote them into ``row_table()``."""
         for layer in self.layers:
             layer.num_tokens = num_tokens
-        self._slot_cache = self._table_tensor = None
+        self._tables_changed()
 
     def truncate(self, num_tokens: int) -> None:
         """Keep the first ``num_tokens`` positions of every row (e.g. to reuse a chat prefix)."""
@@ -209,12 +213,12 @@ class PagedKVCache(Cache):
             del table[keep:]
         for layer in self.layers:
             layer.num_tokens = num_tokens
-        self._slot_cache = self._table_tensor = None
+        self._tables_changed()
 
     def reset(self) -> None:
         """Free every block; the cache is empty and may take a new batch size."""
         _free_tables(self.pool, self.block_tables)
-        self._slot_cache = self._table_tensor = None
+        self._tables_changed()
         super().reset()
 
     def memory(self) -> KVMemory:

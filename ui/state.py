@@ -167,7 +167,6 @@ class SessionState:
                     f"KV mode {kv.name} needs calibrated parameters: run a calibration in the Calibrate tab "
                     "and press 'Use in chat' (or start the app with --qparams FILE), or pick int8-dynamic."
                 )
-            qparams = qparams if kv.needs_qparams else None
             self.right = ChatSession(loaded, kv.name, cache=app.new_cache(kv.name, qparams), worker=app.worker)
             self.left.reset()  # keep the two conversations comparable
         return self.left, self.right
