@@ -1,0 +1,79 @@
+"""The Triton kernels compile for a real GPU (sm_90) on this CPU machine, within their register budget, and fit an SM.
+
+The interpreter tests check what the kernels compute; only the GPU compiler sees register pressure,
+shared memory and constructs it cannot lower. bench/kernel_compile.py compiles every variant the
+cache launches through Triton's own toolchain, with nothing run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from kernel_compile import ARCHS, MODES, SPILL_BUDGET, occupancy  # noqa: E402
+
+
+def _toolchain_present() -> bool:
+    from triton import knobs
+    try:
+        return Path(knobs.nvidia.cuobjdump.path).exists() and Path(knobs.nvidia.ptxas.path).exists()
+    except Exception:  # a Triton build without the NVIDIA backend
+        return False
+
+
+def test_occupancy_by_hand():
+    h100 = ARCHS[90]
+    # 167 registers -> 5376 per warp (256-register granules) -> 12 warps of 65536 -> 3 CTAs of 4 warps.
+    assert occupancy(167, 23 * 1024, 4, h100) == 3
+    # Shared memory binds: 100 KB + 1 KB reserved per CTA -> 2 CTAs in 228 KB.
+    assert occupancy(32, 100 * 1024, 4, h100) == 2
+    # Few registers, no shared memory: the 64-warp cap.
+    assert occupancy(16, 0, 8, h100) == 8
+
+
+needs_toolchain = pytest.mark.skipif(not _toolchain_present(), reason="this Triton build ships no NVIDIA backend (ptxas/cuobjdump)")
+
+
+def compile_check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")  # compile for real, not from an earlier run's cache
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_compile.py"), "--arch", "90", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@needs_toolchain
+def test_every_kernel_compiles_for_sm90_within_budget(tmp_path):
+    out = tmp_path / "compile.json"
+    proc = compile_check(tmp_path, "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"0 spill over {SPILL_BUDGET} bytes/thread or do not fit an SM" in proc.stdout
+    rows = json.loads(out.read_text())["results"]
+
+    decode = {(r["mode"], r["dtype"], r["head_dim"], r["shape"], r["splits"]) for r in rows if r["kernel"] == "_decode_partial_kernel"}
+    store = {(r["mode"], r["dtype"], r["head_dim"]) for r in rows if r["kernel"] == "_store_kv_kernel"}
+    reduce = {(r["dtype"], r["head_dim"]) for r in rows if r["kernel"] == "_decode_reduce_kernel"}
+    dims = [(dt, hd) for dt in ("fp16", "bf16") for hd in (64, 128)]
+    assert decode == {(m, dt, hd, shape, s) for m in MODES for dt, hd in dims for shape in ("mha", "gqa4") for s in (1, 64)}
+    assert store == {(m, dt, hd) for m in MODES for dt, hd in dims}
+    assert reduce == set(dims)
+    for r in rows:
+        assert r["arch"] == "sm_90" and 0 < r["regs"] <= 255
+        assert r["spill_bytes"] <= SPILL_BUDGET and r["smem_bytes"] <= ARCHS[90].smem_per_block and r["ctas_per_sm"] >= 1, r
+
+
+@needs_toolchain
+def test_spills_are_caught(tmp_path):
+    """Capped at 48 registers, the decode kernels must spill, and the check must say so and fail."""
+    out = tmp_path / "capped.json"
+    proc = compile_check(tmp_path, "--head-dims", "64", "--maxnreg", "48", "--json", str(out))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert all(r["regs"] <= 48 for r in rows)
+    heavy = {r["mode"] for r in rows if r["kernel"] == "_decode_partial_kernel" and r["spill_bytes"] > SPILL_BUDGET}
+    assert heavy == set(MODES)
