@@ -138,7 +138,7 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
     """Every requested method at one (shape, batch, context); methods that cannot fit are reported skipped."""
     import torch.nn.functional as F
 
-    from kvcache.kernels.decode_attention import decode_attention_triton, default_block_n, default_num_splits
+    from kvcache.kernels.paged_decode import decode_attention_triton, default_block_n, default_num_splits
     from kvcache.kernels.reference import gather_kv_reference
 
     hq, kvh, d = SHAPES[shape]

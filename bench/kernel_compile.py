@@ -35,7 +35,7 @@ from triton.runtime import driver
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
-from kvcache.kernels.decode_attention import decode_attention_triton  # noqa: E402
+from kvcache.kernels.paged_decode import decode_attention_triton  # noqa: E402
 from kvcache.kernels.store import store_kv_triton  # noqa: E402
 from kvcache.layout import LayerKV, new_blocks  # noqa: E402
 from kvcache.modes import get_mode  # noqa: E402

@@ -42,7 +42,7 @@ def _store_triton(*args):
 
 
 def _decode_triton(*args, **kwargs):
-    from kvcache.kernels.decode_attention import decode_attention_triton
+    from kvcache.kernels.paged_decode import decode_attention_triton
 
     return decode_attention_triton(*args, **kwargs)
 
@@ -320,6 +320,19 @@ def test_decode_rejects_bad_inputs():
 # --- dispatch ---------------------------------------------------------------------------------------
 
 
+@needs_triton
+def test_kernel_modules_do_not_shadow_the_dispatch_functions():
+    """Importing a kernel module sets it as an attribute of the package: it must not replace a function."""
+    import importlib
+
+    import kvcache.kernels as kernels
+
+    for name in ("store", "paged_decode", "reference"):
+        importlib.import_module(f"kvcache.kernels.{name}")
+    for fn in ("store_kv", "gather_kv", "decode_attention", "use_triton"):
+        assert callable(getattr(kernels, fn)), fn
+
+
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
     """CPU tensors go to the references even where Triton is installed."""
     import sys
@@ -328,7 +341,7 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
         raise AssertionError("the Triton path was taken for CPU tensors")
 
     for mod, name in (("kvcache.kernels.store", "store_kv_triton"),
-                      ("kvcache.kernels.decode_attention", "decode_attention_triton")):
+                      ("kvcache.kernels.paged_decode", "decode_attention_triton")):
         if HAVE_TRITON:
             __import__(mod)
             monkeypatch.setattr(sys.modules[mod], name, boom)

@@ -39,7 +39,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its cached history, read in the stored format."""
     if use_triton(query):
-        from .decode_attention import decode_attention_triton
+        from .paged_decode import decode_attention_triton
 
         return decode_attention_triton(query, layer, block_tables, seq_lens, scale)
     return decode_attention_reference(query, layer, block_tables, seq_lens, scale)
