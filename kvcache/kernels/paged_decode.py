@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..layout import LayerKV
-from .store import FLOAT_DTYPES, _params, check_storage, quant_code, range_checks_enabled
+from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _MAX_SPLITS = 64
@@ -299,13 +299,13 @@ def decode_attention_triton(
         BLOCK_SIZE=layer.block_size, BLOCK_N=block_n, QUANT=quant,
         USE_DOT=use_dot, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_FP32=dot_dtype == torch.float32,
         STORE_LSE=splits > 1,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION,
     )
     if splits > 1:
         _decode_reduce_kernel[(b, hq)](
             o_part, lse, out, splits,
             *o_part.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1),
             HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
-            num_warps=4,
+            num_warps=4, enable_fp_fusion=FP_FUSION,
         )
     return out

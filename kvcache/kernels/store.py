@@ -24,6 +24,10 @@ from ..quant import SCALE_EPS
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PARAM_DTYPES = (torch.float16, torch.bfloat16)  # per-token parameters; the round-up below works on 16-bit floats
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+# Fused multiply-adds, pinned: Triton's default flips to off in 3.10 (3.9 warns about it), and the
+# kernels should compile the same on the GPU image's 3.6 and anything newer. The quantizing paths
+# have no multiply-then-add to fuse, so their codes stay bit-identical to the references either way.
+FP_FUSION = True
 
 # Adding then subtracting 1.5 * 2**23 rounds an fp32 of magnitude < 2**22 to the nearest integer,
 # ties to even (the IEEE default), like torch.round; no libdevice call, same on GPU and interpreter.
@@ -206,5 +210,5 @@ def _launch(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch
         stride_pb, stride_ph,
         HEAD_D=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_SIZE=layer.block_size,
         QUANT=quant, QMIN=-128, QMAX=127, SCALE_FLOOR=SCALE_EPS,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=FP_FUSION,
     )
