@@ -58,7 +58,7 @@ ARCHS = {
     90: SMLimits("H100 / H200", 228 * 1024, 227 * 1024, 64, 32),
 }
 MODES = ("fp16", "int8", "int8-dynamic")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's (and fp16-mode storage's) dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench/decode_attention.py
 BLOCK_SIZE = 64  # the cache's default
 # A few words of spill per thread stay in L1 and cost little (ptxas makes that trade itself at times);

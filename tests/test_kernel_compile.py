@@ -58,7 +58,7 @@ def test_every_kernel_compiles_for_sm90_within_budget(tmp_path):
     decode = {(r["mode"], r["dtype"], r["head_dim"], r["shape"], r["splits"]) for r in rows if r["kernel"] == "_decode_partial_kernel"}
     store = {(r["mode"], r["dtype"], r["head_dim"]) for r in rows if r["kernel"] == "_store_kv_kernel"}
     reduce = {(r["dtype"], r["head_dim"]) for r in rows if r["kernel"] == "_decode_reduce_kernel"}
-    dims = [(dt, hd) for dt in ("fp16", "bf16") for hd in (64, 128)]
+    dims = [(dt, hd) for dt in ("fp16", "bf16", "fp32") for hd in (64, 128)]
     assert decode == {(m, dt, hd, shape, s) for m in MODES for dt, hd in dims for shape in ("mha", "gqa4") for s in (1, 64)}
     assert store == {(m, dt, hd) for m in MODES for dt, hd in dims}
     assert reduce == set(dims)
