@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=512, help="tokens of the DynamicCache prefill for int8 qparams")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--mem-fraction", type=float, default=0.9, help="skip a mode whose cache needs more of the free memory")
-    p.add_argument("--no-range-checks", action="store_true",
-                   help="set KVQ_KERNEL_CHECKS=0: skip the kernels' per-call host-sync index checks")
+    p.add_argument("--range-checks", action="store_true",
+                   help="set KVQ_KERNEL_CHECKS=1: the cache's kernel calls range-check their indices (a host sync each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import triton
 
-    if args.no_range_checks:
-        os.environ["KVQ_KERNEL_CHECKS"] = "0"
+    if args.range_checks:
+        os.environ["KVQ_KERNEL_CHECKS"] = "1"
     t0 = time.time()
     nvml = DeviceMemory()
     model = build_model(args.layers, args.seed)
@@ -261,10 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_rows(rows)
     if args.json:
+        from kvcache.kernels.store import range_checks_enabled
+
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                     transformers=transformers.__version__, config={**LLAMA2_7B, "num_hidden_layers": args.layers},
                     weight_bytes=weight_bytes, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-                    warmup=args.warmup, calib_tokens=args.calib_tokens, range_checks=not args.no_range_checks)
+                    warmup=args.warmup, calib_tokens=args.calib_tokens, range_checks=range_checks_enabled(default=False))
         write_json(args.json, meta, rows, t0)
     return 0
 

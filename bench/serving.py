@@ -82,8 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", default="64,512", help="MIN,MAX generated tokens (uniform, seeded; no EOS)")
     p.add_argument("--warmup-batch", type=int, default=32,
                    help="rows of the largest untimed warm-up run per mode (Triton compiles there); 0 skips the warm-up")
-    p.add_argument("--no-range-checks", action="store_true",
-                   help="set KVQ_KERNEL_CHECKS=0: skip the kernels' per-call host-sync index checks")
+    p.add_argument("--range-checks", action="store_true",
+                   help="set KVQ_KERNEL_CHECKS=1: the cache's kernel calls range-check their indices (a host sync each)")
     p.add_argument("--calib-tokens", type=int, default=512, help="tokens of the DynamicCache prefill for int8 qparams")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench/serving.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured. "
                  "Pass --device cpu for a dry run of the logic.")
     generate.DEVICE = args.device
-    if args.no_range_checks:
-        os.environ["KVQ_KERNEL_CHECKS"] = "0"
+    if args.range_checks:
+        os.environ["KVQ_KERNEL_CHECKS"] = "1"
     if args.device == "cpu":
         print("DRY RUN on the CPU: float32 weights, reference kernels; the figures below say nothing about a GPU")
     t0 = time.time()
@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if r["part"] in args.parts]
     print_results(rows, args.parts)
     if args.json:
+        from kvcache.kernels.store import range_checks_enabled
+
         import transformers
 
         try:
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                     block_size=args.block_size, session_tokens=args.session_tokens, requests=args.requests,
                     prompt_len=list(args.prompt_len), new_tokens=list(args.new_tokens), seed=args.seed,
                     warmup_batch=args.warmup_batch, calib_tokens=args.calib_tokens,
-                    range_checks=not args.no_range_checks)
+                    range_checks=range_checks_enabled(default=False))
         write_json(args.json, meta, rows, t0)
     return 0
 

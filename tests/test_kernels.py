@@ -333,6 +333,28 @@ def test_kernel_modules_do_not_shadow_the_dispatch_functions():
         assert callable(getattr(kernels, fn)), fn
 
 
+@needs_triton
+@pytest.mark.parametrize("env,want", [(None, False), ("1", True), ("0", False)])
+def test_cache_calls_skip_range_checks_unless_asked(monkeypatch, env, want):
+    """The cache's own kernel calls skip the host-syncing index checks on a GPU, unless KVQ_KERNEL_CHECKS=1."""
+    import kvcache.kernels as kernels
+    from kvcache.kernels import paged_decode, store
+
+    seen = []
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    monkeypatch.setattr(store, "store_kv_triton", lambda *a, check_ranges: seen.append(("store", check_ranges)))
+    monkeypatch.setattr(paged_decode, "decode_attention_triton", lambda *a, check_ranges: seen.append(("decode", check_ranges)))
+    if env is None:
+        monkeypatch.delenv("KVQ_KERNEL_CHECKS", raising=False)
+    else:
+        monkeypatch.setenv("KVQ_KERNEL_CHECKS", env)
+    kernels.store_kv(None, None, None, None)
+    kernels.decode_attention(None, None, None, None, 1.0)
+    assert seen == [("store", want), ("decode", want)]
+    # Direct calls of the wrappers check unless told not to.
+    assert store.range_checks_enabled() is (env != "0")
+
+
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
     """CPU tensors go to the references even where Triton is installed."""
     import sys

@@ -1,6 +1,11 @@
 """Kernel dispatch: CUDA tensors take the Triton kernels, CPU tensors the plain-torch references.
 
 Set ``KVQ_FORCE_REFERENCE=1`` to force the reference path on CUDA (for debugging a kernel).
+
+Only the cache calls these, with slots and block tables it built itself (and that torch bounds-checks
+on the CPU path, where every test runs), so on a GPU they skip the kernels' index range checks: one
+host sync each, two per layer per decode step, would stall the launch queue. ``KVQ_KERNEL_CHECKS=1``
+turns them back on for debugging. Direct calls of the Triton wrappers check by default.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ def use_triton(t: torch.Tensor) -> bool:
 def store_kv(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Write (and quantize) ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
     if use_triton(key):
-        from .store import store_kv_triton
+        from .store import range_checks_enabled, store_kv_triton
 
-        return store_kv_triton(layer, key, value, slots)
+        return store_kv_triton(layer, key, value, slots, check_ranges=range_checks_enabled(default=False))
     return store_kv_reference(layer, key, value, slots)
 
 
@@ -40,6 +45,8 @@ def decode_attention(
     """Attention of one new token per sequence over its cached history, read in the stored format."""
     if use_triton(query):
         from .paged_decode import decode_attention_triton
+        from .store import range_checks_enabled
 
-        return decode_attention_triton(query, layer, block_tables, seq_lens, scale)
+        return decode_attention_triton(query, layer, block_tables, seq_lens, scale,
+                                       check_ranges=range_checks_enabled(default=False))
     return decode_attention_reference(query, layer, block_tables, seq_lens, scale)

@@ -6,8 +6,8 @@ and :func:`kvcache.quant.quantize` (IEEE division, round-half-even, fp16 roundin
 One program handles one token and a tile of its heads, K and V together.
 
 The wrappers check shapes, dtypes and layouts for free, and index ranges (slots, block tables,
-lengths) with one host sync per call; ``KVQ_KERNEL_CHECKS=0`` skips the range checks, for
-benchmarks whose indices come from a trusted :class:`~kvcache.cache.PagedKVCache`.
+lengths) with one host sync per call; ``KVQ_KERNEL_CHECKS=0`` skips the range checks. The cache's
+own calls skip them unless ``KVQ_KERNEL_CHECKS=1`` (see :mod:`kvcache.kernels`).
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def _store_kv_kernel(
                stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, QUANT, QMIN, QMAX, SCALE_FLOOR)
 
 
-def range_checks_enabled() -> bool:
-    """False when ``KVQ_KERNEL_CHECKS=0``: skip the host-syncing index range checks."""
-    return os.environ.get("KVQ_KERNEL_CHECKS", "1") != "0"
+def range_checks_enabled(default: bool = True) -> bool:
+    """Whether to run the host-syncing index range checks: ``KVQ_KERNEL_CHECKS`` (1 or 0) if set, else ``default``."""
+    value = os.environ.get("KVQ_KERNEL_CHECKS")
+    return default if value is None else value != "0"
 
 
 def check_storage(layer: LayerKV) -> None:
