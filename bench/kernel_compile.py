@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kvcache.kernels.paged_decode import decode_attention_triton  # noqa: E402
+from kvcache.kernels.paged_prefill import prefill_attention_triton  # noqa: E402
 from kvcache.kernels.store import store_kv_triton  # noqa: E402
 from kvcache.layout import LayerKV, new_blocks  # noqa: E402
 from kvcache.modes import get_mode  # noqa: E402
@@ -139,7 +140,7 @@ def _layer(mode_name: str, kv_heads: int, head_dim: int, dtype: torch.dtype) -> 
 
 
 def launches(head_dims: list[int]) -> Iterator[tuple[dict[str, Any], Any]]:
-    """(variant, launch) for every store and decode specialisation the cache uses on a GPU."""
+    """(variant, launch) for every store, decode and prefill specialisation the cache uses on a GPU."""
     for mode in MODES:
         for dname, dtype in DTYPES.items():
             for head_dim in head_dims:
@@ -157,16 +158,29 @@ def launches(head_dims: list[int]) -> Iterator[tuple[dict[str, Any], Any]]:
                         yield (dict(op="decode", mode=mode, dtype=dname, head_dim=head_dim, shape=shape, splits=splits),
                                lambda q=q, layer=layer, table=table, s=seq_lens, n=splits:
                                decode_attention_triton(q, layer, table, s, 1.0, num_splits=n, check_ranges=False))
+                    if shape != "gqa4" or dtype == torch.float32:  # GQA covers the head layout; fp32 takes the reference
+                        continue
+                    # A prompt or new turn of 512 tokens (causal, or transformers' boolean mask), and a short one.
+                    for chunk, q_len, masked in (("causal", 512, False), ("mask", 512, True), ("causal", 8, False)):
+                        qc = torch.zeros(1, hq, q_len, head_dim, dtype=dtype)
+                        mask = torch.ones(1, 1, q_len, 8192, dtype=torch.bool) if masked else None
+                        yield (dict(op="prefill", mode=mode, dtype=dname, head_dim=head_dim, shape=shape, chunk=f"{chunk} q={q_len}"),
+                               lambda q=qc, layer=layer, table=table, mask=mask:
+                               prefill_attention_triton(q, layer, table, 8192, 1.0, mask, check_ranges=False))
 
 
-def compile_all(arch: int, head_dims: list[int], maxnreg: int | None = None) -> list[dict[str, Any]]:
-    """One row per distinct compiled kernel: its variant, launch config, compile time and ptxas resources."""
+def compile_all(arch: int, head_dims: list[int], maxnreg: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, failures): a row per distinct compiled kernel (variant, launch config, ptxas resources), a failure per variant that did not compile."""
     lim = ARCHS[arch]
-    rows, seen = [], set()
+    rows, failures, seen = [], [], set()
     with compile_only(GPUTarget("cuda", arch, 32), maxnreg) as compiled:
         for variant, launch in launches(head_dims):
             before, t0 = len(compiled), time.perf_counter()
-            launch()
+            try:
+                launch()
+            except Exception as e:  # a compiler error: report it with its variant, go on with the others
+                failures.append(dict(variant, arch=f"sm_{arch}", error=f"{type(e).__name__}: {e}"))
+                continue
             seconds = time.perf_counter() - t0
             for kernel in compiled[before:]:
                 if kernel.hash in seen:  # the reduce kernel does not depend on the KV mode or head layout
@@ -183,11 +197,12 @@ def compile_all(arch: int, head_dims: list[int], maxnreg: int | None = None) -> 
                     smem_bytes=smem, smem_ok=smem <= lim.smem_per_block,
                     ctas_per_sm=occupancy(res["reg"], smem, md.num_warps, lim), compile_s=round(seconds, 2),
                 ))
-    return rows
+    return rows, failures
 
 
 def _variant(r: dict[str, Any]) -> str:
-    extra = f" {r['shape']} splits={r['splits']}" if r["op"] == "decode" else f" kvh={r['kv_heads']}"
+    extra = {"decode": lambda: f" {r['shape']} splits={r['splits']}", "prefill": lambda: f" {r['shape']} {r['chunk']}",
+             "store": lambda: f" kvh={r['kv_heads']}"}[r["op"]]()
     return f"{r['mode']} {r['dtype']} d{r['head_dim']}{extra}"
 
 
@@ -203,7 +218,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
     """Ranges over dtypes, head dims and split counts, per (arch, kernel, KV mode, head layout): the README's table."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        layout = r["shape"] if r["op"] == "decode" else "-"
+        layout = r.get("shape", "-")
         groups.setdefault((r["arch"], r["kernel"].removesuffix("_kernel").lstrip("_"), r["mode"], layout), []).append(r)
     span = lambda vals, fmt="{}": fmt.format(min(vals)) + ("" if min(vals) == max(vals) else "-" + fmt.format(max(vals)))  # noqa: E731
     print("| arch | kernel | KV mode | heads | variants | registers/thread | spill bytes | shared KB | warps/SM (est.) |")
@@ -234,19 +249,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown --arch {unknown}: choose from {', '.join(map(str, ARCHS))}")
 
     started = time.time()
-    rows = [row for arch in archs for row in compile_all(arch, head_dims, args.maxnreg)]
+    rows, failures = [], []
+    for arch in archs:
+        r, f = compile_all(arch, head_dims, args.maxnreg)
+        rows, failures = rows + r, failures + f
     if args.rows:
         print_rows(rows)
     print_summary(rows)
+    for f in failures:
+        print(f"\nDID NOT COMPILE for {f['arch']}: {_variant(f)}\n  " + "\n  ".join(f["error"].strip().splitlines()[:4]))
     bad = [r for r in rows if r["spill_bytes"] > SPILL_BUDGET or not r["smem_ok"] or r["ctas_per_sm"] < 1]
     spilling = sum(1 for r in rows if r["spill_bytes"])
-    print(f"\n{len(rows)} kernels compiled with triton {triton.__version__} in {time.time() - started:.0f} s; "
-          f"{spilling} spill, {len(bad)} spill over {SPILL_BUDGET} bytes/thread or do not fit an SM")
+    print(f"\n{len(rows)} kernels compiled with triton {triton.__version__} in {time.time() - started:.0f} s, "
+          f"{len(failures)} variants did not compile; {spilling} spill, {len(bad)} spill over {SPILL_BUDGET} "
+          f"bytes/thread or do not fit an SM")
     if args.json:
         meta = dict(triton=triton.__version__, maxnreg=args.maxnreg, torch=torch.__version__, archs=[f"sm_{a}" for a in archs],
                     limits={f"sm_{a}": ARCHS[a].__dict__ for a in archs})
-        write_json(args.json, meta, rows, started)
-    return 1 if bad else 0
+        write_json(args.json, {**meta, "failures": failures}, rows, started)
+    return 1 if bad or failures else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The ``kvq`` attention implementation, registered with transformers.
 
 When K/V come from a :class:`~kvcache.cache.PagedKVCache` (a :class:`PagedView`), attention reads
-the stored blocks: a decode step goes through ``kernels.decode_attention`` (Triton on GPU,
-reading int8 directly); a prefill chunk dequantizes the history into a scratch buffer and calls
-SDPA. Plain tensors (no cache, or another cache) go straight to transformers' SDPA.
+the stored blocks: a decode step goes through ``kernels.decode_attention`` and a prefill chunk
+through ``kernels.prefill_attention`` (Triton on a GPU, reading int8 directly; on a CPU the
+references, which dequantize the history and call SDPA). Plain tensors (no cache, or another
+cache) go straight to transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import PagedView
-from .kernels import decode_attention, gather_kv
+from .kernels import decode_attention, prefill_attention
 
 ATTN_IMPLEMENTATION = "kvq"
 
@@ -39,8 +40,9 @@ def kvq_attention(
     if q_len == 1 and attention_mask is None:
         out = decode_attention(query[:, :, 0], storage, cache.block_table_tensor(), view.seq_lens(b, query.device), scale)
         return out[:, None], None
-    k, v = gather_kv(storage, cache.block_table_tensor(), view.end, query.dtype)
-    return sdpa_attention_forward(module, query, k, v, attention_mask, dropout=dropout, scaling=scale, **kwargs)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, : view.end]  # as transformers' SDPA path trims it
+    return prefill_attention(query, storage, cache.block_table_tensor(), view.end, scale, attention_mask), None
 
 
 def register_attention() -> str:

@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from kvcache import BlockPool, KVCacheFull, KVQParams, KVShape, PagedKVCache, QParamsError, get_mode
 from kvcache.compat import cache_kwargs
-from kvcache.kernels import gather_kv
+from kvcache.kernels.reference import gather_kv_reference
 from kvcache.quant import dequantize, quantize
 
 from conftest import make_tiny_llama
@@ -27,7 +27,7 @@ def test_block_tables_across_block_boundaries():
     more = torch.randn(1, 2, 3, 16)
     cache.update(more, more, 0)  # positions 10..12 cross into a 4th block
     assert len(cache.block_tables[0]) == 4
-    got, _ = gather_kv(cache.pool.layers[0], cache.block_table_tensor(), 13, torch.float32)
+    got, _ = gather_kv_reference(cache.pool.layers[0], cache.block_table_tensor(), 13, torch.float32)
     assert torch.equal(got, torch.cat([k, more], dim=2))
 
 
@@ -70,7 +70,7 @@ def test_static_int8_stores_codes_of_the_qparams():
     cache.update(k, v, 1)
     layer = cache.pool.layers[1]
     ks, kz, vs, vz = qp.layer(1, 2, 16)
-    got_k, got_v = gather_kv(layer, cache.block_table_tensor(), 6, torch.float32)
+    got_k, got_v = gather_kv_reference(layer, cache.block_table_tensor(), 6, torch.float32)
     want_k = dequantize(quantize(k, ks[None, :, None], kz[None, :, None]), ks[None, :, None], kz[None, :, None])
     torch.testing.assert_close(got_k, want_k)
     assert ((got_v - v).abs() <= vs[0, 0] / 2 + 1e-6).all()

@@ -52,6 +52,7 @@ def test_every_kernel_compiles_for_sm90_within_budget(tmp_path):
     out = tmp_path / "compile.json"
     proc = compile_check(tmp_path, "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 variants did not compile" in proc.stdout
     assert f"0 spill over {SPILL_BUDGET} bytes/thread or do not fit an SM" in proc.stdout
     rows = json.loads(out.read_text())["results"]
 
@@ -62,18 +63,25 @@ def test_every_kernel_compiles_for_sm90_within_budget(tmp_path):
     assert decode == {(m, dt, hd, shape, s) for m in MODES for dt, hd in dims for shape in ("mha", "gqa4") for s in (1, 64)}
     assert store == {(m, dt, hd) for m in MODES for dt, hd in dims}
     assert reduce == set(dims)
+    prefill = {(r["mode"], r["dtype"], r["head_dim"], r["chunk"]) for r in rows if r["kernel"] == "_prefill_kernel"}
+    chunks = ("causal q=512", "mask q=512", "causal q=8")
+    assert prefill == {(m, dt, hd, c) for m in MODES for dt, hd in dims if dt != "fp32" for c in chunks}
     for r in rows:
         assert r["arch"] == "sm_90" and 0 < r["regs"] <= 255
         assert r["spill_bytes"] <= SPILL_BUDGET and r["smem_bytes"] <= ARCHS[90].smem_per_block and r["ctas_per_sm"] >= 1, r
 
 
 @needs_toolchain
-def test_spills_are_caught(tmp_path):
-    """Capped at 48 registers, the decode kernels must spill, and the check must say so and fail."""
+def test_spills_and_compile_failures_are_caught(tmp_path):
+    """Capped at 48 registers the decode kernels spill and the prefill kernel's tensor-core code cannot be
+    allocated at all: the check must report both and fail."""
     out = tmp_path / "capped.json"
     proc = compile_check(tmp_path, "--head-dims", "64", "--maxnreg", "48", "--json", str(out))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    rows, failures = report["results"], report["meta"]["failures"]
     assert all(r["regs"] <= 48 for r in rows)
     heavy = {r["mode"] for r in rows if r["kernel"] == "_decode_partial_kernel" and r["spill_bytes"] > SPILL_BUDGET}
     assert heavy == set(MODES)
+    assert {f["op"] for f in failures} == {"prefill"} and "Insufficient registers" in failures[0]["error"]
+    assert "DID NOT COMPILE for sm_90: int8" in proc.stdout

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache.kernels import decode_attention, store_kv, use_triton
-from kvcache.kernels.reference import decode_attention_reference, store_kv_reference
+from kvcache.kernels import decode_attention, prefill_attention, store_kv, use_triton
+from kvcache.kernels.reference import decode_attention_reference, prefill_attention_reference, store_kv_reference
 from kvcache.layout import LayerKV, new_blocks
 from kvcache.modes import get_mode
 from kvcache.qparams import KVQParams
@@ -45,6 +45,12 @@ def _decode_triton(*args, **kwargs):
     from kvcache.kernels.paged_decode import decode_attention_triton
 
     return decode_attention_triton(*args, **kwargs)
+
+
+def _prefill_triton(*args, **kwargs):
+    from kvcache.kernels.paged_prefill import prefill_attention_triton
+
+    return prefill_attention_triton(*args, **kwargs)
 
 
 def make_layer(kv: str, num_blocks: int, kvh: int, block_size: int, head_dim: int, *, granularity: str | None = None,
@@ -238,6 +244,56 @@ def test_decode_mha_with_dot_and_padded_head_dim(kv):
     check_decode(layer, tables, lens, 2, dtype=torch.float32)
 
 
+# --- prefill attention ------------------------------------------------------------------------------
+
+PREFILL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def check_prefill(layer, tables, kv_len, q_len, num_heads, dtype=torch.float16, mask=None, seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tables.shape[0], num_heads, q_len, layer.head_dim, generator=g).to(dtype).to(DEVICE)
+    scale = layer.head_dim**-0.5
+    want = prefill_attention_reference(q, layer, tables, kv_len, scale, mask)
+    got = _prefill_triton(q, layer, tables, kv_len, scale, mask, **kwargs)
+    assert got.shape == (tables.shape[0], q_len, num_heads, layer.head_dim) and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=PREFILL_TOL[dtype], rtol=PREFILL_TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("q_len", [37, 9], ids=["whole-prompt", "new-turn"])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("kv,granularity,symmetric", MODES, ids=MODE_IDS)
+def test_prefill_matches_reference(kv, granularity, symmetric, group, q_len):
+    """37 positions over scattered blocks of 16: the chunk is the whole prompt, or a new turn after 28 cached."""
+    layer = make_layer(kv, 12, 2, 16, 32, granularity=granularity, symmetric=symmetric)
+    tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
+    check_prefill(layer, tables, 37, q_len, 2 * group, block_m=16, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic"])
+def test_prefill_with_masks(kv):
+    """transformers' masks: a boolean sliding window (True attends) and an additive float mask, both [b, 1, q, kv]."""
+    layer = make_layer(kv, 12, 2, 16, 32)
+    tables, _ = fill_rows(layer, [40, 40], max_blocks=3, seed=7)
+    q_pos = torch.arange(40 - 20, 40)[:, None]
+    k_pos = torch.arange(40)[None, :]
+    window = ((k_pos <= q_pos) & (k_pos > q_pos - 8)).expand(2, 1, 20, 40).to(DEVICE)
+    check_prefill(layer, tables, 40, 20, 4, mask=window, block_m=16, block_n=16)
+    additive = torch.zeros(2, 1, 20, 40).masked_fill(~window.cpu(), torch.finfo(torch.float16).min)
+    additive[1, 0, :, :5] -= 1.5  # a soft bias, not just a mask
+    check_prefill(layer, tables, 40, 20, 4, mask=additive.half().to(DEVICE), block_m=16, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.bfloat16, 48), (torch.float16, 128)])
+def test_prefill_dtypes_and_head_dims(dtype, head_dim):
+    layer = make_layer("int8-dynamic", 8, 2, 8, head_dim)
+    tables, _ = fill_rows(layer, [21], max_blocks=3, seed=8)
+    check_prefill(layer, tables, 21, 21, 4, dtype=dtype, block_m=16, block_n=16)
+    check_prefill(layer, tables, 21, 1, 4, dtype=dtype)  # one query with the default tiles
+
+
 # --- bad inputs -------------------------------------------------------------------------------------
 
 
@@ -317,6 +373,38 @@ def test_decode_rejects_bad_inputs():
             _decode_triton(torch.randn(1, 1, d, device=DEVICE), odd, tables[:1, :1], lens[:1].clamp(max=4), 0.1)
 
 
+@needs_triton
+def test_prefill_rejects_bad_inputs():
+    layer = make_layer("int8-dynamic", 6, 2, 8, 32)
+    tables, _ = fill_rows(layer, [20, 20], max_blocks=3)
+    q = torch.randn(2, 4, 5, 32, device=DEVICE, dtype=torch.float16)
+
+    def run(q=q, layer=layer, tables=tables, kv_len=20, mask=None):
+        return _prefill_triton(q, layer, tables, kv_len, 0.1, mask)
+
+    run()  # the good case works
+    with pytest.raises(ValueError, match=r"block_tables entries must be in \[0, 6\)"):
+        run(tables=torch.where(tables == tables.max(), 6, tables).int())
+    with pytest.raises(ValueError, match=r"kv_len 25 needs 4 blocks of 8; block_tables has 3"):
+        run(kv_len=25)
+    with pytest.raises(ValueError, match=r"q_len 5 must be in \[1, kv_len 4\]"):
+        run(kv_len=4)
+    with pytest.raises(ValueError, match="query must be \\[batch, num_heads, q_len, head_dim\\]"):
+        run(q=q[:, :, 0])
+    with pytest.raises(ValueError, match="contiguous along head_dim"):
+        run(q=torch.randn(2, 4, 5, 64, device=DEVICE, dtype=torch.float16)[..., ::2])
+    with pytest.raises(ValueError, match="fp32 models prefill through the reference"):
+        run(q=q.float())
+    with pytest.raises(ValueError, match="query has 3 heads x head_dim 32; the storage 2 KV heads"):
+        run(q=q[:, :3].contiguous())
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        run(tables=tables.long())
+    with pytest.raises(ValueError, match=r"attention mask must be \[2, 1 or 4, 5, 20\]"):
+        run(mask=torch.ones(2, 1, 5, 19, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="attention mask must be bool or float"):
+        run(mask=torch.ones(2, 1, 5, 20, dtype=torch.int64, device=DEVICE))
+
+
 # --- dispatch ---------------------------------------------------------------------------------------
 
 
@@ -327,9 +415,9 @@ def test_kernel_modules_do_not_shadow_the_dispatch_functions():
 
     import kvcache.kernels as kernels
 
-    for name in ("store", "paged_decode", "reference"):
+    for name in ("store", "paged_decode", "paged_prefill", "reference"):
         importlib.import_module(f"kvcache.kernels.{name}")
-    for fn in ("store_kv", "gather_kv", "decode_attention", "use_triton"):
+    for fn in ("store_kv", "prefill_attention", "decode_attention", "use_triton"):
         assert callable(getattr(kernels, fn)), fn
 
 
@@ -338,21 +426,35 @@ def test_kernel_modules_do_not_shadow_the_dispatch_functions():
 def test_cache_calls_skip_range_checks_unless_asked(monkeypatch, env, want):
     """The cache's own kernel calls skip the host-syncing index checks on a GPU, unless KVQ_KERNEL_CHECKS=1."""
     import kvcache.kernels as kernels
-    from kvcache.kernels import paged_decode, store
+    from kvcache.kernels import paged_decode, paged_prefill, store
 
     seen = []
     monkeypatch.setattr(kernels, "use_triton", lambda t: True)
     monkeypatch.setattr(store, "store_kv_triton", lambda *a, check_ranges: seen.append(("store", check_ranges)))
     monkeypatch.setattr(paged_decode, "decode_attention_triton", lambda *a, check_ranges: seen.append(("decode", check_ranges)))
+    monkeypatch.setattr(paged_prefill, "prefill_attention_triton", lambda *a, check_ranges: seen.append(("prefill", check_ranges)))
     if env is None:
         monkeypatch.delenv("KVQ_KERNEL_CHECKS", raising=False)
     else:
         monkeypatch.setenv("KVQ_KERNEL_CHECKS", env)
     kernels.store_kv(None, None, None, None)
     kernels.decode_attention(None, None, None, None, 1.0)
-    assert seen == [("store", want), ("decode", want)]
+    kernels.prefill_attention(torch.zeros(1, 2, 3, 16, dtype=torch.float16), None, None, 3, 1.0)
+    assert seen == [("store", want), ("decode", want), ("prefill", want)]
     # Direct calls of the wrappers check unless told not to.
     assert store.range_checks_enabled() is (env != "0")
+
+
+def test_fp32_prefill_takes_the_reference_on_a_gpu(monkeypatch):
+    """The prefill kernel takes fp16/bf16 queries; an fp32 model's prefill goes to the reference even on CUDA."""
+    import kvcache.kernels as kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    layer = make_layer("int8-dynamic", 4, 1, 8, 16)
+    tables, _ = fill_rows(layer, [10], max_blocks=2)
+    q = torch.randn(1, 2, 4, 16, device=DEVICE)
+    got = kernels.prefill_attention(q, layer, tables, 10, 0.25)
+    torch.testing.assert_close(got, prefill_attention_reference(q, layer, tables, 10, 0.25), rtol=0, atol=0)
 
 
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
@@ -363,7 +465,8 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
         raise AssertionError("the Triton path was taken for CPU tensors")
 
     for mod, name in (("kvcache.kernels.store", "store_kv_triton"),
-                      ("kvcache.kernels.paged_decode", "decode_attention_triton")):
+                      ("kvcache.kernels.paged_decode", "decode_attention_triton"),
+                      ("kvcache.kernels.paged_prefill", "prefill_attention_triton")):
         if HAVE_TRITON:
             __import__(mod)
             monkeypatch.setattr(sys.modules[mod], name, boom)
@@ -384,6 +487,9 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     lens = torch.tensor([3, 6], dtype=torch.int32)
     torch.testing.assert_close(decode_attention(q, layer, tables, lens, 0.25),
                                decode_attention_reference(q, layer, tables, lens, 0.25), rtol=0, atol=0)
+    chunk = torch.randn(2, 4, 3, 16, dtype=torch.float16)
+    torch.testing.assert_close(prefill_attention(chunk, layer, tables, 6, 0.25),
+                               prefill_attention_reference(chunk, layer, tables, 6, 0.25), rtol=0, atol=0)
 
 
 # --- real shapes, on a GPU only (bench/gpu_check.sh runs these) ----------------------------------------
@@ -425,3 +531,17 @@ def test_real_shapes_on_gpu(kv, granularity, symmetric, shape):
     assert_close_storage(layer, ref)
     tables, lens = fill_rows(layer, lengths, max_blocks, seed=3)
     check_decode(layer, tables, lens, heads)
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=list(REAL_SHAPES))
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic"])
+def test_real_shape_prefill_on_gpu(kv, shape):
+    """Blocks of 64, head_dim 128: a 1K-token new turn over 8K cached tokens, and a whole 2K prompt."""
+    heads, kv_heads = REAL_SHAPES[shape]
+    bs, kv_len = 64, 8192
+    layer = make_layer(kv, 2 * kv_len // bs + 4, kv_heads, bs, 128)
+    tables, _ = fill_rows(layer, [kv_len, kv_len], max_blocks=kv_len // bs, seed=9)
+    check_prefill(layer, tables, kv_len, 1024, heads)
+    check_prefill(layer, tables[:, : 2048 // bs].contiguous(), 2048, 2048, heads)

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..layout import LayerKV
-from .reference import decode_attention_reference, gather_kv_reference, store_kv_reference
+from .reference import decode_attention_reference, prefill_attention_reference, store_kv_reference
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -32,11 +32,22 @@ def store_kv(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torc
     return store_kv_reference(layer, key, value, slots)
 
 
-def gather_kv(
-    layer: LayerKV, block_tables: torch.Tensor, length: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized history into a scratch buffer (the prefill path; decode never does this on GPU)."""
-    return gather_kv_reference(layer, block_tables, length, dtype)
+def prefill_attention(
+    query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, kv_len: int, scale: float,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A chunk of new tokens over the cached history (itself included): ``[batch, q_len, heads, head_dim]``.
+
+    The Triton kernel takes fp16/bf16 queries; fp32 models take the reference (dequantize, then SDPA) on a GPU too.
+    """
+    if use_triton(query):
+        from .paged_prefill import PREFILL_DTYPES, prefill_attention_triton
+        from .store import range_checks_enabled
+
+        if query.dtype in PREFILL_DTYPES:
+            return prefill_attention_triton(query, layer, block_tables, kv_len, scale, attention_mask,
+                                            check_ranges=range_checks_enabled(default=False))
+    return prefill_attention_reference(query, layer, block_tables, kv_len, scale, attention_mask)
 
 
 def decode_attention(

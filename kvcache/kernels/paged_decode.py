@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..layout import LayerKV
-from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, quant_code, range_checks_enabled
+from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _MAX_SPLITS = 64
@@ -275,7 +275,7 @@ def decode_attention_triton(
         dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bf16 bit patterns as integers
     quant = quant_code(layer)
     ks, kz, vs, vz = _params(layer)
-    stride_pb, stride_ph = (ks.stride(0), ks.stride(1)) if quant == 2 else (0, ks.stride(0) if quant == 1 else 0)
+    stride_pb, stride_ph = param_strides(layer)
 
     if splits == 1:  # write the final output directly, no reduce
         o_part, lse = out, out

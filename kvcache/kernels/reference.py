@@ -70,3 +70,23 @@ def decode_attention_reference(
     scores = scores.masked_fill(pad[:, None, :], float("-inf"))
     out = torch.einsum("bhl,bhld->bhd", scores.softmax(dim=-1), v)
     return out.to(query.dtype)
+
+
+def prefill_attention_reference(
+    query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, kv_len: int, scale: float,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A chunk of queries (``[batch, heads, q_len, head_dim]``, the last ``q_len`` of ``kv_len`` positions) over the history.
+
+    The history is dequantized into the query's dtype, then SDPA: causal for the chunk's offset, or
+    ``attention_mask`` (boolean: True attends; float: added) when given. Returns ``[batch, q_len, heads, head_dim]``.
+    """
+    b, hq, q_len, d = query.shape
+    k, v = gather_kv_reference(layer, block_tables, kv_len, query.dtype)
+    group = hq // layer.num_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if attention_mask is None:
+        q_pos = kv_len - q_len + torch.arange(q_len, device=query.device)
+        attention_mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask, scale=scale)
+    return out.transpose(1, 2)

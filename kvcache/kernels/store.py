@@ -151,6 +151,14 @@ def _params(layer: LayerKV) -> tuple[torch.Tensor, ...]:
     return layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp
 
 
+def param_strides(layer: LayerKV) -> tuple[int, int]:
+    """(block, head) strides of the parameter tensors: per-token ones are indexed by both, static ones by head."""
+    t = layer.k_scale
+    if not layer.mode.quantized:
+        return 0, 0
+    return (t.stride(0), t.stride(1)) if layer.mode.dynamic else (0, t.stride(0))
+
+
 def quant_code(layer: LayerKV) -> int:
     """The kernels' QUANT switch: 0 float storage, 1 static int8, 2 dynamic int8."""
     return 0 if not layer.mode.quantized else (2 if layer.mode.dynamic else 1)
@@ -201,7 +209,7 @@ def _launch(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch
     block_h = min(triton.next_power_of_2(kvh), max(1, 4096 // block_d))
     quant = quant_code(layer)
     ks, kz, vs, vz = _params(layer)
-    stride_pb, stride_ph = (ks.stride(0), ks.stride(1)) if quant == 2 else (0, ks.stride(0) if quant == 1 else 0)
+    stride_pb, stride_ph = param_strides(layer)
     grid = (n, triton.cdiv(kvh, block_h))
     _store_kv_kernel[grid](
         key, value, slots, layer.k, layer.v, ks, kz, vs, vz,
