@@ -26,8 +26,8 @@ $py -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 
 for step in $steps; do
     case $step in
-        tests) run tests 180 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_quant.py tests/test_cache.py tests/test_batching.py ;;
-        decode) run bench_decode 150 $py bench/decode_attention.py --quick --json "$out/bench_decode_quick.json" ;;
+        tests) run tests 210 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_quant.py tests/test_cache.py tests/test_batching.py ;;
+        decode) run bench_decode 140 $py bench/decode_attention.py --quick --json "$out/bench_decode_quick.json" ;;
         generate) run bench_generate 120 $py bench/generate.py --layers 8 --batch 16 --context 8192 --steps 32 --json "$out/bench_generate_quick.json" ;;
         serving) run bench_serving 120 $py bench/serving.py --layers 8 --requests 64 --cache-max-entry-count 600 --json "$out/bench_serving_quick.json" ;;
         *) echo "unknown step $step (tests, decode, generate, serving)" ;;

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel variant the cache launches for a CUDA architecture, with no GPU, and report ptxas' resource use.
+"""Compile every Triton kernel variant the cache launches (store, decode, prefill) for a CUDA architecture, with no GPU, and report ptxas' resource use.
 
 The CPU tests run the kernels in Triton's interpreter, which checks what they compute but never
 lowers them: a construct the GPU compiler rejects, a tile that spills registers to local memory or

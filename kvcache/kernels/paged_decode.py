@@ -3,12 +3,7 @@
 Computes what :func:`kvcache.kernels.reference.decode_attention_reference` does, without ever
 writing a dequantized copy: each program (batch row, KV head, split) streams tiles of ``BLOCK_N``
 tokens, and all query heads of the KV group share each tile load (GQA). Dequantization is folded
-into the math in registers, so the inner loop only converts codes:
-
-- static int8, per-channel ``s``/``z``: ``q.k = (q*s).c + q.z`` (``q*s`` and ``q.z`` computed once),
-  and ``sum p v = s * sum p c + z * sum p``;
-- dynamic int8, per-token ``s_n``/``z_n``: ``q.k_n = s_n (q.c_n) + z_n sum(q)``, and
-  ``sum p v = sum (p s) c + sum p z``.
+into the math in registers (:mod:`kvcache.kernels.folded`), so the inner loop only converts codes.
 
 Softmax is online in fp32 (base 2). With several splits a second kernel merges the partial
 results through their log-sum-exp.
@@ -25,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..layout import LayerKV
+from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, unfold_output
 from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -65,19 +61,7 @@ def _decode_partial_kernel(
 
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
-    if QUANT == 1:
-        # Static per-channel parameters, loaded once: fold the K scale into q, the K zero point into a bias.
-        p_off = kvh * stride_ph + offs_d
-        k_s = tl.load(ks_ptr + p_off, mask=dmask, other=0.0)
-        k_z = tl.load(kz_ptr + p_off, mask=dmask, other=0.0)
-        v_s = tl.load(vs_ptr + p_off, mask=dmask, other=0.0)
-        v_z = tl.load(vz_ptr + p_off, mask=dmask, other=0.0)
-        qk = q * k_s[None, :]
-        q_bias = tl.sum(q * k_z[None, :], axis=1)
-    else:
-        qk = q
-    if QUANT == 2:
-        q_sum = tl.sum(q, axis=1)
+    qk, q_bias, q_sum, v_s, v_z = fold_query(q, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kvh, stride_ph, offs_d, dmask, QUANT)
     if USE_DOT:
         qk_dot = qk.to(DOT_DTYPE)
 
@@ -87,24 +71,13 @@ def _decode_partial_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
     bt_row = bt_ptr + b * stride_btb
-    head_off = kvh * stride_ch
     for start_n in range(start, end, BLOCK_N):
         pos = start_n + offs_n
         valid = pos < end
-        # A tile may span several blocks (or part of one): look up each token's block.
-        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        in_blk = pos % BLOCK_SIZE
-        row = blk * stride_cb + head_off + in_blk * stride_ct  # [BLOCK_N]
-        kv_mask = valid[:, None] & dmask[None, :]
-        kv_off = row[:, None] + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0)  # codes in the stored dtype
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0)
-        if QUANT == 2:
-            p_off = blk * stride_pb + kvh * stride_ph + in_blk
-            t_ks = tl.load(ks_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
-            t_kz = tl.load(kz_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
-            t_vs = tl.load(vs_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
-            t_vz = tl.load(vz_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
+        # A tile may span several blocks (or part of one): each token's block is looked up.
+        k, v, t_ks, t_kz, t_vs, t_vz = load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
+            stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, BLOCK_SIZE, QUANT)
 
         if USE_DOT:
             if DOT_FP32:  # fp32 operands: three tf32 passes (~fp32 accuracy), not one
@@ -113,19 +86,14 @@ def _decode_partial_kernel(
                 s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)))
         else:  # one query head: multiply-and-sum over head_dim
             s = tl.sum(qk * k.to(tl.float32), axis=1)[None, :]  # [1, BLOCK_N]
-        if QUANT == 1:
-            s = s + q_bias[:, None]
-        elif QUANT == 2:
-            s = s * t_ks[None, :] + q_sum[:, None] * t_kz[None, :]
+        s = fold_scores(s, q_bias, q_sum, t_ks, t_kz, QUANT)
         s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if QUANT == 2:
-            pz_i = pz_i * alpha + tl.sum(p * t_vz[None, :], axis=1)
-            p = p * t_vs[None, :]
+        p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, QUANT)
         if USE_DOT:
             if DOT_FP32:
                 pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="tf32x3")
@@ -136,10 +104,7 @@ def _decode_partial_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    if QUANT == 1:
-        acc = acc * v_s[None, :] + l_i[:, None] * v_z[None, :]
-    elif QUANT == 2:
-        acc = acc + pz_i[:, None]
+    acc = unfold_output(acc, l_i, pz_i, v_s, v_z, QUANT)
     # An empty split (a row shorter than the others) leaves l = 0: output 0 with weight exp(-inf) = 0.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]

@@ -2,8 +2,9 @@
 
 Computes what :func:`kvcache.kernels.reference.prefill_attention_reference` does (dequantize the
 history, then SDPA) without the dequantized copy: each program takes ``BLOCK_M`` queries of one
-head and streams the KV head's tiles of ``BLOCK_N`` tokens through the block table, dequantizing
-each tile in registers (to the dtype the reference dequantizes to) before the tensor-core dots.
+head and streams the KV head's tiles of ``BLOCK_N`` tokens through the block table. As in the
+decode kernel, dequantization is folded into the math (:mod:`kvcache.kernels.folded`), so the
+tensor-core dots take the codes, converted exactly to fp16.
 Softmax is online in fp32 (base 2), FlashAttention-style. Without a mask the chunk is causal
 (query ``i`` sits at position ``kv_len - q_len + i``); with one (transformers' boolean or additive
 ``[batch, 1 or heads, q_len, kv_len]`` mask: sliding windows, padding) the mask alone decides.
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..layout import LayerKV
+from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, unfold_output
 from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -26,28 +28,6 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(_LOG2E)  # additive masks are in natural-log units, the scores in base 2
-
-
-@triton.jit
-def _load_tile(c_ptr, s_ptr, z_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
-               stride_cb, stride_ch, stride_ct, stride_pb, stride_ph,
-               BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr):
-    """``[BLOCK_N, BLOCK_D]`` of K or V at positions ``pos``, dequantized to fp32 (0 where not ``valid``)."""
-    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    in_blk = pos % BLOCK_SIZE
-    mask = valid[:, None] & dmask[None, :]
-    row = blk * stride_cb + kvh * stride_ch + in_blk * stride_ct
-    x = tl.load(c_ptr + row[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-    if QUANT == 1:  # static per-channel parameters, [kv_heads, head_dim]
-        s = tl.load(s_ptr + kvh * stride_ph + offs_d, mask=dmask, other=0.0)
-        z = tl.load(z_ptr + kvh * stride_ph + offs_d, mask=dmask, other=0.0)
-        x = tl.where(mask, x * s[None, :] + z[None, :], 0.0)
-    elif QUANT == 2:  # per-token parameters, [num_blocks, kv_heads, block_size]
-        p_off = blk * stride_pb + kvh * stride_ph + in_blk
-        s = tl.load(s_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + p_off, mask=valid, other=0.0).to(tl.float32)
-        x = tl.where(mask, x * s[:, None] + z[:, None], 0.0)
-    return x
 
 
 @triton.jit
@@ -64,7 +44,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, MASK: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    """One (query tile, head, batch row). MASK: 0 causal, 1 boolean mask (True attends), 2 additive mask."""
+    """One (query tile, head, batch row). QUANT as in the store kernel; MASK: 0 causal, 1 boolean (True attends), 2 additive."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -76,11 +56,14 @@ def _prefill_kernel(
     mmask = offs_m < q_len
     dmask = offs_d < HEAD_D
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0.0).to(DOT_DTYPE)
+                mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     q_pos = kv_len - q_len + offs_m
+    qk, q_bias, q_sum, v_s, v_z = fold_query(q, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kvh, stride_ph, offs_d, dmask, QUANT)
+    q_dot = qk.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    pz_i = tl.zeros([BLOCK_M], tl.float32)  # sum p * v_zp (dynamic mode)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b * stride_btb
     hi = kv_len
@@ -89,9 +72,11 @@ def _prefill_kernel(
     for start_n in range(0, hi, BLOCK_N):
         pos = start_n + offs_n
         valid = pos < kv_len
-        k = _load_tile(k_ptr, ks_ptr, kz_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
-                       stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, BLOCK_SIZE, QUANT).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        k, v, t_ks, t_kz, t_vs, t_vz = load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
+            stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, BLOCK_SIZE, QUANT)
+
+        s = fold_scores(tl.dot(q_dot, tl.trans(k.to(DOT_DTYPE))), q_bias, q_sum, t_ks, t_kz, QUANT) * sm_scale_log2
         keep = mmask[:, None] & valid[None, :]
         if MASK == 0:
             keep = keep & (pos[None, :] <= q_pos[:, None])
@@ -108,11 +93,11 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(v_ptr, vs_ptr, vz_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
-                       stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, BLOCK_SIZE, QUANT).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, QUANT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
         m_i = m_new
 
+    acc = unfold_output(acc, l_i, pz_i, v_s, v_z, QUANT)
     o = acc / tl.where(mmask, l_i, 1.0)[:, None]  # a fully masked query row gives NaN, as SDPA does
     o_ptrs = o_ptr + b * stride_ob + offs_m[:, None] * stride_om + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
@@ -173,8 +158,9 @@ def prefill_attention_triton(
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    # The reference dequantizes into the query's dtype: so do the tiles, then multiply in it.
-    dot_dtype = query.dtype
+    # Dot operands: int8 codes convert exactly to fp16 (scales are applied around the dots); float
+    # storage is cast to the query's dtype, as the reference does.
+    dot_dtype = torch.float16 if layer.k.dtype == torch.int8 else query.dtype
     if dot_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bf16 bit patterns as integers
     ks, kz, vs, vz = _params(layer)
