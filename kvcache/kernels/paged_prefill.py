@@ -23,8 +23,8 @@ from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, unfold_ou
 from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-# fp32 queries would need fp32-accurate dots (three tf32 passes), which spill registers at any tile
-# that keeps the tensor cores busy (bench/kernel_compile.py): fp32 models prefill through the reference.
+# fp32 queries would need fp32-accurate dots (three tf32 passes), which spilled registers at every
+# tile tried (bench/kernel_compile.py): fp32 models prefill through the reference.
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(_LOG2E)  # additive masks are in natural-log units, the scores in base 2
