@@ -12,9 +12,9 @@ from kvcache.quant import dequantize, quantize
 from conftest import make_tiny_llama
 
 
-def _static_qparams(shape: KVShape, granularity="channel", symmetric=False, lim=4.0) -> KVQParams:
+def _static_qparams(shape: KVShape, granularity="channel", symmetric=False, lim=4.0, center=0.0) -> KVQParams:
     stat = lambda v: [torch.full((shape.num_kv_heads, shape.head_dim), v) for _ in range(shape.num_layers)]  # noqa: E731
-    stats = {"min": stat(-lim), "max": stat(lim), "absmax": stat(lim)}
+    stats = {"min": stat(center - lim), "max": stat(center + lim), "absmax": stat(abs(center) + lim)}
     return KVQParams.from_stats(stats, stats, granularity=granularity, symmetric=symmetric)
 
 
@@ -154,3 +154,44 @@ def test_beam_search_is_refused_clearly(tiny_llama):
     cache = PagedKVCache.for_model(tiny_llama, "fp16")
     with pytest.raises(NotImplementedError, match="beam search"):
         cache.reorder_cache(torch.tensor([0]))
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic"])
+def test_kernel_path_through_a_model_matches_the_references(monkeypatch, kv):
+    """The GPU path end to end, in Triton's interpreter: an fp16 model's prompt, two decode steps and a new
+    turn (prefilled over the cached history, with the mask transformers passes) through the store, decode and
+    prefill kernels give the logits of the reference path."""
+    pytest.importorskip("triton")
+    import kvcache.kernels as kernels
+    from kvcache.generation import forward_tokens
+    from kvcache.kernels import paged_decode, paged_prefill, store
+
+    model = make_tiny_llama().half()
+    qparams = _static_qparams(KVShape.from_config(model.config), center=0.5) if kv == "int8" else None  # zp != 0
+    g = torch.Generator().manual_seed(0)
+    turns = [torch.randint(0, 128, (1, n), generator=g) for n in (21, 1, 1, 9)]
+    calls = []
+    for mod, name in ((store, "store_kv_triton"), (paged_decode, "decode_attention_triton"),
+                      (paged_prefill, "prefill_attention_triton")):
+        def spy(*args, _fn=getattr(mod, name), _name=name, **kwargs):
+            masked = _name.startswith("prefill") and len(args) > 5 and args[5] is not None
+            calls.append(_name + (" (masked)" if masked else ""))
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(mod, name, spy)
+
+    def run(on_kernels: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(kernels, "use_triton", lambda t: on_kernels)
+        cache = PagedKVCache.for_model(model, kv, qparams=qparams, block_size=4)
+        with torch.inference_mode():
+            return [forward_tokens(model, cache, ids, last_only=False) for ids in turns]
+
+    want = run(False)
+    assert calls == []
+    got = run(True)
+    layers = model.config.num_hidden_layers
+    assert calls.count("store_kv_triton") == 4 * layers
+    assert calls.count("decode_attention_triton") == 2 * layers
+    assert calls.count("prefill_attention_triton") == layers  # the prompt: causal, no mask
+    assert calls.count("prefill_attention_triton (masked)") == layers  # the new turn: transformers' mask
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
