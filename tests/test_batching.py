@@ -49,14 +49,23 @@ def _run(sched: BatchScheduler, joins: dict[int, list[tuple[list[int], int]]]) -
     return streamed, rows
 
 
+@pytest.mark.parametrize("path", ["references", "kernels"])
 @pytest.mark.parametrize("kv", ["fp16", "int8-dynamic"])
-def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(model, kv):
+def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(model, kv, path, monkeypatch):
+    """With ``kernels``, the batch takes the GPU path (store and decode kernels, in Triton's interpreter);
+    the alone runs it is compared with stay on the references."""
     prompts = _prompts()
     pool = _pool(model, kv, num_blocks=64)
     sched = BatchScheduler(model, pool)
+    if path == "kernels":
+        pytest.importorskip("triton")
+        import kvcache.kernels as kernels
+
+        monkeypatch.setattr(kernels, "use_triton", lambda t: True)
     # the first starts alone, the second joins after two steps, the third one step later
     streamed, rows = _run(sched, {0: [(prompts[0], MAX_NEW[0])], 2: [(prompts[1], MAX_NEW[1])], 3: [(prompts[2], MAX_NEW[2])]})
     assert max(rows) == 3  # all three really decoded in one forward
+    monkeypatch.undo()
     for i, (prompt, max_new) in enumerate(zip(prompts, MAX_NEW)):
         want = _alone(model, kv, prompt, max_new)
         assert streamed[i] == want == sched.sequences[i].generated_ids
