@@ -5,6 +5,7 @@
 # tests that need none of them run here.
 #   bash bench/gpu_check.sh                 # everything, each step under its own time limit
 #   STEPS="tests decode" bash bench/gpu_check.sh
+#   STEPS="prefill" bash bench/gpu_check.sh  # the prefill kernel vs SDPA (not in the default run: time)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -30,6 +31,7 @@ for step in $steps; do
         decode) run bench_decode 140 $py bench/decode_attention.py --quick --json "$out/bench_decode_quick.json" ;;
         generate) run bench_generate 120 $py bench/generate.py --layers 8 --batch 16 --context 8192 --steps 32 --json "$out/bench_generate_quick.json" ;;
         serving) run bench_serving 120 $py bench/serving.py --layers 8 --requests 64 --cache-max-entry-count 600 --json "$out/bench_serving_quick.json" ;;
-        *) echo "unknown step $step (tests, decode, generate, serving)" ;;
+        prefill) run bench_prefill 90 $py bench/prefill_attention.py --quick --json "$out/bench_prefill_quick.json" ;;
+        *) echo "unknown step $step (tests, decode, generate, serving, prefill)" ;;
     esac
 done
