@@ -39,6 +39,16 @@ def fold_query(q, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kvh, stride_ph, offs_d, dmask,
 
 
 @triton.jit
+def softmax_state(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online-softmax state per query row: running max (base 2), sum of weights, sum p * v_zp (dynamic mode), output."""
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    pz = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    return m_i, l_i, pz, acc
+
+
+@triton.jit
 def load_kv_tile(
     k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
     stride_cb, stride_ch, stride_ct, stride_pb, stride_ph,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..layout import LayerKV
-from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, unfold_output
+from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, softmax_state, unfold_output
 from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -65,10 +65,7 @@ def _decode_partial_kernel(
     if USE_DOT:
         qk_dot = qk.to(DOT_DTYPE)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    pz_i = tl.zeros([BLOCK_G], tl.float32)  # sum p * v_zp (dynamic mode)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i, l_i, pz_i, acc = softmax_state(BLOCK_G, BLOCK_D)
 
     bt_row = bt_ptr + b * stride_btb
     for start_n in range(start, end, BLOCK_N):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..layout import LayerKV
-from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, unfold_output
+from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, softmax_state, unfold_output
 from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -61,10 +61,7 @@ def _prefill_kernel(
     qk, q_bias, q_sum, v_s, v_z = fold_query(q, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kvh, stride_ph, offs_d, dmask, QUANT)
     q_dot = qk.to(DOT_DTYPE)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    pz_i = tl.zeros([BLOCK_M], tl.float32)  # sum p * v_zp (dynamic mode)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, pz_i, acc = softmax_state(BLOCK_M, BLOCK_D)
     bt_row = bt_ptr + b * stride_btb
     hi = kv_len
     if MASK == 0:  # causal: nothing past this tile's last query
