@@ -1,9 +1,9 @@
-"""Kernel dispatch: CUDA tensors take the Triton kernels, CPU tensors the plain-torch references.
+"""Kernel dispatch (store, decode, prefill): CUDA tensors take the Triton kernels, CPU tensors the plain-torch references.
 
 Set ``KVQ_FORCE_REFERENCE=1`` to force the reference path on CUDA (for debugging a kernel).
 
 Only the cache calls these, with slots and block tables it built itself (and that torch bounds-checks
-on the CPU path, where every test runs), so on a GPU they skip the kernels' index range checks: one
+on the reference path, which most tests take), so on a GPU they skip the kernels' index range checks: one
 host sync each, two per layer per decode step, would stall the launch queue. ``KVQ_KERNEL_CHECKS=1``
 turns them back on for debugging. Direct calls of the Triton wrappers check by default.
 """
