@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -21,9 +20,9 @@ import triton.language as tl
 
 from ..layout import LayerKV
 from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, softmax_state, unfold_output
-from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
+from .store import (FLOAT_DTYPES, FP_FUSION, TL_DTYPES, _params, check_block_ids, check_storage, param_strides, quant_code,
+                    range_checks_enabled, runnable_dot_dtype)
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _MAX_SPLITS = 64
 
 
@@ -186,9 +185,7 @@ def _check_inputs(
     # One host sync for all range checks: an out-of-range id would be an illegal memory access.
     bt_min, bt_max, len_min, len_max = torch.stack(
         [block_tables.min(), block_tables.max(), seq_lens.min(), seq_lens.max()]).tolist()
-    if bt_min < 0 or bt_max >= layer.num_blocks:
-        raise ValueError(f"block_tables entries must be in [0, {layer.num_blocks}) (the storage's num_blocks), "
-                         f"got [{bt_min}, {bt_max}]")
+    check_block_ids(bt_min, bt_max, layer)
     if len_min < 1 or len_max > covered:
         raise ValueError(f"seq_lens must be in [1, {covered}] (max_blocks {block_tables.shape[1]} x block_size "
                          f"{layer.block_size}), got [{len_min}, {len_max}]")
@@ -233,8 +230,7 @@ def decode_attention_triton(
         dot_dtype = torch.float32
     else:
         dot_dtype = torch.float16 if layer.k.dtype == torch.int8 else layer.k.dtype
-    if dot_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bf16 bit patterns as integers
+    dot_dtype = runnable_dot_dtype(dot_dtype)
     quant = quant_code(layer)
     ks, kz, vs, vz = _params(layer)
     stride_pb, stride_ph = param_strides(layer)
@@ -259,7 +255,7 @@ def decode_attention_triton(
         *o_strides, *l_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_D=d, BLOCK_D=block_d,
         BLOCK_SIZE=layer.block_size, BLOCK_N=block_n, QUANT=quant,
-        USE_DOT=use_dot, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_FP32=dot_dtype == torch.float32,
+        USE_DOT=use_dot, DOT_DTYPE=TL_DTYPES[dot_dtype], DOT_FP32=dot_dtype == torch.float32,
         STORE_LSE=splits > 1,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION,
     )

@@ -12,17 +12,15 @@ Softmax is online in fp32 (base 2), FlashAttention-style. Without a mask the chu
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import LayerKV
 from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, softmax_state, unfold_output
-from .store import FLOAT_DTYPES, FP_FUSION, _params, check_storage, param_strides, quant_code, range_checks_enabled
+from .store import (FLOAT_DTYPES, FP_FUSION, TL_DTYPES, _params, check_block_ids, check_storage, param_strides, quant_code,
+                    range_checks_enabled, runnable_dot_dtype)
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # fp32 queries would need fp32-accurate dots (three tf32 passes), which spilled registers at every
 # tile tried (bench/kernel_compile.py): fp32 models prefill through the reference.
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
@@ -127,10 +125,7 @@ def _check_inputs(query: torch.Tensor, layer: LayerKV, block_tables: torch.Tenso
         if mask.device != query.device or not (mask.dtype == torch.bool or mask.dtype in FLOAT_DTYPES):
             raise ValueError(f"attention mask must be bool or float on {query.device}, got {mask.dtype} on {mask.device}")
     if check_ranges:  # one host sync: an out-of-range block id would be an illegal memory access
-        lo, hi = torch.stack(torch.aminmax(block_tables[:, :need])).tolist()
-        if lo < 0 or hi >= layer.num_blocks:
-            raise ValueError(f"block_tables entries must be in [0, {layer.num_blocks}) (the storage's num_blocks), "
-                             f"got [{lo}, {hi}]")
+        check_block_ids(*torch.stack(torch.aminmax(block_tables[:, :need])).tolist(), layer)
 
 
 def prefill_attention_triton(
@@ -157,9 +152,7 @@ def prefill_attention_triton(
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     # Dot operands: int8 codes convert exactly to fp16 (scales are applied around the dots); float
     # storage is cast to the query's dtype, as the reference does.
-    dot_dtype = torch.float16 if layer.k.dtype == torch.int8 else query.dtype
-    if dot_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bf16 bit patterns as integers
+    dot_dtype = runnable_dot_dtype(torch.float16 if layer.k.dtype == torch.int8 else query.dtype)
     ks, kz, vs, vz = _params(layer)
     stride_pb, stride_ph = param_strides(layer)
     if attention_mask is None:
@@ -179,7 +172,7 @@ def prefill_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=hq // layer.num_kv_heads, HEAD_D=d, BLOCK_D=block_d, BLOCK_SIZE=layer.block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, QUANT=quant_code(layer), MASK=kind,
-        DOT_DTYPE=_TL_DTYPES[dot_dtype],
+        DOT_DTYPE=TL_DTYPES[dot_dtype],
         num_warps=num_warps or (8 if block_m * block_d > 4096 else 4), num_stages=num_stages,
         enable_fp_fusion=FP_FUSION,
     )

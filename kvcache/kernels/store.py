@@ -22,6 +22,7 @@ from ..layout import LayerKV
 from ..quant import SCALE_EPS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 PARAM_DTYPES = (torch.float16, torch.bfloat16)  # per-token parameters; the round-up below works on 16-bit floats
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 # Fused multiply-adds, pinned: Triton's default flips to off in 3.10 (3.9 warns about it), and the
@@ -149,6 +150,20 @@ def _params(layer: LayerKV) -> tuple[torch.Tensor, ...]:
     if not layer.mode.quantized:
         return (layer.k,) * 4
     return layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp
+
+
+def runnable_dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` for ``tl.dot`` operands, except bf16 in the interpreter (its tl.dot multiplies bf16 bit patterns as integers): fp32."""
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.float32
+    return dtype
+
+
+def check_block_ids(lo: int, hi: int, layer: LayerKV) -> None:
+    """Raise unless the smallest and largest block id of a table index the storage (else: an illegal memory access)."""
+    if lo < 0 or hi >= layer.num_blocks:
+        raise ValueError(f"block_tables entries must be in [0, {layer.num_blocks}) (the storage's num_blocks), "
+                         f"got [{lo}, {hi}]")
 
 
 def param_strides(layer: LayerKV) -> tuple[int, int]:
