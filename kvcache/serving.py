@@ -74,6 +74,8 @@ class BatchWorker:
         self._schedulers: dict[int, BatchScheduler] = {}  # by id(pool)
         self._requests: dict[tuple[int, int], Request] = {}  # by (id(pool), sequence id)
         self._wake = threading.Condition()
+        # A scheduler is not thread-safe: a request arriving mid-step is added after the step, not during it.
+        self._step_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -95,8 +97,9 @@ class BatchWorker:
             sched = self._schedulers.get(id(pool))
             if sched is None:
                 sched = self._schedulers[id(pool)] = BatchScheduler(self.model, pool, eos_ids=self.eos_ids)
-            seq_id = sched.add(prompt_ids, max_new_tokens, block_table=block_table, num_cached=num_cached,
-                               sampler=sampler)
+            with self._step_lock:
+                seq_id = sched.add(prompt_ids, max_new_tokens, block_table=block_table, num_cached=num_cached,
+                                   sampler=sampler)
             request = self._requests[(id(pool), seq_id)] = Request(sched.sequences[seq_id], stop)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvq-batch-worker", daemon=True)
@@ -159,7 +162,7 @@ class BatchWorker:
                     self._end((key, seq.id))
             rows = len(sched.running)
         try:
-            with self.device_lock:
+            with self.device_lock, self._step_lock:
                 new = sched.step() if sched.waiting or sched.running else {}
         except Exception as exc:  # e.g. out of memory: every request of this pool ends with it
             logger.exception("batch step failed")

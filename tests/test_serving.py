@@ -152,3 +152,39 @@ def test_a_pool_nobody_uses_is_forgotten(loaded_default, worker):
     del s, pool
     gc.collect()
     assert gone() is None  # the worker no longer holds the pool's storage
+
+
+def test_a_request_arriving_mid_step_is_added_after_the_step(monkeypatch):
+    """The scheduler is not thread-safe: submit waits for the step in progress instead of changing its queues under it."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    pool = BlockPool(get_mode("fp16"), KVShape.from_config(model.config), block_size=4, num_blocks=64,
+                     growable=False, fp_dtype=torch.float32)
+    in_step, release = threading.Event(), threading.Event()
+    step = BatchScheduler.step
+
+    def held_step(self):
+        in_step.set()
+        release.wait(30)
+        return step(self)
+
+    monkeypatch.setattr(BatchScheduler, "step", held_step)
+    worker = BatchWorker(model)
+    try:
+        first = worker.submit(pool, [1, 2, 3], 3)
+        assert in_step.wait(30)
+        requests = []
+        late = threading.Thread(target=lambda: requests.append(worker.submit(pool, [4, 5], 3)))
+        late.start()
+        late.join(0.5)
+        assert late.is_alive() and not requests  # held back while the step runs
+        release.set()
+        late.join(30)
+        assert len(requests) == 1
+        for request in (first, *requests):
+            assert request.done.wait(30) and request.error is None
+            assert len(request.seq.generated_ids) == 3
+    finally:
+        release.set()
+        worker.close()
