@@ -40,6 +40,7 @@ class BlockPool:
         if qparams is not None:
             qparams.check_matches(shape)
         self.mode, self.shape, self.block_size = mode, shape, block_size
+        self.qparams = qparams  # the parameters its int8 blocks are coded with (held, so an id(qparams) key stays unique)
         self.growable, self.device, self.fp_dtype = growable, torch.device(device), fp_dtype
         self.layers: list[LayerKV] = []
         for i in range(shape.num_layers):

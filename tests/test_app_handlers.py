@@ -339,3 +339,22 @@ def test_two_sessions_chatting_at_once_are_decoded_together(app):
     assert figures["batching"]["max_batch"] == 2 and "largest decode batch 2" in gauges
     assert figures["batching"]["pools"]["fp16"] == {"running": 0, "waiting": 0}
     assert [results[0], results[1]] == alone  # and each got exactly the replies it gets alone
+
+
+def test_a_shared_pool_keeps_its_qparams_alive(app):
+    """Pools are found by id(qparams): the pool must hold its parameters, or a later set made at the same
+    address would be handed blocks coded with the old scales."""
+    import gc
+    import weakref
+
+    from kvcache import KVQParams, KVShape
+
+    shape = KVShape.from_config(app.loaded.model.config)
+    stat = [torch.ones(shape.num_kv_heads, shape.head_dim)] * shape.num_layers
+    qparams = KVQParams.from_stats({"min": [-s for s in stat], "max": stat, "absmax": stat},
+                                   {"min": [-s for s in stat], "max": stat, "absmax": stat})
+    ref = weakref.ref(qparams)
+    cache = app.new_cache("int8", qparams)
+    del qparams
+    gc.collect()
+    assert ref() is not None and cache.pool.qparams is ref()

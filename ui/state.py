@@ -91,7 +91,7 @@ class AppState:
         count = self.cache_max_entry_count
         kv = get_mode(mode)
         qparams = qparams if kv.needs_qparams else None
-        key = (kv.name, id(qparams))
+        key = (kv.name, id(qparams))  # the pool holds its qparams: no other object gets this id while it is here
         pool = self.pools.get(key)
         if pool is None:
             for stale in [k for k, p in self.pools.items() if k[0] == kv.name and p.num_used == 0]:
