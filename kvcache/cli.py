@@ -120,6 +120,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         count = parse_cache_max_entry_count(args.cache_max_entry_count)
         blocks = pool_blocks(mode, KVShape.from_config(loaded.model.config), count, loaded.device)
+        if blocks < 1:
+            raise CLIError(f"--cache-max-entry-count {args.cache_max_entry_count} holds no block of 64 {mode.name} "
+                           "tokens: raise it (a fraction of free memory, or a number of blocks)")
         cache = PagedKVCache.for_model(loaded.model, mode.name, qparams=_qparams(args), num_blocks=blocks, growable=False)
         print(f"KV pool: {blocks} blocks of 64 tokens ({blocks * 64} tokens)")
     session = ChatSession(loaded, mode.name, qparams=_qparams(args), system_prompt=system or None, cache=cache)

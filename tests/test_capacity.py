@@ -51,3 +51,8 @@ def test_capacity_cli_json(tmp_path, loaded_default, capsys):
     assert data["results"][0]["blocks"] == 64 * 2**20 // 1474560
     assert main(["capacity", "--cache-max-entry-count", "2.5"]) == 2
     assert "not a fraction" in capsys.readouterr().err
+
+
+def test_chat_with_a_pool_too_small_for_one_block(loaded_default, capsys):
+    assert main(["chat", "--model", "default", "--kv", "fp16", "--cache-max-entry-count", "0.0000000001"]) == 2
+    assert "holds no block of 64 fp16 tokens: raise it" in capsys.readouterr().err
