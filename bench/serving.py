@@ -46,7 +46,7 @@ from generate import LLAMA2_7B, DeviceMemory, build_model, stand_in_qparams  # n
 from report import write_json  # noqa: E402
 from kvcache.batching import BatchScheduler  # noqa: E402
 from kvcache.block_pool import BlockPool, KVCacheFull  # noqa: E402
-from kvcache.capacity import parse_cache_max_entry_count, plan, pool_blocks  # noqa: E402
+from kvcache.capacity import free_memory_bytes, parse_cache_max_entry_count, plan, pool_blocks  # noqa: E402
 from kvcache.kv_shape import KVShape  # noqa: E402
 from kvcache.modes import KVMode, parse_modes  # noqa: E402
 
@@ -144,19 +144,10 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def free_bytes() -> int:
-    """Memory free for a KV pool now: CUDA's free memory, or available RAM on the CPU."""
-    if generate.DEVICE == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
 def snapshot(stage: str, kv: str | None, nvml: DeviceMemory | None) -> dict[str, Any]:
     """One row of part 3: NVML used + torch's view on CUDA; the process RSS on the CPU dry run."""
     sync()
-    row: dict[str, Any] = dict(part="memory", stage=stage, kv=kv, free_bytes=free_bytes())
+    row: dict[str, Any] = dict(part="memory", stage=stage, kv=kv, free_bytes=free_memory_bytes(generate.DEVICE))
     if generate.DEVICE == "cuda":
         row.update(nvml_used_bytes=nvml.used() if nvml else None, torch_allocated_bytes=torch.cuda.memory_allocated(),
                    torch_reserved_bytes=torch.cuda.memory_reserved())
@@ -333,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes
     qparams = stand_in_qparams(model, args.calib_tokens, args.seed) if any(m.needs_qparams for m in modes) else None
     release()
-    free_after_load = free_bytes()
+    free_after_load = free_memory_bytes(generate.DEVICE)
     shape = KVShape.from_config(model.config)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)"
     report = plan(modes, shape, cache_max_entry_count=args.cache_max_entry_count, free_bytes=free_after_load,
