@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-n", type=int, default=None)
     p.add_argument("--num-warps", type=int, default=None)
     p.add_argument("--num-stages", type=int, default=3)
-    p.add_argument("--use-dot", choices=("auto", "on", "off"), default="auto",
-                   help="tensor-core dots: auto = only when a KV head serves several query heads (GQA)")
+    p.add_argument("--use-dot", choices=("auto", "on"), default="auto",
+                   help="tensor-core dots: auto = only when a KV head serves several query heads (GQA); on = for MHA too")
     p.add_argument("--sweep", action="store_true",
                    help="also time each kvq method over tile sizes, warps, stages (and dot for MHA); report the best")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -147,7 +147,7 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
     q = torch.randn(batch, hq, d, device=DEVICE, dtype=torch.float16)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
     block_n = args.block_n or default_block_n(d)
-    use_dot = {"auto": gqa, "on": True, "off": gqa}[args.use_dot]  # GQA always takes the dot path
+    use_dot = gqa or args.use_dot == "on"  # GQA always takes the dot path
     config = dict(block_n=block_n, num_splits=args.splits or default_num_splits(batch, kvh, ctx, block_n, q.device),
                   use_dot=use_dot)
     overrides = dict(num_splits=args.splits, block_n=args.block_n, num_warps=args.num_warps,
