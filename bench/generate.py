@@ -212,18 +212,19 @@ def gib(n: int | None) -> str:
 
 
 def print_rows(rows: list[dict]) -> None:
-    head = (f"{'batch':>5} {'kv':14} {'tok/s':>9} {'ms/step':>8} {'prefill s':>9} {'decode peak GiB':>15} "
+    head = (f"{'batch':>5} {'kv':14} {'tok/s':>9} {'ms/step':>8} {'prefill s*':>10} {'decode peak GiB':>15} "
             f"{'nvml GiB':>9} {'KV GiB':>7}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "tokens_per_s" not in r:
-            print(f"{r['batch']:>5} {r['kv']:14} {'-':>9} {'-':>8} {'-':>9} {'-':>15} {'-':>9} "
+            print(f"{r['batch']:>5} {r['kv']:14} {'-':>9} {'-':>8} {'-':>10} {'-':>15} {'-':>9} "
                   f"{gib(r['cache_bytes_planned']):>7}  "
                   f"{r.get('skipped') or r.get('error')}")
             continue
-        print(f"{r['batch']:>5} {r['kv']:14} {r['tokens_per_s']:>9.1f} {r['ms_per_step']:>8.2f} {r['prefill_s']:>9.1f} "
+        print(f"{r['batch']:>5} {r['kv']:14} {r['tokens_per_s']:>9.1f} {r['ms_per_step']:>8.2f} {r['prefill_s']:>10.1f} "
               f"{gib(r['decode_peak_torch_bytes']):>15} {gib(r['nvml_used_bytes']):>9} {gib(r['memory']['bytes_used']):>7}")
+    print("* the prefill is each mode's first use of its store and prefill kernels: it includes their Triton compile")
     for r in rows:
         base = next((b for b in rows if b["kv"] == "fp16" and b["batch"] == r["batch"] and "tokens_per_s" in b), None)
         if base and r is not base and "tokens_per_s" in r:
