@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 _END = object()  # closes a request's token stream
 
 
+class WorkerClosed(RuntimeError):
+    """The model was replaced (its worker closed) before or while a reply was generated: send the message again."""
+
+
 class Request:
     """One reply being generated: iterate it for token ids; ``cancel()`` ends it early."""
 
@@ -93,7 +97,7 @@ class BatchWorker:
         """Queue a reply to ``prompt_ids`` (see :meth:`BatchScheduler.add`); raises ``KVCacheFull`` if it can never fit."""
         with self._wake:
             if self._closed:
-                raise RuntimeError("the batch worker is closed (the model was replaced): send the message again")
+                raise WorkerClosed("the batch worker is closed (the model was replaced): send the message again")
             sched = self._schedulers.get(id(pool))
             if sched is None:
                 sched = self._schedulers[id(pool)] = BatchScheduler(self.model, pool, eos_ids=self.eos_ids)
@@ -122,7 +126,7 @@ class BatchWorker:
         if self._thread is not None:
             self._thread.join(timeout=600)
         for key in list(self._requests):
-            self._end(key, RuntimeError("the model was replaced while this reply was being generated"))
+            self._end(key, WorkerClosed("the model was replaced while this reply was being generated: send the message again"))
 
     # --- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:

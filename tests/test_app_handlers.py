@@ -138,6 +138,12 @@ def test_errors_become_page_messages():
     with pytest.raises(gr.Error, match="Unexpected error .ZeroDivisionError"):
         with shown_in_page():
             1 / 0  # noqa: B018
+    from kvcache.serving import WorkerClosed
+
+    with pytest.raises(gr.Error, match="model was replaced while this reply was being generated") as err:
+        with shown_in_page():
+            raise WorkerClosed("the model was replaced while this reply was being generated: send the message again")
+    assert "Unexpected" not in str(err.value)
 
 
 def test_memory_reports_process_memory_and_exact_kv(app):

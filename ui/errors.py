@@ -18,10 +18,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from kvcache.evaluate import EvalError
     from kvcache.model_loader import ModelLoadError
     from kvcache.qparams import QParamsError
+    from kvcache.serving import WorkerClosed
 
     from .state import UserError
 
-    known: tuple[type[BaseException], ...] = (UserError, ModelLoadError, QParamsError, EvalError, KVCacheFull, ValueError, OSError)
+    known: tuple[type[BaseException], ...] = (UserError, ModelLoadError, QParamsError, EvalError, KVCacheFull, WorkerClosed,
+                                              ValueError, OSError)
     with contextlib.suppress(ImportError):
         from calib import calibrate as calib_mod
 
