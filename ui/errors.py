@@ -50,8 +50,6 @@ def shown_in_page() -> Iterator[None]:
             torch.cuda.empty_cache()
         raise gr.Error("Out of GPU memory: try a smaller request. The app is still running.") from None
     except Exception as exc:
-        if type(exc).__name__ == "CalibCancelled":
-            raise gr.Error("Calibration cancelled.", title="Cancelled") from None
         if isinstance(exc, _known_errors()):
             raise gr.Error(one_line(exc)) from None
         logger.exception("handler failed")
