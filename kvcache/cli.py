@@ -104,7 +104,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .block_pool import KVCacheFull
-    from .engine import ChatSession, GenerationConfig
+    from .engine import ChatSession, ContextTooLong, GenerationConfig
     from .modes import get_mode
 
     mode = get_mode(args.kv)
@@ -146,7 +146,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             stream.close()  # the reply so far stays in the conversation
             print(" [stopped]")
-        except KVCacheFull as exc:
+        except (KVCacheFull, ContextTooLong) as exc:
             print(f"[not answered: {exc}; /reset starts over]")
             continue
         s = session.last

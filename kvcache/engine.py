@@ -23,6 +23,10 @@ from .serving import BatchWorker
 Sampler = Callable[[torch.Tensor], int]  # next token from one row of fp32 logits
 
 
+class ContextTooLong(ValueError):
+    """A conversation longer than the model's context window: nothing of the turn was stored."""
+
+
 @dataclass
 class TurnStats:
     """What one reply cost."""
@@ -76,6 +80,8 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.cached_ids: list[int] = []  # tokens whose K/V are in the cache, in order
         self.last = TurnStats()
+        self._eos = eos_ids(loaded.tokenizer, loaded.model)
+        self._context = getattr(loaded.model.config, "max_position_embeddings", None)  # positions the model was trained for
 
     @property
     def kv(self) -> str:
@@ -112,6 +118,13 @@ class ChatSession:
         tok = self.loaded.tokenizer
         self.messages.append({"role": "user", "content": user_text})
         ids = self._prompt_ids()
+        max_new = config.max_new_tokens
+        if self._context:
+            if len(ids) >= self._context:
+                self.messages.pop()  # nothing was stored: the conversation stays as it was
+                raise ContextTooLong(f"the conversation is {len(ids)} tokens and {self.loaded.name} reads at most "
+                                     f"{self._context}: clear the chat to start over")
+            max_new = min(max_new, self._context - len(ids))  # the reply ends at the model's context window
         start = self._reuse_prefix(ids)
         stats = TurnStats(prompt_tokens=len(ids) - start)
         self.last = stats
@@ -121,9 +134,9 @@ class ChatSession:
             sample = lambda logits: int(next_token(logits[None].cpu(), config.temperature, config.top_p, gen)[0])  # noqa: E731
         t0 = time.perf_counter()
         produce = self._tokens_local if self.worker is None else self._tokens_batched
-        tokens = produce(ids, start, config.max_new_tokens, sample, stop, stats)
+        tokens = produce(ids, start, max_new, sample, stop, stats)
         text = ""
-        eos = eos_ids(tok, self.loaded.model)
+        eos = self._eos
         refused = False
         try:
             for t in tokens:
@@ -139,7 +152,7 @@ class ChatSession:
                     yield new_text[len(text):]
                     text = new_text
             else:  # the tokens ran out: the length limit, a full pool, or the worker saw the Stop first
-                stopped_early = stats.new_tokens < config.max_new_tokens and not stats.cache_full
+                stopped_early = stats.new_tokens < max_new and not stats.cache_full
                 stats.stopped = stopped_early and stop is not None and stop.is_set()
             tokens.close()  # a batched request ends now, not when the caller has read the rest
             final = tok.decode(stats.token_ids, skip_special_tokens=True)

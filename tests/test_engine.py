@@ -7,7 +7,7 @@ import torch
 
 from kvcache.block_pool import KVCacheFull
 from kvcache.cache import PagedKVCache
-from kvcache.engine import ChatSession, GenerationConfig
+from kvcache.engine import ChatSession, ContextTooLong, GenerationConfig
 from kvcache.generation import next_token
 
 
@@ -85,3 +85,14 @@ def test_a_reply_abandoned_midway_stays_in_the_conversation(loaded_default):
     assert s.cache.num_tokens == len(s.cached_ids) and s.last.new_tokens < 100
     assert s.reply("Thanks!", GenerationConfig(max_new_tokens=4))
     assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_the_context_window_bounds_a_reply_and_refuses_a_longer_conversation(loaded_default):
+    s = ChatSession(loaded_default, "fp16")
+    s._context = 48  # as if the model had been trained for 48 positions (SmolLM2's is 8192)
+    s.reply("Count from one to fifty, one number per line.", GenerationConfig(max_new_tokens=200))
+    assert s.cache.num_tokens + 1 <= 48 and s.last.new_tokens > 0  # the reply ended at the window
+    before = (list(s.messages), list(s.cached_ids), s.cache.num_tokens)
+    with pytest.raises(ContextTooLong, match=r"the conversation is \d+ tokens and .* reads at most 48: clear the chat"):
+        s.reply("And now from fifty-one to a hundred.")
+    assert (s.messages, s.cached_ids, s.cache.num_tokens) == before
