@@ -393,6 +393,9 @@ def _load_rows(builder: str, path: Path, field: str):
         raise CalibDataError(f"cannot read {path} as {builder} ({first})") from None
     if field not in rows.column_names:
         raise CalibDataError(f"{path} has no {field!r} field (it has: {', '.join(rows.column_names) or 'none'})")
+    kind = getattr(rows.features[field], "dtype", type(rows.features[field]).__name__)
+    if kind not in ("string", "large_string"):
+        raise CalibDataError(f"{path}: the {field!r} field holds {kind}, not text")
     if len(rows) == 0:
         raise CalibDataError(f"{path} is empty")
     return rows

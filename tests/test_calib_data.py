@@ -137,6 +137,10 @@ def test_missing_file_and_missing_text_field(tmp_path, tok):
     with pytest.raises(CalibDataError) as err:
         load_calib_windows(str(tmp_path / "notext.jsonl"), tok, 1, 1)
     one_line(err, "no 'text' field", "content")
+    (tmp_path / "numbers.jsonl").write_text(json.dumps({"text": 5}) + "\n" + json.dumps({"text": 7}) + "\n")
+    with pytest.raises(CalibDataError) as err:
+        load_calib_windows(str(tmp_path / "numbers.jsonl"), tok, 1, 1)
+    one_line(err, "numbers.jsonl", "the 'text' field holds int64, not text")
 
 
 # --- named datasets, offline ----------------------------------------------------------------------
