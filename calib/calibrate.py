@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
+from kvcache.capacity import free_memory_bytes
 from kvcache.compat import cache_kwargs
 from kvcache.kv_shape import KVShape, config_hash
 
@@ -287,22 +288,11 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _cpu_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_cpu_memory(samples: int, seqlen: int, hidden: int, act_bytes: int) -> None:
     """The activations of all samples wait in CPU memory between layers: refuse early when they cannot."""
     need = samples * seqlen * hidden * act_bytes
-    avail = _cpu_available()
-    if avail is None or need <= 0.8 * avail:
+    avail = free_memory_bytes("cpu")
+    if need <= 0.8 * avail:
         return
     fit = max(0, int(0.8 * avail // (seqlen * hidden * act_bytes)))
     raise CalibOOMError(
@@ -343,10 +333,7 @@ def _memory_model(struct: _Structure, model: nn.Module, act_bytes: int) -> _Memo
 def _oom_message(where: str, device: torch.device, batch_size: int, seqlen: int, mem: _MemoryModel) -> str:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(device)
-        what = "GPU"
-    else:
-        free, what = _cpu_available() or 0, "CPU"
+    free, what = free_memory_bytes(device), ("GPU" if device.type == "cuda" else "CPU")
     budget = 0.9 * free - mem.layer_bytes
     per_sample = seqlen * mem.per_token(seqlen)
     fit_batch = int(budget // per_sample) if budget > 0 else 0
