@@ -479,10 +479,17 @@ def calibrate(
     share = 0.0 if windows is not None else _DATA_SHARE.get(name.lower(), 0.0)
     prog.report(0.0, "loading calibration data" if windows is None else "calibration windows given")
     if windows is None:
-        windows = load_calib_windows(
-            name, loaded.tokenizer, samples, seqlen, seed=seed, data_dir=data_dir, model=model,
-            progress=prog.data_phase(share) if share else None,
-        )
+        try:
+            windows = load_calib_windows(
+                name, loaded.tokenizer, samples, seqlen, seed=seed, data_dir=data_dir, model=model,
+                progress=prog.data_phase(share) if share else None,
+            )
+        except Exception as exc:  # 'self' runs the model to write its text: it can run out of memory too
+            if not _is_oom(exc):
+                raise
+            prog.close()
+            raise CalibOOMError(f"out of memory while loading the {name!r} calibration data ({samples} x {seqlen} "
+                                "tokens): lower --calib-samples or --calib-seqlen") from None
     windows = _check_windows(windows, model)
     samples, seqlen = windows.shape
     check_seqlen(seqlen, model)

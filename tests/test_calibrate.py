@@ -152,6 +152,19 @@ def test_oom_is_one_line_and_names_what_fits(tiny, tmp_path):
     assert snapshot(wd) == before and leftovers(tmp_path, "wd") == []
 
 
+def test_oom_while_the_model_writes_self_text_is_one_line(tiny, tmp_path, monkeypatch):
+    import calib.calibrate as calibrate_mod
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(calibrate_mod, "load_calib_windows", oom)
+    with pytest.raises(CalibOOMError, match=r"^out of memory while loading the 'self' calibration data \(4 x 16 tokens\): "
+                                             r"lower --calib-samples or --calib-seqlen$"):
+        calibrate(tiny, dataset="self", samples=4, seqlen=16, work_dir=tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
 def test_nan_in_the_stats_names_the_layer(tiny, tmp_path):
     with torch.no_grad():
         tiny.model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
