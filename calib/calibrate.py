@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache
 from kvcache.capacity import free_memory_bytes
 from kvcache.compat import cache_kwargs
 from kvcache.kv_shape import KVShape, config_hash
+from kvcache.overlap import ngram_sketch
 
 from .data import CalibCancelled, CalibDataError, check_seqlen, load_calib_windows
 from .observers import ACTIVATION_STATS, KV_STATS, ActivationObserver, KVObserver
@@ -521,6 +522,7 @@ def calibrate(
 
     meta = _meta(loaded, model, shape, struct, name, data_dir, windows_given=windows_given,
                  samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size, dtype=dtype, device=compute)
+    meta["text_sketch"] = ngram_sketch(windows)  # lets an evaluation say whether its text overlaps this one
     _write_work_dir(work_dir, {
         KEY_STATS_FILE: run.stats["key"],
         VALUE_STATS_FILE: run.stats["value"],

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kvcache.kv_shape import KVShape, config_hash
+from kvcache.overlap import sketch_to_text
 
 KEY_STATS_FILE = "key_stats.pth"
 VALUE_STATS_FILE = "value_stats.pth"
@@ -68,6 +69,8 @@ class CalibStats:
         """The calibration facts worth copying into exported files (those the meta file has)."""
         keys = ("model", "config_hash", "dataset", "samples", "seqlen", "date")
         out = {k: str(self.meta[k]) for k in keys if self.meta.get(k) is not None}
+        if isinstance(self.meta.get("text_sketch"), dict):  # n-grams of the calibration text, for overlap checks
+            out["text_sketch"] = sketch_to_text(self.meta["text_sketch"])
         if not self.has_meta:
             out["source"] = "lmdeploy work dir (no calib_meta.json)"
         return out

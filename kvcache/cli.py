@@ -9,7 +9,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_SYSTEM_PROMPT_FILE = ASSETS / "prompts" / "politics_tutor_zh.txt"
-DEFAULT_EVAL_TEXT = ASSETS / "eval" / "technical_en.txt"
+QPARAMS_HELP = "kv_qparams.safetensors for the int8 mode, or the folder `python -m calib kv_qparams --format kvq` wrote"
 
 
 class CLIError(Exception):
@@ -26,22 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvcache", description="KVQ Studio: quantized KV cache tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("evaluate", help="perplexity, KL and greedy agreement of KV modes vs fp16")
+    ev = sub.add_parser("evaluate", help="perplexity, KL and top-1 agreement of KV modes vs fp16, teacher-forced")
     _add_model_args(ev)
-    ev.add_argument("--text-file", default=str(DEFAULT_EVAL_TEXT), help="UTF-8 text to score (default: built-in English technical prose)")
+    ev.add_argument("--text", "--text-file", dest="text", default="builtin-en",
+                    help="builtin-en (English technical prose), builtin-zh (Chinese politics-exam prose) or a UTF-8 file")
     ev.add_argument("--kv", default="fp16,int8-dynamic", help="comma-separated KV modes (fp16, int8, int8-dynamic)")
-    ev.add_argument("--qparams", default=None, help="kv_qparams.safetensors for the int8 mode")
+    ev.add_argument("--qparams", default=None, help=QPARAMS_HELP)
     ev.add_argument("--seqlen", type=int, default=512)
     ev.add_argument("--samples", type=int, default=16)
     ev.add_argument("--batch-size", type=int, default=2)
-    ev.add_argument("--greedy-prompts", type=int, default=4)
-    ev.add_argument("--greedy-tokens", type=int, default=32)
+    ev.add_argument("--greedy-prompts", type=int, default=4, help="prompts generated freely for the first divergence")
+    ev.add_argument("--greedy-tokens", type=int, default=32, help="tokens generated per prompt")
     ev.add_argument("--json", default=None, help="write the report here")
 
     ch = sub.add_parser("chat", help="chat in the terminal with a quantized KV cache")
     _add_model_args(ch)
     ch.add_argument("--kv", default="int8-dynamic", help="KV mode (fp16, int8, int8-dynamic)")
-    ch.add_argument("--qparams", default=None, help="kv_qparams.safetensors for the int8 mode")
+    ch.add_argument("--qparams", default=None, help=QPARAMS_HELP)
     ch.add_argument("--meta-instruction", default=None, help="system prompt (default: the politics-exam tutor in assets/prompts)")
     ch.add_argument("--max-new-tokens", type=int, default=512)
     ch.add_argument("--temperature", type=float, default=0.0)
@@ -81,13 +82,14 @@ def _qparams(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table, read_text
+    from .evaluate import evaluate, format_table, read_text, resolve_text
     from .modes import parse_modes
 
     modes = [m.name for m in parse_modes(args.kv)]
     if "int8" in modes and not args.qparams:
         raise CLIError("KV mode int8 needs --qparams FILE (made by `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`)")
-    text = read_text(args.text_file)
+    text_name, text_path = resolve_text(args.text)
+    text = read_text(text_path)
     qparams = _qparams(args)
     loaded = _load(args)
     report = evaluate(
@@ -96,8 +98,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=lambda f, msg: print(f"\r[{f:5.1%}] {msg}", end="", file=sys.stderr, flush=True),
     )
     print(file=sys.stderr)
-    report["text_file"] = str(args.text_file)
+    report.update(text=text_name, text_file=str(text_path))
     print(format_table(report))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     _write_json(args.json, report)
     return 0
 

@@ -1,13 +1,24 @@
-"""What the LMDeploy recipe never measured: perplexity, KL and greedy agreement of each KV mode vs fp16.
+"""What the LMDeploy recipe never measured: how far each KV mode moves the model from its 16-bit cache.
 
-Every window is scored teacher-forced *through the cache*: one prefill writes the window's K/V
-into the paged cache (quantized on write) and every position attends to the stored copy, so a
-quantized mode's perplexity reflects exactly what its cache holds.
+Every window is scored teacher-forced *through the cache*: one prefill writes the window's K/V into
+the paged cache (quantized on write) and every position attends to the stored copy, so a quantized
+mode's figures reflect exactly what its cache holds. Per mode, against the fp16 cache on the same
+windows:
+
+- perplexity and Δppl, with a 95% interval from a paired bootstrap over windows (is +0.05% real?);
+- KL(fp16 || mode) per scored position and teacher-forced top-1 agreement (the share of positions
+  whose argmax is the fp16 cache's): stable figures over thousands of positions;
+- first divergence of free generation: per prompt, the index of the first greedy token that differs
+  from fp16's (after it the two continuations drift, so counting matches later says little).
+
+When static parameters are used, the report names the data they were calibrated on and warns when
+the evaluation text overlaps it (:mod:`kvcache.overlap`): in-distribution figures flatter them.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,10 +28,20 @@ import torch
 
 from .cache import PagedKVCache
 from .generation import forward_tokens, greedy_generate
+from .kv_shape import KVShape
 from .modes import get_mode
+from .overlap import containment, sketch_from_text
 from .qparams import KVQParams
 
 ProgressFn = Callable[[float, str], Any]
+
+EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
+BUILTIN_TEXTS = {
+    "builtin-en": EVAL_DIR / "technical_en.txt",  # English technical prose (computer systems)
+    "builtin-zh": EVAL_DIR / "politics_zh.txt",  # Chinese prose of the politics-exam domain
+}
+BOOTSTRAP_RESAMPLES = 2000
+OVERLAP_WARN = 0.01  # warn when more than 1% of the text's n-grams were in the calibration text
 
 
 class EvalError(ValueError):
@@ -32,9 +53,21 @@ class ModeResult:
     kv: str
     ppl: float
     delta_ppl_pct: float
+    delta_ppl_ci95: list[float] | None  # [lo, hi] in %, paired bootstrap over windows; None for one window
     kl_vs_fp16: float
-    greedy_match_pct: float
+    top1_match_pct: float
+    first_divergence: list[int]  # per prompt; == greedy_tokens means identical throughout
+    first_divergence_median: float | None
     kv_bytes_per_token: int
+
+
+def resolve_text(spec: str) -> tuple[str, Path]:
+    """``builtin-en``, ``builtin-zh`` or a file path -> (name shown in reports, path)."""
+    if spec in BUILTIN_TEXTS:
+        return spec, BUILTIN_TEXTS[spec]
+    if spec.startswith("builtin"):
+        raise EvalError(f"unknown built-in text {spec!r}: use {' or '.join(BUILTIN_TEXTS)}, or a file path")
+    return Path(spec).name, Path(spec)
 
 
 def read_text(path: str | Path) -> str:
@@ -71,6 +104,28 @@ def _window_logprobs(model: Any, kv: str, qparams: KVQParams | None, windows: to
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
+def delta_ppl_interval(window_nll: torch.Tensor, window_nll_ref: torch.Tensor,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float] | None:
+    """95% interval of Δppl (%) from per-window mean NLLs, resampling windows with replacement (paired).
+
+    Windows hold equal token counts, so a resample's log perplexity ratio is its mean NLL difference.
+    """
+    n = window_nll.numel()
+    if n < 2:
+        return None
+    idx = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    log_ratio = (window_nll.double() - window_nll_ref.double())[idx].mean(dim=1)
+    lo, hi = log_ratio.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [(math.exp(lo) - 1) * 100, (math.exp(hi) - 1) * 100]
+
+
+def first_divergence(ours: torch.Tensor, ref: torch.Tensor) -> list[int]:
+    """Per row of ``[prompts, tokens]`` greedy continuations, the first index that differs (``tokens`` if none)."""
+    differs = ours != ref
+    width = ref.shape[1]
+    return [int(row.nonzero()[0]) if row.any() else width for row in differs]
+
+
 @torch.inference_mode()
 def evaluate(
     loaded: Any,
@@ -91,65 +146,133 @@ def evaluate(
         raise EvalError("KV mode int8 needs --qparams FILE (made by `python -m calib kv_qparams ... --format kvq`)")
     model = loaded.model
     if qparams is not None:
-        from .kv_shape import KVShape
-
         qparams.check_matches(KVShape.from_config(model.config))
+    if greedy_prompts < 0 or greedy_tokens < 1:
+        raise EvalError(f"--greedy-prompts must be >= 0 and --greedy-tokens >= 1, got {greedy_prompts} and {greedy_tokens}")
     windows = make_windows(loaded.tokenizer, text, seqlen, samples, getattr(model.config, "max_position_embeddings", None))
-    nll = {m: 0.0 for m in names}
+    n_win = windows.shape[0]
+    nll = {m: torch.zeros(n_win, dtype=torch.float64) for m in names}  # per-window sums
     kl = {m: 0.0 for m in names}
-    scored = 0
+    top1 = {m: 0 for m in names}
     batches = list(windows.split(batch_size))
     steps = len(batches) + len(names)
+    row = 0
     for i, batch in enumerate(batches):
         targets = batch[:, 1:]
         ref = None
         for m in names:
             logp = _window_logprobs(model, m, qparams, batch)
-            nll[m] += -logp.gather(-1, targets[..., None]).sum().item()
+            nll[m][row:row + len(batch)] = -logp.gather(-1, targets[..., None])[..., 0].double().sum(dim=1)
             if ref is None:
-                ref = logp
+                ref, ref_top = logp, logp.argmax(dim=-1)
             else:
                 kl[m] += (ref.exp() * (ref - logp)).sum().item()
-        scored += targets.numel()
+            top1[m] += int((logp.argmax(dim=-1) == ref_top).sum())
+        row += len(batch)
         if progress:
-            progress((i + 1) / steps, f"scored {scored} tokens")
+            progress((i + 1) / steps, f"scored {row * (seqlen - 1)} tokens")
+    scored = n_win * (seqlen - 1)
     prompts = windows[:greedy_prompts, : min(64, seqlen)]
     greedy = {}
     for j, m in enumerate(names):
-        cache = PagedKVCache.for_model(model, m, qparams=qparams)
-        greedy[m] = greedy_generate(model, cache, prompts.to(model.device), greedy_tokens).cpu()
+        if len(prompts):
+            cache = PagedKVCache.for_model(model, m, qparams=qparams)
+            greedy[m] = greedy_generate(model, cache, prompts.to(model.device), greedy_tokens).cpu()
         if progress:
             progress((len(batches) + j + 1) / steps, f"greedy generation with {m}")
-    ppl_ref = math.exp(nll["fp16"] / scored)
-    results = []
-    for m in names:
-        ppl = math.exp(nll[m] / scored)
-        bpt = PagedKVCache.for_model(model, m, qparams=qparams).pool.bytes_per_token
-        results.append(ModeResult(
-            kv=m, ppl=ppl, delta_ppl_pct=(ppl / ppl_ref - 1) * 100, kl_vs_fp16=kl[m] / scored,
-            greedy_match_pct=100 * (greedy[m] == greedy["fp16"]).float().mean().item(), kv_bytes_per_token=bpt,
-        ))
-    return {
+    results = [_mode_result(m, nll, kl, top1, greedy, scored, seqlen, model, qparams) for m in names]
+    report = {
         "model": getattr(loaded, "name", "?"),
         "seqlen": seqlen,
-        "samples": int(windows.shape[0]),
+        "samples": n_win,
         "tokens_scored": scored,
         "greedy_prompts": int(prompts.shape[0]),
         "greedy_tokens": greedy_tokens,
         "results": [asdict(r) for r in results],
+        "calibration": None,
+        "warnings": [],
     }
+    if qparams is not None and any(get_mode(m).needs_qparams for m in names):
+        report["calibration"] = calibration_source(qparams, windows)
+        report["warnings"] += report["calibration"].pop("warnings")
+    return report
+
+
+def _mode_result(m: str, nll: dict, kl: dict, top1: dict, greedy: dict, scored: int, seqlen: int, model: Any,
+                 qparams: KVQParams | None) -> ModeResult:
+    """One mode's row of the report, against the fp16 reference."""
+    ppl, ppl_ref = math.exp(nll[m].sum() / scored), math.exp(nll["fp16"].sum() / scored)
+    ci = delta_ppl_interval(nll[m] / (seqlen - 1), nll["fp16"] / (seqlen - 1))
+    div = first_divergence(greedy[m], greedy["fp16"]) if greedy else []
+    return ModeResult(
+        kv=m, ppl=ppl, delta_ppl_pct=(ppl / ppl_ref - 1) * 100,
+        delta_ppl_ci95=ci,
+        kl_vs_fp16=kl[m] / scored, top1_match_pct=100 * top1[m] / scored,
+        first_divergence=div, first_divergence_median=float(statistics.median(div)) if div else None,
+        kv_bytes_per_token=PagedKVCache.for_model(model, m, qparams=qparams).pool.bytes_per_token,
+    )
+
+
+def calibration_source(qparams: KVQParams, windows: torch.Tensor) -> dict[str, Any]:
+    """What the static parameters were calibrated on (from their metadata) and how much of the text it shares."""
+    meta = qparams.metadata
+    out: dict[str, Any] = {k: meta.get(k) for k in ("model", "dataset", "samples", "seqlen", "date")}
+    out.update(granularity=qparams.granularity, symmetric=qparams.symmetric, overlap_pct=None, warnings=[])
+    sketch = sketch_from_text(meta.get("text_sketch"))
+    if sketch is None:
+        out["overlap"] = "unknown: these parameters carry no sketch of their calibration text (re-export them)"
+        return out
+    overlap = containment(sketch, windows)
+    if overlap is None:
+        out["overlap"] = "unknown: the text is too short to sample"
+        return out
+    out["overlap_pct"], out["overlap"] = 100 * overlap.share, overlap.describe()
+    if overlap.share > OVERLAP_WARN:
+        out["warnings"].append(
+            f"the evaluation text overlaps the calibration text ({overlap.describe()}): static parameters look "
+            "better on text they were calibrated on; evaluate on other text for figures users will see"
+        )
+    return out
+
+
+def calibration_label(cal: dict[str, Any] | None) -> str:
+    """``builtin, 64 x 512`` (the calibration data of static parameters), or '' when none were used."""
+    if not cal:
+        return ""
+    size = f", {cal['samples']} x {cal['seqlen']}" if cal.get("samples") and cal.get("seqlen") else ""
+    return f"{cal.get('dataset') or 'unknown data'}{size}"
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a"
+
+
+def _fmt_div(r: dict[str, Any], tokens: int) -> str:
+    med = r["first_divergence_median"]
+    if not r["first_divergence"]:
+        return "n/a"
+    return f"≥{tokens}" if med >= tokens else f"{med:g}"
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as a fixed-width table for a terminal."""
-    rows = [("kv", "ppl", "Δppl %", "KL vs fp16", "greedy match %", "KV bytes/token", "vs fp16")]
+    rows = [("kv", "ppl", "Δppl %", "95% CI", "KL vs fp16", "top-1 %", "1st diff", "KV bytes/token", "vs fp16")]
     base = report["results"][0]["kv_bytes_per_token"]
     for r in report["results"]:
         rows.append((
-            r["kv"], f"{r['ppl']:.4f}", f"{r['delta_ppl_pct']:+.3f}", f"{r['kl_vs_fp16']:.2e}",
-            f"{r['greedy_match_pct']:.1f}", str(r["kv_bytes_per_token"]), f"{r['kv_bytes_per_token'] / base:.3f}",
+            r["kv"], f"{r['ppl']:.4f}", f"{r['delta_ppl_pct']:+.3f}", _fmt_ci(r["delta_ppl_ci95"]),
+            f"{r['kl_vs_fp16']:.2e}", f"{r['top1_match_pct']:.2f}", _fmt_div(r, report["greedy_tokens"]),
+            str(r["kv_bytes_per_token"]), f"{r['kv_bytes_per_token'] / base:.3f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    head = f"{report['model']}: {report['samples']} windows x {report['seqlen']} tokens ({report['tokens_scored']} scored)"
-    return "\n".join([head, *lines])
+    text = report.get("text", "the text")
+    head = (f"{report['model']} on {text}: {report['samples']} windows x {report['seqlen']} tokens "
+            f"({report['tokens_scored']} scored); 1st diff: median index of the first greedy token that differs "
+            f"from fp16 over {report['greedy_prompts']} prompts x {report['greedy_tokens']} tokens")
+    out = [head, *lines]
+    cal = report.get("calibration")
+    if cal:
+        out.append(f"static parameters calibrated on {calibration_label(cal)} ({cal.get('model') or '?'}, "
+                   f"{cal['granularity']}); overlap with this text: {cal['overlap']}")
+    return "\n".join(out)

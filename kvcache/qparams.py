@@ -19,6 +19,7 @@ from .kv_shape import KVShape
 from .quant import asym_qparams, granularity_shape, reduce_to_granularity, sym_qparams
 
 FORMAT = "kvq-qparams"
+FILE_NAME = "kv_qparams.safetensors"  # what `python -m calib kv_qparams ... --format kvq` writes in OUT_DIR
 FORMAT_VERSION = 1
 _NAMES = ("k_scale", "k_zp", "v_scale", "v_zp")
 
@@ -109,9 +110,8 @@ class KVQParams:
 
     @classmethod
     def load(cls, path: str | Path) -> "KVQParams":
-        path = Path(path)
-        if not path.is_file():
-            raise QParamsError(f"qparams file not found: {path}; make one with `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`")
+        """Read a qparams file, or the folder ``kv_qparams --format kvq`` wrote it into."""
+        path = resolve_path(path)
         try:
             with safe_open(str(path), "pt") as f:
                 meta = dict(f.metadata() or {})
@@ -140,3 +140,23 @@ class KVQParams:
             bits=int(meta["bits"]),
             metadata={k: v for k, v in meta.items() if k not in reserved},
         )
+
+
+_EXPORT_HINT = "export one with `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """The qparams file at ``path``: the file itself, or ``FILE_NAME`` inside a folder."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise QParamsError(f"qparams file not found: {path}; {_EXPORT_HINT}")
+    if (path / FILE_NAME).is_file():
+        return path / FILE_NAME
+    names = sorted(p.name for p in path.iterdir())
+    if "key_stats.pth" in names:
+        raise QParamsError(f"{path} is a calibration work dir, not exported parameters: run "
+                           f"`python -m calib kv_qparams {path} OUT_DIR --format kvq` and pass OUT_DIR")
+    held = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") if names else "nothing"
+    raise QParamsError(f"{path} holds no {FILE_NAME} (it holds {held}); {_EXPORT_HINT}")

@@ -211,23 +211,42 @@ def test_default_model_on_the_builtin_corpus(loaded_default, tmp_path):
     assert meta["model"] == loaded_default.name and meta["dataset"] == "builtin" and meta["tokens_seen"] == 64
 
 
-def test_calibrated_per_channel_int8_within_the_perplexity_bound(loaded_default, tmp_path):
-    """The whole recipe on the real model: calibrate, export kvq, evaluate int8 through the cache."""
+def test_calibrated_per_channel_int8_within_the_quality_bounds(loaded_default, tmp_path):
+    """The whole recipe on the real model: calibrate, export kvq, evaluate int8 through the cache on other text."""
     from calib.export import export
-    from kvcache.cli import DEFAULT_EVAL_TEXT
-    from kvcache.evaluate import evaluate, read_text
+    from kvcache.evaluate import BUILTIN_TEXTS, evaluate, read_text
 
     stats = load_work_dir(calibrate(loaded_default, dataset="builtin", samples=32, seqlen=512, batch_size=4,
                                     work_dir=tmp_path / "wd"))
-    text = read_text(DEFAULT_EVAL_TEXT)
-    delta = {}
+    text = read_text(BUILTIN_TEXTS["builtin-en"])
+    rows = {}
     for granularity in ("channel", "tensor"):
-        [path] = export(stats, tmp_path / granularity, "kvq", granularity=granularity)
-        report = evaluate(loaded_default, text, ["int8"], qparams=KVQParams.load(path), seqlen=256, samples=4,
-                          batch_size=2, greedy_prompts=1, greedy_tokens=1)
-        int8 = report["results"][1]
+        export(stats, tmp_path / granularity, "kvq", granularity=granularity)
+        report = evaluate(loaded_default, text, ["int8"], qparams=KVQParams.load(tmp_path / granularity), seqlen=256,
+                          samples=4, batch_size=2, greedy_prompts=1, greedy_tokens=1)
+        int8 = rows[granularity] = report["results"][1]
         assert int8["kv"] == "int8" and int8["kv_bytes_per_token"] / report["results"][0]["kv_bytes_per_token"] <= 0.501
-        delta[granularity] = int8["delta_ppl_pct"]
-    # per-channel parameters keep int8 close to fp16; LMDeploy's per-tensor ones lose more
-    assert abs(delta["channel"]) < 0.1, delta
-    assert abs(delta["channel"]) < abs(delta["tensor"]), delta
+        cal = report["calibration"]
+        assert (cal["dataset"], cal["samples"], cal["seqlen"], cal["granularity"]) == ("builtin", "32", "512", granularity)
+        assert cal["overlap_pct"] < 1 and report["warnings"] == []  # politics-exam corpus vs computer-systems prose
+    # per-channel parameters keep int8 close to fp16; LMDeploy's per-tensor ones lose more. Measured over these
+    # 1,020 positions in float32 and float64: KL 6.9e-4 / 6.8e-4 vs 3.9e-3 / 3.8e-3, top-1 98.43% vs 96.1-96.2%.
+    assert rows["channel"]["kl_vs_fp16"] < 2.5e-3 and rows["channel"]["top1_match_pct"] >= 97.0, rows
+    assert rows["channel"]["kl_vs_fp16"] < 0.6 * rows["tensor"]["kl_vs_fp16"], rows
+
+
+def test_evaluating_on_the_calibration_text_is_flagged(loaded_default, tmp_path):
+    """Parameters calibrated on the very windows being scored: the report says so."""
+    from calib.export import export
+    from kvcache.evaluate import BUILTIN_TEXTS, evaluate, make_windows, read_text
+
+    text = read_text(BUILTIN_TEXTS["builtin-en"])
+    windows = make_windows(loaded_default.tokenizer, text, 128, 2, None)
+    stats = load_work_dir(calibrate(loaded_default, windows=windows, dataset="technical_en.txt", work_dir=tmp_path / "wd"))
+    [path] = export(stats, tmp_path / "kvq", "kvq")
+    report = evaluate(loaded_default, text, ["int8"], qparams=KVQParams.load(path), seqlen=128, samples=2,
+                      greedy_prompts=0)
+    cal = report["calibration"]
+    assert cal["dataset"] == "technical_en.txt" and cal["overlap_pct"] == 100.0
+    [warning] = report["warnings"]
+    assert "overlaps the calibration text (100.0% of its token n-grams" in warning
