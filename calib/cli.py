@@ -1,5 +1,6 @@
-"""``python -m calib``: calibrate K/V statistics, export KV quantization parameters. A thin layer over
-:func:`calib.calibrate.calibrate`, :func:`calib.stats_io.load_work_dir` and :func:`calib.export.export`.
+"""``python -m calib``: calibrate K/V statistics, export KV quantization parameters, name LMDeploy's settings.
+A thin layer over :func:`calib.calibrate.calibrate`, :func:`calib.stats_io.load_work_dir`,
+:func:`calib.export.export` and :func:`calib.lmdeploy.lmdeploy_equivalent`.
 
 Spellings follow LMDeploy's ``lite calibrate`` / ``lite kv_qparams`` (``--calib-dataset`` and the older
 ``--calib_dataset`` both work). Every known error is one line ``error: ...`` on stderr, exit code 2.
@@ -26,11 +27,19 @@ e.g. workspace/triton_models/weights/, and set quant_policy = 4 in its config.in
                         later TurboMind reads 4 and fails on it (LMDeploy issue #1201).
   From LMDeploy 0.4 (PR #1377) TurboMind quantizes the KV cache online (quant_policy 8 = int8,
   4 = int4) and reads no files; the offline path was removed in PR #2097 (July 2024).
+  For LMDeploy >= 0.4's online settings see `python -m calib lmdeploy --help`.
 kvq:  kv_qparams.safetensors for `python -m kvcache chat --kv int8 --qparams FILE`.
 vllm: with --model MODEL_DIR (a Hugging Face safetensors folder): OUT_DIR becomes a copy of it
       (hard links) with kv_cache_scales.safetensors (FP8 e4m3 k_scale/v_scale) listed in
       model.safetensors.index.json and a compressed-tensors quantization_config in config.json:
       `vllm serve OUT_DIR --kv-cache-dtype fp8`. Without --model: the scales file + README_vllm.md."""
+
+LMDEPLOY_HELP = """\
+LMDeploy >= 0.4 (PR #1377) quantizes the KV cache online, per token and per KV head, asymmetric,
+and reads no parameter files: --quant-policy 8 = int8, 4 = int4 (0 = fp16/bf16, the default).
+The meaning of quant_policy=4 changed in 0.4: up to LMDeploy 0.3.x it was TurboMind's int8 KV
+cache with offline past_kv_scale files, which `python -m calib kv_qparams --format turbomind`
+writes (see `python -m calib kv_qparams --help`)."""
 
 
 class CLIError(Exception):
@@ -66,7 +75,7 @@ def _positive(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m calib", description="KVQ Studio: KV-cache calibration and parameter export")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,kv_qparams}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,kv_qparams,lmdeploy}")
 
     ca = sub.add_parser(
         "calibrate", help="run the model on calibration text and record K/V min/max/absmax per layer",
@@ -115,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     kq.add_argument("--model", default=None,
                     help="check the stats were calibrated on this model ('default', HF dir or .gguf) first; "
                          "vllm: the HF model folder to copy into OUT_DIR with the scales merged, ready to serve")
+
+    lm = sub.add_parser(
+        "lmdeploy", help="the LMDeploy >= 0.4 command for a KV mode (or why there is none)",
+        description="Print the LMDeploy >= 0.4 setting (--quant-policy) equivalent to a KV mode of ours, or "
+                    "why there is none and the closest one.",
+        epilog=LMDEPLOY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lm.add_argument("--kv", required=True, metavar="MODE",
+                    help="one of our KV modes, e.g. int8-dynamic (an unknown name lists them)")
+    lm.add_argument("--model", default="MODEL", help="the model path or id to put in the commands (default: MODEL)")
     return parser
 
 
@@ -187,6 +206,15 @@ def _vllm_folder(args: argparse.Namespace, stats) -> int:
     return 0
 
 
+def cmd_lmdeploy(args: argparse.Namespace) -> int:
+    from kvcache.modes import get_mode
+
+    from .lmdeploy import lmdeploy_equivalent
+
+    print(lmdeploy_equivalent(get_mode(args.kv), args.model).text())
+    return 0
+
+
 def _model_config(model: str):
     """The transformers config to check stats against: read alone for an HF dir, else via the loader."""
     path = Path(model).expanduser()
@@ -229,7 +257,7 @@ def _known_errors(command: str) -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     known = _known_errors(args.command)
-    command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams}[args.command]
+    command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams, "lmdeploy": cmd_lmdeploy}[args.command]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
