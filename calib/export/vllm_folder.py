@@ -79,7 +79,7 @@ def export_vllm_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        linked, copied = _copy_tree(model, tmp, skip={CONFIG, INDEX, *found.left_out})
+        linked, copied = _copy_tree(model, tmp, skip={CONFIG, INDEX, READY_README, *found.left_out})
         written = _write_new_files(stats, model, out, tmp, found, new_config, granularity, linked, copied)
         if out.exists():
             out.rmdir()  # empty (checked); the rename below puts the finished copy in its place
