@@ -27,6 +27,8 @@ _EXPORTS = {
     "check_model": "stats_io",
     "CalibStats": "stats_io",
     "CalibStatsError": "stats_io",
+    "lmdeploy_equivalent": "lmdeploy",
+    "LMDeployEquivalent": "lmdeploy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,5 +1,6 @@
-"""``python -m calib``: calibrate K/V statistics, export KV quantization parameters. A thin layer over
-:func:`calib.calibrate.calibrate`, :func:`calib.stats_io.load_work_dir` and :func:`calib.export.export`.
+"""``python -m calib``: calibrate K/V statistics, export KV quantization parameters, name LMDeploy's settings.
+A thin layer over :func:`calib.calibrate.calibrate`, :func:`calib.stats_io.load_work_dir`,
+:func:`calib.export.export` and :func:`calib.lmdeploy.lmdeploy_equivalent`.
 
 Spellings follow LMDeploy's ``lite calibrate`` / ``lite kv_qparams`` (``--calib-dataset`` and the older
 ``--calib_dataset`` both work). Every known error is one line ``error: ...`` on stderr, exit code 2.
@@ -26,8 +27,19 @@ e.g. workspace/triton_models/weights/, and set quant_policy = 4 in its config.in
                         later TurboMind reads 4 and fails on it (LMDeploy issue #1201).
   From LMDeploy 0.4 (PR #1377) TurboMind quantizes the KV cache online (quant_policy 8 = int8,
   4 = int4) and reads no files; the offline path was removed in PR #2097 (July 2024).
+  For LMDeploy >= 0.4's online settings see `python -m calib lmdeploy --help`.
 kvq:  kv_qparams.safetensors for `python -m kvcache chat --kv int8 --qparams FILE`.
-vllm: kv_cache_scales.safetensors (FP8 e4m3 k_scale/v_scale) + README_vllm.md (how to merge)."""
+vllm: with --model MODEL_DIR (a Hugging Face safetensors folder): OUT_DIR becomes a copy of it
+      (hard links) with kv_cache_scales.safetensors (FP8 e4m3 k_scale/v_scale) listed in
+      model.safetensors.index.json and a compressed-tensors quantization_config in config.json:
+      `vllm serve OUT_DIR --kv-cache-dtype fp8`. Without --model: the scales file + README_vllm.md."""
+
+LMDEPLOY_HELP = """\
+LMDeploy >= 0.4 (PR #1377) quantizes the KV cache online, per token and per KV head, asymmetric,
+and reads no parameter files: --quant-policy 8 = int8, 4 = int4 (0 = fp16/bf16, the default).
+The meaning of quant_policy=4 changed in 0.4: up to LMDeploy 0.3.x it was TurboMind's int8 KV
+cache with offline past_kv_scale files, which `python -m calib kv_qparams --format turbomind`
+writes (see `python -m calib kv_qparams --help`)."""
 
 
 class CLIError(Exception):
@@ -63,7 +75,7 @@ def _positive(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m calib", description="KVQ Studio: KV-cache calibration and parameter export")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,kv_qparams}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,kv_qparams,lmdeploy}")
 
     ca = sub.add_parser(
         "calibrate", help="run the model on calibration text and record K/V min/max/absmax per layer",
@@ -110,7 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one parameter per layer (tensor), per KV head (head) or per channel (channel); "
                          "default: channel for kvq, tensor for turbomind (its only one) and vllm (tensor or head)")
     kq.add_argument("--model", default=None,
-                    help="check the stats were calibrated on this model ('default', HF dir or .gguf) first")
+                    help="check the stats were calibrated on this model ('default', HF dir or .gguf) first; "
+                         "vllm: the HF model folder to copy into OUT_DIR with the scales merged, ready to serve")
+
+    lm = sub.add_parser(
+        "lmdeploy", help="the LMDeploy >= 0.4 command for a KV mode (or why there is none)",
+        description="Print the LMDeploy >= 0.4 setting (--quant-policy) equivalent to a KV mode of ours, or "
+                    "why there is none and the closest one.",
+        epilog=LMDEPLOY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lm.add_argument("--kv", required=True, metavar="MODE",
+                    help="one of our KV modes, e.g. int8-dynamic (an unknown name lists them)")
+    lm.add_argument("--model", default="MODEL", help="the model path or id to put in the commands (default: MODEL)")
     return parser
 
 
@@ -143,6 +166,8 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
     from .stats_io import check_model, load_work_dir
 
     stats = load_work_dir(args.work_dir)
+    if args.format == "vllm" and args.model:
+        return _vllm_folder(args, stats)
     if args.model:
         check_model(stats, _model_config(args.model))
     files = export(
@@ -154,9 +179,39 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
     if args.format == "kvq":
         print(f"use: python -m kvcache chat --kv int8 --qparams {files[0]}")
     elif args.format == "vllm":
-        print(f"merge into the model as {files[-1]} explains, then serve with kv_cache_dtype='fp8'")
+        print("for a model folder vLLM serves as is, rerun with --model MODEL_DIR (the model they were calibrated on)")
     else:
         print("copy them into the TurboMind weights dir and set quant_policy = 4 (see --help for versions)")
+    return 0
+
+
+def _vllm_folder(args: argparse.Namespace, stats) -> int:
+    """``--format vllm --model MODEL_DIR``: the ready-to-serve copy of the model."""
+    from kvcache.model_loader import DEFAULT_MODEL
+
+    from .export import READY_README, check_options, export_vllm_model
+
+    if args.model == DEFAULT_MODEL:
+        raise CLIError("--model default is a .gguf model; the vllm format needs a Hugging Face model folder "
+                       "(config.json + *.safetensors): give one, or leave out --model for the scales alone")
+    granularity = check_options("vllm", num_tp=args.num_tp, kv_bits=args.kv_bits, granularity=args.granularity)
+    folder = export_vllm_model(stats, args.model, args.out_dir, granularity=granularity)
+    how = f"{folder.linked} files hard-linked" + (f", {folder.copied} copied" if folder.copied else "")
+    print(f"wrote {folder.out_dir}: a copy of {args.model} ({how}) with FP8 KV-cache scales ({granularity}, "
+          f"{stats.shape_str()}); new files: {', '.join(p.name for p in folder.written)}")
+    if folder.compressed_tensors:
+        print(f"checked: compressed-tensors {folder.compressed_tensors} parses its quantization_config")
+    print(f"serve: vllm serve {folder.out_dir} --kv-cache-dtype fp8")
+    print(f"note: vLLM itself was not run here; the layout follows vLLM's loader source ({READY_README})")
+    return 0
+
+
+def cmd_lmdeploy(args: argparse.Namespace) -> int:
+    from kvcache.modes import get_mode
+
+    from .lmdeploy import lmdeploy_equivalent
+
+    print(lmdeploy_equivalent(get_mode(args.kv), args.model).text())
     return 0
 
 
@@ -202,7 +257,7 @@ def _known_errors(command: str) -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     known = _known_errors(args.command)
-    command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams}[args.command]
+    command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams, "lmdeploy": cmd_lmdeploy}[args.command]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

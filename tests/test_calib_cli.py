@@ -114,6 +114,7 @@ def test_kv_qparams_vllm(capsys, work_dir, tmp_path):
     rc, out, err = run(capsys, "kv_qparams", str(work_dir), str(tmp_path / "v"), "--format", "vllm")
     assert rc == 0, err
     assert (tmp_path / "v" / "kv_cache_scales.safetensors").is_file() and (tmp_path / "v" / "README_vllm.md").is_file()
+    assert "rerun with --model MODEL_DIR" in out
 
 
 def test_lmdeploy_work_dir_warns_on_one_line(capsys, tmp_path):

@@ -230,6 +230,8 @@ def test_vllm_per_tensor_names_shapes_values(stats, tmp_path):
     readme = files[1].read_text()
     assert "docs.vllm.ai" in readme and 'kv_cache_dtype="fp8"' in readme and "calculate_kv_scales=False" in readme
     assert '"strategy": "tensor"' in readme and "model.safetensors.index.json" in readme
+    assert "--format vllm --granularity tensor --model MODEL_DIR" in readme  # the one command for a ready folder
+    assert len(readme.splitlines()) < 25
 
 
 def test_vllm_per_head(stats, tmp_path):

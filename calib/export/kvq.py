@@ -1,0 +1,37 @@
+"""Our own ``kv_qparams.safetensors`` (:class:`kvcache.qparams.KVQParams`), for the ``int8`` KV mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvcache.qparams import KVQParams
+from kvcache.quant import SCALE_EPS
+
+from ..stats_io import CalibStats
+from .common import GRANULARITIES, ExportError, now, warn_floored
+
+KVQ_FILE = "kv_qparams.safetensors"
+
+
+def export_kvq(
+    stats: CalibStats, out_dir: str | Path, *, granularity: str = "channel", kv_sym: bool = False, kv_bits: int = 8
+) -> list[Path]:
+    """``kv_qparams.safetensors`` for ``python -m kvcache chat --kv int8 --qparams FILE``."""
+    if kv_bits not in (4, 8):
+        raise ExportError(f"the kvq format takes 4 or 8 bits: --kv-bits must be 4 or 8, not {kv_bits}")
+    if granularity not in GRANULARITIES:
+        raise ExportError(f"unknown granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
+    qp = KVQParams.from_stats(
+        stats.key_stats, stats.value_stats, granularity=granularity, symmetric=kv_sym, bits=kv_bits,
+        metadata={**stats.metadata(), "exported": now()},
+    )
+    floored = [
+        f"layer {i} {prefix}"
+        for i in range(qp.num_layers)
+        for prefix, scales in (("K", qp.k_scale), ("V", qp.v_scale))
+        if (scales[i] <= SCALE_EPS).any()
+    ]
+    warn_floored(floored)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [qp.save(out / KVQ_FILE)]
