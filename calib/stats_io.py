@@ -65,12 +65,15 @@ class CalibStats:
     def shape_str(self) -> str:
         return f"{self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}"
 
+    def text_sketch(self) -> dict[str, str]:
+        """``{"text_sketch": ...}``: the calibration text's n-gram sketch, for an evaluation's overlap check."""
+        sketch = self.meta.get("text_sketch")
+        return {"text_sketch": sketch_to_text(sketch)} if isinstance(sketch, dict) else {}
+
     def metadata(self) -> dict[str, str]:
         """The calibration facts worth copying into exported files (those the meta file has)."""
         keys = ("model", "config_hash", "dataset", "samples", "seqlen", "date")
         out = {k: str(self.meta[k]) for k in keys if self.meta.get(k) is not None}
-        if isinstance(self.meta.get("text_sketch"), dict):  # n-grams of the calibration text, for overlap checks
-            out["text_sketch"] = sketch_to_text(self.meta["text_sketch"])
         if not self.has_meta:
             out["source"] = "lmdeploy work dir (no calib_meta.json)"
         return out

@@ -189,12 +189,49 @@ def test_upload_is_size_limited(app, tmp_path):
 
 def test_evaluate_tiny(app):
     sess = SessionState()
-    summary, table, quality, cost = handlers.evaluate(app, sess, "builtin", None, ["int8-dynamic"], 32, 2, 1, 2)
+    summary, table, quality, cost = handlers.evaluate(app, sess, "builtin-zh", None, ["int8-dynamic"], 32, 2, 1, 2)
     assert list(table["kv"]) == ["fp16", "int8-dynamic"]
     assert table["vs fp16"].iloc[1] < 0.6 and "2 windows x 32 tokens" in summary and "1 prompts x 2 tokens" in summary
+    assert "on `builtin-zh`" in summary and "top-1" in summary and "95% CI" in summary
+    assert {"top-1 %", "Δppl 95% CI", "first divergence", "calibrated on"} <= set(table.columns)
+    assert table["top-1 %"].iloc[0] == 100 and 0 < table["top-1 %"].iloc[1] <= 100
     assert list(cost["kv"]) == ["fp16", "int8-dynamic"]
     with pytest.raises(UserError, match="Pick at least one"):
-        handlers.evaluate(app, sess, "builtin", None, [], 32, 2, 1, 2)
+        handlers.evaluate(app, sess, "builtin-en", None, [], 32, 2, 1, 2)
+
+
+def test_evaluate_with_static_parameters_names_their_calibration(app):
+    sess = SessionState()
+    handlers.calibrate(app, sess, "builtin", None, 2, 32, "channel", False, 1)
+    handlers.use_in_chat(app, sess)
+    summary, table, *_ = handlers.evaluate(app, sess, "builtin-en", None, ["int8"], 32, 2, 0, 2)
+    assert "calibrated on **builtin, 2 x 32**" in summary and "overlap with this text" in summary
+    assert list(table["calibrated on"]) == ["", "builtin, 2 x 32"]
+
+
+def test_uploaded_parameters_file_or_folder(app, tmp_path):
+    from calib.export import export
+    from calib.stats_io import load_work_dir
+
+    sess = SessionState()
+    handlers.calibrate(app, sess, "builtin", None, 2, 32, "channel", False, 1)
+    folder = tmp_path / "kvq"
+    [path] = export(load_work_dir(sess.calib_dir), folder, "kvq")
+    (folder / "notes.json").write_text("{}")
+    mode, message = handlers.upload_qparams(app, sess, [str(path)])
+    assert mode == "int8" and "uploaded kv_qparams.safetensors, calibrated on builtin" in message
+    assert handlers.upload_qparams(app, sess, [str(folder / "notes.json"), str(path)])[0] == "int8"  # a folder's files
+    (folder / "README.md").write_text("turbomind files, say")
+    with pytest.raises(UserError, match=r"holds no kv_qparams.safetensors \(it holds README.md, notes.json\)"):
+        handlers.upload_qparams(app, sess, [str(folder / "notes.json"), str(folder / "README.md")])
+    with pytest.raises(Exception, match="not a readable safetensors"):
+        handlers.upload_qparams(app, sess, [str(folder / "notes.json")])
+
+
+def test_serving_commands_follow_the_mode(app):
+    assert "--quant-policy 8" in handlers.serving_commands(app, "int8-dynamic")
+    text = handlers.serving_commands(app, "int8")
+    assert "no equivalent of `int8`" in text and "calibration" in text and "--format vllm --model MODEL_DIR" in text
 
 
 def test_calibrate_tiny_exports_and_feeds_chat(app):

@@ -49,6 +49,12 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
                 use = gr.Button("Use in chat", variant="primary", elem_id="calib-use")
             files = gr.File(label="Exported files", file_count="multiple", interactive=False, elem_id="calib-files",
                             height=240)
+            with gr.Row():
+                qparams_upload = gr.File(label="Or use parameters you have: kv_qparams.safetensors (or the files of "
+                                               "the folder kv_qparams wrote)", file_count="multiple",
+                                         file_types=[".safetensors", ".json"], type="filepath", elem_id="qparams-upload")
+                serving = gr.Markdown(handlers.serving_commands(app, handlers.default_quantized_mode(app)),
+                                      label="serving engines", elem_id="serving-commands", elem_classes="note")
 
     view = [status, k_heat, v_heat, ranges, outliers, files, dl_tm, dl_kvq, dl_vllm]
 
@@ -97,5 +103,17 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
                    concurrency_id="export")
     layer.change(run_heatmaps, [layer, sess], [k_heat, v_heat], api_visibility="private", concurrency_id="export",
                  trigger_mode="always_last")
+    def run_upload(paths, state):
+        if not paths:
+            return gr.skip(), gr.skip()
+        with shown_in_page():
+            mode, message = handlers.upload_qparams(app, state, paths)
+        gr.Info(message)
+        return mode, message
+
     # "Use in chat" switches the right pane to the static mode; its .change resets both conversations.
     use.click(run_use, [sess], [chat.mode, chat.note], api_name="use_in_chat", concurrency_id=GPU)
+    qparams_upload.upload(run_upload, [qparams_upload, sess], [chat.mode, chat.note], api_name="upload_qparams",
+                          concurrency_id=GPU)
+    chat.mode.change(lambda m: handlers.serving_commands(app, m), [chat.mode], [serving], queue=False,
+                     api_visibility="private")

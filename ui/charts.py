@@ -182,16 +182,28 @@ def outlier_channels(
 
 # --- evaluation ---------------------------------------------------------------------------------------
 
-EVAL_COLUMNS = ["kv", "perplexity", "Δppl %", "KL vs fp16", "greedy match %", "KV bytes/token", "vs fp16"]
+EVAL_COLUMNS = ["kv", "perplexity", "Δppl %", "Δppl 95% CI", "KL vs fp16", "top-1 %", "first divergence",
+                "KV bytes/token", "vs fp16", "calibrated on"]
 
 
 def eval_table(report: dict[str, Any]) -> pd.DataFrame:
+    from kvcache.evaluate import calibration_label
+    from kvcache.modes import get_mode
+
     base = report["results"][0]["kv_bytes_per_token"]
-    rows = [
-        (r["kv"], round(r["ppl"], 4), round(r["delta_ppl_pct"], 3), float(f"{r['kl_vs_fp16']:.3g}"),
-         round(r["greedy_match_pct"], 1), r["kv_bytes_per_token"], round(r["kv_bytes_per_token"] / base, 3))
-        for r in report["results"]
-    ]
+    cal = calibration_label(report.get("calibration"))
+    rows = []
+    for r in report["results"]:
+        ci = r["delta_ppl_ci95"]
+        med = r["first_divergence_median"]
+        rows.append((
+            r["kv"], round(r["ppl"], 4), round(r["delta_ppl_pct"], 3),
+            f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a", float(f"{r['kl_vs_fp16']:.3g}"),
+            round(r["top1_match_pct"], 2),
+            "n/a" if med is None else (f"≥{report['greedy_tokens']}" if med >= report["greedy_tokens"] else f"{med:g}"),
+            r["kv_bytes_per_token"], round(r["kv_bytes_per_token"] / base, 3),
+            cal if get_mode(r["kv"]).needs_qparams else "",
+        ))
     return pd.DataFrame(rows, columns=EVAL_COLUMNS)
 
 

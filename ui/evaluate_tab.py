@@ -1,4 +1,4 @@
-"""Evaluate tab: perplexity, KL and greedy agreement of KV modes against fp16, as a table and bars."""
+"""Evaluate tab: perplexity, KL and top-1 agreement of KV modes against fp16, as a table and bars."""
 
 from __future__ import annotations
 
@@ -9,24 +9,26 @@ from .chat_tab import GPU
 from .errors import shown_in_page
 from .state import AppState
 
-SOURCES = [("built-in English technical text", "builtin"), ("uploaded text file", "upload")]
+SOURCES = [("built-in English technical prose", "builtin-en"), ("built-in Chinese politics-exam prose", "builtin-zh"),
+           ("uploaded text file", "upload")]
 
 
 def build(app: AppState, sess: gr.State) -> None:
     modes = handlers.quantized_modes()
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
-            source = gr.Radio(SOURCES, value="builtin", label="Text", elem_id="eval-source")
+            source = gr.Radio(SOURCES, value="builtin-en", label="Text", elem_id="eval-source",
+                              info="not the calibration text: static parameters look better on what they saw")
             upload = gr.File(label="Text to score (UTF-8 .txt)", file_types=[".txt"], type="filepath", visible=False,
                              elem_id="eval-upload")
             chosen = gr.CheckboxGroup(modes, value=[m for m in modes if m == "int8-dynamic"] or modes[:1],
                                       label="KV modes (fp16 is always the reference)", elem_id="eval-modes")
             seqlen = gr.Slider(32, 2048, value=256, step=32, label="Sequence length (tokens per window)")
             samples = gr.Slider(1, 64, value=4, step=1, label="Windows")
-            greedy_prompts = gr.Slider(1, 16, value=2, step=1, label="Greedy prompts",
-                                       info="windows whose start each mode continues greedily")
+            greedy_prompts = gr.Slider(0, 16, value=2, step=1, label="Greedy prompts",
+                                       info="windows whose start each mode continues greedily (first divergence)")
             greedy_tokens = gr.Slider(1, 128, value=16, step=1, label="Greedy tokens",
-                                      info="tokens compared for greedy agreement")
+                                      info="tokens generated per prompt")
             run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
         with gr.Column(scale=2):
             summary = gr.Markdown(label="summary", elem_id="eval-summary", elem_classes="note")

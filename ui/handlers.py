@@ -20,7 +20,7 @@ import torch
 
 from kvcache.block_pool import KVCacheFull
 from kvcache.capacity import free_memory_bytes, parse_cache_max_entry_count, plan
-from kvcache.cli import DEFAULT_EVAL_TEXT, DEFAULT_SYSTEM_PROMPT_FILE
+from kvcache.cli import DEFAULT_SYSTEM_PROMPT_FILE
 from kvcache.device_memory import read_device_memory
 from kvcache.engine import ChatSession, GenerationConfig
 from kvcache.kv_shape import KVShape
@@ -569,18 +569,56 @@ def use_in_chat(app: AppState, sess: SessionState) -> tuple[str, str]:
     if kvq is None:
         error = sess.exports.get("error")
         raise UserError(f"Nothing exported yet ({error}): change the export options." if error else "Run a calibration first.")
-    qparams = KVQParams.load(kvq)
-    loaded = app.require_model()
-    from kvcache.kv_shape import KVShape
-
-    qparams.check_matches(KVShape.from_config(loaded.model.config))
     ex = sess.exports
     label = (f"this session's calibration ({ex['granularity']}, "
              f"{'symmetric' if ex['symmetric'] else 'asymmetric'})")
+    return _use_qparams(app, sess, KVQParams.load(kvq), label)
+
+
+def upload_qparams(app: AppState, sess: SessionState, paths: list[str] | str | None) -> tuple[str, str]:
+    """Use an uploaded ``kv_qparams.safetensors``, or the files of the folder ``kv_qparams`` wrote, in chat."""
+    from kvcache.qparams import FILE_NAME
+
+    files = [check_upload(p, app, "parameters file") for p in ([paths] if isinstance(paths, str) else paths or [])]
+    if not files:
+        raise UserError(f"Upload {FILE_NAME} (made by `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`).")
+    chosen = files[0] if len(files) == 1 else next((f for f in files if f.name == FILE_NAME), None)
+    if chosen is None:
+        names = ", ".join(sorted(f.name for f in files)[:5])
+        raise UserError(f"The upload holds no {FILE_NAME} (it holds {names}): upload the file "
+                        "`python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq` wrote.")
+    return _use_qparams(app, sess, KVQParams.load(chosen), f"uploaded {chosen.name}")
+
+
+def _use_qparams(app: AppState, sess: SessionState, qparams: KVQParams, label: str) -> tuple[str, str]:
+    """Switch this session's quantized pane to the static mode with ``qparams`` (checked against the model)."""
+    qparams.check_matches(KVShape.from_config(app.require_model().model.config))
+    cal = qparams.metadata
+    if cal.get("dataset"):
+        label += f", calibrated on {cal['dataset']}"
     with sess.turn_lock:
         sess.use_qparams(qparams, label)
     mode = next((m.name for m in KV_MODES.values() if m.needs_qparams), "int8")
     return mode, f"The quantized pane now uses {mode} with {label}. Both conversations start fresh."
+
+
+def serving_commands(app: AppState, mode: str) -> str:
+    """Where the chosen KV mode goes next: the LMDeploy >= 0.4 equivalent (or why there is none), and vLLM's export."""
+    from calib.lmdeploy import lmdeploy_equivalent
+
+    path = app.model_path if app.model_path not in ("", "default") and not app.model_path.endswith(".gguf") else "MODEL_DIR"
+    lmd = lmdeploy_equivalent(mode, path)
+    head = (f"**LMDeploy ≥ 0.4** runs `{mode}` as `--quant-policy {lmd.quant_policy}`:" if lmd.exact else
+            f"**LMDeploy ≥ 0.4** has no equivalent of `{mode}`: {lmd.reason}. Closest: `--quant-policy {lmd.quant_policy}`:")
+    return (
+        f"{head}\n```\n{lmd.serve}\n```\n"
+        "LMDeploy ≤ 0.3 (the seed recipe's `quant_policy=4`, int8 with TurboMind `past_kv_scale` files): the turbomind "
+        "download above.\n\n"
+        f"**vLLM** (FP8 KV cache, calibrated scales) in one step: "
+        f"`python -m calib kv_qparams WORK_DIR OUT_DIR --format vllm --model {path}`, then "
+        "`vllm serve OUT_DIR --kv-cache-dtype fp8` (the folder's layout was checked against vLLM's source; vLLM itself "
+        "was not run here)."
+    )
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
@@ -598,15 +636,22 @@ def evaluate(
     greedy_tokens: int = 32,
     progress: ProgressFn | None = None,
 ) -> tuple[str, Any, Any, Any]:
-    """Score the chosen modes against fp16: ``(summary, table, quality_bars, cost_bars)``."""
+    """Score the chosen modes against fp16: ``(summary, table, quality_bars, cost_bars)``.
+
+    ``source``: ``builtin-en``, ``builtin-zh`` (see :data:`kvcache.evaluate.BUILTIN_TEXTS`) or ``upload``.
+    """
+    from kvcache.evaluate import calibration_label, read_text, resolve_text
     from kvcache.evaluate import evaluate as _evaluate
-    from kvcache.evaluate import read_text
 
     loaded = app.require_model()
     modes = [m for m in (modes or []) if m]
     if not modes:
         raise UserError("Pick at least one KV mode to compare with fp16.")
-    path = check_upload(upload, app, "text file") if source == "upload" else DEFAULT_EVAL_TEXT
+    if source == "upload":
+        path = check_upload(upload, app, "text file")
+        name = path.name
+    else:
+        name, path = resolve_text(source)
     text = read_text(path)
     qparams, label = sess.current_qparams(app)
     needs = [m for m in modes if get_mode(m).needs_qparams]
@@ -621,15 +666,21 @@ def evaluate(
     except torch.OutOfMemoryError:
         _empty_cuda_cache()
         raise UserError("Out of GPU memory during evaluation: use a shorter sequence length or fewer samples.") from None
-    report["text_file"] = path.name
+    report.update(text=name, text_file=path.name)
     sess.eval_report = report
     summary = (
-        f"**{report['model']}** on `{path.name}`: {report['samples']} windows x {report['seqlen']} tokens "
-        f"({report['tokens_scored']:,} scored), greedy agreement over {report['greedy_prompts']} prompts x "
-        f"{report['greedy_tokens']} tokens."
+        f"**{report['model']}** on `{name}`: {report['samples']} windows x {report['seqlen']} tokens "
+        f"({report['tokens_scored']:,} positions scored teacher-forced through the cache). *top-1*: share of "
+        "positions whose most likely next token is the fp16 cache's; *95% CI*: Δppl's interval from resampling "
+        f"the windows; *first divergence*: median index of the first greedy token that differs from fp16 "
+        f"({report['greedy_prompts']} prompts x {report['greedy_tokens']} tokens)."
     )
-    if needs:
-        summary += f" int8 parameters: {label}."
+    cal = report["calibration"]
+    if cal:
+        summary += (f"\n\nStatic parameters: {label}, calibrated on **{calibration_label(cal)}** "
+                    f"({cal['granularity']}); overlap with this text: {cal['overlap']}.")
+    for warning in report["warnings"]:
+        summary += f"\n\n⚠️ {warning}"
     quality, cost = charts.eval_bars(report)
     return summary, charts.eval_table(report), quality, cost
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvcache.qparams import FILE_NAME as KVQ_FILE
 from kvcache.qparams import KVQParams
 from kvcache.quant import SCALE_EPS
 
 from ..stats_io import CalibStats
 from .common import GRANULARITIES, ExportError, now, warn_floored
-
-KVQ_FILE = "kv_qparams.safetensors"
 
 
 def export_kvq(
@@ -23,7 +22,7 @@ def export_kvq(
         raise ExportError(f"unknown granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
     qp = KVQParams.from_stats(
         stats.key_stats, stats.value_stats, granularity=granularity, symmetric=kv_sym, bits=kv_bits,
-        metadata={**stats.metadata(), "exported": now()},
+        metadata={**stats.metadata(), **stats.text_sketch(), "exported": now()},
     )
     floored = [
         f"layer {i} {prefix}"
