@@ -2,56 +2,72 @@
 
 Shapes: ``key``/``value`` for a write are ``[num_tokens, num_kv_heads, head_dim]`` with one slot
 each; ``block_tables`` is ``[batch, max_blocks]`` int32; ``seq_lens`` is ``[batch]`` int32.
+
+They are also the CPU path every new user runs, so they read the history as the kernels do, never
+forming a dequantized copy of it in decode: each row's blocks are gathered once in the stored dtype
+(``index_select``) and converted once to fp32 (exact for fp16 values and int8 codes), and the
+quantization parameters are folded around the dots (:mod:`kvcache.kernels.folded` has the algebra).
+The query heads of one KV head attend as that head's rows (no ``repeat_interleave`` copies): one SDPA
+for fp16 values and static codes, two matmuls for dynamic codes (their per-token parameters sit
+between the dots). Decode equals dequantize-then-attend in fp32 up to fp32 rounding; store, gather and
+prefill compute exactly what those plain definitions do (``tests/test_reference_fast.py`` checks both).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..layout import LayerKV
 from ..quant import dequantize, dynamic_qparams, quantize
+from ..storage.layout import LayerKV
 
 
 def store_kv_reference(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Quantize (per the layer's mode) and write each token's K/V at its slot."""
     mode, bs = layer.mode, layer.block_size
     blk, off = slots // bs, slots % bs
-    for name, x in (("k", key), ("v", value)):
-        data = getattr(layer, name)
-        if not mode.quantized:
-            data[blk, :, off] = x.to(data.dtype)
-        elif mode.dynamic:
-            scale, zp = dynamic_qparams(x, mode.bits, mode.param_dtype)
-            data[blk, :, off] = quantize(x, scale[..., None], zp[..., None], mode.bits)
-            getattr(layer, f"{name}_scale")[blk, :, off] = scale
-            getattr(layer, f"{name}_zp")[blk, :, off] = zp
-        else:
-            data[blk, :, off] = quantize(x, getattr(layer, f"{name}_scale"), getattr(layer, f"{name}_zp"), mode.bits)
+    if not mode.quantized:
+        layer.k[blk, :, off] = key.to(layer.k.dtype)
+        layer.v[blk, :, off] = value.to(layer.v.dtype)
+    elif mode.dynamic:  # parameters are per (token, head): K and V quantize as one batch
+        kv = torch.stack((key, value))
+        scale, zp = dynamic_qparams(kv, mode.bits, mode.param_dtype)
+        codes = quantize(kv, scale[..., None], zp[..., None], mode.bits)
+        for i, name in enumerate(("k", "v")):
+            getattr(layer, name)[blk, :, off] = codes[i]
+            getattr(layer, f"{name}_scale")[blk, :, off] = scale[i]
+            getattr(layer, f"{name}_zp")[blk, :, off] = zp[i]
+    else:
+        layer.k[blk, :, off] = quantize(key, layer.k_scale, layer.k_zp, mode.bits)
+        layer.v[blk, :, off] = quantize(value, layer.v_scale, layer.v_zp, mode.bits)
+
+
+def read_blocks(t: torch.Tensor, blocks: torch.Tensor, batch: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A per-block tensor (``[num_blocks, kv_heads, block_size, ...]``) at ``blocks`` (``batch`` rows of
+    ``n`` ids, flattened), as ``dtype`` ``[batch, kv_heads, n * block_size, ...]``: one gather, one conversion."""
+    x = t.index_select(0, blocks)
+    x = x.view(batch, -1, *x.shape[1:]).transpose(1, 2)  # [batch, kv_heads, n, block_size, ...]
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x).flatten(2, 3)
 
 
 def gather_kv_reference(
     layer: LayerKV, block_tables: torch.Tensor, length: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized K and V of the first ``length`` positions of each row: ``[batch, kv_heads, length, head_dim]``."""
-    bs = layer.block_size
-    n = -(-length // bs)
-    blocks = block_tables[:, :n].long()
-    b = blocks.shape[0]
+    n = -(-length // layer.block_size)
+    b = block_tables.shape[0]
+    blocks = block_tables[:, :n].reshape(-1).long()
 
     def read(name: str) -> torch.Tensor:
-        data = getattr(layer, name)[blocks]  # [b, n, kvh, bs, d]
-        data = data.permute(0, 2, 1, 3, 4).reshape(b, layer.num_kv_heads, n * bs, layer.head_dim)[:, :, :length]
+        data = getattr(layer, name)
         if not layer.mode.quantized:
-            return data.to(dtype)
+            return read_blocks(data, blocks, b, dtype)[:, :, :length]
+        codes = read_blocks(data, blocks, b, data.dtype)[:, :, :length]
         scale, zp = getattr(layer, f"{name}_scale"), getattr(layer, f"{name}_zp")
         if layer.mode.dynamic:
-            scale, zp = (
-                t[blocks].permute(0, 2, 1, 3).reshape(b, layer.num_kv_heads, n * bs)[:, :, :length, None]
-                for t in (scale, zp)
-            )
+            scale, zp = (read_blocks(t, blocks, b, t.dtype)[:, :, :length, None] for t in (scale, zp))
         else:
             scale, zp = scale[None, :, None, :], zp[None, :, None, :]
-        return dequantize(data, scale, zp, dtype)
+        return dequantize(codes, scale, zp, dtype)
 
     return read("k"), read("v")
 
@@ -59,17 +75,44 @@ def gather_kv_reference(
 def decode_attention_reference(
     query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence (``[batch, num_heads, head_dim]``) over each sequence's own length."""
+    """One query token per sequence (``[batch, num_heads, head_dim]``) over each sequence's own length, in fp32.
+
+    With ``c`` the stored values (fp16 values or int8 codes, in fp32) and ``p`` the attention weights:
+    - fp16: scores ``q.c``, output ``sum p c``;
+    - static int8 (per-channel ``s``/``z``): scores ``(q*s).c + q.z``, output ``s * sum p c + z * sum p``;
+      ``q.z`` is the same at every position, so the softmax cancels it, and ``sum p`` is 1;
+    - dynamic int8 (per-token ``s_n``/``z_n``): scores ``s_n (q.c_n) + z_n sum(q)``, output
+      ``sum (p s) c + sum p z``.
+    Every row reads the same number of whole blocks; positions at or past a row's length are masked.
+    """
     b, hq, d = query.shape
-    max_len = int(seq_lens.max())
-    k, v = gather_kv_reference(layer, block_tables, max_len, torch.float32)
-    group = hq // layer.num_kv_heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhd,bhld->bhl", query.float(), k) * scale
-    pad = torch.arange(max_len, device=query.device)[None, :] >= seq_lens[:, None].to(query.device)
-    scores = scores.masked_fill(pad[:, None, :], float("-inf"))
-    out = torch.einsum("bhl,bhld->bhd", scores.softmax(dim=-1), v)
-    return out.to(query.dtype)
+    kvh, bs, mode = layer.num_kv_heads, layer.block_size, layer.mode
+    n = -(-int(seq_lens.max()) // bs)
+    blocks = block_tables[:, :n].reshape(-1).long()
+    k = read_blocks(layer.k, blocks, b)  # [b, kvh, n * bs, d]
+    v = read_blocks(layer.v, blocks, b)
+    q = query.float().view(b, kvh, hq // kvh, d)  # the query heads of each KV head, as rows
+    valid = torch.arange(n * bs, device=query.device) < seq_lens.to(query.device)[:, None]  # [b, n * bs]
+
+    if not mode.dynamic:  # one SDPA over the stored values, static parameters around it
+        if mode.quantized:
+            q = q * layer.k_scale[None, :, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], scale=scale)
+        if mode.quantized:
+            out = torch.addcmul(layer.v_zp[None, :, None], out, layer.v_scale[None, :, None])
+        return out.reshape(b, hq, d).to(query.dtype)
+
+    def per_token(name: str) -> torch.Tensor:  # [b, kvh, 1, n, bs] in the stored dtype (the ops below widen it)
+        return getattr(layer, name).index_select(0, blocks).view(b, n, kvh, 1, bs).permute(0, 2, 3, 1, 4)
+
+    q = q * scale
+    scores = q @ k.transpose(-1, -2)  # [b, kvh, group, n * bs]
+    blocked = scores.view(b, kvh, -1, n, bs)
+    torch.addcmul(q.sum(-1)[..., None, None] * per_token("k_zp"), blocked, per_token("k_scale"), out=blocked)
+    p = scores.masked_fill_(~valid[:, None, None], float("-inf")).softmax(dim=-1)
+    blocked = p.view(b, kvh, -1, n, bs)
+    out = (blocked * per_token("v_scale")).view_as(p) @ v + (blocked * per_token("v_zp")).sum((-2, -1))[..., None]
+    return out.reshape(b, hq, d).to(query.dtype)
 
 
 def prefill_attention_reference(
@@ -78,15 +121,15 @@ def prefill_attention_reference(
 ) -> torch.Tensor:
     """A chunk of queries (``[batch, heads, q_len, head_dim]``, the last ``q_len`` of ``kv_len`` positions) over the history.
 
-    The history is dequantized into the query's dtype, then SDPA: causal for the chunk's offset, or
-    ``attention_mask`` (boolean: True attends; float: added) when given. Returns ``[batch, q_len, heads, head_dim]``.
+    The history is dequantized into the query's dtype, then SDPA (grouped: each KV head serves its
+    query heads): causal for the chunk's offset, or ``attention_mask`` (boolean: True attends; float:
+    added) when given. Returns ``[batch, q_len, heads, head_dim]``.
     """
-    b, hq, q_len, d = query.shape
+    q_len = query.shape[2]
     k, v = gather_kv_reference(layer, block_tables, kv_len, query.dtype)
-    group = hq // layer.num_kv_heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if attention_mask is None:
         q_pos = kv_len - q_len + torch.arange(q_len, device=query.device)
         attention_mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, k, v, attn_mask=attention_mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
