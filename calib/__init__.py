@@ -1,5 +1,9 @@
 """KV-cache calibration (LMDeploy's ``lite calibrate``, offline): observers, calibration data, the
-layer-by-layer statistics run, and the work dir it writes. Never imports gradio.
+layer-by-layer statistics run, the work dir it writes, and the exports. Never imports gradio.
+
+Rooms: ``calibrate`` (the pipeline), ``layerwise`` (one decoder layer at a time, with observers),
+``memory`` (what fits, and the message when it does not), ``workdir`` (the work dir's writer and
+reader), ``observers``, ``data/``, ``export/`` (one file per format), ``errors``, ``cli``.
 
 Names are imported lazily, so ``python -m calib kv_qparams`` does not pay for what it does not use.
 The calibration function itself is ``calib.calibrate.calibrate``: it is not re-exported here, because a
@@ -15,18 +19,22 @@ _EXPORTS = {
     "KVObserver": "observers",
     "ActivationObserver": "observers",
     "load_calib_windows": "data",
-    "CalibDataError": "data",
-    "CalibCancelled": "data",
+    "check_dataset": "data",
     "VALID_DATASETS": "data",
-    "ObservingCache": "calibrate",
-    "CalibError": "calibrate",
-    "CalibOOMError": "calibrate",
-    "CalibNaNError": "calibrate",
-    "WORK_DIR_FILES": "calibrate",
-    "load_work_dir": "stats_io",
-    "check_model": "stats_io",
-    "CalibStats": "stats_io",
-    "CalibStatsError": "stats_io",
+    "ObservingCache": "layerwise",
+    "check_inputs": "calibrate",
+    "CalibError": "errors",
+    "CalibDataError": "errors",
+    "CalibCancelled": "errors",
+    "CalibOOMError": "errors",
+    "CalibNaNError": "errors",
+    "CalibStatsError": "errors",
+    "ExportError": "errors",
+    "UsageError": "errors",
+    "WORK_DIR_FILES": "workdir",
+    "load_work_dir": "workdir",
+    "check_model": "workdir",
+    "CalibStats": "workdir",
     "lmdeploy_equivalent": "lmdeploy",
     "LMDeployEquivalent": "lmdeploy",
 }

@@ -1,19 +1,25 @@
 """``python -m calib``: calibrate K/V statistics, export KV quantization parameters, name LMDeploy's settings.
-A thin layer over :func:`calib.calibrate.calibrate`, :func:`calib.stats_io.load_work_dir`,
+A thin layer over :func:`calib.calibrate.calibrate`, :func:`calib.workdir.load_work_dir`,
 :func:`calib.export.export` and :func:`calib.lmdeploy.lmdeploy_equivalent`.
 
 Spellings follow LMDeploy's ``lite calibrate`` / ``lite kv_qparams`` (``--calib-dataset`` and the older
-``--calib_dataset`` both work). Every known error is one line ``error: ...`` on stderr, exit code 2.
+``--calib_dataset`` both work). An error the user can fix (:class:`kvcache.errors.KVQError`) is one line
+``error: ...`` on stderr, exit code 2; anything else is a bug: one line ``internal error: ... (details in
+LOG)``, exit code 1, with the traceback in the log file (:func:`kvcache.logs.internal_error`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import warnings
 from pathlib import Path
 from typing import NoReturn
+
+from kvcache.errors import KVQError, one_line
+from kvcache.logs import internal_error
+
+from .errors import UsageError
 
 TURBOMIND_VERSIONS = """\
 turbomind layouts (raw float32 little-endian, one file per layer and TP shard,
@@ -40,10 +46,6 @@ and reads no parameter files: --quant-policy 8 = int8, 4 = int4 (0 = fp16/bf16, 
 The meaning of quant_policy=4 changed in 0.4: up to LMDeploy 0.3.x it was TurboMind's int8 KV
 cache with offline past_kv_scale files, which `python -m calib kv_qparams --format turbomind`
 writes (see `python -m calib kv_qparams --help`)."""
-
-
-class CLIError(Exception):
-    """Shown to the user as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,17 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvcache.models.loader import load_model
+
+    from .calibrate import calibrate, check_inputs
+
     model = args.model or args.model_opt
     if not model:
-        raise CLIError("give the MODEL to calibrate: 'default', a local HF model dir or a .gguf file")
+        raise UsageError("give the MODEL to calibrate: 'default', a local HF model dir or a .gguf file")
     if args.model and args.model_opt and args.model != args.model_opt:
-        raise CLIError(f"two models given ({args.model} and --model {args.model_opt}): give one")
-    try:
-        from .calibrate import calibrate
-    except ImportError as exc:
-        raise CLIError(f"calibration is not available in this install ({exc})") from None
-    from kvcache.model_loader import load_model
-
+        raise UsageError(f"two models given ({args.model} and --model {args.model_opt}): give one")
+    # What needs no model is refused before one loads (that can take minutes).
+    check_inputs(dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                 work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device, batch_size=args.batch_size)
     loaded = load_model(model, device=args.device, trust_remote_code=args.trust_remote_code)
 
     # calibrate() draws its own tqdm bar on a terminal.
@@ -163,7 +166,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_kv_qparams(args: argparse.Namespace) -> int:
     from .export import export
-    from .stats_io import check_model, load_work_dir
+    from .workdir import check_model, load_work_dir
 
     stats = load_work_dir(args.work_dir)
     if args.format == "vllm" and args.model:
@@ -187,12 +190,12 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
 
 def _vllm_folder(args: argparse.Namespace, stats) -> int:
     """``--format vllm --model MODEL_DIR``: the ready-to-serve copy of the model."""
-    from kvcache.model_loader import DEFAULT_MODEL
+    from kvcache.models.loader import DEFAULT_MODEL
 
     from .export import READY_README, check_options, export_vllm_model
 
     if args.model == DEFAULT_MODEL:
-        raise CLIError("--model default is a .gguf model; the vllm format needs a Hugging Face model folder "
+        raise UsageError("--model default is a .gguf model; the vllm format needs a Hugging Face model folder "
                        "(config.json + *.safetensors): give one, or leave out --model for the scales alone")
     granularity = check_options("vllm", num_tp=args.num_tp, kv_bits=args.kv_bits, granularity=args.granularity)
     folder = export_vllm_model(stats, args.model, args.out_dir, granularity=granularity)
@@ -224,52 +227,31 @@ def _model_config(model: str):
         try:
             return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
-            raise CLIError(f"could not read {path / 'config.json'} ({str(exc).splitlines()[0]})") from None
-    from kvcache.model_loader import load_model
+            raise UsageError(f"could not read {path / 'config.json'} ({str(exc).splitlines()[0]})") from None
+    from kvcache.models.loader import load_model
 
     return load_model(model, device="cpu").config
 
 
-def _known_errors(command: str) -> tuple[type[BaseException], ...]:
-    from kvcache.qparams import QParamsError
-
-    from .stats_io import CalibStatsError
-
-    known: tuple[type[BaseException], ...] = (CLIError, CalibStatsError, QParamsError, ValueError, OSError)
-    try:
-        from kvcache.model_loader import ModelLoadError
-
-        known += (ModelLoadError,)
-    except ImportError:
-        pass
-    if command == "calibrate":
-        try:
-            mod = importlib.import_module(f"{__package__}.calibrate")
-        except ImportError:
-            return known
-        known += tuple(
-            e for e in (getattr(mod, n, None) for n in ("CalibDataError", "CalibOOMError", "CalibCancelled"))
-            if isinstance(e, type) and issubclass(e, BaseException)
-        )
-    return known
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    known = _known_errors(args.command)
     command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams, "lmdeploy": cmd_lmdeploy}[args.command]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             rc = command(args)
-        except known as e:
+        except KVQError as exc:
             _print_warnings(caught)
-            print(f"error: {_one_line(e)}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             _print_warnings(caught)
             print("\ninterrupted", file=sys.stderr)
             return 130
+        except Exception as exc:  # noqa: BLE001  a bug: one line here, the traceback in the log
+            _print_warnings(caught)
+            print(internal_error(exc, f"python -m calib {args.command}"), file=sys.stderr)
+            return 1
     _print_warnings(caught)
     return rc
 
@@ -277,14 +259,9 @@ def main(argv: list[str] | None = None) -> int:
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
     seen: set[str] = set()
     for w in caught:
-        text = _one_line(w.message)
+        text = one_line(w.message)
         # Only our own warnings: library chatter (deprecations and the like) stays out of the way.
         if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or text in seen:
             continue
         seen.add(text)
         print(f"warning: {text}", file=sys.stderr)
-
-
-def _one_line(e: object) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__

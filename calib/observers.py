@@ -1,6 +1,6 @@
 """Observers: small running-statistics trackers, fed one tensor at a time by the calibration loop.
 
-They know nothing about models or hooks (``calib.calibrate`` wires them in). Running values stay on
+They know nothing about models or hooks (``calib.layerwise`` wires them in). Running values stay on
 the device of the first tensor seen (no host sync per update); ``stats()`` returns CPU float32.
 Max/min/absmax are exact; means are token-weighted running sums in float64 (each batch summed in
 float32 first: float64 reductions are ~10x slower), so they do not depend on how the tokens were split

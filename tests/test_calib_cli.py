@@ -1,4 +1,5 @@
-"""``python -m calib``: flag spellings, the kv_qparams export, and every known error as one line with exit 2."""
+"""``python -m calib``: flag spellings, the kv_qparams export, every error a user can fix as one line with exit 2,
+and a bug as one ``internal error`` line (exit 1) with its traceback in the log."""
 
 import json
 import subprocess
@@ -209,23 +210,12 @@ def test_meta_newer_than_reader(capsys, work_dir, tmp_path):
 
 
 @pytest.fixture
-def fake_calibrate(monkeypatch, tmp_path):
-    """Stand-ins for the model loader and calib.calibrate, so the CLI layer is tested without a model."""
-    import types
-
-    import kvcache.model_loader as model_loader
+def fake_calibrate(monkeypatch):
+    """Stand-ins for the model loader and calibrate(), so the CLI layer is tested without a model."""
+    import calib.calibrate
+    import kvcache.models.loader as model_loader
 
     calls = {}
-    mod = types.ModuleType("calib.calibrate")
-
-    class CalibDataError(Exception):
-        pass
-
-    class CalibOOMError(RuntimeError):
-        pass
-
-    class CalibCancelled(Exception):
-        pass
 
     def calibrate(loaded, **kwargs):
         calls.update(kwargs, loaded=loaded)
@@ -233,37 +223,126 @@ def fake_calibrate(monkeypatch, tmp_path):
             raise calls["raise"]
         return Path(kwargs["work_dir"])
 
-    mod.__dict__.update(calibrate=calibrate, CalibDataError=CalibDataError, CalibOOMError=CalibOOMError,
-                        CalibCancelled=CalibCancelled)
-    monkeypatch.setitem(sys.modules, "calib.calibrate", mod)
+    monkeypatch.setattr(calib.calibrate, "calibrate", calibrate)
     monkeypatch.setattr(model_loader, "load_model", lambda model, **kw: calls.update(model=model, load=kw) or "LOADED")
-    calls["errors"] = mod
     return calls
 
 
+@pytest.fixture
+def log_file(monkeypatch, tmp_path):
+    path = tmp_path / "kvq.log"
+    monkeypatch.setenv("KVQ_LOG_FILE", str(path))
+    return path
+
+
 def test_calibrate_passes_flags_through(capsys, fake_calibrate, tmp_path):
-    rc, out, err = run(capsys, "calibrate", "default", "--calib_dataset", "wikitext2", "--calib-samples", "8",
+    rc, out, err = run(capsys, "calibrate", "default", "--calib_dataset", "builtin", "--calib-samples", "8",
                        "--calib-seqlen", "64", "--work-dir", str(tmp_path / "wd"), "--batch-size", "2")
     assert rc == 0, err
     c = fake_calibrate
     assert (c["model"], c["loaded"], c["dataset"], c["samples"], c["seqlen"], c["batch_size"], c["seed"]) == (
-        "default", "LOADED", "wikitext2", 8, 64, 2, 0)
+        "default", "LOADED", "builtin", 8, 64, 2, 0)
     assert c["work_dir"] == str(tmp_path / "wd") and "kv_qparams" in out
 
 
-@pytest.mark.parametrize("name", ["CalibDataError", "CalibOOMError", "CalibCancelled"])
-def test_calibrate_errors_are_one_line(capsys, fake_calibrate, tmp_path, name):
-    fake_calibrate["raise"] = getattr(fake_calibrate["errors"], name)(f"{name} happened: do this")
-    rc, _, err = run(capsys, "calibrate", "default", "--work-dir", str(tmp_path / "wd"))
+@pytest.mark.parametrize("name", ["CalibDataError", "CalibOOMError", "CalibCancelled", "CalibNaNError"])
+def test_calibrate_errors_are_one_line(capsys, fake_calibrate, tmp_path, log_file, name):
+    import calib.errors
+
+    fake_calibrate["raise"] = getattr(calib.errors, name)(f"{name} happened: do this")
+    rc, _, err = run(capsys, "calibrate", "default", "--calib-dataset", "builtin", "--work-dir", str(tmp_path / "wd"))
     assert rc == 2
-    assert_one_line_error(err.strip().splitlines()[-1] + "\n", f"{name} happened: do this")
-    assert "Traceback" not in err
+    assert_one_line_error(err, f"{name} happened: do this")
+    assert not log_file.exists()  # not a bug: nothing logged
 
 
-def test_calibrate_model_load_error(capsys, monkeypatch, tmp_path):
-    import types
+@pytest.mark.parametrize("bug", [
+    RuntimeError("The size of tensor a (16) must match the size of tensor b (8) at non-singleton dimension 3"),
+    ValueError("not enough values to unpack (expected 3, got 2)"),
+])
+def test_a_bug_in_calibration_is_an_internal_error_with_its_traceback_logged(capsys, fake_calibrate, tmp_path,
+                                                                             log_file, bug):
+    fake_calibrate["raise"] = bug
+    rc, _, err = run(capsys, "calibrate", "default", "--calib-dataset", "builtin", "--work-dir", str(tmp_path / "wd"))
+    assert rc == 1
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"internal error: {type(bug).__name__}: {bug}") and str(log_file) in line
+    assert "error: " + str(bug) not in err.replace("internal error: ", "")
+    log = log_file.read_text()
+    assert "python -m calib calibrate" in log and "Traceback (most recent call last)" in log
+    assert f"{type(bug).__name__}: {bug}" in log and "in calibrate" in log  # the frame that raised it
 
-    monkeypatch.setitem(sys.modules, "calib.calibrate", types.SimpleNamespace(calibrate=lambda *a, **k: None))
-    rc, _, err = run(capsys, "calibrate", str(tmp_path / "no-such-model"))  # the real loader refuses it
+
+def test_a_shape_error_inside_the_real_calibration_is_an_internal_error(capsys, monkeypatch, tmp_path, log_file):
+    """The real calibrate() on a tiny model, an observer failing as a torch shape bug would: not `error: ...`."""
+    from types import SimpleNamespace
+
+    from conftest import make_tiny_llama
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import calib.observers
+    import kvcache.models.loader as model_loader
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(63)}}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    loaded = SimpleNamespace(model=make_tiny_llama(num_layers=1, vocab=64), tokenizer=tok, name="tiny")
+    monkeypatch.setattr(model_loader, "load_model", lambda model, **kw: loaded)
+
+    def broken_update(self, x):
+        x.view(-1, 7)  # RuntimeError: shape '[-1, 7]' is invalid for input of size ...
+
+    monkeypatch.setattr(calib.observers.KVObserver, "update", broken_update)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"w{i % 63}" for i in range(200)))
+    rc, _, err = run(capsys, "calibrate", "tiny", "--calib-dataset", str(corpus), "--calib-samples", "2",
+                     "--calib-seqlen", "16", "--work-dir", str(tmp_path / "wd"), "--device", "cpu")
+    assert rc == 1, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("internal error: RuntimeError: shape '[-1, 7]' is invalid") and "details in" in line
+    log = log_file.read_text()
+    assert "Traceback" in log and "broken_update" in log and "layerwise.py" in log
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    (["--calib-dataset", "wikitext103"], ("unknown calibration dataset 'wikitext103'", "builtin")),
+    (["--calib-dataset", "c4"], ("c4 is not available offline", "--calib-data-dir")),
+    (["--calib-dataset", "notes.csv"], ("calibration file notes.csv not found",)),
+    (["--calib-dataset", "builtin", "--device", "tpu"], ("unknown device 'tpu'",)),
+])
+def test_calibrate_input_errors_come_before_the_model_loads(capsys, fake_calibrate, tmp_path, monkeypatch, argv,
+                                                            needles):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    rc, _, err = run(capsys, "calibrate", "default", "--work-dir", str(tmp_path / "wd"), *argv)
+    assert rc == 2
+    assert_one_line_error(err, *needles)
+    assert "model" not in fake_calibrate  # the loader was never called
+
+
+def test_calibrate_work_dir_with_other_files_is_refused_before_the_model_loads(capsys, fake_calibrate, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    rc, _, err = run(capsys, "calibrate", "default", "--calib-dataset", "builtin", "--work-dir", str(tmp_path / "mine"))
+    assert rc == 2
+    assert_one_line_error(err, "not calibration output (notes.txt)")
+    assert "model" not in fake_calibrate
+
+
+def test_calibrate_model_load_error(capsys, tmp_path):
+    rc, _, err = run(capsys, "calibrate", str(tmp_path / "no-such-model"), "--calib-dataset", "builtin",
+                     "--work-dir", str(tmp_path / "wd"))  # the real loader refuses it
     assert rc == 2
     assert_one_line_error(err, "does not exist")
+
+
+def test_out_dir_that_cannot_be_written_is_one_line(capsys, work_dir, tmp_path, log_file):
+    (tmp_path / "taken").write_text("a file where OUT_DIR should go")
+    rc, _, err = run(capsys, "kv_qparams", str(work_dir), str(tmp_path / "taken"), "--format", "kvq")
+    assert rc == 2
+    assert_one_line_error(err, f"cannot write {tmp_path / 'taken'}", "choose another OUT_DIR")
+    assert not log_file.exists()

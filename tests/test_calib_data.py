@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from calib import data
-from calib.data import BUILTIN_CORPUS, VALID_DATASETS, CalibCancelled, CalibDataError, load_calib_windows
+from calib.data import BUILTIN_CORPUS, VALID_DATASETS, check_dataset, load_calib_windows
+from calib.errors import CalibCancelled, CalibDataError
 
 VOCAB = 200
 
@@ -331,3 +332,68 @@ def test_self_generates_seeded_text(chat_tok):
         load_calib_windows("self", chat_tok, 2, 16, model=model, progress=lambda f, m: False)
     with pytest.raises(CalibDataError, match="needs the model"):
         load_calib_windows("self", chat_tok, 2, 16)
+
+
+def test_self_is_written_through_the_engines_scheduler(chat_tok, monkeypatch):
+    """Every answer is a request of kvcache's BatchScheduler; several are decoded together; nothing global moves."""
+    from calib.data import self_written
+    from kvcache.engine.scheduler import BatchScheduler
+
+    batches = []
+
+    class Watched(BatchScheduler):
+        def step(self):
+            out = super().step()
+            batches.append(len(out))
+            return out
+
+    monkeypatch.setattr(self_written, "BatchScheduler", Watched)
+    monkeypatch.setattr(self_written, "MAX_ANSWER_TOKENS", 16)  # several answers for 4 x 16 tokens
+    model = make_tiny_llama(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, vocab=VOCAB + 1)
+    rng_before = torch.random.get_rng_state()
+    w = load_calib_windows("self", chat_tok, 4, 16, seed=3, model=model)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # each answer has its own generator
+    assert w.shape == (4, 16) and batches and max(batches) > 1
+    assert torch.equal(w, load_calib_windows("self", chat_tok, 4, 16, seed=3, model=model))
+
+
+def test_self_with_another_attention_gets_its_own_back(chat_tok):
+    model = make_tiny_llama(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, vocab=VOCAB + 1)
+    model.set_attn_implementation("sdpa")
+    assert load_calib_windows("self", chat_tok, 1, 16, model=model).shape == (1, 16)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# --- one rule for data files, and the checks that need no model ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["corpus.jsonl.gz", "corpus.raw", "corpus.JSON"])
+def test_a_local_file_takes_every_type_a_named_dataset_file_takes(tmp_path, tok, name):
+    path = tmp_path / name
+    docs = [words(30, 0), words(30, 30)]
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            f.write("\n".join(json.dumps({"text": d}) for d in docs))
+    elif name.endswith(".raw"):
+        path.write_text("\n\n".join(docs))
+    else:
+        path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    w = load_calib_windows(str(path), tok, samples=3, seqlen=10, seed=0)
+    assert w.shape == (3, 10) and all(is_slice_of(row, ids_of(60)) for row in w)
+
+
+def test_check_dataset_needs_no_model(tmp_path, offline_caches):
+    for ok in ("builtin", "self", "SELF"):
+        check_dataset(ok)
+    (tmp_path / "c.txt").write_text("w1 w2")
+    check_dataset(str(tmp_path / "c.txt"))
+    (tmp_path / "c4-train.00000-of-01024.json.gz").write_bytes(b"")  # found is enough: it is read later
+    check_dataset("c4", tmp_path)
+    cases = [(("wikitext103",), "unknown calibration dataset"), (("c4",), "c4 is not available offline"),
+             ((str(tmp_path / "nope.txt"),), "not found"), (("ptb", tmp_path / "missing"), "is not a folder"),
+             ((str(tmp_path),), "is a folder")]
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    cases.append(((str(tmp_path / "data.csv"),), "unsupported calibration file type .csv"))
+    for args, needle in cases:
+        with pytest.raises(CalibDataError, match=needle):
+            check_dataset(*args)

@@ -15,11 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-from calib.export import ExportError, export, export_kvq, export_turbomind, export_vllm
-from calib.stats_io import CalibStatsError, check_model, load_work_dir
-from kvcache.kv_shape import KVShape, config_hash
+from calib.errors import CalibStatsError, ExportError
+from calib.export import export, export_kvq, export_turbomind, export_vllm
+from calib.workdir import check_model, load_work_dir
 from kvcache.qparams import KVQParams
 from kvcache.quant import SCALE_EPS
+from kvcache.storage.shape import KVShape, config_hash
 
 C = 226695 / 2**17  # 255 * 127 * 7 / 2^17, exact in float32
 

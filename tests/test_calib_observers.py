@@ -11,8 +11,7 @@ from transformers import DynamicCache
 
 from calib.calibrate import calibrate
 from calib.observers import ActivationObserver, KVObserver
-from kvcache.compat import cache_kwargs, output_cache
-
+from kvcache.hf.compat import cache_kwargs, output_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

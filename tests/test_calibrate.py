@@ -9,18 +9,17 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from calib.calibrate import (
-    WORK_DIR_FILES,
+from calib.calibrate import calibrate
+from calib.errors import (
     CalibCancelled,
+    CalibDataError,
     CalibError,
     CalibNaNError,
     CalibOOMError,
-    calibrate,
 )
-from calib.data import CalibDataError
-from calib.stats_io import check_model, load_work_dir
-from kvcache.kv_shape import config_hash
+from calib.workdir import WORK_DIR_FILES, check_model, load_work_dir
 from kvcache.qparams import KVQParams
+from kvcache.storage.shape import config_hash
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3, 4, 2, 16, 64
 
@@ -152,6 +151,21 @@ def test_oom_is_one_line_and_names_what_fits(tiny, tmp_path):
     assert snapshot(wd) == before and leftovers(tmp_path, "wd") == []
 
 
+def test_a_full_disk_is_one_line_and_leaves_the_old_work_dir(tiny, tmp_path, monkeypatch):
+    import calib.workdir
+
+    wd = calibrate(tiny, windows=windows(seed=1), work_dir=tmp_path / "wd")
+    before = snapshot(wd)
+
+    def disk_full(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(calib.workdir.torch, "save", disk_full)
+    with pytest.raises(CalibError, match=r"^cannot write the work dir .*wd \(No space left on device\): free disk"):
+        calibrate(tiny, windows=windows(seed=2), work_dir=wd)
+    assert snapshot(wd) == before and leftovers(tmp_path, "wd") == []
+
+
 def test_oom_while_the_model_writes_self_text_is_one_line(tiny, tmp_path, monkeypatch):
     import calib.calibrate as calibrate_mod
 
@@ -214,7 +228,7 @@ def test_default_model_on_the_builtin_corpus(loaded_default, tmp_path):
 def test_calibrated_per_channel_int8_within_the_quality_bounds(loaded_default, tmp_path):
     """The whole recipe on the real model: calibrate, export kvq, evaluate int8 through the cache on other text."""
     from calib.export import export
-    from kvcache.evaluate import BUILTIN_TEXTS, evaluate, read_text
+    from kvcache.measure.evaluate import BUILTIN_TEXTS, evaluate, read_text
 
     stats = load_work_dir(calibrate(loaded_default, dataset="builtin", samples=32, seqlen=512, batch_size=4,
                                     work_dir=tmp_path / "wd"))
@@ -238,7 +252,12 @@ def test_calibrated_per_channel_int8_within_the_quality_bounds(loaded_default, t
 def test_evaluating_on_the_calibration_text_is_flagged(loaded_default, tmp_path):
     """Parameters calibrated on the very windows being scored: the report says so."""
     from calib.export import export
-    from kvcache.evaluate import BUILTIN_TEXTS, evaluate, make_windows, read_text
+    from kvcache.measure.evaluate import (
+        BUILTIN_TEXTS,
+        evaluate,
+        make_windows,
+        read_text,
+    )
 
     text = read_text(BUILTIN_TEXTS["builtin-en"])
     windows = make_windows(loaded_default.tokenizer, text, 128, 2, None)

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..stats_io import CalibStats
-from .common import FORMAT_VERSION, GRANULARITIES, ExportError
+from ..workdir import CalibStats
+from .common import FORMAT_VERSION, GRANULARITIES, ExportError, writing
 from .kvq import KVQ_FILE, export_kvq
 from .turbomind import TURBOMIND_SIDECAR, export_turbomind
-from .vllm import FP8_E4M3_MAX, VLLM_DOC, VLLM_FILE, VLLM_FORMAT, VLLM_README, export_vllm, kv_cache_scheme
+from .vllm import (
+    FP8_E4M3_MAX,
+    VLLM_DOC,
+    VLLM_FILE,
+    VLLM_FORMAT,
+    VLLM_README,
+    export_vllm,
+    kv_cache_scheme,
+)
 from .vllm_folder import READY_README, VLLMFolder, export_vllm_model
 
 FORMATS = ("turbomind", "kvq", "vllm")
@@ -67,10 +75,11 @@ def export(
     granularity = check_options(fmt, num_tp=num_tp, kv_bits=kv_bits, granularity=granularity)
     if model_dir is not None and fmt != "vllm":
         raise ExportError(f"a model folder is built for the vllm format only, not {fmt}")
-    if fmt == "turbomind":
-        return export_turbomind(stats, out_dir, kv_sym=kv_sym, num_tp=num_tp, kv_bits=kv_bits)
-    if fmt == "kvq":
-        return export_kvq(stats, out_dir, granularity=granularity, kv_sym=kv_sym, kv_bits=kv_bits)
     if model_dir is not None:
         return export_vllm_model(stats, model_dir, out_dir, granularity=granularity).written
-    return export_vllm(stats, out_dir, granularity=granularity)
+    with writing(out_dir):
+        if fmt == "turbomind":
+            return export_turbomind(stats, out_dir, kv_sym=kv_sym, num_tp=num_tp, kv_bits=kv_bits)
+        if fmt == "kvq":
+            return export_kvq(stats, out_dir, granularity=granularity, kv_sym=kv_sym, kv_bits=kv_bits)
+        return export_vllm(stats, out_dir, granularity=granularity)

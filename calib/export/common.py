@@ -1,8 +1,11 @@
-"""What every export format shares: the error users see, the scale floor and its warning, templates."""
+"""What every export format shares: the error users see, writing the output, the scale floor and its
+warning, templates."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
@@ -11,13 +14,24 @@ import torch
 
 from kvcache.quant import SCALE_EPS
 
+from ..errors import ExportError
+
 FORMAT_VERSION = 1
 GRANULARITIES = ("tensor", "head", "channel")
 TEMPLATES = Path(__file__).with_name("templates")
 
 
-class ExportError(ValueError):
-    """Options or inputs that an export format cannot honour (shown to the user as one line)."""
+__all__ = ["FORMAT_VERSION", "GRANULARITIES", "ExportError", "floor_scale", "now", "render", "warn_floored", "writing"]
+
+
+@contextlib.contextmanager
+def writing(out_dir: str | Path) -> Iterator[None]:
+    """A folder that cannot be written (permissions, a full disk, a file in the way) is an :class:`ExportError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise ExportError(f"cannot write {out_dir} ({exc.strerror or exc}): check it is a folder you can write "
+                          "with free space, or choose another OUT_DIR") from exc
 
 
 def floor_scale(scale: torch.Tensor, floored: list[str], where: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from kvcache.qparams import FILE_NAME as KVQ_FILE
 from kvcache.qparams import KVQParams
 from kvcache.quant import SCALE_EPS
 
-from ..stats_io import CalibStats
+from ..workdir import CalibStats
 from .common import GRANULARITIES, ExportError, now, warn_floored
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..stats_io import CalibStats
+from ..workdir import CalibStats
 from .common import FORMAT_VERSION, ExportError, floor_scale, now, warn_floored
 
 TURBOMIND_SIDECAR = "kv_qparams_turbomind.json"

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from kvcache.quant import SCALE_EPS, reduce_to_granularity
 
-from ..stats_io import CalibStats
+from ..workdir import CalibStats
 from .common import FORMAT_VERSION, ExportError, now, render, warn_floored
 
 VLLM_FILE = "kv_cache_scales.safetensors"

@@ -24,9 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..stats_io import CalibStats, check_model
-from .common import ExportError, now, render
-from .vllm import VLLM_DOC, VLLM_FILE, check_granularity, check_with_compressed_tensors, quantization_config, write_scales
+from ..workdir import CalibStats, check_model
+from .common import ExportError, now, render, writing
+from .vllm import (
+    VLLM_DOC,
+    VLLM_FILE,
+    check_granularity,
+    check_with_compressed_tensors,
+    quantization_config,
+    write_scales,
+)
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
@@ -76,18 +83,26 @@ def export_vllm_model(
         warnings.warn(f"{name} left out of the copy: with Mistral's consolidated files vLLM would load only those "
                       "and miss the scales; the Hugging Face shards hold the same weights", stacklevel=2)
 
+    with writing(out):
+        linked, copied, written = _build(stats, model, out, found, new_config, granularity)
+    return VLLMFolder(out, [out / p.name for p in written], linked, copied, found.left_out, version)
+
+
+def _build(stats: CalibStats, model: Path, out: Path, found: _Model, config: dict[str, Any],
+           granularity: str) -> tuple[int, int, list[Path]]:
+    """The copy, made in a hidden folder next to ``out`` and renamed into place; removed on any failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         linked, copied = _copy_tree(model, tmp, skip={CONFIG, INDEX, READY_README, *found.left_out})
-        written = _write_new_files(stats, model, out, tmp, found, new_config, granularity, linked, copied)
+        written = _write_new_files(stats, model, out, tmp, found, config, granularity, linked, copied)
         if out.exists():
             out.rmdir()  # empty (checked); the rename below puts the finished copy in its place
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return VLLMFolder(out, [out / p.name for p in written], linked, copied, found.left_out, version)
+    return linked, copied, written
 
 
 def _check_paths(model: Path, out: Path) -> None:

@@ -1,16 +1,24 @@
-"""Read a calibration work dir into per-layer K/V statistics, with errors that say what to do.
+"""The calibration work dir: what calibrate writes (and how it swaps it in), and the reader export uses.
 
 A work dir holds ``key_stats.pth`` and ``value_stats.pth``: ``torch.save`` of
 ``{stat: {layer name: tensor (num_kv_heads, head_dim)}}`` for the stats ``min``, ``max`` and
-``absmax``. Ours also holds ``calib_meta.json`` (model, config hash, dataset, ...). LMDeploy's
-``lite calibrate`` writes the same two ``.pth`` files (its ``collect_kv_stats``) but no meta file, so
-its work dirs load too; the model they came from can then be checked by KV shape only.
+``absmax``. Ours also holds ``key_stats_pre_rope.pth``, ``inputs_stats.pth``, ``outputs_stats.pth``
+and ``calib_meta.json`` (model, config hash, dataset, ...). LMDeploy's ``lite calibrate`` writes the
+same two ``.pth`` files (its ``collect_kv_stats``) but no meta file, so its work dirs load too; the
+model they came from can then be checked by KV shape only.
+
+Writing goes to a temporary folder next to the work dir, swapped in at the end, so a failed or
+cancelled run leaves a previous work dir as it was; a folder holding anything else is refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +26,10 @@ from typing import Any
 
 import torch
 
-from kvcache.kv_shape import KVShape, config_hash
-from kvcache.overlap import sketch_to_text
+from kvcache.measure.overlap import sketch_to_text
+from kvcache.storage.shape import KVShape, config_hash
+
+from .errors import CalibError, CalibStatsError
 
 KEY_STATS_FILE = "key_stats.pth"
 VALUE_STATS_FILE = "value_stats.pth"
@@ -27,13 +37,84 @@ META_FILE = "calib_meta.json"
 # The newest calib_meta.json format this reader understands.
 META_FORMAT_VERSION = 1
 STATS = ("min", "max", "absmax")
+KEY_STATS_PRE_ROPE_FILE = "key_stats_pre_rope.pth"
+INPUTS_STATS_FILE = "inputs_stats.pth"
+OUTPUTS_STATS_FILE = "outputs_stats.pth"
+WORK_DIR_FILES = (
+    KEY_STATS_FILE, VALUE_STATS_FILE, KEY_STATS_PRE_ROPE_FILE, INPUTS_STATS_FILE, OUTPUTS_STATS_FILE, META_FILE,
+)
 
 _CALIBRATE_HINT = "run `python -m calib calibrate MODEL --work-dir {dir}` first"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
-class CalibStatsError(ValueError):
-    """A work dir that is missing, corrupt, inconsistent, or made for another model."""
+# --- writing -------------------------------------------------------------------------------------
+
+
+def check_work_dir(work_dir: str | Path) -> Path:
+    """The resolved work dir, refused when replacing it as a whole would damage something (a file, the
+    current directory, a folder holding other files) or when its parent cannot be written."""
+    work_dir = Path(work_dir).expanduser().resolve()
+    if work_dir.exists() and not work_dir.is_dir():
+        raise CalibError(f"work dir {work_dir} is a file: choose a folder with --work-dir")
+    if work_dir.is_dir():
+        cwd = Path.cwd().resolve()
+        if cwd == work_dir or work_dir in cwd.parents:
+            raise CalibError(f"work dir {work_dir} holds the current directory: choose a new folder with --work-dir")
+        foreign = sorted(p.name for p in work_dir.iterdir() if p.name not in WORK_DIR_FILES)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise CalibError(
+                f"work dir {work_dir} holds files that are not calibration output ({shown}); it is replaced as a "
+                "whole when calibration ends: choose an empty or new folder with --work-dir"
+            )
+    parent = work_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CalibError(f"cannot create {parent} for the work dir ({exc.strerror or exc}): choose another "
+                         "--work-dir") from exc
+    if not os.access(parent, os.W_OK):
+        raise CalibError(f"cannot write next to the work dir: {parent} is not writable; choose another --work-dir")
+    return work_dir
+
+
+def write_work_dir(work_dir: Path, files: dict[str, Any]) -> None:
+    """Write ``files`` (``.json``: JSON, else ``torch.save``) into a temporary folder next to ``work_dir``, then
+    swap it in (the old one renamed aside, then removed). A disk that fills up is a :class:`CalibError`."""
+    try:
+        _swap_in(work_dir, files)
+    except OSError as exc:
+        raise CalibError(f"cannot write the work dir {work_dir} ({exc.strerror or exc}): free disk space or "
+                         "choose another --work-dir; a previous work dir is as it was") from exc
+
+
+def _swap_in(work_dir: Path, files: dict[str, Any]) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{work_dir.name}.tmp-", dir=work_dir.parent))
+    try:
+        for name, obj in files.items():
+            if name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            else:
+                torch.save(obj, tmp / name)
+        old = None
+        if work_dir.exists():
+            old = work_dir.parent / f".{work_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(work_dir, old)
+        try:
+            os.rename(tmp, work_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old, work_dir)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- reading -------------------------------------------------------------------------------------
 
 
 @dataclass
