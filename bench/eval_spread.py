@@ -1,24 +1,24 @@
 """How much the evaluation's figures move with the CPU's arithmetic: float32 vs float64, 1 vs 2 threads.
 
 The tests' quality bounds are set against this spread (tests/test_evaluate.py). Run on the CPU:
-    .venv/bin/python bench/eval_spread.py [--text builtin-en] [--kv int8-dynamic] [--seqlen 256 --samples 4]
+    .venv/bin/python -m bench.eval_spread [--text builtin-en] [--kv int8-dynamic] [--seqlen 256 --samples 4]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from kvcache.evaluate import evaluate, read_text, resolve_text
-from kvcache.model_loader import load_model
+from bench.common import parser
+from kvcache.measure.evaluate import evaluate, read_text, resolve_text
+from kvcache.models.loader import load_model
 
 FIELDS = ("delta_ppl_pct", "kl_vs_fp16", "top1_match_pct", "first_divergence")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--text", default="builtin-en")
     p.add_argument("--kv", default="int8-dynamic")
     p.add_argument("--seqlen", type=int, default=256)

@@ -8,13 +8,12 @@ names the target architecture; every launch is compiled by Triton's own toolchai
 ptxas bundled with Triton) into a cubin and never run. Registers, spills and shared memory come
 from ``cuobjdump -res-usage`` of that cubin (a spill shows as stack bytes); the occupancy column is an estimate from them.
 
-    python bench/kernel_compile.py                               # sm_90 (H100/H200), a table
-    python bench/kernel_compile.py --arch 80,90 --json out/kernel_compile.json
+    python -m bench.kernel_compile                               # sm_90 (H100/H200), a table
+    python -m bench.kernel_compile --arch 80,90 --json out/kernel_compile.json
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -23,7 +22,6 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -32,14 +30,12 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from report import write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
-from kvcache.kernels.paged_decode import decode_attention_triton  # noqa: E402
-from kvcache.kernels.paged_prefill import prefill_attention_triton  # noqa: E402
-from kvcache.kernels.store import store_kv_triton  # noqa: E402
-from kvcache.layout import LayerKV, new_blocks  # noqa: E402
-from kvcache.modes import get_mode  # noqa: E402
+from bench.common import add_json_flag, parser, write_json
+from kvcache.kernels.paged_decode import decode_attention_triton
+from kvcache.kernels.paged_prefill import prefill_attention_triton
+from kvcache.kernels.paged_store import store_kv_triton
+from kvcache.modes import get_mode
+from kvcache.storage.layout import LayerKV, new_blocks
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,7 @@ ARCHS = {
 }
 MODES = ("fp16", "int8", "int8-dynamic")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's (and fp16-mode storage's) dtype
-SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench/decode_attention.py
+SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default
 # A few words of spill per thread stay in L1 and cost little (ptxas makes that trade itself at times);
 # beyond this many bytes a change of tile or warps has pushed a kernel off its register budget.
@@ -230,10 +226,10 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--arch", default="90", help=f"comma list of compute capabilities x10: {', '.join(map(str, ARCHS))}")
     p.add_argument("--head-dims", default="64,128", help="comma list of head dims")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    add_json_flag(p, "the rows")
     p.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (what-if: occupancy vs spills)")
     p.add_argument("--rows", action="store_true", help="print every kernel, not only the summary")
     args = p.parse_args(argv)

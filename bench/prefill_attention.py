@@ -8,44 +8,56 @@ For each shape (Llama-2-7B MHA: 32 heads x 128; GQA: 32 query / 8 KV heads x 128
 - ``kvq_<mode>``: our Triton prefill kernel reading the blocks in their stored format.
 
 Prefill is compute-bound: the table gives TFLOP/s of the causal attention (4 * heads * head_dim
-multiply-adds per (query, visible key) pair). Run on a GPU:
+multiply-adds per (query, visible key) pair). Run on a GPU, from the repository root:
 
-    python bench/prefill_attention.py --json out/bench_prefill.json
-    python bench/prefill_attention.py --quick
+    python -m bench.prefill_attention --json out/bench_prefill.json
+    python -m bench.prefill_attention --quick
+
+A CPU dry run checks the logic only (the kernels in Triton's interpreter; figures not meaningful):
+
+    TRITON_INTERPRET=1 python -m bench.prefill_attention --device cpu --shapes gqa --histories 64 --chunks 16 --rep 1
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from decode_attention import QUANT_MODES, SHAPES, bench, paged_layer  # noqa: E402  (bench/ is on sys.path)
-from report import write_json  # noqa: E402
-import decode_attention  # noqa: E402
+from bench.common import (
+    QUANT_MODES,
+    SHAPES,
+    add_bench_timing_flags,
+    add_block_size_flag,
+    add_device_flag,
+    add_json_flag,
+    int_list,
+    median_seconds,
+    paged_layer,
+    parser,
+    release,
+    require_device,
+    require_triton_interpreter,
+    write_json,
+)
 
 METHODS = ["sdpa_fp16", *(f"deq_sdpa_{m}" for m in QUANT_MODES), "kvq_fp16", *(f"kvq_{m}" for m in QUANT_MODES)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = parser(__doc__)
     p.add_argument("--shapes", default="mha,gqa", help="comma list of: " + ", ".join(SHAPES))
-    p.add_argument("--histories", type=ints, default=[4096, 16384, 32768], help="tokens cached before the chunk")
-    p.add_argument("--chunks", type=ints, default=[512, 2048], help="new tokens per prefill call")
+    p.add_argument("--histories", type=int_list, default=[4096, 16384, 32768], help="tokens cached before the chunk")
+    p.add_argument("--chunks", type=int_list, default=[512, 2048], help="new tokens per prefill call")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--block-size", type=int, default=64)
+    add_block_size_flag(p)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    add_bench_timing_flags(p)
     p.add_argument("--quick", action="store_true", help="only history 16K, chunk 2K")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_device_flag(p, "the kernels in Triton's interpreter; needs TRITON_INTERPRET=1")
+    add_json_flag(p)
     args = p.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -69,7 +81,7 @@ def run_combo(args, shape: str, history: int, chunk: int) -> list[dict]:
     from kvcache.kernels.paged_prefill import prefill_attention_triton
     from kvcache.kernels.reference import prefill_attention_reference
 
-    device = decode_attention.DEVICE
+    device = args.device
     hq, kvh, d = SHAPES[shape]
     b, kv_len, scale = args.batch, history + chunk, d**-0.5
     q = torch.randn(b, hq, chunk, d, device=device, dtype=torch.float16)
@@ -81,7 +93,7 @@ def run_combo(args, shape: str, history: int, chunk: int) -> list[dict]:
     def timed(method: str, fn, ref: torch.Tensor | None = None) -> torch.Tensor | None:
         row = dict(shape=shape, batch=b, history=history, chunk=chunk, method=method)
         try:
-            seconds = bench(fn, args)
+            seconds = median_seconds(fn, device, warmup_ms=args.warmup, rep_ms=args.rep)
         except torch.cuda.OutOfMemoryError:
             row.update(time_us=None, note="out of memory")
             rows.append(row)
@@ -102,7 +114,7 @@ def run_combo(args, shape: str, history: int, chunk: int) -> list[dict]:
         ref = timed("sdpa_fp16", lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != kvh).transpose(1, 2))
     if "kvq_fp16" in args.methods:
-        layer, tables = paged_layer("fp16", b, kvh, kv_len, d, args.block_size, k, v)
+        layer, tables = paged_layer("fp16", b, kvh, kv_len, d, args.block_size, k, v, device=device)
         timed("kvq_fp16", lambda: prefill_attention_triton(q, layer, tables, kv_len, scale, check_ranges=False), ref)
         del layer, tables
     del k, v
@@ -110,16 +122,14 @@ def run_combo(args, shape: str, history: int, chunk: int) -> list[dict]:
         names = [m for m in (f"deq_sdpa_{kv}", f"kvq_{kv}") if m in args.methods]
         if not names:
             continue
-        layer, tables = paged_layer(kv, b, kvh, kv_len, d, args.block_size)
+        layer, tables = paged_layer(kv, b, kvh, kv_len, d, args.block_size, device=device)
         ref = None
         if f"deq_sdpa_{kv}" in names:
             ref = timed(f"deq_sdpa_{kv}", lambda: prefill_attention_reference(q, layer, tables, kv_len, scale))
         if f"kvq_{kv}" in names:
             timed(f"kvq_{kv}", lambda: prefill_attention_triton(q, layer, tables, kv_len, scale, check_ranges=False), ref)
         del layer, tables
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     return rows
 
 
@@ -138,13 +148,15 @@ def print_row(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if decode_attention.DEVICE == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/prefill_attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured")
+    require_device(args.device, "bench.prefill_attention")
+    if args.device == "cpu":
+        require_triton_interpreter("bench.prefill_attention")
+        print("DRY RUN on the CPU: the kernels in Triton's interpreter; the figures below say nothing about a GPU")
     import triton
 
     torch.manual_seed(0)
     t0 = time.time()
-    name = torch.cuda.get_device_name() if decode_attention.DEVICE == "cuda" else "CPU dry run (interpreter)"
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run (interpreter)"
     print(f"{name}: batch {args.batch}, blocks of {args.block_size}; x_sdpa = time / torch SDPA fp16 time; "
           "max|diff| against the same data through SDPA (fp16) or dequantize + SDPA (int8)\n")
     print(HEADER)
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for shape in args.shapes for history in args.histories for chunk in args.chunks
             for r in run_combo(args, shape, history, chunk)]
     if args.json:
-        meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, block_size=args.block_size,
+        meta = dict(device=name, dry_run=args.device == "cpu", torch=torch.__version__, triton=triton.__version__, block_size=args.block_size,
                     batch=args.batch)
         write_json(args.json, meta, rows, t0)
     return 0

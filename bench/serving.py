@@ -1,56 +1,81 @@
 """Serving realism (issue #6): capacity, saturated throughput and device memory, fp16 vs int8 KV caches.
 
 A randomly initialised Llama-2-7B-shaped model (fp16 weights, loaded once) serves every KV mode in
-turn from one fixed :class:`kvcache.BlockPool` sized like LMDeploy's ``cache_max_entry_count``
-(a fraction of the memory free after the weights load, or a whole number of fp16 blocks):
+turn through a :class:`kvcache.Engine`, as the app serves a chat: the engine sizes the mode's one fixed
+pool from ``EngineConfig(cache_max_entry_count=...)`` (LMDeploy's meaning: a fraction of the memory
+free after the weights load, or a whole number of fp16 blocks) and its batch worker runs the requests:
 
-1. ``capacity``: the pool really allocated per mode: blocks, tokens, and concurrent sessions of
+1. ``capacity``: the pool the engine really allocated per mode: blocks, tokens, and concurrent sessions of
    ``--session-tokens`` (blocks // ceil(session_tokens / block_size)); target int8 >= 1.95x fp16.
 2. ``throughput``: ``--requests`` requests of seeded random lengths and token ids, all queued at once,
-   through :class:`kvcache.batching.BatchScheduler` (continuous batching; no EOS, so every mode
-   generates exactly the same number of tokens): generated tokens/s, requests/s, mean decode batch,
-   steps. Target int8 >= 1.3x fp16 (LMDeploy publishes 1.27x for llama2-7b).
-3. ``memory``: device memory (NVML, what nvidia-smi shows) before the model loads, after it loads,
-   and after each mode's pool is allocated (each pool is freed before the next mode).
+   through the engine's worker (continuous batching, :class:`kvcache.engine.scheduler.BatchScheduler`;
+   no EOS, so every mode generates exactly the same number of tokens): generated tokens/s, requests/s,
+   mean decode batch, steps. Target int8 >= 1.3x fp16 (LMDeploy publishes 1.27x for llama2-7b).
+3. ``memory``: device memory (NVML, what nvidia-smi shows, read by ``kvcache.measure.device_memory``)
+   before the model loads, after it loads, and after each mode's pool is allocated (each mode gets its
+   own engine; the previous one and its pool are freed first).
 
 The int8 (static) mode uses stand-in per-channel parameters from one random prefill, as in
-bench/generate.py. On a GPU (one command; a few minutes on an H100 by estimate, not yet timed):
+``bench.generate``. On a GPU, from the repository root (one command; a few minutes on an H100 by
+estimate, not yet timed):
 
-    python bench/serving.py --json out/bench_serving.json
+    python -m bench.serving --json out/bench_serving.json
     # quick: 8 layers, 64 requests; a block count, not a fraction, keeps the smaller model's pool saturated
-    python bench/serving.py --layers 8 --requests 64 --cache-max-entry-count 600 --json out/bench_serving_quick.json
+    python -m bench.serving --layers 8 --requests 64 --cache-max-entry-count 600 --json out/bench_serving_quick.json
 
 A CPU dry run checks the logic only (float32 weights, fp16 pools, figures not meaningful):
 
-    python bench/serving.py --device cpu --layers 2 --requests 8 --prompt-len 16,64 --new-tokens 4,16 \\
+    python -m bench.serving --device cpu --layers 2 --requests 8 --prompt-len 16,64 --new-tokens 4,16 \\
         --cache-max-entry-count 12 --block-size 16 --session-tokens 64 --calib-tokens 32 --warmup-batch 2
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import os
 import random
 import sys
+import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (
+    GiB,
+    LLAMA2_7B,
+    MiB,
+    add_block_size_flag,
+    add_device_flag,
+    add_json_flag,
+    add_kv_modes_flag,
+    add_model_flags,
+    add_range_checks_flag,
+    apply_range_checks,
+    build_model,
+    memory_now,
+    model_config,
+    needs_qparams,
+    parser,
+    peak_torch_bytes,
+    release,
+    require_device,
+    require_positive,
+    reset_peak_memory,
+    stand_in_qparams,
+    sync,
+    versions,
+    write_json,
+)
+from kvcache import Engine, EngineConfig, KVCacheFull, KVMode, LoadedModel
+from kvcache.config import parse_cache_max_entry_count
+from kvcache.engine.sequence import Sequence
+from kvcache.engine.worker import Request as Reply
+from kvcache.errors import ConfigError
+from kvcache.measure.device_memory import free_memory_bytes
+from kvcache.storage.block_pool import BlockPool
 
-import generate  # noqa: E402  (bench/ is on sys.path when run as a script)
-from generate import LLAMA2_7B, DeviceMemory, build_model, stand_in_qparams  # noqa: E402
-from report import write_json  # noqa: E402
-from kvcache.batching import BatchScheduler  # noqa: E402
-from kvcache.block_pool import BlockPool, KVCacheFull  # noqa: E402
-from kvcache.capacity import free_memory_bytes, parse_cache_max_entry_count, plan, pool_blocks  # noqa: E402
-from kvcache.kv_shape import KVShape  # noqa: E402
-from kvcache.modes import KVMode, parse_modes  # noqa: E402
-
-GiB, MiB = 1 << 30, 1 << 20
 PARTS = ("capacity", "throughput", "memory")
 Request = tuple[list[int], int]  # prompt token ids, max_new_tokens
 
@@ -69,38 +94,33 @@ def _int_range(p: argparse.ArgumentParser, flag: str, text: str, low: int) -> tu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="fp16,int8,int8-dynamic", help="comma list of KV modes")
+    p = parser(__doc__)
+    add_kv_modes_flag(p)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
-    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-2-7B)")
+    add_model_flags(p)
     p.add_argument("--cache-max-entry-count", default="0.5",
                    help="KV pool: a fraction in (0, 1] of the memory free after the weights load, or a whole number of fp16 blocks")
-    p.add_argument("--block-size", type=int, default=64)
+    add_block_size_flag(p)
     p.add_argument("--session-tokens", type=int, default=2048, help="tokens per session for the capacity count")
     p.add_argument("--requests", type=int, default=256, help="requests in the throughput run, all queued at once")
     p.add_argument("--prompt-len", default="128,2048", help="MIN,MAX prompt tokens (uniform, seeded)")
     p.add_argument("--new-tokens", default="64,512", help="MIN,MAX generated tokens (uniform, seeded; no EOS)")
     p.add_argument("--warmup-batch", type=int, default=32,
                    help="rows of the largest untimed warm-up run per mode (Triton compiles there); 0 skips the warm-up")
-    p.add_argument("--range-checks", action="store_true",
-                   help="set KVQ_KERNEL_CHECKS=1: the cache's kernel calls range-check their indices (a host sync each)")
-    p.add_argument("--calib-tokens", type=int, default=512, help="tokens of the DynamicCache prefill for int8 qparams")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu = a dry run of the logic (float32 weights); its figures mean nothing")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_range_checks_flag(p)
+    add_device_flag(p, "float32 weights, the reference kernels")
+    add_json_flag(p)
     args = p.parse_args(argv)
     try:
-        args.modes = parse_modes(args.modes)
         args.cache_max_entry_count = parse_cache_max_entry_count(args.cache_max_entry_count)
-    except ValueError as e:
+    except ConfigError as e:
         p.error(str(e))
+    if args.cache_max_entry_count is None:
+        p.error("--cache-max-entry-count takes a fraction in (0, 1] or a whole number of blocks: the benchmark needs a fixed pool")
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     if not args.parts or set(args.parts) - set(PARTS):
         p.error(f"--parts takes a comma list of {', '.join(PARTS)}; got {','.join(args.parts)!r}")
-    for name in ("layers", "block_size", "session_tokens", "requests", "calib_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    require_positive(p, args, "layers", "block_size", "session_tokens", "requests", "calib_tokens")
     if args.warmup_batch < 0:
         p.error("--warmup-batch must be >= 0")
     args.prompt_len = _int_range(p, "--prompt-len", args.prompt_len, 1)
@@ -132,30 +152,70 @@ def print_table(title: str, head: list[str], rows: list[list[Any]]) -> None:
     print("\n".join(lines[1:]))
 
 
-def sync() -> None:
-    if generate.DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def release() -> None:
-    """Give freed tensors back, so the next mode starts from the same device memory."""
-    gc.collect()
-    if generate.DEVICE == "cuda":
-        torch.cuda.empty_cache()
-
-
-def snapshot(stage: str, kv: str | None, nvml: DeviceMemory | None) -> dict[str, Any]:
+def snapshot(stage: str, kv: str | None, device: str) -> dict[str, Any]:
     """One row of part 3: NVML used + torch's view on CUDA; the process RSS on the CPU dry run."""
-    sync()
-    row: dict[str, Any] = dict(part="memory", stage=stage, kv=kv, free_bytes=free_memory_bytes(generate.DEVICE))
-    if generate.DEVICE == "cuda":
-        row.update(nvml_used_bytes=nvml.used() if nvml else None, torch_allocated_bytes=torch.cuda.memory_allocated(),
-                   torch_reserved_bytes=torch.cuda.memory_reserved())
-    else:
-        import psutil
+    sync(device)
+    return dict(part="memory", stage=stage, kv=kv, free_bytes=free_memory_bytes(device), **memory_now(device))
 
-        row.update(nvml_used_bytes=None, process_rss_bytes=psutil.Process().memory_info().rss)
-    return row
+
+class _NoTokenizer:
+    """The random model has no tokenizer; the engine asks one only for its end-of-reply tokens (none here)."""
+
+    eos_token_id = None
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}
+
+
+def as_loaded(model: torch.nn.Module, layers: int) -> LoadedModel:
+    """The random model as an engine takes it, with no EOS: every request generates its max_new_tokens."""
+    model.generation_config.eos_token_id = None
+    return LoadedModel(model=model, tokenizer=_NoTokenizer(), name=f"random Llama-2-7B shape, {layers} layers",
+                       source="bench.common.build_model", device=model.device, dtype=next(model.parameters()).dtype)
+
+
+class StepMeter:
+    """The engine's device lock, which its worker holds for exactly one scheduler step: it counts what each step did.
+
+    ``watch(sequences, pool)`` starts counting the steps over those sequences (from zero), ``unwatch()`` stops
+    (the counts stay); ``held()`` keeps the worker waiting (requests queued inside start together at the next step).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.watch([], None)
+        self.unwatch()
+
+    def watch(self, seqs: list[Sequence], pool: BlockPool | None) -> None:
+        self._live, self.pool = list(seqs), pool
+        self.steps = self.decode_steps = self.decode_rows = self.peak_batch = self.saturated = self.peak_blocks = 0
+
+    def unwatch(self) -> None:
+        self._live, self.pool = [], None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def __enter__(self) -> "StepMeter":
+        self._lock.acquire()
+        self._live = [s for s in self._live if not s.finished]
+        self._decoding = sum(1 for s in self._live if s.num_cached)  # prefilled and not finished: this step decodes them
+        self._tokens = sum(len(s.token_ids) for s in self._live)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.pool is not None and exc[0] is None:
+                self.steps += 1
+                self.decode_steps += self._decoding > 0
+                self.decode_rows += self._decoding
+                self.peak_batch = max(self.peak_batch, sum(len(s.token_ids) for s in self._live) - self._tokens)
+                self.peak_blocks = max(self.peak_blocks, self.pool.num_used)
+                self.saturated += any(not s.num_cached and not s.finished for s in self._live)  # left waiting: the pool is the limit
+        finally:
+            self._lock.release()
 
 
 def make_requests(args: argparse.Namespace, vocab: int) -> list[Request]:
@@ -182,82 +242,104 @@ def warmup_runs(args: argparse.Namespace, tokens: list[int]) -> list[list[Reques
     return runs
 
 
-def capacity_row(pool: BlockPool, planned: int, session_tokens: int) -> dict[str, Any]:
-    """Part 1 from the pool that was really allocated (not from the plan)."""
+def capacity_row(pool: BlockPool, planned: int, session_tokens: int, free_after_load: int) -> dict[str, Any]:
+    """Part 1 from the pool the engine really allocated (not from the plan)."""
     per_session = -(-session_tokens // pool.block_size)
     return dict(part="capacity", kv=pool.mode.name, planned_blocks=planned, blocks=pool.num_blocks,
                 tokens=pool.num_blocks * pool.block_size, sessions=pool.num_blocks // per_session,
-                blocks_per_session=per_session, bytes_per_token=pool.bytes_per_token, pool_bytes=pool.capacity_bytes)
+                blocks_per_session=per_session, bytes_per_token=pool.bytes_per_token, pool_bytes=pool.capacity_bytes,
+                free_bytes_after_load=free_after_load)
 
 
-@torch.inference_mode()
-def run_throughput(model: torch.nn.Module, pool: BlockPool, requests: list[Request],
-                   warmup: list[list[Request]]) -> dict[str, Any]:
-    """All requests queued at once, stepped until done; tokens/s over the whole run (prefills included)."""
-    row: dict[str, Any] = dict(part="throughput", kv=pool.mode.name, requests=len(requests))
-    try:
-        for run in warmup:
-            sched = BatchScheduler(model, pool)
-            for prompt, new in run:
-                sched.add(prompt, new)
-            sched.run_until_done()
-        sched = BatchScheduler(model, pool)  # no eos_ids: every request generates its max_new_tokens
+def serve(engine: Engine, pool: BlockPool, requests: list[Request], meter: StepMeter,
+          device: str) -> tuple[list[Reply], float, str | None]:
+    """Queue every request while the worker waits, then let it run them all: (replies, seconds, refusal).
+
+    The seconds run from the first step to the last token, prefills included; the meter watches these steps.
+    """
+    replies: list[Reply] = []
+    refusal = None
+    with meter.held():  # all queued at once: the worker's first step sees every request
         for prompt, new in requests:
-            sched.add(prompt, new)
-    except KVCacheFull as e:  # a request longer than the whole pool
-        row["error"] = str(e)
-        return row
-    if generate.DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    steps = decode_steps = decode_rows = peak_batch = saturated = peak_blocks = 0
-    sync()
-    t0 = time.perf_counter()
-    while sched.waiting or sched.running:
-        decoding = len(sched.running)  # step() decodes these and prefills what it admits
-        new = sched.step()
-        steps += 1
-        decode_steps += decoding > 0
-        decode_rows += decoding
-        peak_batch = max(peak_batch, len(new))
-        peak_blocks = max(peak_blocks, pool.num_used)
-        saturated += bool(sched.waiting)  # requests left waiting: the pool is the limit
-    sync()
+            try:
+                replies.append(engine.worker.submit(pool, prompt, new))  # no eos: every request generates max_new_tokens
+            except KVCacheFull as e:  # a request longer than the whole pool
+                refusal = str(e)
+                break
+        if refusal is None:
+            meter.watch([r.seq for r in replies], pool)
+            reset_peak_memory(device)
+            sync(device)
+            t0 = time.perf_counter()
+    if refusal is not None:
+        for r in replies:
+            r.cancel()
+        return replies, 0.0, refusal
+    for r in replies:
+        r.done.wait()
+    sync(device)
     seconds = time.perf_counter() - t0
-    generated = sum(len(s.generated_ids) for s in sched.sequences.values())
+    meter.unwatch()
+    failed = [r.error for r in replies if r.error is not None and not isinstance(r.error, KVCacheFull)]
+    if failed:  # a step failed (out of memory, a bug): the worker ended every request with it
+        raise failed[0]
+    return replies, seconds, None
+
+
+def run_throughput(engine: Engine, pool: BlockPool, meter: StepMeter, requests: list[Request],
+                   warmup: list[list[Request]], device: str) -> dict[str, Any]:
+    """All requests queued at once, run by the engine's worker until done; tokens/s over the whole run (prefills included)."""
+    row: dict[str, Any] = dict(part="throughput", kv=pool.mode.name, requests=len(requests))
+    for run in warmup:
+        _, _, refusal = serve(engine, pool, run, meter, device)
+        if refusal:
+            row["error"] = refusal
+            return row
+    replies, seconds, refusal = serve(engine, pool, requests, meter, device)
+    if refusal:
+        row["error"] = refusal
+        return row
+    seqs = [r.seq for r in replies]
+    prompt_tokens = sum(len(p) for p, _ in requests)
+    generated = sum(len(s.generated_ids) for s in seqs)
     row.update(
-        seconds=seconds, steps=steps, decode_steps=decode_steps, prompt_tokens=sum(len(p) for p, _ in requests),
-        generated_tokens=generated, complete=generated == sum(n for _, n in requests)
-        and all(s.finished for s in sched.sequences.values()),
+        seconds=seconds, steps=meter.steps, decode_steps=meter.decode_steps, prompt_tokens=prompt_tokens,
+        generated_tokens=generated, complete=generated == sum(n for _, n in requests) and all(s.finished for s in seqs),
         tokens_per_s=generated / seconds, requests_per_s=len(requests) / seconds,
-        total_tokens_per_s=(generated + sum(len(p) for p, _ in requests)) / seconds,
-        mean_decode_batch=decode_rows / max(decode_steps, 1), peak_concurrent=peak_batch,
-        saturated_steps=saturated, peak_blocks_used=peak_blocks, pool_blocks=pool.num_blocks,
-        refused=sum(1 for s in sched.sequences.values() if getattr(s, "error", None)),  # a pool others hold
-        peak_torch_bytes=torch.cuda.max_memory_allocated() if generate.DEVICE == "cuda" else None,
+        total_tokens_per_s=(generated + prompt_tokens) / seconds,
+        mean_decode_batch=meter.decode_rows / max(meter.decode_steps, 1), peak_concurrent=meter.peak_batch,
+        saturated_steps=meter.saturated, peak_blocks_used=meter.peak_blocks, pool_blocks=pool.num_blocks,
+        refused=sum(1 for s in seqs if s.error),  # a pool others hold
+        peak_torch_bytes=peak_torch_bytes(device),
     )
     return row
 
 
-def run_mode(model: torch.nn.Module, mode: KVMode, qparams, args: argparse.Namespace, free_after_load: int,
-             requests: list[Request], nvml: DeviceMemory | None) -> list[dict[str, Any]]:
-    """Allocate this mode's pool, measure what ``args.parts`` asks for, then free it."""
-    shape = KVShape.from_config(model.config)
-    planned = pool_blocks(mode, shape, args.cache_max_entry_count, generate.DEVICE, args.block_size, free_bytes=free_after_load)
+def new_engine(loaded: LoadedModel, args: argparse.Namespace) -> tuple[Engine, StepMeter]:
+    """An engine sized by ``--cache-max-entry-count`` (its fraction applies to the memory free now), with a step meter."""
+    meter = StepMeter()
+    engine = Engine(loaded, EngineConfig(block_size=args.block_size, cache_max_entry_count=args.cache_max_entry_count),
+                    device_lock=meter)
+    assert not engine.eos_ids, engine.eos_ids  # every request must run to its max_new_tokens
+    return engine, meter
+
+
+def run_mode(engine: Engine, meter: StepMeter, mode: KVMode, qparams, args: argparse.Namespace, planned: int,
+             requests: list[Request]) -> list[dict[str, Any]]:
+    """This mode's pool from ``engine``, then what ``args.parts`` asks for (the caller closes and frees the engine)."""
+    device = args.device
     rows: list[dict[str, Any]] = []
-    pool = None
     try:
-        pool = BlockPool(mode, shape, block_size=args.block_size, num_blocks=planned, growable=False, device=generate.DEVICE,
-                         fp_dtype=torch.float16, qparams=qparams if mode.needs_qparams else None)
-        rows.append(snapshot("after pool", mode.name, nvml))
-        rows.append(capacity_row(pool, planned, args.session_tokens))
+        pool = engine.pool(mode, qparams if mode.needs_qparams else None)
+        rows.append(snapshot("after pool", mode.name, device))
+        rows.append(capacity_row(pool, planned, args.session_tokens, engine.free_after_load))
         if "throughput" in args.parts:
-            rows.append(run_throughput(model, pool, requests, warmup_runs(args, requests[0][0])))
+            rows.append(run_throughput(engine, pool, meter, requests, warmup_runs(args, requests[0][0]), device))
+    except ConfigError as e:  # the budget holds no block of this mode
+        rows.append(dict(part="capacity", kv=mode.name, planned_blocks=planned, error=str(e)))
     except torch.cuda.OutOfMemoryError as e:
         rows.append(dict(part="throughput" if rows else "capacity", kv=mode.name, planned_blocks=planned,
                          error=f"out of memory: {str(e).splitlines()[0]}"))
-    finally:
-        del pool
-        release()
     return rows
 
 
@@ -304,41 +386,44 @@ def print_results(rows: list[dict[str, Any]], parts: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/serving.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured. "
-                 "Pass --device cpu for a dry run of the logic.")
-    generate.DEVICE = args.device
-    if args.range_checks:
-        os.environ["KVQ_KERNEL_CHECKS"] = "1"
-    if args.device == "cpu":
+    device = args.device
+    require_device(device, "bench.serving")
+    apply_range_checks(args)
+    if device == "cpu":
         print("DRY RUN on the CPU: float32 weights, reference kernels; the figures below say nothing about a GPU")
     t0 = time.time()
-    nvml = DeviceMemory() if args.device == "cuda" else None
-    rows = [snapshot("before load", None, nvml)]
-    model = build_model(args.layers, args.seed)
-    if args.device == "cpu":
+    rows = [snapshot("before load", None, device)]
+    model = build_model(args.layers, args.seed, device)
+    if device == "cpu":
         model = model.float()  # fp16 matmuls crawl on CPUs; the pools stay fp16
-    release()
+    release(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows.append(snapshot("after load", None, nvml))
+    rows.append(snapshot("after load", None, device))
     modes = args.modes
-    qparams = stand_in_qparams(model, args.calib_tokens, args.seed) if any(m.needs_qparams for m in modes) else None
-    release()
-    free_after_load = free_memory_bytes(generate.DEVICE)
-    shape = KVShape.from_config(model.config)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)"
-    report = plan(modes, shape, cache_max_entry_count=args.cache_max_entry_count, free_bytes=free_after_load,
-                  block_size=args.block_size, session_tokens=args.session_tokens)
-    print(f"{device_name}: {args.layers}-layer Llama-2-7B-shaped model, {fmt_bytes(weight_bytes)} of weights; "
-          f"cache_max_entry_count {args.cache_max_entry_count} -> {fmt_bytes(report['budget_bytes'])} KV budget "
-          f"({fmt_bytes(free_after_load)} free after load), block_size {args.block_size}")
+    qparams = stand_in_qparams(model, args.calib_tokens, args.seed) if needs_qparams(modes) else None
+    release(device)
+    loaded = as_loaded(model, args.layers)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     requests = make_requests(args, model.config.vocab_size) if "throughput" in args.parts else []
-    if requests:
-        print(f"{len(requests)} requests: prompts {args.prompt_len[0]}..{args.prompt_len[1]}, "
-              f"new tokens {args.new_tokens[0]}..{args.new_tokens[1]} (seed {args.seed}); "
-              f"{sum(len(p) for p, _ in requests)} prompt + {sum(n for _, n in requests)} generated tokens")
-    for mode in modes:
-        out = run_mode(model, mode, qparams, args, free_after_load, requests, nvml)
+    plan = None
+    for mode in modes:  # a fresh engine per mode, as a server started with that mode: one pool in memory at a time
+        engine, meter = new_engine(loaded, args)
+        if plan is None:  # the budget and blocks of every mode, sized as the engine sizes its pools
+            plan = engine.capacity(args.cache_max_entry_count, args.session_tokens, modes)
+            print(f"{device_name}: {args.layers}-layer Llama-2-7B-shaped model, {fmt_bytes(weight_bytes)} of weights; "
+                  f"cache_max_entry_count {args.cache_max_entry_count} -> {fmt_bytes(plan['budget_bytes'])} KV budget "
+                  f"({fmt_bytes(plan['free_bytes'])} free after load), block_size {args.block_size}")
+            if requests:
+                print(f"{len(requests)} requests: prompts {args.prompt_len[0]}..{args.prompt_len[1]}, "
+                      f"new tokens {args.new_tokens[0]}..{args.new_tokens[1]} (seed {args.seed}); "
+                      f"{sum(len(p) for p, _ in requests)} prompt + {sum(n for _, n in requests)} generated tokens")
+        planned = next(r["blocks"] for r in plan["results"] if r["kv"] == mode.name)
+        try:
+            out = run_mode(engine, meter, mode, qparams, args, planned, requests)
+        finally:
+            engine.close()
+            del engine, meter
+            release(device)
         rows.extend(out)
         got = {r["part"]: r for r in out}
         status = [f"{got['capacity'].get('blocks', '-')} blocks"]
@@ -349,21 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if r["part"] in args.parts]
     print_results(rows, args.parts)
     if args.json:
-        from kvcache.kernels.store import range_checks_enabled
+        from kvcache.kernels.common import range_checks_enabled
 
-        import transformers
-
-        try:
-            import triton
-
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        meta = dict(device=device_name, dry_run=args.device == "cpu", torch=torch.__version__, triton=triton_version,
-                    transformers=transformers.__version__, config={**LLAMA2_7B, "num_hidden_layers": args.layers},
-                    weight_bytes=weight_bytes, weight_dtype=str(next(model.parameters()).dtype), kv_fp_dtype="float16",
+        meta = dict(device=device_name, dry_run=device == "cpu", **versions("torch", "triton", "transformers"),
+                    config=model_config(args.layers), weight_bytes=weight_bytes,
+                    weight_dtype=str(next(model.parameters()).dtype), kv_fp_dtype="float16",
                     modes=[m.name for m in modes], parts=args.parts, cache_max_entry_count=args.cache_max_entry_count,
-                    free_bytes_after_load=free_after_load, budget_bytes=report["budget_bytes"], plan=report["results"],
+                    free_bytes_after_load=plan["free_bytes"], budget_bytes=plan["budget_bytes"], plan=plan["results"],
                     block_size=args.block_size, session_tokens=args.session_tokens, requests=args.requests,
                     prompt_len=list(args.prompt_len), new_tokens=list(args.new_tokens), seed=args.seed,
                     warmup_batch=args.warmup_batch, calib_tokens=args.calib_tokens,

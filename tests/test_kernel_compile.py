@@ -2,7 +2,7 @@
 
 The interpreter tests check what the kernels compute; only the GPU compiler sees register pressure,
 shared memory and constructs it cannot lower. bench/kernel_compile.py compiles every variant the
-cache launches through Triton's own toolchain, with nothing run.
+cache launches through Triton's own toolchain, with nothing run (``python -m bench.kernel_compile``).
 """
 
 import json
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.kernel_compile import ARCHS, MODES, SPILL_BUDGET, occupancy
 
-from kernel_compile import ARCHS, MODES, SPILL_BUDGET, occupancy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the benchmarks run as modules from here
 
 
 def _toolchain_present() -> bool:
@@ -43,7 +42,7 @@ needs_toolchain = pytest.mark.skipif(not _toolchain_present(), reason="this Trit
 def compile_check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")  # compile for real, not from an earlier run's cache
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_compile.py"), "--arch", "90", *args],
+    return subprocess.run([sys.executable, "-m", "bench.kernel_compile", "--arch", "90", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
