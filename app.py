@@ -27,25 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
-    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
+    p.add_argument("--auth-file", default=None, metavar="FILE", help="require the login USER:PASSWORD on FILE's first line "
+                   "(or set $KVQ_AUTH=USER:PASSWORD)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require this login (visible to other users in `ps`: prefer --auth-file or $KVQ_AUTH)")
+    p.add_argument("--allow-no-auth", action="store_true",
+                   help="serve a non-loopback --host without a login (everyone on the network can use the app)")
+    p.add_argument("--model-root", action="append", default=None, metavar="DIR",
+                   help="a folder the Model box may open models from (repeatable); beyond localhost only these and 'default'")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest file a user may upload (default: 20)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--qparams", default=None, help="kv_qparams.safetensors for the int8 mode at start")
+    p.add_argument("--qparams", default=None,
+                   help="kv_qparams.safetensors (or the folder `python -m calib kv_qparams --format kvq` wrote) for int8")
     p.add_argument("--calib-data-dir", default=None, help="local folder with c4 / wikitext2 / ptb / pileval data")
     p.add_argument("--cache-max-entry-count", default=None, metavar="F|N",
                    help="preallocate the KV pools: a fraction (0, 1] of the memory free after the weights load, "
                         "split evenly between the fp16 and the quantized pool, or a whole number of blocks each "
                         "(default: every cache grows on demand)")
     return p
-
-
-def parse_auth(value: str | None) -> tuple[str, str] | None:
-    if value is None:
-        return None
-    user, sep, password = value.partition(":")
-    if not sep or not user or not password:
-        raise SystemExit("error: --auth takes USER:PASSWORD (both non-empty)")
-    return user, password
 
 
 def theme():
@@ -58,41 +57,41 @@ def theme():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    auth = parse_auth(args.auth)
     if args.max_upload_mb <= 0:
         raise SystemExit("error: --max-upload-mb must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from kvcache.capacity import parse_cache_max_entry_count
-    from kvcache.model_loader import ModelLoadError, load_model
-    from kvcache.qparams import KVQParams, QParamsError
+    from kvcache.config import parse_cache_max_entry_count
+    from kvcache.errors import KVQError, one_line
+    from kvcache.models.loader import load_model
+    from kvcache.qparams import KVQParams
     from ui import AppState, build_demo
+    from ui.access import check_exposure, model_roots, read_auth
 
     try:
-        pool = parse_cache_max_entry_count(args.cache_max_entry_count) if args.cache_max_entry_count else None
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        login = read_auth(args.auth, args.auth_file)
+        check_exposure(args.host, login, args.allow_no_auth)
+        roots = model_roots(args.host, args.model_root)
+        pool = parse_cache_max_entry_count(args.cache_max_entry_count)
+        qparams = KVQParams.load(args.qparams) if args.qparams else None
+    except KVQError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     app = AppState(device=args.device, calib_data_dir=args.calib_data_dir, model_path=args.model,
-                   max_upload_bytes=int(args.max_upload_mb * 2**20))
-    if args.qparams:
-        try:
-            app.default_qparams = KVQParams.load(args.qparams)
-        except QParamsError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        app.default_qparams_label = Path(args.qparams).name
+                   max_upload_bytes=int(args.max_upload_mb * 2**20), model_roots=roots,
+                   default_qparams=qparams, default_qparams_label=Path(args.qparams).name if args.qparams else None)
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     try:
         app.replace_model(load_model(args.model, device=args.device), pool)
-    except ModelLoadError as exc:  # still serve: the page says why and offers the model box
-        app.load_error = str(exc)
-        print(f"warning: {exc}; serving without a model", file=sys.stderr)
+    except KVQError as exc:  # still serve: the page says why and offers the model box
+        app.load_error = one_line(exc)
+        print(f"warning: {app.load_error}; serving without a model", file=sys.stderr)
 
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=1)
     try:
         demo.launch(
-            server_name=args.host, server_port=args.port, auth=auth, max_file_size=app.max_upload_bytes,
+            server_name=args.host, server_port=args.port, auth=login, max_file_size=app.max_upload_bytes,
             show_error=True, theme=theme(), css=CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.is_file() else None,
             footer_links=["api", "settings"],
         )

@@ -27,10 +27,10 @@ def test_named_endpoints(client):
 
 
 def test_load_model_failure_keeps_the_previous_model(client):
-    status = client.predict("/no/such/model.gguf", api_name="/load_model")
+    status, pool = client.predict("/no/such/model.gguf", "", api_name="/load_model")
     assert "does not exist" in status and "still serving the previous model" in status
-    assert "SmolLM2-135M-Instruct" in status
-    status = client.predict("default", api_name="/load_model")
+    assert "SmolLM2-135M-Instruct" in status and pool == ""
+    status, pool = client.predict("default", "", api_name="/load_model")
     assert status.startswith("**SmolLM2-135M-Instruct**") and "30 layers" in status
 
 
@@ -93,7 +93,8 @@ def test_tiny_evaluation_returns_a_table(client):
 def test_capacity_endpoint_gives_both_views(client):
     report, same_memory, same_conversation = client.predict(0.5, 2048, api_name="/capacity")
     by_kv = {r["kv"]: r for r in report["results"]}
-    assert report["cache_max_entry_count"] == 0.5 and report["budget_bytes"] == report["free_bytes"] // 2
+    # one pane's pool: half the free memory, split between the two panes' pools as the app's own pools are
+    assert report["cache_max_entry_count"] == 0.5 and report["budget_bytes"] == int(0.5 * report["free_bytes"]) // 2
     assert by_kv["int8"]["tokens_vs_fp16"] >= 1.95 and by_kv["int8"]["session_bytes_vs_fp16"] < 0.51
     assert same_memory["headers"][:3] == ["kv", "blocks", "tokens"]
     assert [row[0] for row in same_conversation["data"]] == ["fp16", "int8", "int8-dynamic"]

@@ -8,8 +8,8 @@ import gradio as gr
 import pytest
 import torch
 
-from kvcache.engine import ChatSession
-from kvcache.model_loader import ModelLoadError
+from kvcache.engine.chat import ChatSession
+from kvcache.errors import ConfigError, KVQError, ModelLoadError, WorkerClosed
 from ui import charts, handlers
 from ui.errors import shown_in_page
 from ui.state import AppState, SessionState, UserError
@@ -44,7 +44,7 @@ def test_chat_streams_both_panes_and_keeps_the_conversation(app):
         assert "tokens/s" in stats and "KV" in stats and " B, " in stats
     assert "identical" in left_stats or "differs at token" in left_stats
     assert sess.left.kv == "fp16" and sess.right.kv == "int8-dynamic"
-    assert sess.left.cache.memory().bytes_held > sess.right.cache.memory().bytes_held  # int8 holds fewer bytes
+    assert sess.left.memory().bytes_used > sess.right.memory().bytes_used  # int8 holds fewer bytes
 
     # divergence: the first token index where the two answers differ
     ids = (list(sess.left.last.token_ids), list(sess.right.last.token_ids))
@@ -57,7 +57,7 @@ def test_chat_streams_both_panes_and_keeps_the_conversation(app):
     left, right, *_ = _run_chat(app, sess, "And 3+3?", max_new_tokens=3)[-1]
     assert len(left) == 4 and len(right) == 4 and left[0]["content"] == "What is 2+2?"
     assert handlers.reset_chat(sess) == ([], [], "", "")
-    assert sess.left.messages == [] and sess.left.cache.memory().tokens_stored == 0
+    assert sess.left.messages == [] and sess.left.memory().tokens_stored == 0
 
 
 def test_sessions_are_isolated(app):
@@ -65,7 +65,8 @@ def test_sessions_are_isolated(app):
     _run_chat(app, a, "First question from tab A.")
     left_b, *_ = _run_chat(app, b, "Hello from tab B.")[-1]
     assert len(left_b) == 2 and "tab A" not in str(left_b)
-    assert a.left is not b.left and a.left.cache is not b.left.cache
+    assert a.left is not b.left and a.left.blocks is not b.left.blocks
+    assert a.left.pool is b.left.pool  # one shared pool per mode, as in a serving engine
     assert a.left.loaded is b.left.loaded  # one model's weights, shared
 
 
@@ -98,7 +99,7 @@ def test_stop_pressed_before_the_turn_starts(app):
 def test_empty_message_and_int8_without_qparams(app):
     with pytest.raises(UserError, match="Type a message"):
         _run_chat(app, SessionState(), "   ")
-    with pytest.raises(UserError, match="needs calibrated parameters"):
+    with pytest.raises(KVQError, match="needs calibrated parameters: run a calibration in the Calibrate tab"):
         _run_chat(app, SessionState(), mode="int8")
     assert "needs calibrated parameters" in handlers.set_mode(app, SessionState(), "int8")[-1]
 
@@ -128,22 +129,23 @@ def test_out_of_memory_in_chat_is_a_message(app, monkeypatch):
     monkeypatch.setattr(ChatSession, "stream_reply", oom)
     with pytest.raises(UserError, match="Out of GPU memory"):
         _run_chat(app, sess)
-    assert sess.left.messages == [] and sess.left.cache.memory().blocks_used == 0  # the conversation was freed
+    assert sess.left.messages == [] and sess.left.memory().blocks_used == 0  # the conversation was freed
 
 
 def test_errors_become_page_messages():
     with pytest.raises(gr.Error, match="bad path"):
         with shown_in_page():
             raise ModelLoadError("bad path: pass 'default'")
-    with pytest.raises(gr.Error, match="Unexpected error .ZeroDivisionError"):
+    with pytest.raises(gr.Error, match=r"internal error: ZeroDivisionError: division by zero \(details in .*\)"):
         with shown_in_page():
             1 / 0  # noqa: B018
-    from kvcache.serving import WorkerClosed
-
+    with pytest.raises(gr.Error, match="internal error: ValueError"):  # a library's ValueError is a bug, not user input
+        with shown_in_page():
+            raise ValueError("shape mismatch in some tensor op")
     with pytest.raises(gr.Error, match="model was replaced while this reply was being generated") as err:
         with shown_in_page():
             raise WorkerClosed("the model was replaced while this reply was being generated: send the message again")
-    assert "Unexpected" not in str(err.value)
+    assert "internal error" not in str(err.value)
 
 
 def test_memory_reports_process_memory_and_exact_kv(app):
@@ -151,10 +153,12 @@ def test_memory_reports_process_memory_and_exact_kv(app):
     figures, banner, gauges, mem, kv = handlers.memory(app, sess)
     assert figures["process_rss"] > 0 and all(v is None for v in figures["kv"].values())
     left_engine, _ = sess.engines(app, "int8-dynamic")
-    left_engine.cache.slots(1, 0, 100)  # hold 100 tokens' blocks, as a turn would
+    left_engine.blocks.extend(left_engine.pool.allocate(2))  # hold 100 tokens' blocks, as a turn would
+    left_engine.cached_ids.extend(range(100))
     figures, banner, gauges, mem, kv = handlers.memory(app, sess)
     left = figures["kv"]["fp16 (left)"]
-    assert left["bytes_held"] == sess.left.cache.memory().bytes_held and left["capacity_tokens"] >= 100
+    assert left["bytes_held"] == sess.left.memory().bytes_held and left["capacity_tokens"] >= 100
+    assert left["tokens_stored"] == 100 and left["blocks_used"] == 2
     assert figures["kv"]["int8-dynamic (right)"]["bytes_per_token"] < left["bytes_per_token"]
     if figures["nvml_error"]:
         assert "NVIDIA" in banner and "exact KV bytes" in banner
@@ -211,7 +215,7 @@ def test_evaluate_with_static_parameters_names_their_calibration(app):
 
 def test_uploaded_parameters_file_or_folder(app, tmp_path):
     from calib.export import export
-    from calib.stats_io import load_work_dir
+    from calib.workdir import load_work_dir
 
     sess = SessionState()
     handlers.calibrate(app, sess, "builtin", None, 2, 32, "channel", False, 1)
@@ -270,7 +274,7 @@ def test_calibration_cancel(app):
 
 def test_library_rooms_never_import_gradio():
     code = (
-        "import sys, kvcache.engine, kvcache.evaluate, kvcache.device_memory, kvcache.cli, calib.export, calib.stats_io\n"
+        "import sys, kvcache.engine.chat, kvcache.measure.evaluate, kvcache.measure.device_memory, kvcache.cli, calib.export, calib.workdir\n"
         "assert 'gradio' not in sys.modules, 'gradio imported by the library'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -295,8 +299,8 @@ def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, load
     a, b = SessionState(), SessionState()
     _run_chat(app, a)
     _run_chat(app, b)
-    assert a.left.cache.pool is b.left.cache.pool and a.right.cache.pool is b.right.cache.pool
-    fp16_pool, dyn_pool = a.left.cache.pool, a.right.cache.pool
+    assert a.left.pool is b.left.pool and a.right.pool is b.right.pool
+    fp16_pool, dyn_pool = a.left.pool, a.right.pool
     assert (fp16_pool.num_blocks, dyn_pool.num_blocks) == (4, 7)  # same memory: 4 x 1,474,560 B // 783,360 B
     assert fp16_pool.num_used == 2 and dyn_pool.num_used == 2
     figures = handlers.memory(app, a)[0]
@@ -322,13 +326,16 @@ def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, load
 
 
 def test_pool_from_a_fraction_of_free_memory_and_bad_values(app, loaded_default):
-    with pytest.raises(ValueError, match="not a fraction"):
-        handlers.load_model(app, "default", 1.5)
+    with pytest.raises(ConfigError, match="not a fraction"):
+        handlers.load_model(app, "default", "1.5")
     app.replace_model(loaded_default, 0.5)
-    app.free_after_load = 100 * 2**20  # as if 100 MiB were free after the weights loaded
+    app.engine.free_after_load = 100 * 2**20  # as if 100 MiB were free after the weights loaded
     left, right = SessionState().engines(app, "int8-dynamic")
     # half of it, split evenly between the two panes: 25 MiB each
-    assert left.cache.pool.num_blocks == 25 * 2**20 // 1_474_560 and right.cache.pool.num_blocks == 25 * 2**20 // 783_360
+    assert left.pool.num_blocks == 25 * 2**20 // 1_474_560 and right.pool.num_blocks == 25 * 2**20 // 783_360
+    assert handlers.pool_setting(app) == "0.5"  # what the model bar shows, so Load keeps it
+    report = handlers.capacity(app, SessionState(), 0.5, 2048)[0]  # the Memory tab's view: the same split
+    assert {r["kv"]: r["blocks"] for r in report["results"]}["fp16"] == left.pool.num_blocks
     assert "KV pools: shared, cache_max_entry_count=0.5" in handlers.model_status(app)
     pools = {p["kv"]: p for p in handlers.memory(app, SessionState())[0]["kv_pools"]}
     assert (pools["fp16"]["blocks"], pools["fp16"]["blocks_used"], pools["fp16"]["growable"]) == (17, 0, False)
@@ -350,7 +357,7 @@ def test_capacity_both_views_against_block_arithmetic(app):
     assert by_kv["fp16"]["session_bytes"] == 16 * 1_474_560 and by_kv["int8"]["session_bytes"] == 16 * 737_280 + 92_160
     assert list(same_memory["kv"]) == ["fp16", "int8", "int8-dynamic"] and list(same_memory["tokens"]) == [640, 1216, 1152]
     assert "bytes for 1000 tokens" in same_conversation.columns
-    with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
+    with pytest.raises(ConfigError, match="fraction in \\(0, 1\\]"):
         handlers.capacity(app, sess, "lots", 1000)
 
 
@@ -362,7 +369,7 @@ def test_two_sessions_chatting_at_once_are_decoded_together(app):
     alone = [_run_chat(app, SessionState(), q, max_new_tokens=10)[-1][:2] for q in questions]
     for s in list(app.sessions):
         s.reset_chat()
-    app.worker.max_batch = 0
+    app.engine.worker.max_batch = 0
     results = {}
 
     def chat(i):
@@ -373,11 +380,11 @@ def test_two_sessions_chatting_at_once_are_decoded_together(app):
         for t in threads:
             t.start()
         deadline = _time.monotonic() + 60
-        while sum(len(s.waiting) for s in app.worker._schedulers.values()) < 2 and _time.monotonic() < deadline:
+        while sum(len(s.waiting) for s in app.engine.worker._schedulers.values()) < 2 and _time.monotonic() < deadline:
             _time.sleep(0.01)
     for t in threads:
         t.join(timeout=300)
-    assert app.worker.max_batch == 2  # one decode forward carried both sessions' rows of a pool
+    assert app.engine.worker.max_batch == 2  # one decode forward carried both sessions' rows of a pool
     figures, _, gauges, _, _ = handlers.memory(app, SessionState())
     assert figures["batching"]["max_batch"] == 2 and "largest decode batch 2" in gauges
     assert figures["batching"]["pools"]["fp16"] == {"running": 0, "waiting": 0}
@@ -397,7 +404,7 @@ def test_a_shared_pool_keeps_its_qparams_alive(app):
     qparams = KVQParams.from_stats({"min": [-s for s in stat], "max": stat, "absmax": stat},
                                    {"min": [-s for s in stat], "max": stat, "absmax": stat})
     ref = weakref.ref(qparams)
-    cache = app.new_cache("int8", qparams)
+    pool = app.engine.pool("int8", qparams)
     del qparams
     gc.collect()
-    assert ref() is not None and cache.pool.qparams is ref()
+    assert ref() is not None and pool.qparams is ref()

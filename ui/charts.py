@@ -101,17 +101,28 @@ def gauges_html(fig: dict[str, Any]) -> str:
     return '<div class="gauges">' + "".join(rows) + "</div>"
 
 
+def same_memory_columns(tokens: int = 2048) -> list[str]:
+    return ["kv", "blocks", "tokens", "x fp16 tokens", f"sessions of {tokens} tokens"]
+
+
+def same_conversation_columns(tokens: int = 2048) -> list[str]:
+    return ["kv", "bytes/token", f"bytes for {tokens} tokens", "x fp16 bytes"]
+
+
+OUTLIER_COLUMNS = ["layer", "K/V", "head", "channel", "absmax", "x median"]
+
+
 def capacity_tables(report: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A capacity plan as the two tables people confuse: same memory -> tokens; same conversation -> bytes."""
     n = report["session_tokens"]
     same_memory = pd.DataFrame(
         [(r["kv"], r["blocks"], r["tokens"], round(r["tokens_vs_fp16"], 3), r["sessions"]) for r in report["results"]],
-        columns=["kv", "blocks", "tokens", "x fp16 tokens", f"sessions of {n} tokens"],
+        columns=same_memory_columns(n),
     )
     same_conversation = pd.DataFrame(
         [(r["kv"], r["bytes_per_token"], fmt_bytes(r["session_bytes"]), round(r["session_bytes_vs_fp16"], 3))
          for r in report["results"]],
-        columns=["kv", "bytes/token", f"bytes for {n} tokens", "x fp16 bytes"],
+        columns=same_conversation_columns(n),
     )
     return same_memory, same_conversation
 
@@ -176,7 +187,7 @@ def outlier_channels(
             for v, j in zip(values.tolist(), idx.tolist()):
                 head, channel = divmod(j, a.shape[1])
                 rows.append((i, name, head, channel, round(v, 3), round(v / median, 1)))
-    df = pd.DataFrame(rows, columns=["layer", "K/V", "head", "channel", "absmax", "x median"])
+    df = pd.DataFrame(rows, columns=OUTLIER_COLUMNS)
     return df.sort_values("x median", ascending=False).head(top).reset_index(drop=True)
 
 
@@ -187,7 +198,7 @@ EVAL_COLUMNS = ["kv", "perplexity", "Δppl %", "Δppl 95% CI", "KL vs fp16", "to
 
 
 def eval_table(report: dict[str, Any]) -> pd.DataFrame:
-    from kvcache.evaluate import calibration_label
+    from kvcache.measure.evaluate import calibration_label
     from kvcache.modes import get_mode
 
     base = report["results"][0]["kv_bytes_per_token"]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import handlers
-from .errors import shown_in_page
-from .state import AppState
+from .. import charts, handlers
+from ..errors import shown_in_page
+from ..state import AppState
 
 REFRESH_S = 1.0
 
 
 def build(app: AppState, sess: gr.State, timer: gr.Timer) -> None:
-    """The gauges; ``timer`` lives outside the tabs so the history fills even while another tab is open."""
+    """The gauges; ``timer`` (made by the page) ticks only while this tab is open, so hidden tabs cost nothing."""
     banner = gr.Markdown(label="banner", elem_id="nvml-banner", elem_classes="banner")
     gauges = gr.HTML(label="gauges", elem_id="gauges", value='<div class="gauges"><div class="gauge">reading memory…</div></div>')
     with gr.Row():
@@ -36,9 +36,9 @@ def build(app: AppState, sess: gr.State, timer: gr.Timer) -> None:
         session_tokens = gr.Number(2048, precision=0, minimum=1, label="tokens per conversation", elem_id="capacity-tokens")
         compute = gr.Button("Compute", scale=0, min_width=110, elem_id="capacity-compute")
     with gr.Row():
-        same_memory = gr.Dataframe(label="Same memory: how many tokens", elem_id="capacity-same-memory",
+        same_memory = gr.Dataframe(headers=charts.same_memory_columns(), label="Same memory: how many tokens", elem_id="capacity-same-memory",
                                    interactive=False)
-        same_conversation = gr.Dataframe(label="Same conversation: how many bytes",
+        same_conversation = gr.Dataframe(headers=charts.same_conversation_columns(), label="Same conversation: how many bytes",
                                          elem_id="capacity-same-conversation", interactive=False)
     with gr.Accordion("Capacity plan (JSON)", open=False):
         plan_json = gr.JSON(label="capacity plan", elem_id="capacity-json")

@@ -6,13 +6,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from . import handlers
-from .errors import shown_in_page
-from .state import LEFT_MODE, AppState
-
-GPU = "gpu"  # one queue for the model work that is not chat (load, calibrate, evaluate)
-CHAT = "chat"  # chat turns of many sessions run at once: the batch worker decodes them together
-CHAT_SESSIONS = 16  # chat turns in flight at once, across sessions
+from .. import handlers
+from ..errors import shown_in_page
+from ..state import LEFT_MODE, AppState
+from . import CHAT, CHAT_SESSIONS
 
 
 @dataclass

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from calib.data import FILE_EXTENSIONS, CalibCancelled
+from calib.data import FILE_EXTENSIONS
+from calib.errors import CalibCancelled
 
-from . import handlers
-from .chat_tab import GPU, ChatTab
-from .errors import shown_in_page
-from .state import AppState
+from .. import charts, handlers
+from ..errors import shown_in_page
+from ..state import AppState
+from . import GPU
+from .chat import ChatTab
 
 SYMMETRY = [("asymmetric (min / max)", "asym"), ("symmetric (absmax)", "sym")]
 
@@ -40,7 +42,7 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
             v_heat = gr.Plot(label="V absmax (KV head x channel)", elem_id="v-heatmap", format="png", show_label=False)
             ranges = gr.LinePlot(x="layer", y="value", color="series", title="Per-layer K/V range", height=240,
                                  elem_id="calib-ranges")
-            outliers = gr.Dataframe(label="Outlier channels (absmax far above the layer's median channel)",
+            outliers = gr.Dataframe(headers=charts.OUTLIER_COLUMNS, label="Outlier channels (absmax far above the layer's median channel)",
                                     elem_id="calib-outliers", interactive=False, max_height=260)
             with gr.Row():
                 dl_tm = gr.DownloadButton("turbomind files (.zip)", value=None, elem_id="dl-turbomind", interactive=True)

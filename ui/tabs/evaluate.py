@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import handlers
-from .chat_tab import GPU
-from .errors import shown_in_page
-from .state import AppState
+from .. import charts, handlers
+from ..errors import shown_in_page
+from ..state import AppState
+from . import GPU
 
 SOURCES = [("built-in English technical prose", "builtin-en"), ("built-in Chinese politics-exam prose", "builtin-zh"),
            ("uploaded text file", "upload")]
@@ -32,7 +32,7 @@ def build(app: AppState, sess: gr.State) -> None:
             run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
         with gr.Column(scale=2):
             summary = gr.Markdown(label="summary", elem_id="eval-summary", elem_classes="note")
-            table = gr.Dataframe(label="Results", interactive=False, elem_id="eval-table")
+            table = gr.Dataframe(headers=charts.EVAL_COLUMNS, label="Results", interactive=False, elem_id="eval-table")
             with gr.Row():
                 quality = gr.BarPlot(x="kv", y="Δppl %", color="kv", title="Perplexity change vs fp16 (%)", height=240)
                 cost = gr.BarPlot(x="kv", y="KV bytes/token", color="kv", title="KV bytes per token", height=240)

@@ -1,0 +1,85 @@
+"""The model bar: what is loaded, loading another model (only under allowed roots when served beyond localhost)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kvcache.config import parse_cache_max_entry_count
+from kvcache.errors import ModelLoadError, one_line
+
+from ..state import AppState, UserError
+from .common import empty_cuda_cache
+
+logger = logging.getLogger(__name__)
+
+
+def model_status(app: AppState) -> str:
+    m = app.loaded
+    if m is None:
+        why = f" Last attempt: {app.load_error}" if app.load_error else ""
+        return f"**No model loaded.**{why}"
+    text = (
+        f"**{m.name}** on `{m.device}` ({str(m.dtype).removeprefix('torch.')}) · {m.num_layers} layers · "
+        f"{m.num_kv_heads} KV heads · head_dim {m.head_dim}"
+    )
+    if app.load_error:
+        text = f"⚠️ {app.load_error} — still serving the previous model.\n\n{text}"
+    return f"{text} · {pool_status(app)}"
+
+
+def load_model(app: AppState, path: str, cache_max_entry_count: float | int | None = None) -> str:
+    """Load ``path`` ('default', a local HF folder or a .gguf) for everyone; on failure the old model stays.
+
+    ``cache_max_entry_count``: the KV pools' size, applied after the weights load (0 or None: grow on demand).
+    """
+    from kvcache.models.loader import load_model as _load
+
+    path = (path or "").strip() or "default"
+    check_model_path(app, path)
+    pool = parse_cache_max_entry_count(cache_max_entry_count)
+    with app.load_lock:
+        try:
+            loaded = _load(path, device=app.device)
+        except ModelLoadError as exc:
+            app.load_error = str(exc)
+            raise UserError(f"Could not load {path}: {exc}. The previous model stays loaded.") from None
+        except torch.OutOfMemoryError:
+            app.load_error = f"out of memory loading {path}"
+            empty_cuda_cache()
+            raise UserError(f"Out of memory loading {path}: the previous model stays loaded.") from None
+        except Exception as exc:  # a broken checkpoint must not take the app down
+            logger.exception("loading %s failed", path)
+            app.load_error = f"{type(exc).__name__}: {one_line(exc)}"
+            raise UserError(f"Could not load {path} ({app.load_error}). The previous model stays loaded.") from None
+        app.replace_model(loaded, pool)
+        app.model_path = path
+    return model_status(app)
+
+
+def check_model_path(app: AppState, path: str) -> None:
+    """Served beyond localhost, the Model box opens only 'default' and folders under the operator's ``--model-root``s."""
+    if app.model_roots is None or path == "default":
+        return
+    where = Path(path).expanduser().resolve()
+    if not any(where == root or where.is_relative_to(root) for root in app.model_roots):
+        roots = ", ".join(str(r) for r in app.model_roots) or "none"
+        raise UserError(f"This server opens models only under the folders its operator allowed (--model-root: {roots}); "
+                        "'default' always works.")
+
+
+def pool_setting(app: AppState) -> str:
+    """The pool size as the model bar shows it: '' (grow on demand), a fraction, or a number of blocks."""
+    count = app.cache_max_entry_count
+    return "" if count is None else str(count)
+
+
+def pool_status(app: AppState) -> str:
+    """The KV pools' size setting, in a few words (their use is on the Memory tab's gauges)."""
+    if app.cache_max_entry_count is None:
+        return "KV pools: shared, growing on demand"
+    return f"KV pools: shared, cache_max_entry_count={app.cache_max_entry_count}"
+
+
