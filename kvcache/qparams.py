@@ -15,17 +15,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .kv_shape import KVShape
+from .errors import QParamsError
 from .quant import asym_qparams, granularity_shape, reduce_to_granularity, sym_qparams
+from .storage.shape import KVShape
 
 FORMAT = "kvq-qparams"
 FILE_NAME = "kv_qparams.safetensors"  # what `python -m calib kv_qparams ... --format kvq` writes in OUT_DIR
 FORMAT_VERSION = 1
 _NAMES = ("k_scale", "k_zp", "v_scale", "v_zp")
-
-
-class QParamsError(ValueError):
-    """A qparams file that is missing, corrupt, or made for another model."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kvcache.attention import register_attention  # noqa: E402
+from kvcache.hf.attention import register_attention  # noqa: E402
 
 
 def make_tiny_llama(num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16,
@@ -44,7 +44,7 @@ def tiny_llama() -> LlamaForCausalLM:
 # Uses the normal model cache ($KVQ_CACHE_DIR or ~/.cache/kvq-studio): ~20 s the very first time, then ~1 s.
 @pytest.fixture(scope="session")
 def loaded_default():
-    from kvcache.model_loader import load_model
+    from kvcache.models.loader import load_model
 
     return load_model("default", device="cpu")
 

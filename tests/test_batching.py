@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from kvcache import BlockPool, KVCacheFull, KVShape, PagedKVCache, get_mode
-from kvcache.batching import BatchCache, BatchScheduler, Sequence
-from kvcache.generation import greedy_generate
+from kvcache.engine.scheduler import BatchScheduler
+from kvcache.engine.sequence import Sequence
+from kvcache.hf.compat import cache_kwargs
 from kvcache.kernels import decode_attention
-
-from conftest import make_tiny_llama
+from kvcache.storage.context import Phase, StepContext
 
 BLOCK = 4
 PROMPT_LENS, MAX_NEW = (9, 5, 14), (12, 4, 10)  # the second one finishes early
@@ -29,9 +30,11 @@ def _pool(model, kv: str, num_blocks: int) -> BlockPool:
 
 
 def _alone(model, kv: str, prompt: list[int], max_new: int, eos: set[int] = frozenset()) -> list[int]:
-    """The reference: this prompt on its own through PagedKVCache + greedy_generate, cut after the first EOS."""
+    """The reference: this prompt on its own through transformers' generate() over a PagedKVCache, cut after the first EOS."""
     cache = PagedKVCache.for_model(model, kv, block_size=BLOCK, fp_dtype=torch.float32)
-    out = greedy_generate(model, cache, torch.tensor([prompt]), max_new)[0].tolist()
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, min_new_tokens=max_new,
+                         do_sample=False, pad_token_id=0, **cache_kwargs(cache))[0, len(prompt):].tolist()
     stop = next((i for i, t in enumerate(out) if t in eos), len(out) - 1)
     return out[: stop + 1]
 
@@ -126,29 +129,40 @@ def test_finish_frees_blocks_and_admits_the_next(model):
     assert [s.id for s in sched.running] == [b, c]
 
 
-def test_batch_cache_rows_keep_their_own_lengths(model):
+def test_step_context_rows_keep_their_own_lengths(model):
+    """A scheduler's context: each row's new tokens get its own slots, and decode attends to each row's own length."""
     pool = _pool(model, "fp16", num_blocks=16)
-    cache = BatchCache(pool)
+    cache = PagedKVCache(pool)
     a, b = Sequence(0, [1] * 5, max_new_tokens=4), Sequence(1, [1] * 2, max_new_tokens=4)
     hist = {0: torch.randn(1, 2, 5, 16), 1: torch.randn(1, 2, 2, 16)}
     for seq in (a, b):  # each prefilled alone
-        cache.begin_step([seq], hist[seq.id].shape[2])
+        n = hist[seq.id].shape[2]
+        seq.block_table.extend(pool.allocate(-(-n // BLOCK)))
+        ctx = StepContext.build([seq.block_table], [0], n, BLOCK, "cpu")
+        assert ctx.phase is Phase.PREFILL
+        cache.begin_step(ctx)
         cache.update(hist[seq.id], hist[seq.id], 0)
         cache.end_step()
+        seq.num_cached = n
     assert not set(a.block_table) & set(b.block_table)
+    a.block_table.extend(pool.allocate(1))  # a's 6th token starts a new block
+    ctx = StepContext.build([a.block_table, b.block_table], [5, 2], 1, BLOCK, "cpu")
+    assert ctx.phase is Phase.DECODE and ctx.positions.tolist() == [[5], [2]]
+    assert ctx.seq_lens.tolist() == [6, 3] and (ctx.start, ctx.end) == (2, 6)
+    cache.begin_step(ctx)
+    assert cache.get_seq_length() == 5 and cache.get_mask_sizes(1, 0) == (6, 0)
     new = torch.randn(2, 2, 1, 16)
-    assert cache.begin_step([a, b], 1).tolist() == [[5], [2]]
     view, _ = cache.update(new, new, 0)
-    seq_lens = view.seq_lens(2, "cpu")
-    assert seq_lens.tolist() == [6, 3] and (view.start, view.end) == (2, 6)
     query = torch.randn(2, 4, 16)
-    got = decode_attention(query, view.storage, cache.block_table_tensor(), seq_lens, 0.25)
+    got = decode_attention(query, view.storage, ctx.block_tables, ctx.seq_lens, 0.25)
     for row in (0, 1):
         kv = torch.cat([hist[row], new[row:row + 1]], dim=2)[0].repeat_interleave(2, dim=0)  # [heads, len, d]
         weights = torch.softmax(torch.einsum("hd,hld->hl", query[row], kv) * 0.25, dim=-1)
         torch.testing.assert_close(got[row], torch.einsum("hl,hld->hd", weights, kv))
     cache.end_step()
-    assert (a.num_cached, b.num_cached) == (6, 3)
+    with pytest.raises(RuntimeError, match="begin_step"):  # a forward shaped unlike the context is a bug, not a guess
+        cache.begin_step(ctx)
+        cache.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), 1)
 
 
 def test_a_conversation_continues_in_its_own_blocks(model):

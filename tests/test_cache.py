@@ -2,20 +2,32 @@
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from transformers import DynamicCache
 
-from kvcache import BlockPool, KVCacheFull, KVQParams, KVShape, PagedKVCache, QParamsError, get_mode
-from kvcache.compat import cache_kwargs
+from kvcache import (
+    BlockPool,
+    KVCacheFull,
+    KVQParams,
+    KVShape,
+    ModeError,
+    PagedKVCache,
+    QParamsError,
+    get_mode,
+)
+from kvcache.hf.compat import cache_kwargs
 from kvcache.kernels.reference import gather_kv_reference
 from kvcache.quant import dequantize, quantize
-
-from conftest import make_tiny_llama
 
 
 def _static_qparams(shape: KVShape, granularity="channel", symmetric=False, lim=4.0, center=0.0) -> KVQParams:
     stat = lambda v: [torch.full((shape.num_kv_heads, shape.head_dim), v) for _ in range(shape.num_layers)]  # noqa: E731
     stats = {"min": stat(center - lim), "max": stat(center + lim), "absmax": stat(abs(center) + lim)}
     return KVQParams.from_stats(stats, stats, granularity=granularity, symmetric=symmetric)
+
+
+def _tables(cache: PagedKVCache) -> torch.Tensor:
+    return torch.tensor(cache.block_tables, dtype=torch.int32)
 
 
 def test_block_tables_across_block_boundaries():
@@ -27,7 +39,7 @@ def test_block_tables_across_block_boundaries():
     more = torch.randn(1, 2, 3, 16)
     cache.update(more, more, 0)  # positions 10..12 cross into a 4th block
     assert len(cache.block_tables[0]) == 4
-    got, _ = gather_kv_reference(cache.pool.layers[0], cache.block_table_tensor(), 13, torch.float32)
+    got, _ = gather_kv_reference(cache.pool.layers[0], _tables(cache), 13, torch.float32)
     assert torch.equal(got, torch.cat([k, more], dim=2))
 
 
@@ -67,10 +79,11 @@ def test_static_int8_stores_codes_of_the_qparams():
     cache = PagedKVCache.for_model(m, "int8", qparams=qp, block_size=4)
     k = torch.randn(1, 2, 6, 16)
     v = torch.randn(1, 2, 6, 16).clamp(-2.9, 2.9)  # inside the calibrated range
-    cache.update(k, v, 1)
+    for layer_idx in (0, 1):  # a forward visits the layers in order; layer 0 opens the step
+        cache.update(k, v, layer_idx)
     layer = cache.pool.layers[1]
     ks, kz, vs, vz = qp.layer(1, 2, 16)
-    got_k, got_v = gather_kv_reference(layer, cache.block_table_tensor(), 6, torch.float32)
+    got_k, got_v = gather_kv_reference(layer, _tables(cache), 6, torch.float32)
     want_k = dequantize(quantize(k, ks[None, :, None], kz[None, :, None]), ks[None, :, None], kz[None, :, None])
     torch.testing.assert_close(got_k, want_k)
     assert ((got_v - v).abs() <= vs[0, 0] / 2 + 1e-6).all()
@@ -126,12 +139,12 @@ def test_fixed_pool_full_is_a_clear_error_and_keeps_data():
 
 
 def test_int8_needs_qparams_and_they_must_match(tiny_llama):
-    with pytest.raises(ValueError, match="needs static qparams"):
+    with pytest.raises(ModeError, match="needs calibrated parameters: pass --qparams"):
         PagedKVCache.for_model(tiny_llama, "int8")
     wrong = _static_qparams(KVShape(num_layers=2, num_kv_heads=3, head_dim=16, num_heads=3))
     with pytest.raises(QParamsError, match=r"qparams have 2 layers x \(3, 16\).*model needs 2 layers x \(2, 16\)"):
         PagedKVCache.for_model(tiny_llama, "int8", qparams=wrong)
-    with pytest.raises(ValueError, match="valid modes: fp16, int8, int8-dynamic"):
+    with pytest.raises(ModeError, match="valid modes: fp16, int8, int8-dynamic"):
         PagedKVCache.for_model(tiny_llama, "int4")
 
 
@@ -162,9 +175,11 @@ def test_kernel_path_through_a_model_matches_the_references(monkeypatch, kv):
     turn (prefilled over the cached history, with the mask transformers passes) through the store, decode and
     prefill kernels give the logits of the reference path."""
     pytest.importorskip("triton")
+    from kvcache.hf.forward import forward_tokens
+
     import kvcache.kernels as kernels
-    from kvcache.generation import forward_tokens
-    from kvcache.kernels import paged_decode, paged_prefill, store
+    from kvcache.kernels import paged_decode, paged_prefill
+    from kvcache.kernels import paged_store as store
 
     model = make_tiny_llama().half()
     qparams = _static_qparams(KVShape.from_config(model.config), center=0.5) if kv == "int8" else None  # zp != 0

@@ -4,16 +4,17 @@ import json
 
 import pytest
 
-from kvcache import KVShape, get_mode
-from kvcache.capacity import parse_cache_max_entry_count, plan
+from kvcache import ConfigError, Engine, EngineConfig, KVShape, get_mode
 from kvcache.cli import main
+from kvcache.config import parse_cache_max_entry_count
+from kvcache.measure.capacity import budget_bytes, plan
 
 SMOL = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)
 MODES = [get_mode(m) for m in ("fp16", "int8", "int8-dynamic")]
 
 
 def test_same_memory_int8_holds_twice_the_tokens():
-    rep = plan(MODES, SMOL, budget_bytes=256 * 2**20, block_size=64, session_tokens=2048)
+    rep = plan(MODES, SMOL, 256 * 2**20, block_size=64, session_tokens=2048)
     fp16, int8, dyn = rep["results"]
     # fp16: 23040 B/token -> 1,474,560 B/block; 268,435,456 // 1,474,560 = 182 blocks
     assert (fp16["block_bytes"], fp16["blocks"], fp16["tokens"]) == (1474560, 182, 11648)
@@ -28,19 +29,35 @@ def test_same_memory_int8_holds_twice_the_tokens():
 
 def test_fraction_of_free_memory_and_block_counts():
     fake_free = 10 * 2**30
-    rep = plan(MODES[:1], SMOL, cache_max_entry_count=0.5, free_bytes=fake_free)
-    assert rep["budget_bytes"] == 5 * 2**30
+    budget = budget_bytes(0.5, SMOL, free_bytes=fake_free)
+    assert budget == 5 * 2**30 and budget_bytes(0.5, SMOL, free_bytes=fake_free, pools_sharing=2) == 5 * 2**30 // 2
+    rep = plan(MODES[:1], SMOL, budget)
     assert rep["results"][0]["blocks"] == 5 * 2**30 // 1474560
-    rep = plan(MODES, SMOL, cache_max_entry_count=100)  # an integer: blocks, counted in fp16 block memory
+    rep = plan(MODES, SMOL, budget_bytes(100, SMOL))  # an integer: blocks, counted in fp16 block memory
     assert rep["results"][0]["blocks"] == 100
     assert rep["results"][1]["blocks"] == (100 * 1474560 - 92160) // 737280
 
 
-@pytest.mark.parametrize("text,message", [("0", "at least 1 block"), ("1.5", "not a fraction"), ("lots", "fraction in (0, 1]")])
+@pytest.mark.parametrize("text,message", [("-3", "fraction in (0, 1]"), ("1.5", "not a fraction"), ("lots", "fraction in (0, 1]")])
 def test_bad_cache_max_entry_count(text, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_cache_max_entry_count(text)
     assert parse_cache_max_entry_count("0.25") == 0.25 and parse_cache_max_entry_count("12") == 12
+    for grow in ("", "0", None, 0):  # no fixed pool: every pool grows on demand
+        assert parse_cache_max_entry_count(grow) is None
+
+
+def test_the_engine_capacity_view_sizes_pools_as_the_engine_does(loaded_default):
+    """The Memory tab's capacity view and the app's real pools: the same split of the same memory."""
+    engine = Engine(loaded_default, EngineConfig(cache_max_entry_count=0.01, pools_sharing=2))
+    try:
+        report = engine.capacity(0.01)
+        assert report["budget_bytes"] == int(0.01 * engine.free_after_load) // 2 and report["pools_sharing"] == 2
+        for row in report["results"]:
+            if row["kv"] != "int8":  # a static mode's pool needs parameters; its size follows the same rule
+                assert engine.pool(row["kv"]).num_blocks == row["blocks"] == engine.pool_size(row["kv"])
+    finally:
+        engine.close()
 
 
 def test_capacity_cli_json(tmp_path, loaded_default, capsys):

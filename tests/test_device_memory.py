@@ -1,4 +1,4 @@
-"""kvcache.device_memory: never raises; explains a missing driver; v2 memory info falls back to v1."""
+"""kvcache.measure.device_memory: never raises; explains a missing driver; v2 memory info falls back to v1."""
 
 import os
 import sys
@@ -7,8 +7,8 @@ from collections import namedtuple
 
 import pytest
 
-from kvcache import device_memory
-from kvcache.device_memory import read_device_memory
+from kvcache.measure import device_memory
+from kvcache.measure.device_memory import read_device_memory
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from kvcache.cli import main
-from kvcache.evaluate import (BUILTIN_TEXTS, EvalError, delta_ppl_interval, evaluate, first_divergence, make_windows,
-                              read_text, resolve_text)
+from kvcache.measure.evaluate import (
+    BUILTIN_TEXTS,
+    EvalError,
+    delta_ppl_interval,
+    evaluate,
+    first_divergence,
+    make_windows,
+    read_text,
+    resolve_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +83,10 @@ def test_builtin_texts_and_files():
 
 def test_scoring_goes_through_the_cache(loaded_default, monkeypatch):
     """A cache that stores zeros must change the logits: attention reads the stored copy, not fresh K/V."""
+    from kvcache.hf.forward import forward_tokens
+
     from kvcache import PagedKVCache
-    from kvcache import cache as cache_mod
-    from kvcache.generation import forward_tokens
+    from kvcache.hf import cache as cache_mod
 
     ids = loaded_default.tokenizer("The cache stores keys and values for every token.", return_tensors="pt").input_ids
     clean = forward_tokens(loaded_default.model, PagedKVCache.for_model(loaded_default.model, "fp16"), ids, last_only=False)
@@ -106,7 +115,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("hello world " * 50)
     cases = [
         (["evaluate", "--kv", "fp16,int4"], "valid modes: fp16, int8, int8-dynamic"),
-        (["evaluate", "--kv", "int8"], "needs --qparams"),
+        (["evaluate", "--kv", "int8"], "needs calibrated parameters: pass --qparams"),
         (["evaluate", "--text", str(tmp_path / "missing.txt")], "text file not found"),
         (["evaluate", "--text", "builtin-de"], "unknown built-in text"),
         (["evaluate", "--kv", "int8", "--qparams", str(tmp_path / "q.safetensors")], "qparams file not found"),

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+from kvcache.engine.sampling import eos_ids
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvcache.attention import register_attention
+from kvcache.models import loader as model_loader
 from kvcache.cli import main
-from kvcache.engine import eos_ids
-from kvcache import model_loader
-from kvcache.internlm import InternLMTokenizer, llama_config, split_wqkv
-from kvcache.model_loader import LoadedModel, ModelLoadError, load_model
+from kvcache.hf.attention import register_attention
+from kvcache.models.internlm import InternLMTokenizer, llama_config, split_wqkv
+from kvcache.models.loader import LoadedModel, ModelLoadError, load_model
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 4, 2, 8, 2, 400
 HIDDEN = HEADS * HEAD_DIM
@@ -341,7 +341,7 @@ def test_remote_tokenizer_code_runs_only_when_trusted(tmp_path, sp_dir):
     ref = reference()
     folder = write_checkpoint(tmp_path / "m", internlm2_tensors(ref), internlm2_config(ref), sp_dir)
     (folder / "tokenization_internlm2.py").write_text(
-        "from kvcache.internlm import InternLMTokenizer\n\nclass InternLM2Tokenizer(InternLMTokenizer):\n    pass\n"
+        "from kvcache.models.internlm import InternLMTokenizer\n\nclass InternLM2Tokenizer(InternLMTokenizer):\n    pass\n"
     )
     assert type(load_model(str(folder), device="cpu").tokenizer) is InternLMTokenizer
     assert type(load_model(str(folder), device="cpu", trust_remote_code=True).tokenizer).__name__ == "InternLM2Tokenizer"
@@ -356,7 +356,7 @@ def test_remote_tokenizer_code_runs_only_when_trusted(tmp_path, sp_dir):
 
 def test_calibrate_and_evaluate_match_the_reference_llama(tmp_path, sp_dir):
     from calib.calibrate import calibrate
-    from kvcache.evaluate import evaluate
+    from kvcache.measure.evaluate import evaluate
 
     ref = reference()
     lm = load_model(str(write_checkpoint(tmp_path / "m", internlm2_tensors(ref), internlm2_config(ref), sp_dir)), device="cpu")

@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from kvcache.kernels import decode_attention, prefill_attention, store_kv, use_triton
-from kvcache.kernels.reference import decode_attention_reference, prefill_attention_reference, store_kv_reference
-from kvcache.layout import LayerKV, new_blocks
+from kvcache.kernels.reference import (
+    decode_attention_reference,
+    prefill_attention_reference,
+    store_kv_reference,
+)
 from kvcache.modes import get_mode
 from kvcache.qparams import KVQParams
+from kvcache.storage.layout import LayerKV, new_blocks
 
 try:
     import triton  # noqa: F401
@@ -36,7 +40,7 @@ MODE_IDS = [m if g is None else f"{m}-{g}-{'sym' if s else 'asym'}" for m, g, s 
 
 
 def _store_triton(*args):
-    from kvcache.kernels.store import store_kv_triton
+    from kvcache.kernels.paged_store import store_kv_triton
 
     return store_kv_triton(*args)
 
@@ -412,11 +416,12 @@ def test_prefill_rejects_bad_inputs():
 def test_kernel_modules_do_not_shadow_the_dispatch_functions():
     """Importing a kernel module sets it as an attribute of the package: it must not replace a function."""
     import importlib
+    import pkgutil
 
     import kvcache.kernels as kernels
 
-    for name in ("store", "paged_decode", "paged_prefill", "reference"):
-        importlib.import_module(f"kvcache.kernels.{name}")
+    for module in pkgutil.iter_modules(kernels.__path__):  # every module of the package, present and future
+        importlib.import_module(f"kvcache.kernels.{module.name}")
     for fn in ("store_kv", "prefill_attention", "decode_attention", "use_triton"):
         assert callable(getattr(kernels, fn)), fn
 
@@ -426,7 +431,8 @@ def test_kernel_modules_do_not_shadow_the_dispatch_functions():
 def test_cache_calls_skip_range_checks_unless_asked(monkeypatch, env, want):
     """The cache's own kernel calls skip the host-syncing index checks on a GPU, unless KVQ_KERNEL_CHECKS=1."""
     import kvcache.kernels as kernels
-    from kvcache.kernels import paged_decode, paged_prefill, store
+    from kvcache.kernels import paged_decode, paged_prefill
+    from kvcache.kernels import paged_store as store
 
     seen = []
     monkeypatch.setattr(kernels, "use_triton", lambda t: True)
@@ -464,7 +470,7 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path was taken for CPU tensors")
 
-    for mod, name in (("kvcache.kernels.store", "store_kv_triton"),
+    for mod, name in (("kvcache.kernels.paged_store", "store_kv_triton"),
                       ("kvcache.kernels.paged_decode", "decode_attention_triton"),
                       ("kvcache.kernels.paged_prefill", "prefill_attention_triton")):
         if HAVE_TRITON:

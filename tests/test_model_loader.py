@@ -18,8 +18,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kvcache import internlm, model_loader
-from kvcache.model_loader import (
+from kvcache.models import internlm
+from kvcache.models import loader as model_loader
+from kvcache.models.loader import (
     SUPPORTED_MODEL_TYPES,
     LoadedModel,
     ModelLoadError,

@@ -2,7 +2,13 @@
 
 import torch
 
-from kvcache.overlap import NGRAM, containment, ngram_sketch, sketch_from_text, sketch_to_text
+from kvcache.measure.overlap import (
+    NGRAM,
+    containment,
+    ngram_sketch,
+    sketch_from_text,
+    sketch_to_text,
+)
 
 
 def rows(seed: int, n: int = 8, length: int = 600) -> torch.Tensor:

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from kvcache.quant import (
-    asym_qparams, dequantize, dynamic_qparams, granularity_shape, qrange, quantize, reduce_to_granularity, sym_qparams,
+    asym_qparams,
+    dequantize,
+    dynamic_qparams,
+    granularity_shape,
+    qrange,
+    quantize,
+    reduce_to_granularity,
+    sym_qparams,
 )
 
 

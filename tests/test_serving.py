@@ -6,35 +6,31 @@ import time
 import pytest
 import torch
 
-from kvcache import BlockPool, KVShape, PagedKVCache, get_mode
-from kvcache.engine import ChatSession, GenerationConfig, eos_ids
-from kvcache.batching import BatchScheduler
-from kvcache.serving import BatchWorker
+from kvcache import BlockPool, Engine, EngineConfig, KVShape, get_mode
+from kvcache.engine.chat import GenerationConfig
+from kvcache.engine.scheduler import BatchScheduler
+from kvcache.engine.worker import BatchWorker
+from kvcache.errors import WorkerClosed
 
 QUESTIONS = ("What is the capital of France?", "Name three primary colours.")
 CONFIG = GenerationConfig(max_new_tokens=16)
+SYSTEM = "You are a helpful assistant."
 
 
 @pytest.fixture
-def worker(loaded_default):
-    w = BatchWorker(loaded_default.model, eos_ids=eos_ids(loaded_default.tokenizer, loaded_default.model))
-    yield w
-    w.close()
-
-
-def _pool(loaded, kv: str, num_blocks: int = 0) -> BlockPool:
-    return BlockPool(get_mode(kv), KVShape.from_config(loaded.model.config), num_blocks=num_blocks,
-                     growable=num_blocks == 0, device=loaded.model.device)
-
-
-def _session(loaded, pool: BlockPool, worker: BatchWorker | None) -> ChatSession:
-    return ChatSession(loaded, pool.mode.name, cache=PagedKVCache(pool), worker=worker,
-                       system_prompt="You are a helpful assistant.")
+def engine(loaded_default):
+    e = Engine(loaded_default)
+    yield e
+    e.close()
 
 
 def _alone(loaded, kv: str, turns: tuple[str, ...]) -> list[str]:
-    s = _session(loaded, _pool(loaded, kv), None)
-    return [s.reply(q, CONFIG) for q in turns]
+    alone = Engine(loaded)
+    try:
+        s = alone.chat(kv, system_prompt=SYSTEM)
+        return [s.reply(q, CONFIG) for q in turns]
+    finally:
+        alone.close()
 
 
 def _queued(worker: BatchWorker) -> int:
@@ -42,9 +38,10 @@ def _queued(worker: BatchWorker) -> int:
 
 
 @pytest.mark.parametrize("kv", ["fp16", "int8-dynamic"])
-def test_sessions_batched_together_get_the_replies_they_get_alone(loaded_default, worker, kv):
-    pool = _pool(loaded_default, kv)
-    sessions = [_session(loaded_default, pool, worker) for _ in QUESTIONS]
+def test_sessions_batched_together_get_the_replies_they_get_alone(loaded_default, engine, kv):
+    worker = engine.worker
+    sessions = [engine.chat(kv, system_prompt=SYSTEM) for _ in QUESTIONS]
+    pool = sessions[0].pool
     replies = {}
 
     def chat(i: int) -> None:
@@ -64,41 +61,46 @@ def test_sessions_batched_together_get_the_replies_they_get_alone(loaded_default
         assert replies[i] == _alone(loaded_default, kv, (q, "Say it again, shorter.")), i
         s = sessions[i]
         assert s.last.prompt_tokens < len(s._prompt_ids()) // 2  # the second turn prefilled only what was new
-        assert s.cache.num_tokens == len(s.cached_ids) and s.last.decode_s > 0
-    assert pool.num_used == sum(len(s.cache.row_table()) for s in sessions)  # conversations keep their blocks
+        assert s.memory().tokens_stored == len(s.cached_ids) and s.last.decode_s > 0
+    assert pool.num_used == sum(len(s.blocks) for s in sessions)  # conversations keep their blocks
     for s in sessions:
         s.reset()
     assert pool.num_used == 0
 
 
-def test_stop_ends_the_request_in_the_worker(loaded_default, worker):
-    pool = _pool(loaded_default, "fp16")
-    s = _session(loaded_default, pool, worker)
+def test_stop_ends_the_request_in_the_worker(engine):
+    worker = engine.worker
+    s = engine.chat("fp16", system_prompt=SYSTEM)
     stop = threading.Event()
     for _ in s.stream_reply("Count from one to a hundred.", GenerationConfig(max_new_tokens=200), stop):
         stop.set()
     assert s.last.stopped and s.last.new_tokens < 10
     assert not any(sched.running or sched.waiting for sched in worker._schedulers.values())
-    assert s.cache.num_tokens == len(s.cached_ids)  # the next turn starts from a consistent cache
+    assert s.memory().tokens_stored == len(s.cached_ids)  # the next turn starts from a consistent cache
     assert s.reply("Thanks.", GenerationConfig(max_new_tokens=4))
 
 
-def test_a_request_the_pool_cannot_hold_undoes_the_turn(loaded_default, worker):
-    pool = _pool(loaded_default, "int8-dynamic", num_blocks=1)  # 64 tokens
-    s = _session(loaded_default, pool, worker)
-    with pytest.raises(Exception, match=r"KV cache full: this request needs \d+ tokens"):
-        s.reply("Explain in detail how a key-value cache speeds up decoding. " * 4, CONFIG)
-    assert s.messages == [] and s.cache.num_tokens == 0 and pool.num_used == 0
+def test_a_request_the_pool_cannot_hold_undoes_the_turn(loaded_default):
+    small = Engine(loaded_default, EngineConfig(cache_max_entry_count=1))  # one block of 64 tokens per pool
+    try:
+        s = small.chat("int8-dynamic", system_prompt=SYSTEM)
+        assert s.pool.num_blocks == 1
+        with pytest.raises(Exception, match=r"KV cache full: this request needs \d+ tokens"):
+            s.reply("Explain in detail how a key-value cache speeds up decoding. " * 4, CONFIG)
+        assert s.messages == [] and s.cached_ids == [] and s.pool.num_used == 0
+    finally:
+        small.close()
 
 
-def test_close_ends_waiting_requests_with_a_reason(loaded_default, worker):
-    s = _session(loaded_default, _pool(loaded_default, "fp16"), worker)
+def test_close_ends_waiting_requests_with_a_reason(engine):
+    worker = engine.worker
+    s = engine.chat("fp16", system_prompt=SYSTEM)
     errors = []
 
     def chat() -> None:
         try:
             s.reply("Hello!", CONFIG)
-        except RuntimeError as exc:
+        except WorkerClosed as exc:
             errors.append(str(exc))
 
     with worker.device_lock:
@@ -112,46 +114,53 @@ def test_close_ends_waiting_requests_with_a_reason(loaded_default, worker):
     closer.join(timeout=60)
     t.join(timeout=60)
     assert errors and "model was replaced" in errors[0]
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(WorkerClosed, match="closed"):
         s.reply("Hello again", CONFIG)
 
 
-def test_sampling_rows_use_their_own_generator(loaded_default, worker):
+def test_sampling_rows_use_their_own_generator(engine):
     config = GenerationConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
-    pool = _pool(loaded_default, "fp16")
-    a, b = (_session(loaded_default, pool, worker) for _ in range(2))
+    a, b = (engine.chat("fp16", system_prompt=SYSTEM) for _ in range(2))
     assert a.reply(QUESTIONS[0], config) == b.reply(QUESTIONS[0], config)  # same seed, same text
 
 
-def test_a_failing_step_ends_the_requests_with_its_error(loaded_default, worker, monkeypatch):
-    s = _session(loaded_default, _pool(loaded_default, "fp16"), worker)
+def test_a_failing_step_ends_the_requests_with_its_error(engine, monkeypatch):
+    s = engine.chat("fp16", system_prompt=SYSTEM)
     monkeypatch.setattr(BatchScheduler, "step", lambda self: (_ for _ in ()).throw(torch.OutOfMemoryError("boom")))
     with pytest.raises(torch.OutOfMemoryError, match="boom"):
         s.reply("Hello!", CONFIG)
-    assert s.cache.num_tokens == len(s.cached_ids) == 0 and worker.status()["alive"]
+    assert s.memory().tokens_stored == len(s.cached_ids) == 0 and engine.worker.status()["alive"]
 
 
-def test_a_broken_worker_never_leaves_a_caller_waiting(loaded_default, worker, monkeypatch):
-    s = _session(loaded_default, _pool(loaded_default, "fp16"), worker)
+def test_a_broken_worker_never_leaves_a_caller_waiting(engine, monkeypatch):
+    s = engine.chat("fp16", system_prompt=SYSTEM)
     monkeypatch.setattr(BatchWorker, "_step", lambda self, key, sched: 1 / 0)
     with pytest.raises(RuntimeError, match="the batch worker stopped \\(ZeroDivisionError"):
         s.reply("Hello!", CONFIG)
-    assert not worker.status()["alive"]
+    assert not engine.worker.status()["alive"]
 
 
-def test_a_pool_nobody_uses_is_forgotten(loaded_default, worker):
+def test_a_pool_nobody_uses_is_forgotten(loaded_default, engine):
+    """Parameters replaced: the old pool leaves the engine and the worker once no session holds it."""
     import gc
     import weakref
 
-    pool = _pool(loaded_default, "fp16")
-    s = _session(loaded_default, pool, worker)
+    from kvcache.qparams import KVQParams
+
+    shape = KVShape.from_config(loaded_default.model.config)
+    stat = [torch.full((shape.num_kv_heads, shape.head_dim), 4.0) for _ in range(shape.num_layers)]
+    stats = {"min": [-t for t in stat], "max": stat, "absmax": stat}
+    old, new = (KVQParams.from_stats(stats, stats) for _ in range(2))
+    s = engine.chat("int8", qparams=old)
     s.reply("Hi", GenerationConfig(max_new_tokens=2))
-    s.reset()
-    worker.forget(pool)
-    gone = weakref.ref(pool)
-    del s, pool
+    gone = weakref.ref(s.pool)
+    keeper = engine.chat("int8", qparams=new)  # a second set: the first pool is still held by ``s``
+    assert gone() in engine.pools()
+    del s
     gc.collect()
-    assert gone() is None  # the worker no longer holds the pool's storage
+    engine.chat("int8", qparams=new)  # asking again drops the pools nobody holds
+    gc.collect()
+    assert gone() is None and keeper.pool in engine.pools()  # neither the engine nor the worker holds it
 
 
 def test_a_request_arriving_mid_step_is_added_after_the_step(monkeypatch):

@@ -14,8 +14,12 @@ import os
 
 import torch
 
-from ..layout import LayerKV
-from .reference import decode_attention_reference, prefill_attention_reference, store_kv_reference
+from ..storage.layout import LayerKV
+from .reference import (
+    decode_attention_reference,
+    prefill_attention_reference,
+    store_kv_reference,
+)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -26,7 +30,8 @@ def use_triton(t: torch.Tensor) -> bool:
 def store_kv(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Write (and quantize) ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
     if use_triton(key):
-        from .store import range_checks_enabled, store_kv_triton
+        from .common import range_checks_enabled
+        from .paged_store import store_kv_triton
 
         return store_kv_triton(layer, key, value, slots, check_ranges=range_checks_enabled(default=False))
     return store_kv_reference(layer, key, value, slots)
@@ -41,8 +46,8 @@ def prefill_attention(
     The Triton kernel takes fp16/bf16 queries; fp32 models take the reference (dequantize, then SDPA) on a GPU too.
     """
     if use_triton(query):
+        from .common import range_checks_enabled
         from .paged_prefill import PREFILL_DTYPES, prefill_attention_triton
-        from .store import range_checks_enabled
 
         if query.dtype in PREFILL_DTYPES:
             return prefill_attention_triton(query, layer, block_tables, kv_len, scale, attention_mask,
@@ -55,8 +60,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its cached history, read in the stored format."""
     if use_triton(query):
+        from .common import range_checks_enabled
         from .paged_decode import decode_attention_triton
-        from .store import range_checks_enabled
 
         return decode_attention_triton(query, layer, block_tables, seq_lens, scale,
                                        check_ranges=range_checks_enabled(default=False))

@@ -18,10 +18,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import LayerKV
-from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, softmax_state, unfold_output
-from .store import (FLOAT_DTYPES, FP_FUSION, TL_DTYPES, _params, check_block_ids, check_storage, param_strides, quant_code,
-                    range_checks_enabled, runnable_dot_dtype)
+from ..storage.layout import LayerKV
+from .common import (
+    FLOAT_DTYPES,
+    FP_FUSION,
+    TL_DTYPES,
+    check_block_ids,
+    check_storage,
+    kernel_params,
+    param_strides,
+    quant_code,
+    range_checks_enabled,
+    runnable_dot_dtype,
+)
+from .folded import (
+    fold_probs,
+    fold_query,
+    fold_scores,
+    load_kv_tile,
+    softmax_state,
+    unfold_output,
+)
 
 _MAX_SPLITS = 64
 
@@ -232,7 +249,7 @@ def decode_attention_triton(
         dot_dtype = torch.float16 if layer.k.dtype == torch.int8 else layer.k.dtype
     dot_dtype = runnable_dot_dtype(dot_dtype)
     quant = quant_code(layer)
-    ks, kz, vs, vz = _params(layer)
+    ks, kz, vs, vz = kernel_params(layer)
     stride_pb, stride_ph = param_strides(layer)
 
     if splits == 1:  # write the final output directly, no reduce

@@ -16,10 +16,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import LayerKV
-from .folded import fold_probs, fold_query, fold_scores, load_kv_tile, softmax_state, unfold_output
-from .store import (FLOAT_DTYPES, FP_FUSION, TL_DTYPES, _params, check_block_ids, check_storage, param_strides, quant_code,
-                    range_checks_enabled, runnable_dot_dtype)
+from ..storage.layout import LayerKV
+from .common import (
+    FLOAT_DTYPES,
+    FP_FUSION,
+    TL_DTYPES,
+    check_block_ids,
+    check_storage,
+    kernel_params,
+    param_strides,
+    quant_code,
+    range_checks_enabled,
+    runnable_dot_dtype,
+)
+from .folded import (
+    fold_probs,
+    fold_query,
+    fold_scores,
+    load_kv_tile,
+    softmax_state,
+    unfold_output,
+)
 
 # fp32 queries would need fp32-accurate dots (three tf32 passes), which spilled registers at every
 # tile tried (bench/kernel_compile.py): fp32 models prefill through the reference.
@@ -153,7 +170,7 @@ def prefill_attention_triton(
     # Dot operands: int8 codes convert exactly to fp16 (scales are applied around the dots); float
     # storage is cast to the query's dtype, as the reference does.
     dot_dtype = runnable_dot_dtype(torch.float16 if layer.k.dtype == torch.int8 else query.dtype)
-    ks, kz, vs, vz = _params(layer)
+    ks, kz, vs, vz = kernel_params(layer)
     stride_pb, stride_ph = param_strides(layer)
     if attention_mask is None:
         kind, mask, m_strides = 0, query, (0, 0, 0, 0)

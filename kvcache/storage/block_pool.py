@@ -8,16 +8,34 @@ cache: it grows geometrically as sequences get longer) or fixed at a number of b
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import torch
 
-from .kv_shape import KVShape
+from ..config import BLOCK_SIZE
+from ..errors import ConfigError, KVCacheFull
+from ..modes import KVMode, require_qparams
+from ..qparams import KVQParams
 from .layout import LayerKV, new_blocks
-from .modes import KVMode
-from .qparams import KVQParams
+from .shape import KVShape
 
 
-class KVCacheFull(RuntimeError):
-    """The pool has no free block left; nothing already stored was touched."""
+@dataclass
+class KVMemory:
+    """Exact byte accounting of one cache or conversation."""
+
+    kv: str
+    tokens_stored: int
+    blocks_used: int
+    block_size: int
+    bytes_per_token: int  # marginal: data + per-token parameters, all layers
+    param_bytes: int  # static parameters, held once
+    bytes_used: int  # blocks in use + parameters
+    bytes_held: int  # all storage this cache's pool holds, used or free
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class BlockPool:
@@ -26,17 +44,17 @@ class BlockPool:
         mode: KVMode,
         shape: KVShape,
         *,
-        block_size: int = 64,
+        block_size: int | None = None,
         num_blocks: int = 0,
         growable: bool = True,
         device: torch.device | str = "cpu",
         fp_dtype: torch.dtype = torch.float16,
         qparams: KVQParams | None = None,
     ):
+        block_size = BLOCK_SIZE if block_size is None else block_size
         if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if mode.needs_qparams and qparams is None:
-            raise ValueError(f"KV mode {mode.name!r} needs static qparams: pass --qparams FILE (made by `python -m calib kv_qparams`)")
+            raise ConfigError(f"block_size must be >= 1, got {block_size}")
+        require_qparams(mode, qparams)
         if qparams is not None:
             qparams.check_matches(shape)
         self.mode, self.shape, self.block_size = mode, shape, block_size
@@ -77,6 +95,12 @@ class BlockPool:
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
 
+    def truncate(self, table: list[int], num_tokens: int) -> None:
+        """Give back the blocks of ``table`` (a sequence's, changed in place) past its first ``num_tokens``."""
+        keep = -(-num_tokens // self.block_size)
+        self.free(table[keep:])
+        del table[keep:]
+
     def _grow(self, extra: int) -> None:
         for layer in self.layers:
             more = new_blocks(self.mode, extra, self.shape.num_kv_heads, self.block_size, self.shape.head_dim, self.device, self.fp_dtype)
@@ -89,7 +113,7 @@ class BlockPool:
     @property
     def bytes_per_token(self) -> int:
         """Marginal bytes of one token across all layers (data + per-token parameters)."""
-        return self.shape.num_layers * self.shape.num_kv_heads * self.mode.bytes_per_token_per_head(self.shape.head_dim, self.fp_dtype)
+        return self.mode.bytes_per_token(self.shape, self.fp_dtype)
 
     @property
     def bytes_per_block(self) -> int:
@@ -109,3 +133,11 @@ class BlockPool:
     def used_bytes(self) -> int:
         """Bytes of the blocks in use plus the static parameters."""
         return self.num_used * self.bytes_per_block + self.param_bytes
+
+    def memory(self, blocks_used: int, tokens_stored: int) -> KVMemory:
+        """The accounting of one cache or conversation holding ``blocks_used`` blocks of this pool."""
+        return KVMemory(
+            kv=self.mode.name, tokens_stored=tokens_stored, blocks_used=blocks_used, block_size=self.block_size,
+            bytes_per_token=self.bytes_per_token, param_bytes=self.param_bytes,
+            bytes_used=blocks_used * self.bytes_per_block + self.param_bytes, bytes_held=self.capacity_bytes,
+        )

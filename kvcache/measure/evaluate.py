@@ -12,7 +12,7 @@ windows:
   from fp16's (after it the two continuations drift, so counting matches later says little).
 
 When static parameters are used, the report names the data they were calibrated on and warns when
-the evaluation text overlaps it (:mod:`kvcache.overlap`): in-distribution figures flatter them.
+the evaluation text overlaps it (:mod:`kvcache.measure.overlap`): in-distribution figures flatter them.
 """
 
 from __future__ import annotations
@@ -26,26 +26,25 @@ from typing import Any
 
 import torch
 
-from .cache import PagedKVCache
-from .generation import forward_tokens, greedy_generate
-from .kv_shape import KVShape
-from .modes import get_mode
+from ..config import BASELINE_MODE, EVAL_DIR
+from ..engine.scheduler import BatchScheduler
+from ..errors import EvalError
+from ..hf.cache import PagedKVCache
+from ..hf.forward import forward_tokens
+from ..modes import get_mode, require_qparams
+from ..qparams import KVQParams
+from ..storage.block_pool import BlockPool
+from ..storage.shape import KVShape
 from .overlap import containment, sketch_from_text
-from .qparams import KVQParams
 
 ProgressFn = Callable[[float, str], Any]
 
-EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
 BUILTIN_TEXTS = {
     "builtin-en": EVAL_DIR / "technical_en.txt",  # English technical prose (computer systems)
     "builtin-zh": EVAL_DIR / "politics_zh.txt",  # Chinese prose of the politics-exam domain
 }
 BOOTSTRAP_RESAMPLES = 2000
 OVERLAP_WARN = 0.01  # warn when more than 1% of the text's n-grams were in the calibration text
-
-
-class EvalError(ValueError):
-    """Bad evaluation input: the message says what to fix."""
 
 
 @dataclass
@@ -98,6 +97,17 @@ def make_windows(tokenizer: Any, text: str, seqlen: int, samples: int, max_posit
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+def _greedy(model: Any, kv: str, qparams: KVQParams | None, prompts: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``tokens`` greedy tokens after each prompt, through the scheduler (the path chat replies take)."""
+    mode = get_mode(kv)
+    pool = BlockPool(mode, KVShape.from_config(model.config), device=model.device,
+                     qparams=qparams if mode.needs_qparams else None)
+    sched = BatchScheduler(model, pool)
+    ids = [sched.add(p.tolist(), tokens) for p in prompts]
+    out = sched.run_until_done()
+    return torch.tensor([out[i] for i in ids])
+
+
 def _window_logprobs(model: Any, kv: str, qparams: KVQParams | None, windows: torch.Tensor) -> torch.Tensor:
     cache = PagedKVCache.for_model(model, kv, qparams=qparams)
     logits = forward_tokens(model, cache, windows.to(model.device), last_only=False)[:, :-1]
@@ -141,9 +151,9 @@ def evaluate(
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Score ``modes`` (fp16 is always the reference) on windows of ``text``; returns the JSON-ready report."""
-    names = list(dict.fromkeys(["fp16", *(get_mode(m).name for m in modes)]))
-    if any(get_mode(m).needs_qparams for m in names) and qparams is None:
-        raise EvalError("KV mode int8 needs --qparams FILE (made by `python -m calib kv_qparams ... --format kvq`)")
+    names = list(dict.fromkeys([BASELINE_MODE, *(get_mode(m).name for m in modes)]))
+    for m in names:
+        require_qparams(m, qparams)
     model = loaded.model
     if qparams is not None:
         qparams.check_matches(KVShape.from_config(model.config))
@@ -176,8 +186,7 @@ def evaluate(
     greedy = {}
     for j, m in enumerate(names):
         if len(prompts):
-            cache = PagedKVCache.for_model(model, m, qparams=qparams)
-            greedy[m] = greedy_generate(model, cache, prompts.to(model.device), greedy_tokens).cpu()
+            greedy[m] = _greedy(model, m, qparams, prompts, greedy_tokens)
         if progress:
             progress((len(batches) + j + 1) / steps, f"greedy generation with {m}")
     results = [_mode_result(m, nll, kl, top1, greedy, scored, seqlen, model, qparams) for m in names]
@@ -201,9 +210,9 @@ def evaluate(
 def _mode_result(m: str, nll: dict, kl: dict, top1: dict, greedy: dict, scored: int, seqlen: int, model: Any,
                  qparams: KVQParams | None) -> ModeResult:
     """One mode's row of the report, against the fp16 reference."""
-    ppl, ppl_ref = math.exp(nll[m].sum() / scored), math.exp(nll["fp16"].sum() / scored)
-    ci = delta_ppl_interval(nll[m] / (seqlen - 1), nll["fp16"] / (seqlen - 1))
-    div = first_divergence(greedy[m], greedy["fp16"]) if greedy else []
+    ppl, ppl_ref = math.exp(nll[m].sum() / scored), math.exp(nll[BASELINE_MODE].sum() / scored)
+    ci = delta_ppl_interval(nll[m] / (seqlen - 1), nll[BASELINE_MODE] / (seqlen - 1))
+    div = first_divergence(greedy[m], greedy[BASELINE_MODE]) if greedy else []
     return ModeResult(
         kv=m, ppl=ppl, delta_ppl_pct=(ppl / ppl_ref - 1) * 100,
         delta_ppl_ci95=ci,

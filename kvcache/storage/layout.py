@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modes import KVMode
+from ..modes import KVMode
 
 
 @dataclass

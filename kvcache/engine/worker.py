@@ -1,6 +1,6 @@
 """Many chat sessions, one model: a worker thread decodes every running request together.
 
-Each pool (one per KV mode) gets one :class:`~kvcache.batching.BatchScheduler`; the worker steps
+Each pool (one per KV mode) gets one :class:`~kvcache.engine.scheduler.BatchScheduler`; the worker steps
 them in turn, so the requests of every session in a pool share each decode forward (continuous
 batching: they join and leave between steps). A chat session keeps its conversation's blocks
 between turns and hands them in with its next request, so only the new tokens are prefilled.
@@ -13,21 +13,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
-
-from .batching import BatchScheduler, Sequence
-from .block_pool import BlockPool, KVCacheFull
+from ..errors import KVCacheFull, WorkerClosed
+from ..storage.block_pool import BlockPool
+from .scheduler import BatchScheduler
+from .sequence import Sampler, Sequence
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # closes a request's token stream
-
-
-class WorkerClosed(RuntimeError):
-    """The model was replaced (its worker closed) before or while a reply was generated: send the message again."""
 
 
 class Request:
@@ -91,8 +87,9 @@ class BatchWorker:
         *,
         block_table: list[int] | None = None,
         num_cached: int = 0,
-        sampler: Callable[[torch.Tensor], int] | None = None,
+        sampler: Sampler | None = None,
         stop: threading.Event | None = None,
+        cut_to_pool: bool = False,
     ) -> Request:
         """Queue a reply to ``prompt_ids`` (see :meth:`BatchScheduler.add`); raises ``KVCacheFull`` if it can never fit."""
         with self._wake:
@@ -103,7 +100,7 @@ class BatchWorker:
                 sched = self._schedulers[id(pool)] = BatchScheduler(self.model, pool, eos_ids=self.eos_ids)
             with self._step_lock:
                 seq_id = sched.add(prompt_ids, max_new_tokens, block_table=block_table, num_cached=num_cached,
-                                   sampler=sampler)
+                                   sampler=sampler, cut_to_pool=cut_to_pool)
             request = self._requests[(id(pool), seq_id)] = Request(sched.sequences[seq_id], stop)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvq-batch-worker", daemon=True)

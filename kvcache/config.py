@@ -1,0 +1,71 @@
+"""Defaults and places, written once: every room (CLI, app, engine, measurements) reads them from here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+SYSTEM_PROMPT_FILE = ASSETS / "prompts" / "politics_tutor_zh.txt"  # the seed recipe's politics-exam tutor
+EXAMPLES_FILE = ASSETS / "prompts" / "examples.json"
+EVAL_DIR = ASSETS / "eval"
+
+
+
+def cache_root() -> Path:
+    """Where converted models and the log live: ``$KVQ_CACHE_DIR`` or ``~/.cache/kvq-studio``."""
+    return Path(os.environ.get("KVQ_CACHE_DIR") or Path.home() / ".cache" / "kvq-studio")
+
+
+BASELINE_MODE = "fp16"  # what every quantized mode is compared with (the left pane, the evaluation's reference)
+BLOCK_SIZE = 64  # tokens per block of the paged cache
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine lays out its KV pools.
+
+    ``cache_max_entry_count``: None grows each pool on demand; a fraction in (0, 1] preallocates that share
+    of the memory free after the weights load (LMDeploy's meaning since 0.2.2), split evenly between the
+    ``pools_sharing`` pools (the app's fp16 and quantized panes: 2); a whole number N gives each pool the
+    memory of N fp16 blocks.
+    """
+
+    block_size: int = BLOCK_SIZE
+    cache_max_entry_count: float | int | None = None
+    pools_sharing: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be at least 1, got {self.block_size}")
+        if self.pools_sharing < 1:
+            raise ConfigError(f"pools_sharing must be at least 1, got {self.pools_sharing}")
+
+
+def parse_cache_max_entry_count(text: str | float | int | None) -> float | int | None:
+    """``"0.5"`` -> 0.5 (a fraction), ``"400"`` -> 400 (blocks), ``""``/None/0 -> None (grow on demand)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value: float | int = text
+    else:
+        raw = str(text).strip()
+        try:
+            value = int(raw) if raw.isdigit() else float(raw)
+        except ValueError:
+            raise ConfigError(f"cache_max_entry_count must be a fraction in (0, 1] or a whole number of blocks, "
+                              f"got {text!r}") from None
+    if value == 0:
+        return None
+    if isinstance(value, float) and value.is_integer() and value > 1:
+        value = int(value)
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ConfigError(f"cache_max_entry_count {value} is not a fraction in (0, 1]; for a number of blocks give a "
+                          "whole number")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError("cache_max_entry_count must be at least 1 block")
+    return value

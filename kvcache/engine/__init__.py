@@ -1,0 +1,1 @@
+"""Serving: sequences, the scheduler that batches them, the worker thread, chat sessions."""

@@ -1,0 +1,1 @@
+"""Measurements: quality against the fp16 cache, capacity in a memory budget, device memory."""

@@ -1,0 +1,102 @@
+"""How much KV cache fits: LMDeploy's ``cache_max_entry_count`` made explicit, per KV mode.
+
+Two views of the same numbers, because users misread one for the other: in the *same memory*
+an int8 cache holds about twice the tokens; for the *same conversation* it takes about half
+the bytes. ``cache_max_entry_count`` in (0, 1] is a fraction of the memory free after the
+weights load (LMDeploy's meaning since 0.2.2); an integer >= 1 is a number of blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..config import BASELINE_MODE, BLOCK_SIZE
+from ..modes import KVMode, get_mode
+from ..storage.shape import KVShape
+
+
+@dataclass
+class ModeCapacity:
+    kv: str
+    bytes_per_token: int
+    block_bytes: int
+    blocks: int
+    tokens: int
+    sessions: int  # concurrent sessions of ``session_tokens`` that fit
+    session_bytes: int  # bytes one session of ``session_tokens`` holds (whole blocks)
+    tokens_vs_fp16: float
+    session_bytes_vs_fp16: float
+
+
+def budget_bytes(
+    cache_max_entry_count: float | int,
+    shape: KVShape,
+    *,
+    free_bytes: int | None = None,
+    pools_sharing: int = 1,
+    block_size: int = BLOCK_SIZE,
+    fp_dtype: torch.dtype = torch.float16,
+) -> int:
+    """The memory one pool gets: a fraction of ``free_bytes`` split over ``pools_sharing`` pools, or N fp16 blocks."""
+    if isinstance(cache_max_entry_count, int):
+        return cache_max_entry_count * block_size * get_mode(BASELINE_MODE).bytes_per_token(shape, fp_dtype)
+    if free_bytes is None:
+        raise ValueError("a fractional cache_max_entry_count needs the free memory after the weights load")
+    return int(cache_max_entry_count * free_bytes) // pools_sharing
+
+
+def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLOCK_SIZE,
+                fp_dtype: torch.dtype = torch.float16) -> int:
+    """Blocks of ``mode`` that ``budget`` bytes hold, after the mode's static parameters."""
+    return max(0, (budget - mode.static_param_bytes(shape)) // (mode.bytes_per_token(shape, fp_dtype) * block_size))
+
+
+def plan(
+    modes: list[KVMode],
+    shape: KVShape,
+    budget: int,
+    *,
+    block_size: int = BLOCK_SIZE,
+    session_tokens: int = 2048,
+    fp_dtype: torch.dtype = torch.float16,
+    **facts: Any,
+) -> dict[str, Any]:
+    """Blocks, tokens and sessions per mode in the same ``budget`` bytes; ``facts`` are recorded in the report."""
+    rows = []
+    per_session = -(-session_tokens // block_size)
+    for mode in modes:
+        bpt = mode.bytes_per_token(shape, fp_dtype)
+        blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype)
+        rows.append(dict(kv=mode.name, bytes_per_token=bpt, block_bytes=bpt * block_size, blocks=blocks,
+                         tokens=blocks * block_size, sessions=blocks // per_session,
+                         session_bytes=per_session * bpt * block_size + mode.static_param_bytes(shape)))
+    base = next((r for r in rows if r["kv"] == BASELINE_MODE), rows[0])
+    results = [
+        ModeCapacity(**r, tokens_vs_fp16=r["tokens"] / max(base["tokens"], 1),
+                     session_bytes_vs_fp16=r["session_bytes"] / base["session_bytes"])
+        for r in rows
+    ]
+    return {
+        "shape": asdict(shape),
+        "block_size": block_size,
+        "budget_bytes": budget,
+        **facts,
+        "session_tokens": session_tokens,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    """Both views as a table: same memory -> tokens; same conversation -> bytes."""
+    mib = 1024 * 1024
+    head = (f"budget {report['budget_bytes'] / mib:.1f} MiB, block_size {report['block_size']}, "
+            f"sessions of {report['session_tokens']} tokens")
+    rows = [("kv", "bytes/token", "blocks", "tokens", "x fp16", "sessions", "MiB per session", "x fp16")]
+    for r in report["results"]:
+        rows.append((r["kv"], str(r["bytes_per_token"]), str(r["blocks"]), str(r["tokens"]), f"{r['tokens_vs_fp16']:.3f}",
+                     str(r["sessions"]), f"{r['session_bytes'] / mib:.2f}", f"{r['session_bytes_vs_fp16']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join([head, *("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)])
