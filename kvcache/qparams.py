@@ -21,7 +21,7 @@ from .storage.shape import KVShape
 
 FORMAT = "kvq-qparams"
 FILE_NAME = "kv_qparams.safetensors"  # what `python -m calib kv_qparams ... --format kvq` writes in OUT_DIR
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional per-layer key transforms (k_transform); version 1 files still load
 _NAMES = ("k_scale", "k_zp", "v_scale", "v_zp")
 
 
@@ -35,6 +35,7 @@ class KVQParams:
     symmetric: bool = False
     bits: int = 8
     metadata: dict[str, str] = field(default_factory=dict)
+    k_transform: list[torch.Tensor] | None = None  # per layer [kv_heads, d, d]: the query-aware key map A (k' = k @ A)
 
     @property
     def num_layers(self) -> int:
@@ -54,6 +55,7 @@ class KVQParams:
         symmetric: bool = False,
         bits: int = 8,
         metadata: dict[str, str] | None = None,
+        k_transform: list[torch.Tensor] | None = None,
     ) -> "KVQParams":
         """Parameters from per-layer ``min``/``max``/``absmax`` stats, each (num_kv_heads, head_dim)."""
         granularity_shape(granularity, 1, 1)  # validates the name
@@ -68,7 +70,8 @@ class KVQParams:
                     scale, zp = asym_qparams(lo, hi, bits)
                 out[f"{prefix}_scale"].append(scale)
                 out[f"{prefix}_zp"].append(zp)
-        return cls(**out, granularity=granularity, symmetric=symmetric, bits=bits, metadata=dict(metadata or {}))
+        return cls(**out, granularity=granularity, symmetric=symmetric, bits=bits, metadata=dict(metadata or {}),
+                   k_transform=k_transform)
 
     def layer(self, i: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
         """Layer ``i``'s (k_scale, k_zp, v_scale, v_zp), each expanded to (num_kv_heads, head_dim) fp32."""
@@ -76,8 +79,19 @@ class KVQParams:
             getattr(self, n)[i].float().expand(num_kv_heads, head_dim).contiguous() for n in _NAMES
         )
 
-    def check_matches(self, shape: KVShape) -> None:
-        """Raise a readable error when these parameters were made for another model."""
+    def side(self, side: str, i: int, num_kv_heads: int, head_dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s (scale, zp) of ``side`` ('k'/'v') for ``bits``-bit codes, ``(num_kv_heads, head_dim)`` fp32.
+
+        The file's scales are for its own ``bits``; the calibrated range is the same for any width, so the
+        scale is rescaled by the ratio of code steps (asymmetric: 2^b - 1, symmetric: 2^(b-1) - 1).
+        """
+        steps = (lambda b: (1 << (b - 1)) - 1) if self.symmetric else (lambda b: (1 << b) - 1)
+        scale = getattr(self, f"{side}_scale")[i].float() * (steps(self.bits) / steps(bits))
+        zp = getattr(self, f"{side}_zp")[i].float()
+        return scale.expand(num_kv_heads, head_dim).contiguous(), zp.expand(num_kv_heads, head_dim).contiguous()
+
+    def check_matches(self, shape: KVShape, needs_transform: bool = False) -> None:
+        """Raise a readable error when these parameters were made for another model (or lack a needed transform)."""
         want_layers = shape.num_layers
         kvh, d = granularity_shape(self.granularity, shape.num_kv_heads, shape.head_dim)
         have = (self.num_layers, *self.shape)
@@ -88,10 +102,22 @@ class KVQParams:
                 f"({self.granularity}), the model needs {want[0]} layers x {want[1:]} ({shape}); "
                 "calibrate this model with `python -m calib calibrate` and export with `python -m calib kv_qparams`"
             )
+        if needs_transform and self.k_transform is None:
+            raise QParamsError(
+                "these qparams carry no query-aware key transform (made by an older KVQ Studio, or from a work dir "
+                "without query statistics): recalibrate with `python -m calib calibrate` and re-export with "
+                "`python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`"
+            )
+        want_t = (shape.num_kv_heads, shape.head_dim, shape.head_dim)
+        if self.k_transform is not None and tuple(self.k_transform[0].shape) != want_t:
+            raise QParamsError(f"the key transforms are {tuple(self.k_transform[0].shape)} per layer, the model needs "
+                               f"{want_t} ({shape}); recalibrate this model")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         tensors = {f"layers.{i}.{n}": getattr(self, n)[i].float().contiguous() for n in _NAMES for i in range(self.num_layers)}
+        for i, t in enumerate(self.k_transform or []):
+            tensors[f"layers.{i}.k_transform"] = t.float().contiguous()
         meta = {
             **{k: str(v) for k, v in self.metadata.items()},
             "format": FORMAT,
@@ -125,6 +151,11 @@ class KVQParams:
             lists = {name: [tensors[f"layers.{i}.{name}"] for i in range(n)] for name in _NAMES}
         except KeyError as e:
             raise QParamsError(f"{path} is missing tensor {e.args[0]}; re-export it") from None
+        if "layers.0.k_transform" in tensors:
+            try:
+                lists["k_transform"] = [tensors[f"layers.{i}.k_transform"] for i in range(n)]
+            except KeyError as e:
+                raise QParamsError(f"{path} is missing tensor {e.args[0]}; re-export it") from None
         for name, ts in lists.items():
             for i, t in enumerate(ts):
                 if not torch.isfinite(t).all():

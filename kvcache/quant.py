@@ -100,3 +100,79 @@ def reduce_to_granularity(
         return fn(stat.reshape(1, -1), dim=-1, keepdim=True)
     granularity_shape(granularity, 1, 1)  # raises the readable error
     raise AssertionError
+
+
+# --- per-token codes in groups, and 4-bit packing (the sub-8-bit modes) ---------------------------------
+
+
+def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[..., D]`` as ``[..., D // group_size, group_size]`` (0 or D: one group per vector)."""
+    d = x.shape[-1]
+    g = group_size or d
+    if d % g:
+        raise ValueError(f"group size {g} does not divide head_dim {d}")
+    return x.reshape(*x.shape[:-1], d // g, g)
+
+
+def sym_token_qparams(x: torch.Tensor, bits: int = 4, param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """llama.cpp's q4_0-style symmetric scale over the last dim: the value of largest magnitude maps to ``-2^(b-1)``.
+
+    The scale is signed (it carries that value's sign) and rounded to ``param_dtype`` with its magnitude never
+    shrinking, so every value stays within ``[-2^(b-1), 2^(b-1)]`` steps; codes clamp at ``2^(b-1) - 1``.
+    """
+    x = x.float()
+    peak = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))[..., 0]
+    scale = peak / qrange(bits)[0]
+    magnitude = _round_up(scale.abs().clamp_min(SCALE_EPS), param_dtype)
+    return torch.where(scale < 0, -magnitude.float(), magnitude.float()).to(param_dtype)
+
+
+def token_qparams(
+    x: torch.Tensor, bits: int, group_size: int = 0, symmetric: bool = False, param_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token parameters of ``x`` (``[..., D]``) per group of ``group_size`` channels: ``[..., D // G]`` each.
+
+    Asymmetric: :func:`dynamic_qparams` per group (scale and zero point). Symmetric: :func:`sym_token_qparams`,
+    and no zero point (None).
+    """
+    groups = group_view(x, group_size)
+    if symmetric:
+        return sym_token_qparams(groups, bits, param_dtype), None
+    return dynamic_qparams(groups, bits, param_dtype)
+
+
+def quantize_groups(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, bits: int,
+                    group_size: int = 0) -> torch.Tensor:
+    """int8 codes of ``x`` (``[..., D]``) with per-group ``scale``/``zp`` (``[..., D // G]``)."""
+    groups = group_view(x, group_size)
+    zero = torch.zeros_like(scale) if zp is None else zp
+    return quantize(groups, scale[..., None], zero[..., None], bits).reshape(x.shape)
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, group_size: int = 0,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``codes * scale + zp`` per group, in fp32, returned in ``dtype``."""
+    groups = group_view(codes, group_size)
+    zero = torch.zeros_like(scale) if zp is None else zp
+    return dequantize(groups, scale[..., None], zero[..., None], dtype).reshape(codes.shape)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte: byte ``j`` of a vector holds channel ``j`` in its low nibble and channel
+    ``j + D/2`` in its high nibble, each offset by 8 (codes -8..7 -> 0..15). ``[..., D]`` int8 -> ``[..., D/2]`` uint8.
+
+    Splitting the vector in halves (not interleaving neighbours) lets a kernel unpack a tile into two
+    half-width tiles with two shifts and dot each against the matching half of the query.
+    """
+    d = codes.shape[-1]
+    if d % 2:
+        raise ValueError(f"4-bit codes pack in pairs: head_dim {d} is odd")
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., : d // 2] | (u[..., d // 2:] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: ``[..., D/2]`` uint8 -> ``[..., D]`` int8 codes in -8..7."""
+    lo = (packed & 15).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.cat([lo, hi], dim=-1)

@@ -141,8 +141,11 @@ class BatchScheduler:
         return admitted
 
     def _fits(self, seq: Sequence) -> bool:
+        if self.pool.growable:
+            return True
         promised = sum(self._blocks_to_come(s) for s in self.running)
-        return self.pool.growable or self._blocks_to_come(seq) <= self.pool.num_free - promised
+        new_sinks = sum(1 for s in (*self.running, seq) if not s.block_table)  # a new sequence takes a sink slot
+        return self._blocks_to_come(seq) <= self.pool.num_free - promised and self.pool.sinks.can_take(new_sinks)
 
     def _blocks_to_come(self, seq: Sequence) -> int:
         return num_blocks(seq.max_tokens_cached, self.pool.block_size) - len(seq.block_table)
@@ -154,7 +157,7 @@ class BatchScheduler:
         for s in seqs:
             missing = num_blocks(s.num_cached + n, pool.block_size) - len(s.block_table)
             if missing > 0:
-                s.block_table.extend(pool.allocate(missing))
+                s.block_table.extend(pool.allocate(missing, first=not s.block_table))
         ctx = StepContext.build([s.block_table for s in seqs], [s.num_cached for s in seqs], n, pool.block_size,
                                 pool.device)
         self.cache.begin_step(ctx)

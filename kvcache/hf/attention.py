@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..kernels import decode_attention, prefill_attention
 from ..storage.context import Phase
+from ..storage.maps import map_query, unmap_output
 from .cache import PagedView
 
 ATTN_IMPLEMENTATION = "kvq"
@@ -36,14 +37,16 @@ def kvq_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     ctx, storage = key.context, key.storage
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    query = map_query(storage, query)  # rotated / transformed keys are read by the matching queries
     if ctx.phase is Phase.DECODE and attention_mask is None:
         out = decode_attention(query[:, :, 0], storage, ctx.block_tables, ctx.seq_lens, scale)
-        return out[:, None], None
+        return unmap_output(storage, out[:, None]), None
     if ctx.start + ctx.num_new != ctx.end:
         raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : ctx.end]  # as transformers' SDPA path trims it
-    return prefill_attention(query, storage, ctx.block_tables, ctx.end, scale, attention_mask), None
+    out = prefill_attention(query, storage, ctx.block_tables, ctx.end, scale, attention_mask)
+    return unmap_output(storage, out), None
 
 
 def register_attention() -> str:

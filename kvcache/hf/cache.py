@@ -28,6 +28,7 @@ from ..qparams import KVQParams
 from ..storage.block_pool import BlockPool, KVMemory
 from ..storage.context import StepContext
 from ..storage.layout import LayerKV
+from ..storage.maps import map_kv
 from ..storage.shape import KVShape
 
 
@@ -56,6 +57,7 @@ class PagedLayer(CacheLayerMixin):
         b, kvh, q, d = key_states.shape
         ctx = self.cache.step_context(self.layer_idx, b, q)
         storage = self.cache.pool.layers[self.layer_idx]
+        key_states, value_states = map_kv(storage, key_states, value_states)
         flat = lambda x: x.transpose(1, 2).reshape(b * q, kvh, d)  # noqa: E731
         store_kv(storage, flat(key_states), flat(value_states), ctx.slots)
         view = PagedView(storage, ctx)
@@ -162,7 +164,7 @@ class PagedKVCache(Cache):
         need = -(-(start + num_new) // bs)
         for table in self.block_tables:
             if len(table) < need:
-                table.extend(self.pool.allocate(need - len(table)))
+                table.extend(self.pool.allocate(need - len(table), first=not table))
         self.num_tokens = start + num_new
         return StepContext.build(self.block_tables, [start] * batch, num_new, bs, self.pool.device)
 

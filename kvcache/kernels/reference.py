@@ -17,28 +17,56 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import dequantize, dynamic_qparams, quantize
+from ..modes import INT8_TOKEN, TOKEN_PARAM_DTYPE
+from ..quant import (dequantize, dequantize_groups, dynamic_qparams, pack_int4, quantize, quantize_groups, token_qparams,
+                     unpack_int4)
 from ..storage.layout import LayerKV
 
 
+def _store_side(layer: LayerKV, side: str, x: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> None:
+    """Encode ``x`` (``[tokens, kv_heads, head_dim]``) per the side's codec and write it at (block, offset)."""
+    codec, data = layer.codec(side), getattr(layer, side)
+    if not codec.quantized:
+        data[blk, :, off] = x.to(data.dtype)
+        return
+    if codec.scaling == "static":
+        scale, zp = layer.params(side)
+        codes = quantize(x, scale, zp, codec.bits)
+    else:
+        scale, zp = token_qparams(x, codec.bits, codec.group_size, codec.symmetric, TOKEN_PARAM_DTYPE)
+        codes = quantize_groups(x, scale, zp, codec.bits, codec.group_size)
+        getattr(layer, f"{side}_scale")[blk, :, off] = scale
+        if zp is not None:
+            getattr(layer, f"{side}_zp")[blk, :, off] = zp
+    data[blk, :, off] = pack_int4(codes) if codec.bits == 4 else codes
+
+
+def _store_sinks(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> None:
+    """Tokens below ``sink_tokens`` of a sequence's first block also go, unquantized, to its sink slot."""
+    slot = layer.sink_slot[blk]
+    keep = (slot >= 0) & (off < layer.sink_tokens)
+    if keep.any():
+        layer.k_sink[slot[keep].long(), :, off[keep]] = key[keep].to(layer.k_sink.dtype)
+        layer.v_sink[slot[keep].long(), :, off[keep]] = value[keep].to(layer.v_sink.dtype)
+
+
 def store_kv_reference(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """Quantize (per the layer's mode) and write each token's K/V at its slot."""
-    mode, bs = layer.mode, layer.block_size
+    """Encode (per each side's codec) and write each token's K/V at its slot; sink tokens also in fp16."""
+    bs = layer.block_size
     blk, off = slots // bs, slots % bs
-    if not mode.quantized:
-        layer.k[blk, :, off] = key.to(layer.k.dtype)
-        layer.v[blk, :, off] = value.to(layer.v.dtype)
-    elif mode.dynamic:  # parameters are per (token, head): K and V quantize as one batch
+    if layer.k_codec == layer.v_codec == INT8_TOKEN:  # parameters per (token, head): K and V as one batch
         kv = torch.stack((key, value))
-        scale, zp = dynamic_qparams(kv, mode.bits, mode.param_dtype)
-        codes = quantize(kv, scale[..., None], zp[..., None], mode.bits)
+        scale, zp = dynamic_qparams(kv, 8, TOKEN_PARAM_DTYPE)
+        codes = quantize(kv, scale[..., None], zp[..., None], 8)
         for i, name in enumerate(("k", "v")):
             getattr(layer, name)[blk, :, off] = codes[i]
-            getattr(layer, f"{name}_scale")[blk, :, off] = scale[i]
-            getattr(layer, f"{name}_zp")[blk, :, off] = zp[i]
+            getattr(layer, f"{name}_scale")[blk, :, off] = scale[i][..., None]
+            getattr(layer, f"{name}_zp")[blk, :, off] = zp[i][..., None]
     else:
-        layer.k[blk, :, off] = quantize(key, layer.k_scale, layer.k_zp, mode.bits)
-        layer.v[blk, :, off] = quantize(value, layer.v_scale, layer.v_zp, mode.bits)
+        _store_side(layer, "k", key, blk, off)
+        _store_side(layer, "v", value, blk, off)
+    if layer.sink_tokens:
+        _store_sinks(layer, key, value, blk, off)
 
 
 def read_blocks(t: torch.Tensor, blocks: torch.Tensor, batch: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -49,27 +77,69 @@ def read_blocks(t: torch.Tensor, blocks: torch.Tensor, batch: int, dtype: torch.
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x).flatten(2, 3)
 
 
+def _read_side(layer: LayerKV, side: str, blocks: torch.Tensor, b: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """One side's first ``length`` positions per row, decoded: ``[batch, kv_heads, length, head_dim]``."""
+    codec, data = layer.codec(side), getattr(layer, side)
+    if not codec.quantized:
+        return read_blocks(data, blocks, b, dtype)[:, :, :length]
+    codes = read_blocks(data, blocks, b, data.dtype)[:, :, :length]
+    if codec.bits == 4:
+        codes = unpack_int4(codes)
+    scale, zp = layer.params(side)
+    if codec.scaling == "static":
+        return dequantize(codes, scale[None, :, None, :], zp[None, :, None, :], dtype)
+    scale = read_blocks(scale, blocks, b, scale.dtype)[:, :, :length]
+    zp = None if zp is None else read_blocks(zp, blocks, b, zp.dtype)[:, :, :length]
+    return dequantize_groups(codes, scale, zp, codec.group_size, dtype)
+
+
+def _overlay_sinks(layer: LayerKV, side: str, x: torch.Tensor, block_tables: torch.Tensor) -> None:
+    """Positions below ``sink_tokens`` of rows whose first block has a sink slot: their fp16 copies, in place."""
+    n = min(layer.sink_tokens, x.shape[2])
+    slot = layer.sink_slot[block_tables[:, 0].long()]
+    rows = (slot >= 0).nonzero()[:, 0]
+    if n and len(rows):
+        x[rows, :, :n] = getattr(layer, f"{side}_sink")[slot[rows].long(), :, :n].to(x.dtype)
+
+
 def gather_kv_reference(
     layer: LayerKV, block_tables: torch.Tensor, length: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized K and V of the first ``length`` positions of each row: ``[batch, kv_heads, length, head_dim]``."""
+    """Decoded K and V of the first ``length`` positions of each row: ``[batch, kv_heads, length, head_dim]``."""
     n = -(-length // layer.block_size)
     b = block_tables.shape[0]
     blocks = block_tables[:, :n].reshape(-1).long()
+    out = []
+    for side in ("k", "v"):
+        x = _read_side(layer, side, blocks, b, length, dtype)
+        if layer.sink_tokens:
+            _overlay_sinks(layer, side, x, block_tables)
+        out.append(x)
+    return out[0], out[1]
 
-    def read(name: str) -> torch.Tensor:
-        data = getattr(layer, name)
-        if not layer.mode.quantized:
-            return read_blocks(data, blocks, b, dtype)[:, :, :length]
-        codes = read_blocks(data, blocks, b, data.dtype)[:, :, :length]
-        scale, zp = getattr(layer, f"{name}_scale"), getattr(layer, f"{name}_zp")
-        if layer.mode.dynamic:
-            scale, zp = (read_blocks(t, blocks, b, t.dtype)[:, :, :length, None] for t in (scale, zp))
-        else:
-            scale, zp = scale[None, :, None, :], zp[None, :, None, :]
-        return dequantize(codes, scale, zp, dtype)
 
-    return read("k"), read("v")
+def _folded_kind(layer: LayerKV) -> str | None:
+    """Which folded decode path fits the layer ('float', 'static', 'token'), or None (decode, then attend)."""
+    if layer.sink_tokens or layer.k_codec != layer.v_codec:
+        return None
+    codec = layer.k_codec
+    if not codec.quantized:
+        return "float"
+    if codec.bits == 8 and codec.scaling == "static":
+        return "static"
+    return "token" if codec == INT8_TOKEN else None
+
+
+def _decode_decoded(query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Decode for any codec: the rows' histories decoded in fp32, then SDPA per KV-head group, masked per row."""
+    b, hq, d = query.shape
+    kvh, length = layer.num_kv_heads, int(seq_lens.max())
+    k, v = gather_kv_reference(layer, block_tables, length, torch.float32)
+    q = query.float().view(b, kvh, hq // kvh, d)
+    valid = torch.arange(length, device=query.device) < seq_lens.to(query.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], scale=scale)
+    return out.reshape(b, hq, d).to(query.dtype)
 
 
 def decode_attention_reference(
@@ -86,7 +156,10 @@ def decode_attention_reference(
     Every row reads the same number of whole blocks; positions at or past a row's length are masked.
     """
     b, hq, d = query.shape
-    kvh, bs, mode = layer.num_kv_heads, layer.block_size, layer.mode
+    kind = _folded_kind(layer)
+    if kind is None:  # 4-bit codes, groups, symmetric scales, sinks: decode the history, then attend
+        return _decode_decoded(query, layer, block_tables, seq_lens, scale)
+    kvh, bs = layer.num_kv_heads, layer.block_size
     n = -(-int(seq_lens.max()) // bs)
     blocks = block_tables[:, :n].reshape(-1).long()
     k = read_blocks(layer.k, blocks, b)  # [b, kvh, n * bs, d]
@@ -94,11 +167,11 @@ def decode_attention_reference(
     q = query.float().view(b, kvh, hq // kvh, d)  # the query heads of each KV head, as rows
     valid = torch.arange(n * bs, device=query.device) < seq_lens.to(query.device)[:, None]  # [b, n * bs]
 
-    if not mode.dynamic:  # one SDPA over the stored values, static parameters around it
-        if mode.quantized:
+    if kind != "token":  # one SDPA over the stored values, static parameters around it
+        if kind == "static":
             q = q * layer.k_scale[None, :, None]
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], scale=scale)
-        if mode.quantized:
+        if kind == "static":
             out = torch.addcmul(layer.v_zp[None, :, None], out, layer.v_scale[None, :, None])
         return out.reshape(b, hq, d).to(query.dtype)
 

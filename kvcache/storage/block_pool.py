@@ -18,7 +18,9 @@ from ..errors import ConfigError, KVCacheFull
 from ..modes import KVMode, require_qparams
 from ..qparams import KVQParams
 from .layout import LayerKV, new_blocks
+from .maps import layer_maps
 from .shape import KVShape
+from .sinks import SinkSlots
 
 
 @dataclass
@@ -38,6 +40,8 @@ class KVMemory:
         return asdict(self)
 
 
+
+
 class BlockPool:
     def __init__(
         self,
@@ -54,22 +58,37 @@ class BlockPool:
         block_size = BLOCK_SIZE if block_size is None else block_size
         if block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {block_size}")
+        if mode.sink_tokens > block_size:
+            raise ConfigError(f"{mode.sink_tokens} sink tokens do not fit a block of {block_size}: raise block_size")
         require_qparams(mode, qparams)
+        self.codecs = mode.layer_codecs(shape.num_layers)
         if qparams is not None:
-            qparams.check_matches(shape)
+            qparams.check_matches(shape, needs_transform=any(k.qk_transform for k, _ in self.codecs))
         self.mode, self.shape, self.block_size = mode, shape, block_size
-        self.qparams = qparams  # the parameters its int8 blocks are coded with (held, so an id(qparams) key stays unique)
+        self.qparams = qparams  # the parameters its blocks are coded with (held, so an id(qparams) key stays unique)
         self.growable, self.device, self.fp_dtype = growable, torch.device(device), fp_dtype
-        self.layers: list[LayerKV] = []
-        for i in range(shape.num_layers):
-            blocks = new_blocks(mode, num_blocks, shape.num_kv_heads, block_size, shape.head_dim, self.device, fp_dtype)
-            layer = LayerKV(mode, **blocks)
-            if mode.needs_qparams:
-                ks, kz, vs, vz = (t.to(self.device) for t in qparams.layer(i, shape.num_kv_heads, shape.head_dim))
-                layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp = ks, kz, vs, vz
-            self.layers.append(layer)
         self.num_blocks = num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.sinks = SinkSlots(mode.sink_tokens, shape, self.device, fp_dtype, num_blocks, growable)
+        self.layers = [self._layer(i) for i in range(shape.num_layers)]
+
+    def _layer(self, i: int) -> LayerKV:
+        """Layer ``i``'s storage for its codecs: blocks, static parameters, maps, sinks."""
+        k_codec, v_codec = self.codecs[i]
+        shape, dev = self.shape, self.device
+        blocks = new_blocks(k_codec, v_codec, self.num_blocks, shape.num_kv_heads, self.block_size, shape.head_dim,
+                            dev, self.fp_dtype)
+        layer = LayerKV(k_codec, v_codec, shape.head_dim, **blocks)
+        for side, codec in (("k", k_codec), ("v", v_codec)):
+            if codec.scaling == "static":
+                scale, zp = self.qparams.side(side, i, shape.num_kv_heads, shape.head_dim, codec.bits)
+                setattr(layer, f"{side}_scale", scale.to(dev))
+                setattr(layer, f"{side}_zp", zp.to(dev))
+        transform = self.qparams.k_transform[i] if k_codec.qk_transform else None
+        maps = layer_maps(k_codec, v_codec, shape.num_kv_heads, shape.head_dim, transform)
+        layer.k_map, layer.q_map, layer.v_map = (None if m is None else m.to(dev) for m in maps)
+        self.sinks.attach(layer, i)
+        return layer
 
     # --- allocation -------------------------------------------------------------------------
     @property
@@ -80,8 +99,14 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def allocate(self, n: int) -> list[int]:
-        """``n`` free block ids; grows the storage if allowed, else raises :class:`KVCacheFull`."""
+    def allocate(self, n: int, first: bool = False) -> list[int]:
+        """``n`` free block ids; grows the storage if allowed, else raises :class:`KVCacheFull`.
+
+        ``first``: they start a sequence, whose first block then gets a sink slot (modes with sinks).
+        """
+        if first and n and not self.sinks.can_take(1):
+            raise KVCacheFull(f"KV cache full: all {self.sinks.num_slots} sink slots are in use (one per sequence); "
+                              "end a session or raise cache_max_entry_count")
         if n > len(self._free):
             if not self.growable:
                 raise KVCacheFull(
@@ -90,9 +115,13 @@ class BlockPool:
                     "end a session or raise cache_max_entry_count"
                 )
             self._grow(max(n - len(self._free), self.num_blocks // 2, 1))
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        if first and blocks:
+            self.sinks.take(blocks[0])
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
+        self.sinks.release(blocks)
         self._free.extend(reversed(blocks))
 
     def truncate(self, table: list[int], num_tokens: int) -> None:
@@ -102,12 +131,15 @@ class BlockPool:
         del table[keep:]
 
     def _grow(self, extra: int) -> None:
-        for layer in self.layers:
-            more = new_blocks(self.mode, extra, self.shape.num_kv_heads, self.block_size, self.shape.head_dim, self.device, self.fp_dtype)
+        for i, layer in enumerate(self.layers):
+            k_codec, v_codec = self.codecs[i]
+            more = new_blocks(k_codec, v_codec, extra, self.shape.num_kv_heads, self.block_size, self.shape.head_dim,
+                              self.device, self.fp_dtype)
             for name in layer.per_block_tensors():
                 setattr(layer, name, torch.cat([getattr(layer, name), more[name]]))
         self._free = list(range(self.num_blocks + extra - 1, self.num_blocks - 1, -1)) + self._free
         self.num_blocks += extra
+        self.sinks.grow_blocks(extra, self.layers)
 
     # --- accounting -------------------------------------------------------------------------
     @property
@@ -116,28 +148,34 @@ class BlockPool:
         return self.mode.bytes_per_token(self.shape, self.fp_dtype)
 
     @property
+    def sink_bytes(self) -> int:
+        """Bytes of the sink slots the pool holds (one sequence's first tokens in fp16 each)."""
+        return self.sinks.nbytes
+
+    @property
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
 
     @property
     def param_bytes(self) -> int:
         """Bytes of static parameters, held once whatever the number of tokens."""
-        return sum(t.nbytes for layer in self.layers for t in layer.static_params())
+        return sum(t.nbytes for layer in self.layers for t in layer.static_tensors())
 
     @property
     def capacity_bytes(self) -> int:
         """Bytes of storage the pool holds now, used or free (what the device really spends)."""
-        return self.num_blocks * self.bytes_per_block + self.param_bytes
+        return self.num_blocks * self.bytes_per_block + self.param_bytes + self.sink_bytes
 
     @property
     def used_bytes(self) -> int:
-        """Bytes of the blocks in use plus the static parameters."""
-        return self.num_used * self.bytes_per_block + self.param_bytes
+        """Bytes of the blocks and sink slots in use plus the static parameters."""
+        return self.num_used * self.bytes_per_block + self.param_bytes + self.sinks.used_bytes
 
     def memory(self, blocks_used: int, tokens_stored: int) -> KVMemory:
         """The accounting of one cache or conversation holding ``blocks_used`` blocks of this pool."""
         return KVMemory(
             kv=self.mode.name, tokens_stored=tokens_stored, blocks_used=blocks_used, block_size=self.block_size,
             bytes_per_token=self.bytes_per_token, param_bytes=self.param_bytes,
-            bytes_used=blocks_used * self.bytes_per_block + self.param_bytes, bytes_held=self.capacity_bytes,
+            bytes_used=blocks_used * self.bytes_per_block + self.param_bytes + (self.sinks.slot_bytes if blocks_used else 0),
+            bytes_held=self.capacity_bytes,
         )

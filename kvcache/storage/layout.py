@@ -1,11 +1,21 @@
 """The block layout every part of the cache agrees on (storage, kernels, accounting).
 
-One layer's storage is a set of blocks: ``k``/``v`` are ``[num_blocks, num_kv_heads, block_size, head_dim]``
-so one (block, head) tile is contiguous. A token's *slot* is ``block_id * block_size + offset``.
-Parameters depend on the mode:
-- ``fp16``: none.
-- ``int8`` (static): ``k_scale``/``k_zp``/``v_scale``/``v_zp`` of shape ``[num_kv_heads, head_dim]`` fp32.
-- ``int8-dynamic``: the same four of shape ``[num_blocks, num_kv_heads, block_size]`` (one pair per token and head).
+One layer's storage is a set of blocks: ``k``/``v`` are ``[num_blocks, num_kv_heads, block_size, width]``
+so one (block, head) tile is contiguous; ``width`` is head_dim, or head_dim / 2 bytes for 4-bit codes
+(:func:`kvcache.quant.pack_int4`: byte ``j`` holds channel ``j`` in its low nibble and ``j + head_dim/2``
+in its high one). A token's *slot* is ``block_id * block_size + offset``. K and V each follow their
+codec (:class:`kvcache.modes.Codec`):
+
+- floats: the pool's dtype, no parameters;
+- static codes: ``{k,v}_scale``/``{k,v}_zp`` of shape ``[num_kv_heads, head_dim]`` fp32;
+- per-token codes: ``{k,v}_scale`` (and ``_zp`` unless symmetric) ``[num_blocks, num_kv_heads, block_size, groups]``
+  fp16, one per token, head and group of channels (one group: the whole head).
+
+Rotations and the query-aware key transform live here too (``k_map``, ``q_map``, ``v_map``; applied by
+the transformers glue, never by the kernels, which see only stored vectors). Sinks: with
+``sink_tokens`` N, the first N tokens of every sequence are also kept in fp16 in ``{k,v}_sink``
+``[sink_slots, num_kv_heads, N, head_dim]``; ``sink_slot`` maps a sequence's first block to its slot
+(-1: none), and attention reads those tokens from there.
 """
 
 from __future__ import annotations
@@ -14,18 +24,27 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modes import KVMode
+from ..modes import TOKEN_PARAM_DTYPE, Codec
 
 
 @dataclass
 class LayerKV:
-    mode: KVMode
+    k_codec: Codec
+    v_codec: Codec
+    head_dim: int
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     k_zp: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     v_zp: torch.Tensor | None = None
+    k_map: torch.Tensor | None = None  # [kv_heads, d, d]: stored keys are k @ k_map
+    q_map: torch.Tensor | None = None  # [kv_heads, d, d]: queries read them as q @ q_map (k_map's inverse transpose)
+    v_map: torch.Tensor | None = None  # [d, d] orthonormal: stored values are v @ v_map, the output o' @ v_map^T
+    sink_tokens: int = 0
+    k_sink: torch.Tensor | None = None
+    v_sink: torch.Tensor | None = None
+    sink_slot: torch.Tensor | None = None  # [num_blocks] int32, shared by every layer of the pool
 
     @property
     def block_size(self) -> int:
@@ -39,37 +58,45 @@ class LayerKV:
     def num_kv_heads(self) -> int:
         return self.k.shape[1]
 
-    @property
-    def head_dim(self) -> int:
-        return self.k.shape[3]
+    def codec(self, side: str) -> Codec:
+        return self.k_codec if side == "k" else self.v_codec
+
+    def params(self, side: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(scale, zero point)`` of ``side`` ('k' or 'v'); None where the codec has none."""
+        return getattr(self, f"{side}_scale"), getattr(self, f"{side}_zp")
 
     def per_block_tensors(self) -> list[str]:
         """Names of the tensors that have a block dimension (they grow with the pool)."""
         names = ["k", "v"]
-        if self.mode.dynamic:
-            names += ["k_scale", "k_zp", "v_scale", "v_zp"]
+        for side in ("k", "v"):
+            c = self.codec(side)
+            if c.scaling == "token":
+                names += [f"{side}_scale"] + ([] if c.symmetric else [f"{side}_zp"])
         return names
 
-    def static_params(self) -> list[torch.Tensor]:
-        """Tensors held once per layer, whatever the number of tokens."""
-        if self.mode.quantized and not self.mode.dynamic:
-            return [self.k_scale, self.k_zp, self.v_scale, self.v_zp]
-        return []
+    def static_tensors(self) -> list[torch.Tensor]:
+        """Tensors held once per layer, whatever the number of tokens (static parameters, maps)."""
+        out = []
+        for side in ("k", "v"):
+            if self.codec(side).scaling == "static":
+                out += [t for t in self.params(side) if t is not None]
+        return out + [t for t in (self.k_map, self.q_map, self.v_map) if t is not None]
 
 
 def new_blocks(
-    mode: KVMode, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
+    k_codec: Codec, v_codec: Codec, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
     device: torch.device | str, fp_dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """Zeroed per-block tensors for ``num_blocks`` blocks of one layer."""
-    shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    out = {
-        "k": torch.zeros(shape, dtype=mode.data_dtype(fp_dtype), device=device),
-        "v": torch.zeros(shape, dtype=mode.data_dtype(fp_dtype), device=device),
-    }
-    if mode.dynamic:
-        for n in ("k_scale", "k_zp", "v_scale", "v_zp"):
-            out[n] = torch.zeros(shape[:3], dtype=mode.param_dtype, device=device)
+    out = {}
+    for side, c in (("k", k_codec), ("v", v_codec)):
+        shape = (num_blocks, num_kv_heads, block_size, c.code_width(head_dim))
+        out[side] = torch.zeros(shape, dtype=c.storage_dtype(fp_dtype), device=device)
+        if c.scaling == "token":
+            pshape = (num_blocks, num_kv_heads, block_size, c.groups(head_dim))
+            out[f"{side}_scale"] = torch.zeros(pshape, dtype=TOKEN_PARAM_DTYPE, device=device)
+            if not c.symmetric:
+                out[f"{side}_zp"] = torch.zeros(pshape, dtype=TOKEN_PARAM_DTYPE, device=device)
     return out
 
 

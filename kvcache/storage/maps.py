@@ -1,0 +1,72 @@
+"""The linear maps of one layer's storage: what keys, queries and values pass through around the cache.
+
+Built once per pool from the layer's codecs (a Hadamard rotation, the calibrated query-aware key
+transform ``A`` from the parameters file) and applied by the transformers glue: stored keys are
+``k @ k_map``, queries read them as ``q @ q_map`` with ``q_map = k_map^-T`` (so ``q.k`` is unchanged),
+stored values are ``v @ v_map`` and the output is rotated back with ``v_map^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from typing import TYPE_CHECKING
+
+from ..errors import ModeError
+from ..modes import Codec
+from ..transforms import hadamard
+
+if TYPE_CHECKING:
+    from .layout import LayerKV
+
+
+def _rotation(codec: Codec, head_dim: int) -> torch.Tensor | None:
+    if not codec.rotate:
+        return None
+    if head_dim & (head_dim - 1):
+        raise ModeError(f"a Hadamard rotation needs a power-of-two head_dim, this model's is {head_dim}: "
+                        "pick a mode without rotation (e.g. int8-dynamic)")
+    return hadamard(head_dim)
+
+
+def layer_maps(k_codec: Codec, v_codec: Codec, num_kv_heads: int, head_dim: int,
+               transform: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(k_map [kv_heads, d, d], q_map [kv_heads, d, d], v_map [d, d])``; None for a map that is the identity.
+
+    ``transform``: the calibrated key transform ``A`` (``[kv_heads, d, d]``) when the K codec uses it.
+    """
+    rot = _rotation(k_codec, head_dim)
+    k_map = q_map = None
+    if transform is not None or rot is not None:
+        a = transform.double() if transform is not None else torch.eye(head_dim, dtype=torch.float64).expand(num_kv_heads, -1, -1)
+        r = (rot if rot is not None else torch.eye(head_dim)).double()
+        k_map = (a @ r).float().contiguous()
+        q_map = (torch.linalg.inv(a).transpose(-1, -2) @ r).float().contiguous()
+    return k_map, q_map, _rotation(v_codec, head_dim)
+
+
+def _apply(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x.float() @ m).to(x.dtype)
+
+
+def map_kv(layer: "LayerKV", key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (``[batch, kv_heads, n, d]``) as the layer stores them."""
+    if layer.k_map is not None:
+        key = _apply(key, layer.k_map[None])
+    if layer.v_map is not None:
+        value = _apply(value, layer.v_map)
+    return key, value
+
+
+def map_query(layer: "LayerKV", query: torch.Tensor) -> torch.Tensor:
+    """Queries (``[batch, heads, n, d]``) as they read the stored keys: each KV head's ``q_map`` for its query heads."""
+    if layer.q_map is None:
+        return query
+    b, hq, n, d = query.shape
+    kvh = layer.num_kv_heads
+    return _apply(query.view(b, kvh, hq // kvh, n, d), layer.q_map[None, :, None]).view(b, hq, n, d)
+
+
+def unmap_output(layer: "LayerKV", out: torch.Tensor) -> torch.Tensor:
+    """Attention output over stored values (last dim head_dim) rotated back to the model's values."""
+    return out if layer.v_map is None else _apply(out, layer.v_map.T)
