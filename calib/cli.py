@@ -77,7 +77,7 @@ def _positive(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m calib", description="KVQ Studio: KV-cache calibration and parameter export")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,kv_qparams,lmdeploy}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,kv_qparams,lmdeploy,plan}")
 
     ca = sub.add_parser(
         "calibrate", help="run the model on calibration text and record K/V min/max/absmax per layer",
@@ -136,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--kv", required=True, metavar="MODE",
                     help="one of our KV modes, e.g. int8-dynamic (an unknown name lists them)")
     lm.add_argument("--model", default="MODEL", help="the model path or id to put in the commands (default: MODEL)")
+
+    pl = sub.add_parser(
+        "plan", help="choose bits per layer for K and V that meet a Δppl budget at the fewest bytes",
+        description="Measure each layer's K and V sensitivity on a calibration text, choose 8 or 4 bits per layer "
+                    "and side for a Δppl budget, verify the plan, and write it as a spec file --kv accepts.",
+    )
+    pl.add_argument("model", metavar="MODEL", help="'default', a local HF model dir, or a .gguf file")
+    pl.add_argument("--budget-dppl", type=float, default=0.5, help="the Δppl budget in percent (default: 0.5)")
+    pl.add_argument("--qparams", default=None,
+                    help="kv_qparams.safetensors (or its folder): keys then use the calibrated query-aware transform")
+    pl.add_argument("--out", default="plan.json", help="the plan's spec file (default: plan.json)")
+    pl.add_argument("--calib-dataset", dest="calib_dataset", default="builtin", help="planning text (default: builtin)")
+    pl.add_argument("--calib-samples", dest="calib_samples", type=_positive, default=4, help="windows (default: 4)")
+    pl.add_argument("--calib-seqlen", dest="calib_seqlen", type=_positive, default=256, help="tokens each (default: 256)")
+    pl.add_argument("--calib-data-dir", dest="calib_data_dir", default=None, help="local folder with c4 & co.")
+    pl.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return parser
 
 
@@ -218,6 +234,28 @@ def cmd_lmdeploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kvcache.models.loader import load_model
+    from kvcache.qparams import KVQParams
+
+    from .data import check_dataset
+    from .plan import plan_bits, summary, write_plan
+
+    check_dataset(args.calib_dataset, args.calib_data_dir)
+    qparams = KVQParams.load(args.qparams) if args.qparams else None
+    loaded = load_model(args.model, device=args.device)
+    plan, spec = plan_bits(
+        loaded, args.budget_dppl, qparams=qparams, dataset=args.calib_dataset, samples=args.calib_samples,
+        seqlen=args.calib_seqlen, data_dir=args.calib_data_dir, name=str(Path(args.out).expanduser()),
+        progress=lambda f, m: print(f"\r[{f:5.1%}] {m:<60}", end="", file=sys.stderr, flush=True),
+    )
+    print(file=sys.stderr)
+    path = write_plan(spec, args.out)
+    print(summary(plan))
+    print(f"wrote {path}; use it: python -m kvcache evaluate --kv fp16,{path}" + (f" --qparams {args.qparams}" if qparams else ""))
+    return 0
+
+
 def _model_config(model: str):
     """The transformers config to check stats against: read alone for an HF dir, else via the loader."""
     path = Path(model).expanduser()
@@ -235,7 +273,8 @@ def _model_config(model: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams, "lmdeploy": cmd_lmdeploy}[args.command]
+    command = {"calibrate": cmd_calibrate, "kv_qparams": cmd_kv_qparams, "lmdeploy": cmd_lmdeploy,
+               "plan": cmd_plan}[args.command]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -13,6 +13,9 @@ What is observed, per layer, over every calibration token:
 * K before RoPE: ``k_proj``'s output reshaped to ``(num_kv_heads, head_dim)``, by a forward hook
   (for models with a K norm, e.g. Qwen3's ``k_norm``, that is before the norm too).
 * The input and output of every ``nn.Linear`` in the decoder layer, per channel.
+* The second moments ``E[k k^T]`` and ``E[q q^T]`` per KV head (K and Q after RoPE; a KV head's query
+  heads averaged), from which the query-aware key transform is computed at export: the queries are
+  seen by the ``kvq`` attention (:func:`kvcache.hf.attention.observing_queries`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from kvcache.hf.attention import observing_queries
 from kvcache.hf.compat import cache_kwargs
 from kvcache.storage.shape import KVShape
 
 from .errors import CalibError, CalibNaNError
 from .memory import MemoryModel
-from .observers import ACTIVATION_STATS, KV_STATS, ActivationObserver, KVObserver
+from .observers import ACTIVATION_STATS, KV_STATS, ActivationObserver, KVObserver, SecondMomentObserver
 from .progress import RunProgress
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -113,12 +117,23 @@ class _LayerObservers:
     key: KVObserver
     value: KVObserver
     key_pre_rope: KVObserver
+    key_moment: SecondMomentObserver
+    query_moment: SecondMomentObserver
     inputs: dict[str, ActivationObserver] = field(default_factory=dict)
     outputs: dict[str, ActivationObserver] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, shape: KVShape) -> "_LayerObservers":
+        kv = [KVObserver(shape.num_kv_heads, shape.head_dim) for _ in range(3)]
+        return cls(*kv, *(SecondMomentObserver(shape.num_kv_heads, shape.head_dim) for _ in range(2)))
 
     def on_cache_update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.key.update(k.transpose(1, 2))  # [batch, heads, seq, dim] -> [batch, seq, heads, dim]
         self.value.update(v.transpose(1, 2))
+        self.key_moment.update(k)
+
+    def on_query(self, layer_idx: int, q: torch.Tensor) -> None:
+        self.query_moment.update(q)
 
 
 def _attach(layer: nn.Module, prefix: str, attn: nn.Module, shape: KVShape, obs: _LayerObservers) -> list:
@@ -218,6 +233,7 @@ class LayerwiseRun:
     mem: MemoryModel
     dtype: torch.dtype
     stats: dict = field(default_factory=lambda: {k: _stat_groups(KV_STATS) for k, _ in KV_GROUPS})
+    moments: dict = field(default_factory=lambda: {"key": {}, "query": {}, "tokens": {}})  # E[x x^T] per layer
     inputs_stats: dict = field(default_factory=lambda: _stat_groups(ACTIVATION_STATS))
     outputs_stats: dict = field(default_factory=lambda: _stat_groups(ACTIVATION_STATS))
     where: str = "the embeddings"  # what ran last: an OOM message names it
@@ -241,7 +257,7 @@ def _observe_layer(run: LayerwiseRun, i: int, hidden: list[torch.Tensor], dev_kw
     struct, compute, shape = run.struct, run.compute, run.struct.shape
     layer = struct.layers[i]
     run.where = f"layer {i} ({struct.attn_names[i]})"
-    obs = _LayerObservers(*(KVObserver(shape.num_kv_heads, shape.head_dim) for _ in range(3)))
+    obs = _LayerObservers.of(shape)
     cache = ObservingCache(obs.on_cache_update)
     layer_device = next(layer.parameters()).device
     handles = _attach(layer, f"{struct.layers_name}.{i}", struct.attns[i], shape, obs)
@@ -253,7 +269,8 @@ def _observe_layer(run: LayerwiseRun, i: int, hidden: list[torch.Tensor], dev_kw
             if measure:
                 torch.cuda.reset_peak_memory_stats(compute)
                 base = torch.cuda.memory_allocated(compute)
-            out = layer(h.to(compute), **dev_kwargs[h.shape[0]], **cache_kwargs(cache))
+            with observing_queries(obs.on_query):
+                out = layer(h.to(compute), **dev_kwargs[h.shape[0]], **cache_kwargs(cache))
             out = out[0] if isinstance(out, tuple) else out
             if measure:
                 run.mem.record((torch.cuda.max_memory_allocated(compute) - base) / h[..., 0].numel(), h.shape[1])
@@ -279,6 +296,13 @@ def _collect(run: LayerwiseRun, i: int, obs: _LayerObservers) -> None:
             if not torch.isfinite(t).all():
                 raise CalibNaNError(f"layer {i} ({attn}): {label} {s} has NaN or inf values; {hint}")
             run.stats[key][s][attn] = t
+    if obs.query_moment.num_tokens:  # a model whose attention is not kvq shows no queries: no moments then
+        for name in ("key", "query"):
+            moment = getattr(obs, f"{name}_moment").stats()
+            if not torch.isfinite(moment).all():
+                raise CalibNaNError(f"layer {i} ({attn}): the {name} second moment has NaN or inf values; {hint}")
+            run.moments[name][attn] = moment
+        run.moments["tokens"][attn] = obs.key_moment.num_tokens
     for group, out, which in ((obs.inputs, run.inputs_stats, "input"), (obs.outputs, run.outputs_stats, "output")):
         for name, o in group.items():
             if o.num_tokens == 0:  # e.g. an MoE expert no token was routed to

@@ -22,32 +22,39 @@ POLICY_CHANGED = (
 )
 
 
-def _attr(mode: KVMode, name: str, default: Any = None) -> Any:
-    """A mode property that only newer modes have (k_bits, rotation, group_size, ...), with its neutral value."""
-    return getattr(mode, name, default)
+def _pairs(mode: KVMode) -> list:
+    return list(mode.layers or ((mode.k, mode.v),))
+
+
+def _codecs(mode: KVMode) -> list:
+    return [c for pair in _pairs(mode) for c in pair]
 
 
 def _bits(mode: KVMode) -> tuple[int, int]:
-    return _attr(mode, "k_bits", mode.bits), _attr(mode, "v_bits", mode.bits)
+    return max(k.bits for k, _ in _pairs(mode)), max(v.bits for _, v in _pairs(mode))
+
+
+def _any(mode: KVMode, test: Callable[[Any], bool]) -> bool:
+    return any(test(c) for c in _codecs(mode) if c.quantized)
 
 
 # (does the mode have it?, why LMDeploy cannot do it). Checked in order; the first that applies is the reason.
 MISMATCHES: tuple[tuple[Callable[[KVMode], Any], Callable[[KVMode], str]], ...] = (
-    (lambda m: m.needs_qparams,
+    (lambda m: _any(m, lambda c: c.scaling == "static"),
      lambda m: "its parameters come from a calibration, and LMDeploy >= 0.4 reads none: it computes them per token online"),
-    (lambda m: not m.dynamic,
-     lambda m: "its parameters are fixed ahead of time; LMDeploy >= 0.4 computes them per token online"),
-    (lambda m: m.data_dtype().is_floating_point,
-     lambda m: f"it stores {m.data_dtype()} codes; LMDeploy stores integers"),
-    (lambda m: _attr(m, "rotation"),
-     lambda m: f"it rotates K/V ({_attr(m, 'rotation')}) before quantizing; LMDeploy quantizes them unrotated"),
-    (lambda m: len(set(_bits(m))) > 1,
+    (lambda m: _any(m, lambda c: c.qk_transform),
+     lambda m: "its keys go through a calibrated query-aware transform; LMDeploy quantizes them as they are"),
+    (lambda m: _any(m, lambda c: c.rotate),
+     lambda m: "it rotates K/V (Hadamard) before quantizing; LMDeploy quantizes them unrotated"),
+    (lambda m: m.layers is not None and len(set(m.layers)) > 1,
+     lambda m: "its bits differ from layer to layer (a plan); quant_policy sets one width for every layer"),
+    (lambda m: len({c.bits for c in _codecs(m)}) > 1,
      lambda m: f"K and V have different widths ({_bits(m)[0]}/{_bits(m)[1]} bits); quant_policy sets one for both"),
-    (lambda m: _attr(m, "group_size"),
-     lambda m: f"it takes parameters per group of {_attr(m, 'group_size')} channels; LMDeploy per token and KV head"),
-    (lambda m: _attr(m, "sink_tokens") or _attr(m, "fp16_sink_tokens"),
-     lambda m: "it keeps the first tokens in fp16; LMDeploy quantizes every token"),
-    (lambda m: _attr(m, "symmetric", False),
+    (lambda m: _any(m, lambda c: c.group_size),
+     lambda m: "it takes parameters per group of channels; LMDeploy per token and KV head"),
+    (lambda m: m.sink_tokens,
+     lambda m: f"it keeps the first {m.sink_tokens} tokens in fp16; LMDeploy quantizes every token"),
+    (lambda m: _any(m, lambda c: c.symmetric),
      lambda m: "it is symmetric (no zero point); LMDeploy is asymmetric"),
     (lambda m: mode_bits(m) not in QUANT_POLICIES.values(),
      lambda m: f"it is {mode_bits(m)}-bit; LMDeploy offers 8 (quant_policy 8) and 4 (quant_policy 4)"),
@@ -95,7 +102,7 @@ class LMDeployEquivalent:
 
 def mode_bits(mode: KVMode) -> int:
     """The widest of K's and V's bits (16 for an unquantized mode)."""
-    return max(_bits(mode)) if mode.quantized else 16
+    return max(_bits(mode))
 
 
 def closest_policy(mode: KVMode) -> int:

@@ -105,3 +105,33 @@ class ActivationObserver:
             "absmax": torch.maximum(self.max.abs(), self.min.abs()).cpu(),
             "absmean": (self.abssum / n).float().cpu(),
         }
+
+
+class SecondMomentObserver:
+    """Per KV head, the uncentered second moment ``E[x x^T]`` (``[num_kv_heads, d, d]``) of K or Q.
+
+    ``update(x)`` takes ``[batch, heads, seq, d]`` with ``heads`` a multiple of ``num_kv_heads``: the
+    query heads that share a KV head are averaged into that head's moment (what the query-aware key
+    transform needs). Running sums in float64.
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int):
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.sum: torch.Tensor | None = None
+        self.num_tokens = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        b, h, s, d = x.shape
+        if d != self.head_dim or h % self.num_kv_heads:
+            raise ValueError(f"SecondMomentObserver({self.num_kv_heads}, {self.head_dim}) got {tuple(x.shape)}")
+        g = x.detach().double().reshape(b, self.num_kv_heads, h // self.num_kv_heads, s, d)
+        moment = torch.einsum("bhgsd,bhgse->hde", g, g) / g.shape[2]
+        self.sum = moment if self.sum is None else self.sum + moment
+        self.num_tokens += b * s
+
+    def stats(self) -> torch.Tensor:
+        """``E[x x^T]`` per KV head, float64 on the CPU."""
+        if self.sum is None:
+            raise RuntimeError("SecondMomentObserver.stats(): no tokens were observed")
+        return (self.sum / self.num_tokens).cpu()

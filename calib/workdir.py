@@ -40,8 +40,10 @@ STATS = ("min", "max", "absmax")
 KEY_STATS_PRE_ROPE_FILE = "key_stats_pre_rope.pth"
 INPUTS_STATS_FILE = "inputs_stats.pth"
 OUTPUTS_STATS_FILE = "outputs_stats.pth"
+QK_MOMENTS_FILE = "qk_moments.pth"  # ours only: E[k k^T], E[q q^T] per layer and KV head (the key transform)
 WORK_DIR_FILES = (
-    KEY_STATS_FILE, VALUE_STATS_FILE, KEY_STATS_PRE_ROPE_FILE, INPUTS_STATS_FILE, OUTPUTS_STATS_FILE, META_FILE,
+    KEY_STATS_FILE, VALUE_STATS_FILE, KEY_STATS_PRE_ROPE_FILE, INPUTS_STATS_FILE, OUTPUTS_STATS_FILE,
+    QK_MOMENTS_FILE, META_FILE,
 )
 
 _CALIBRATE_HINT = "run `python -m calib calibrate MODEL --work-dir {dir}` first"
@@ -126,6 +128,8 @@ class CalibStats:
     layer_names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     work_dir: Path | None = None
+    key_moments: list[torch.Tensor] | None = None  # per layer [kv_heads, d, d] float64: E[k k^T] (after RoPE)
+    query_moments: list[torch.Tensor] | None = None  # per layer: E[q q^T], a KV head's query heads averaged
 
     @property
     def has_meta(self) -> bool:
@@ -196,7 +200,25 @@ def load_work_dir(work_dir: str | Path) -> CalibStats:
     stats = CalibStats(key_stats, value_stats, names, meta, path)
     if meta:
         _check_meta_shape(stats, meta_file)
+    if (path / QK_MOMENTS_FILE).is_file():
+        stats.key_moments, stats.query_moments = _load_moments(path / QK_MOMENTS_FILE, names, stats)
     return stats
+
+
+def _load_moments(file: Path, names: list[str], stats: CalibStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The per-layer second moments, in layer order, checked against the K/V stats' shape."""
+    raw = _load_pth(file)
+    want = (stats.num_kv_heads, stats.head_dim, stats.head_dim)
+    out = []
+    for which in ("key", "query"):
+        by_name = raw.get(which) if isinstance(raw, dict) else None
+        if not isinstance(by_name, dict) or set(map(str, by_name)) != set(names):
+            raise CalibStatsError(f"{file} does not cover the layers of key_stats.pth: the work dir mixes runs; recalibrate")
+        moments = [by_name[n].double() for n in names]
+        if any(tuple(m.shape) != want or not torch.isfinite(m).all() for m in moments):
+            raise CalibStatsError(f"{file}: {which} moments are not finite {want} tensors per layer; recalibrate")
+        out.append(moments)
+    return out[0], out[1]
 
 
 def check_model(stats: CalibStats, config: Any) -> None:

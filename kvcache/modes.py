@@ -10,7 +10,9 @@ output) gives every layer its own pair. Named modes are the table :data:`KV_MODE
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,6 +99,15 @@ class KVMode:
     sink_tokens: int = 0
     layers: tuple[tuple[Codec, Codec], ...] | None = None  # a plan: (K, V) per layer; None: ``k``/``v`` in all
     peer: str = ""  # the scheme of another tool this mode reproduces, for comparison
+    model_hash: str | None = None  # a plan: the config hash of the model it was made for
+
+    def check_model(self, config: object) -> None:
+        """A plan made for another model is refused in one line (a named mode fits every model)."""
+        from .storage.shape import config_hash
+
+        if self.model_hash is not None and self.model_hash != config_hash(config):
+            raise ModeError(f"KV plan {self.name} was made for another model (config hash {self.model_hash}, this "
+                            f"model's is {config_hash(config)}): make a plan for this model with `python -m kvcache plan`")
 
     def layer_codecs(self, num_layers: int) -> list[tuple[Codec, Codec]]:
         if self.layers is None:
@@ -167,7 +178,9 @@ def _mode(name: str, description: str, k: Codec, v: Codec, sinks: int = 0, peer:
 
 
 INT4_HEAD = Codec(4, "token")
-INT4_G16_ROT = Codec(4, "token", group_size=16, symmetric=True, rotate=True)
+INT4_G16 = Codec(4, "token", group_size=16, symmetric=True, rotate=True)
+INT8_ROT = Codec(8, "token", rotate=True)
+INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
 
 KV_MODES: dict[str, KVMode] = {
     m.name: m
@@ -179,24 +192,67 @@ KV_MODES: dict[str, KVMode] = {
         _mode("int4-lmdeploy", "int4 per token and head, asymmetric: LMDeploy's --quant-policy 4, for comparison",
               INT4_HEAD, INT4_HEAD, peer="LMDeploy >= 0.4 quant_policy=4"),
         _mode("int8-rot", "int8 per token and head after a Hadamard rotation, first 4 tokens fp16 (no calibration)",
-              replace(INT8_TOKEN, rotate=True), replace(INT8_TOKEN, rotate=True), sinks=4),
-        _mode("k8v4", "K int8 per token after a Hadamard rotation; V int4 in groups of 16 (rotated); 4 fp16 sinks",
-              replace(INT8_TOKEN, rotate=True), INT4_G16_ROT, sinks=4),
-        _mode("int4", "K and V int4 in groups of 16 after a rotation, K through the calibrated query-aware transform; "
-                      "4 fp16 sinks (--qparams)",
-              replace(INT4_G16_ROT, qk_transform=True), INT4_G16_ROT, sinks=4),
+              INT8_ROT, INT8_ROT, sinks=4),
+        _mode("int8-qk", "int8 per token and head after a rotation, K through the calibrated query-aware transform; "
+                         "first 4 tokens fp16 (--qparams)",
+              replace(INT8_ROT, qk_transform=True), INT8_ROT, sinks=4),
+        _mode("k8v4", "K int8 (symmetric, rotated, calibrated query-aware transform); V int4 in groups of 16 "
+                      "(symmetric, rotated); first 4 tokens fp16 (--qparams)",
+              INT8_SYM_QK, INT4_G16, sinks=4),
+        _mode("int4", "K and V int4 in groups of 16 (symmetric, rotated), K through the calibrated query-aware "
+                      "transform; first 4 tokens fp16 (--qparams)",
+              replace(INT4_G16, qk_transform=True), INT4_G16, sinks=4),
     )
 }
 
 
+PLAN_FORMAT = "kvq-kv-plan"
+PLAN_VERSION = 1
+
+
+def plan_to_json(mode: KVMode, **facts: object) -> dict:
+    """A plan as the JSON a spec file holds: every layer's K and V codec, the sinks, and ``facts`` (model, budget...)."""
+    from dataclasses import asdict
+
+    layers = [{"k": asdict(k), "v": asdict(v)} for k, v in (mode.layers or ())]
+    return {"format": PLAN_FORMAT, "format_version": PLAN_VERSION, "description": mode.description,
+            "sink_tokens": mode.sink_tokens, **facts, "layers": layers}
+
+
+@functools.lru_cache(maxsize=32)
+def _load_plan(path: str, mtime_ns: int) -> KVMode:
+    import json
+
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        if spec.get("format") != PLAN_FORMAT:
+            raise ModeError(f"{path} is not a KV plan (format {spec.get('format')!r}); make one with `python -m kvcache plan`")
+        if int(spec.get("format_version", 0)) > PLAN_VERSION:
+            raise ModeError(f"{path} is a newer KV plan than this KVQ Studio reads: upgrade it")
+        layers = tuple((Codec(**d["k"]), Codec(**d["v"])) for d in spec["layers"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModeError(f"{path} is not a readable KV plan ({' '.join(str(exc).split())}): make one with "
+                        "`python -m kvcache plan`") from None
+    if not layers:
+        raise ModeError(f"{path} holds no layers: make a plan with `python -m kvcache plan`")
+    return KVMode(path, spec.get("description", "a per-layer plan"), layers[0][0], layers[0][1],
+                  int(spec.get("sink_tokens", 0)), layers=layers, model_hash=spec.get("config_hash"))
+
+
 def get_mode(name: "str | KVMode") -> KVMode:
-    """The mode called ``name`` (a mode is returned as it is); the error lists the valid ones."""
+    """The mode called ``name``, or the plan in the ``.json`` file ``name`` (a mode is returned as it is)."""
     if isinstance(name, KVMode):
         return name
+    name = name.strip()
+    if name.endswith(".json"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModeError(f"KV plan file not found: {name}; make one with `python -m kvcache plan`")
+        return _load_plan(str(path), path.stat().st_mtime_ns)
     try:
-        return KV_MODES[name.strip()]
+        return KV_MODES[name]
     except KeyError:
-        raise ModeError(f"unknown KV mode {name!r}; valid modes: {', '.join(KV_MODES)}") from None
+        raise ModeError(f"unknown KV mode {name!r}; valid modes: {', '.join(KV_MODES)} (or a plan's .json file)") from None
 
 
 def parse_modes(spec: str) -> list[KVMode]:

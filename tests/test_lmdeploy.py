@@ -1,31 +1,15 @@
 """LMDeploy >= 0.4 equivalents of our KV modes: the mapping (today's modes and properties of modes to come)
 and ``python -m calib lmdeploy``."""
 
-from dataclasses import dataclass
-
 import pytest
-import torch
 from test_calib_cli import assert_one_line_error, run
 
 from calib.lmdeploy import lmdeploy_equivalent
-from kvcache.modes import KV_MODES, KVMode
+from kvcache.modes import INT8_TOKEN, KV_MODES, Codec, KVMode
 
 
-@dataclass(frozen=True)
-class FutureMode(KVMode):
-    """A mode with the properties announced for later modes."""
-
-    k_bits: int = 8
-    v_bits: int = 8
-    rotation: str | None = None
-    group_size: int | None = None
-    sink_tokens: int = 0
-    symmetric: bool = False
-
-
-def future(bits=8, **kw) -> FutureMode:
-    kw = {"k_bits": bits, "v_bits": bits, **kw}
-    return FutureMode("future", "a later mode", quantized=True, dynamic=True, needs_qparams=False, bits=bits, **kw)
+def mode(k: Codec = INT8_TOKEN, v: Codec | None = None, **kw) -> KVMode:
+    return KVMode("m", "a mode built from codecs", k, v or k, **kw)
 
 
 def test_todays_modes():
@@ -38,32 +22,30 @@ def test_todays_modes():
     assert (int8.exact, int8.quant_policy) == (False, 8) and "calibration" in int8.reason
     assert "\n" not in int8.reason
     assert lmdeploy_equivalent("int8-dynamic") == lmdeploy_equivalent(KV_MODES["int8-dynamic"])  # by name too
+    lmd = lmdeploy_equivalent("int4-lmdeploy")  # the mode that reproduces LMDeploy's int4 is exactly it
+    assert (lmd.exact, lmd.quant_policy) == (True, 4)
+    for name in ("int8-rot", "int8-qk", "k8v4", "int4"):  # ours go beyond what quant_policy can say
+        assert not lmdeploy_equivalent(name).exact, name
 
 
-@pytest.mark.parametrize("mode, exact, policy, needle", [
-    (future(bits=4), True, 4, ""),
-    (future(k_bits=8, v_bits=4), False, 8, "different widths (8/4 bits)"),
-    (future(rotation="hadamard"), False, 8, "rotates K/V (hadamard)"),
-    (future(group_size=32), False, 8, "per group of 32 channels"),
-    (future(sink_tokens=4), False, 8, "first tokens in fp16"),
-    (future(symmetric=True), False, 8, "symmetric"),
-    (future(bits=2), False, 4, "2-bit"),
-    (future(bits=4, rotation="hadamard"), False, 4, "rotates"),
+INT4 = Codec(4, "token")
+
+
+@pytest.mark.parametrize("m, exact, policy, needle", [
+    (mode(INT4), True, 4, ""),
+    (mode(INT8_TOKEN, INT4), False, 8, "different widths (8/4 bits)"),
+    (mode(Codec(8, "token", rotate=True)), False, 8, "rotates K/V (Hadamard)"),
+    (mode(Codec(8, "token", group_size=32)), False, 8, "per group of channels"),
+    (mode(sink_tokens=4), False, 8, "first 4 tokens in fp16"),
+    (mode(Codec(8, "token", symmetric=True)), False, 8, "symmetric"),
+    (mode(Codec(4, "token", rotate=True)), False, 4, "rotates"),
+    (mode(Codec(8, "token", qk_transform=True)), False, 8, "query-aware transform"),
+    (KVMode("plan", "a plan", layers=((INT8_TOKEN, INT8_TOKEN), (INT4, INT4))), False, 8, "differ from layer to layer"),
 ])
-def test_properties_decide(mode, exact, policy, needle):
-    eq = lmdeploy_equivalent(mode)
+def test_properties_decide(m, exact, policy, needle):
+    eq = lmdeploy_equivalent(m)
     assert (eq.exact, eq.quant_policy) == (exact, policy)
     assert needle in eq.reason and (eq.reason == "") == exact
-
-
-def test_float_codes_have_no_equivalent():
-    @dataclass(frozen=True)
-    class FP8(KVMode):
-        def data_dtype(self, fp_dtype=torch.float16):
-            return torch.float8_e4m3fn
-
-    eq = lmdeploy_equivalent(FP8("fp8", "fp8", quantized=True, dynamic=True, needs_qparams=False, bits=8))
-    assert not eq.exact and "float8" in eq.reason
 
 
 def test_cli_prints_the_command(capsys):

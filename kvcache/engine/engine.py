@@ -82,6 +82,7 @@ class Engine:
     def pool(self, mode: str | KVMode, qparams: KVQParams | None = None) -> BlockPool:
         """The shared pool of ``mode`` (and, for a static mode, ``qparams``), made at its first use."""
         kv = get_mode(mode)
+        kv.check_model(self.loaded.model.config)
         require_qparams(kv, qparams)
         qparams = qparams if kv.needs_qparams else None
         key = (kv.name, id(qparams))  # the pool holds its qparams: no other object gets this id while it lives

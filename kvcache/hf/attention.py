@@ -9,6 +9,9 @@ cache) go straight to transformers' SDPA.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -20,6 +23,18 @@ from ..storage.maps import map_query, unmap_output
 from .cache import PagedView
 
 ATTN_IMPLEMENTATION = "kvq"
+_query_observer: Callable[[int, torch.Tensor], None] | None = None
+
+
+@contextlib.contextmanager
+def observing_queries(observer: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """While active, ``observer(layer_idx, query)`` sees every post-RoPE query ``kvq`` attention gets (calibration)."""
+    global _query_observer
+    _query_observer = observer
+    try:
+        yield
+    finally:
+        _query_observer = None
 
 
 def kvq_attention(
@@ -34,6 +49,8 @@ def kvq_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention over a paged, possibly quantized, cache (``query`` is ``[batch, heads, q_len, head_dim]``)."""
     if not isinstance(key, PagedView):
+        if _query_observer is not None:
+            _query_observer(module.layer_idx, query)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     ctx, storage = key.context, key.storage
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

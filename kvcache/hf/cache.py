@@ -123,6 +123,7 @@ class PagedKVCache(Cache):
         if isinstance(qparams, str):
             qparams = KVQParams.load(qparams)
         mode = get_mode(kv)
+        mode.check_model(model.config)
         pool = BlockPool(
             mode, KVShape.from_config(model.config), block_size=block_size, num_blocks=num_blocks,
             growable=growable, device=model.device, fp_dtype=fp_dtype, qparams=qparams if mode.needs_qparams else None,

@@ -154,6 +154,7 @@ def evaluate(
     names = list(dict.fromkeys([BASELINE_MODE, *(get_mode(m).name for m in modes)]))
     for m in names:
         require_qparams(m, qparams)
+        get_mode(m).check_model(loaded.model.config)
     model = loaded.model
     if qparams is not None:
         qparams.check_matches(KVShape.from_config(model.config))

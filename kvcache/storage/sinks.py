@@ -68,14 +68,16 @@ class SinkSlots:
             self._grow(max(self.num_slots // 2, 4))
         slot = self._free.pop()
         self._slot_of[block] = slot
-        self.sink_slot[block] = slot
+        with torch.inference_mode():  # the map may have been made under inference mode (an evaluation's pool)
+            self.sink_slot[block] = slot
 
     def release(self, blocks: list[int]) -> None:
         for block in blocks:
             slot = self._slot_of.pop(block, None)
             if slot is not None:
                 self._free.append(slot)
-                self.sink_slot[block] = -1
+                with torch.inference_mode():
+                    self.sink_slot[block] = -1
 
     def _grow(self, extra: int) -> None:
         for layer in self._layers:

@@ -1,0 +1,80 @@
+"""The bit planner run on a calibration text: sensitivities, a plan for a Δppl budget, its spec file.
+
+The algorithm lives in :mod:`kvcache.measure.planner`; this module feeds it windows of a calibration
+dataset (by default the built-in corpus, never an evaluation text) and writes the plan as the
+``.json`` spec every ``--kv`` accepts (``python -m kvcache evaluate --kv plan.json``, chat, the app).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kvcache.measure.planner import (ProgressFn, Scorer, candidates, make_plan, plan_facts, plan_table,
+                                     sensitivity)
+from kvcache.modes import plan_to_json
+from kvcache.qparams import KVQParams
+from kvcache.storage.shape import KVShape, config_hash
+
+from .data import load_calib_windows
+from .errors import CalibError
+
+DEFAULT_DATASET, DEFAULT_SAMPLES, DEFAULT_SEQLEN = "builtin", 4, 256
+
+
+def plan_bits(
+    loaded: Any, budget_dppl_pct: float, *, qparams: KVQParams | None = None, dataset: str = DEFAULT_DATASET,
+    samples: int = DEFAULT_SAMPLES, seqlen: int = DEFAULT_SEQLEN, data_dir: str | None = None,
+    progress: ProgressFn | None = None, name: str = "plan",
+) -> tuple[Any, dict[str, Any]]:
+    """Plan bits per layer for ``loaded`` within ``budget_dppl_pct`` on ``samples`` x ``seqlen`` tokens of ``dataset``.
+
+    With ``qparams`` carrying key transforms the keys' candidates use them (the calibrated modes' codecs);
+    without, the calibration-free ones. Returns ``(plan, spec)``, the spec being the JSON a plan file holds.
+    """
+    model = loaded.model
+    shape = KVShape.from_config(model.config)
+    calibrated = qparams is not None and qparams.k_transform is not None
+    if qparams is not None:
+        qparams.check_matches(shape, needs_transform=calibrated)
+    windows = load_calib_windows(dataset, loaded.tokenizer, samples, seqlen, data_dir=data_dir, model=model)
+    report = (lambda f, m: progress(0.05 + 0.85 * f, m)) if progress else None
+    if progress:
+        progress(0.0, "fp16 reference on the planning windows")
+    scorer = Scorer(model, windows, qparams if calibrated else None)
+    options = candidates(calibrated)
+    sens = sensitivity(scorer, options, shape.num_layers, report)
+    if progress:
+        progress(0.9, "choosing and verifying the plan")
+    plan = make_plan(scorer, sens, options, shape, budget_dppl_pct, name=name)
+    facts = plan_facts(plan, shape, config_hash(model.config), getattr(loaded, "name", "?"),
+                       f"{dataset}, {windows.shape[0]} x {windows.shape[1]}")
+    spec = plan_to_json(plan.mode, **facts, sensitivity_kl={s: v for s, v in sens.items()},
+                        candidates={s: [c.label() for c in cs] for s, cs in options.items()},
+                        calibrated=calibrated)
+    if progress:
+        progress(1.0, "plan ready")
+    return plan, spec
+
+
+def write_plan(spec: dict[str, Any], path: str | Path) -> Path:
+    """Write a plan's spec file (refusing to put it where a folder is)."""
+    path = Path(path).expanduser()
+    if path.is_dir() or path.suffix != ".json":
+        raise CalibError(f"the plan goes into a .json file, not {path}: give e.g. --out plan.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def summary(plan: Any) -> str:
+    """The plan in a few lines: bits per layer, bytes, predicted and verified Δppl."""
+    rows = plan_table(plan.mode)
+    k = "".join("8" if r["k_bits"] == 8 else "4" if r["k_bits"] == 4 else "f" for r in rows)
+    v = "".join("8" if r["v_bits"] == 8 else "4" if r["v_bits"] == 4 else "f" for r in rows)
+    ver = plan.verified
+    return (f"K bits per layer: {k}\nV bits per layer: {v}\n"
+            f"bytes: {plan.bytes_ratio:.3f} of fp16 (a 2,048-token sequence, sinks included); "
+            f"predicted Δppl {plan.predicted_dppl_pct:+.3f}%, verified {ver['dppl_pct']:+.3f}% "
+            f"(KL {ver['kl']:.2e}, top-1 {ver['top1_pct']:.2f}%) on the planning text; budget {plan.budget_dppl_pct}%")
