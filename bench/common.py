@@ -257,20 +257,39 @@ def versions(*names: str) -> dict[str, str | None]:
 # --- fixtures: paged blocks (decode_attention, prefill_attention) ----------------------------------
 
 SHAPES = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # (query heads, KV heads, head_dim): Llama-2-7B, and GQA
-QUANT_MODES = ("int8", "int8-dynamic")
+QUANT_MODES = ("int8", "int8-dynamic", "int4-lmdeploy", "k8v4", "int4")  # the 4-bit ones: per head; K8/V4 g16 sym; g16 sym
+
+
+def stand_in_layer(kv: str | KVMode, num_blocks: int, kvh: int, bs: int, d: int, device: str = "cuda",
+                   fp_dtype: torch.dtype = torch.float16, sink_slots: int = 1) -> LayerKV:
+    """Zeroed blocks of ``kv``'s codecs with stand-in static parameters (ones) and ``sink_slots`` zeroed sink slots
+    (every block's ``sink_slot`` -1): the layout a pool builds, for benchmarks and compile checks (no calibration)."""
+    mode = get_mode(kv)
+    layer = LayerKV(mode.k, mode.v, d, **new_blocks(mode.k, mode.v, num_blocks, kvh, bs, d, device, fp_dtype))
+    for side, codec in (("k", mode.k), ("v", mode.v)):
+        if codec.scaling == "static":
+            setattr(layer, f"{side}_scale", torch.ones(kvh, d, device=device))
+            setattr(layer, f"{side}_zp", torch.zeros(kvh, d, device=device))
+    if mode.sink_tokens:
+        layer.sink_tokens = mode.sink_tokens
+        layer.k_sink, layer.v_sink = (torch.zeros(sink_slots, kvh, mode.sink_tokens, d, dtype=fp_dtype, device=device)
+                                      for _ in range(2))
+        layer.sink_slot = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+    return layer
 
 
 def paged_layer(kv: str, batch: int, kvh: int, ctx: int, d: int, bs: int, k: torch.Tensor | None = None,
                 v: torch.Tensor | None = None, device: str = "cuda") -> tuple[LayerKV, torch.Tensor]:
     """Blocks for ``batch`` rows of ``ctx`` tokens at shuffled block ids, like a pool after some churn.
 
-    fp16 blocks copy ``k``/``v`` (``[batch, kvh, ctx, d]``) when given; int8 blocks hold random
-    codes and plausible parameters (the timing does not depend on the values).
+    fp16 blocks copy ``k``/``v`` (``[batch, kvh, ctx, d]``) when given; code blocks hold random codes and
+    plausible parameters (the timing does not depend on the values); a mode with sinks gives each row's
+    first block a sink slot of random fp16 values.
     """
     mode = get_mode(kv)
     n = -(-ctx // bs)
     num_blocks = batch * n
-    layer = LayerKV(mode, **new_blocks(mode, num_blocks, kvh, bs, d, device, torch.float16))
+    layer = stand_in_layer(mode, num_blocks, kvh, bs, d, device, sink_slots=batch)
     tables = torch.randperm(num_blocks, device=device).to(torch.int32).reshape(batch, n)
     if not mode.quantized:
         for dst, src in ((layer.k, k), (layer.v, v)):
@@ -281,15 +300,26 @@ def paged_layer(kv: str, batch: int, kvh: int, ctx: int, d: int, bs: int, k: tor
                     row = torch.nn.functional.pad(src[i], (0, 0, 0, n * bs - ctx))
                     dst[tables[i].long()] = row.reshape(kvh, n, bs, d).transpose(0, 1)
         return layer, tables
-    for t in (layer.k, layer.v):
-        t.random_(-128, 128)
-    if mode.dynamic:
-        for s, z in ((layer.k_scale, layer.k_zp), (layer.v_scale, layer.v_zp)):
-            s.uniform_(0.005, 0.03)
-            z.normal_(0, 0.2)
-    else:
-        layer.k_scale, layer.v_scale = (torch.empty(kvh, d, device=device).uniform_(0.005, 0.03) for _ in range(2))
-        layer.k_zp, layer.v_zp = (torch.randn(kvh, d, device=device) * 0.2 for _ in range(2))
+    for side, codec in (("k", mode.k), ("v", mode.v)):
+        data = getattr(layer, side)
+        if codec.bits == 4:
+            data.random_(0, 256)
+        elif codec.bits == 8:
+            data.random_(-128, 128)
+        else:
+            data.normal_()
+        scale, zp = layer.params(side)
+        if codec.scaling == "token":
+            scale.uniform_(0.005, 0.03 if codec.bits == 8 else 0.4)
+            if zp is not None:
+                zp.normal_(0, 0.2)
+        elif codec.scaling == "static":
+            scale.uniform_(0.005, 0.03)
+            zp.normal_(0, 0.2)
+    if mode.sink_tokens:
+        layer.k_sink.normal_()
+        layer.v_sink.normal_()
+        layer.sink_slot[tables[:, 0].long()] = torch.arange(batch, dtype=torch.int32, device=device)
     return layer, tables
 
 

@@ -30,12 +30,11 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from bench.common import add_json_flag, parser, write_json
+from bench.common import add_json_flag, parser, stand_in_layer, write_json
 from kvcache.kernels.paged_decode import decode_attention_triton
 from kvcache.kernels.paged_prefill import prefill_attention_triton
 from kvcache.kernels.paged_store import store_kv_triton
-from kvcache.modes import get_mode
-from kvcache.storage.layout import LayerKV, new_blocks
+from kvcache.storage.layout import LayerKV
 
 
 @dataclass(frozen=True)
@@ -127,12 +126,7 @@ def occupancy(regs: int, smem: int, num_warps: int, lim: SMLimits) -> int:
 
 def _layer(mode_name: str, kv_heads: int, head_dim: int, dtype: torch.dtype) -> LayerKV:
     """A two-block layer on the CPU: nothing runs, so only dtypes, shapes and strides matter."""
-    mode = get_mode(mode_name)
-    layer = LayerKV(mode, **new_blocks(mode, 2, kv_heads, BLOCK_SIZE, head_dim, "cpu", dtype))
-    if mode.quantized and not mode.dynamic:
-        for name in ("k_scale", "k_zp", "v_scale", "v_zp"):
-            setattr(layer, name, torch.ones(kv_heads, head_dim))
-    return layer
+    return stand_in_layer(mode_name, 2, kv_heads, BLOCK_SIZE, head_dim, "cpu", dtype)
 
 
 def launches(head_dims: list[int]) -> Iterator[tuple[dict[str, Any], Any]]:

@@ -6,6 +6,8 @@ are tiny; with one, the same tests run the compiled kernels on CUDA tensors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from kvcache.kernels.reference import (
     prefill_attention_reference,
     store_kv_reference,
 )
-from kvcache.modes import get_mode
+from kvcache.modes import FP16, INT8_TOKEN, Codec, KVMode, get_mode
 from kvcache.qparams import KVQParams
 from kvcache.storage.layout import LayerKV, new_blocks
 
@@ -30,13 +32,35 @@ needs_triton = pytest.mark.skipif(
     not HAVE_TRITON, reason="triton is not importable: the kernels cannot run, not even in the interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (mode, granularity, symmetric) for every way the storage can be parameterised.
+# (mode, granularity, symmetric) for every way the 8-bit storage can be parameterised.
 MODES = [
     ("fp16", None, False),
     *(("int8", g, sym) for g in ("tensor", "head", "channel") for sym in (False, True)),
     ("int8-dynamic", None, False),
 ]
 MODE_IDS = [m if g is None else f"{m}-{g}-{'sym' if s else 'asym'}" for m, g, s in MODES]
+
+
+def _layout(name: str, k: Codec, v: Codec, sinks: int = 0) -> KVMode:
+    return KVMode(name, "a test layout", k, v, sinks)
+
+
+INT4_HEAD, INT4_G16_SYM = Codec(4, "token"), Codec(4, "token", 16, True)
+# The lower-bit codecs, K and V independently: 4-bit per head asymmetric (LMDeploy's), in groups of 16
+# symmetric (llama.cpp's q4_0 rule) and of 32 asymmetric, 8-bit in groups, K8/V4 with sinks, static
+# 4-bit, 8-bit per head with sinks, and mixed: symmetric 4-bit per head with symmetric 8-bit groups.
+LOWBIT = [
+    _layout("int4-head", INT4_HEAD, INT4_HEAD),
+    _layout("int4-g16-sym", INT4_G16_SYM, INT4_G16_SYM),
+    _layout("int4-g32", Codec(4, "token", 32), Codec(4, "token", 32)),
+    _layout("int8-g32", Codec(8, "token", 32), Codec(8, "token", 32)),
+    _layout("k8v4-sinks", INT8_TOKEN, INT4_G16_SYM, 4),
+    _layout("int4-static", Codec(4, "static"), Codec(4, "static")),
+    _layout("int8-head-sinks", INT8_TOKEN, INT8_TOKEN, 4),
+    _layout("k4sym-v8g16sym", Codec(4, "token", 0, True), Codec(8, "token", 16, True)),
+]
+LOWBIT_IDS = [m.name for m in LOWBIT]
+NAMED_LOWBIT = ["int4-lmdeploy", "int8-rot", "k8v4", "int4"]  # the mode table's (rotations are outside the kernels)
 
 
 def _store_triton(*args):
@@ -57,11 +81,14 @@ def _prefill_triton(*args, **kwargs):
     return prefill_attention_triton(*args, **kwargs)
 
 
-def make_layer(kv: str, num_blocks: int, kvh: int, block_size: int, head_dim: int, *, granularity: str | None = None,
-               symmetric: bool = False, fp_dtype: torch.dtype = torch.float16, lim: float = 2.5, seed: int = 0) -> LayerKV:
-    """Zeroed storage from ``new_blocks``; static modes get random calibrated-looking parameters."""
+def make_layer(kv: str | KVMode, num_blocks: int, kvh: int, block_size: int, head_dim: int, *,
+               granularity: str | None = None, symmetric: bool = False, fp_dtype: torch.dtype = torch.float16,
+               lim: float = 2.5, seed: int = 0) -> LayerKV:
+    """Zeroed storage from ``new_blocks``; static sides get random calibrated-looking parameters; sinks get
+    ``num_blocks // 2`` zeroed slots, bound to no block yet (``fill_rows`` binds them)."""
     mode = get_mode(kv)
-    layer = LayerKV(mode, **new_blocks(mode, num_blocks, kvh, block_size, head_dim, DEVICE, fp_dtype))
+    layer = LayerKV(mode.k, mode.v, head_dim, **new_blocks(mode.k, mode.v, num_blocks, kvh, block_size, head_dim,
+                                                            DEVICE, fp_dtype))
     if mode.needs_qparams:
         g = torch.Generator().manual_seed(seed)
         lo = -lim * (0.5 + torch.rand(kvh, head_dim, generator=g))
@@ -69,17 +96,30 @@ def make_layer(kv: str, num_blocks: int, kvh: int, block_size: int, head_dim: in
         stats = {"min": [lo], "max": [hi], "absmax": [torch.maximum(-lo, hi)]}
         vstats = {k: [v[0] * 0.7] for k, v in stats.items()}
         qp = KVQParams.from_stats(stats, vstats, granularity=granularity or "channel", symmetric=symmetric)
-        layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp = (t.to(DEVICE) for t in qp.layer(0, kvh, head_dim))
+        for side, codec in (("k", mode.k), ("v", mode.v)):
+            if codec.scaling == "static":
+                scale, zp = qp.side(side, 0, kvh, head_dim, codec.bits)
+                setattr(layer, f"{side}_scale", scale.to(DEVICE))
+                setattr(layer, f"{side}_zp", zp.to(DEVICE))
+    if mode.sink_tokens:
+        layer.sink_tokens = mode.sink_tokens
+        layer.k_sink, layer.v_sink = (torch.zeros(max(1, num_blocks // 2), kvh, mode.sink_tokens, head_dim,
+                                                  dtype=fp_dtype, device=DEVICE) for _ in range(2))
+        layer.sink_slot = torch.full((num_blocks,), -1, dtype=torch.int32, device=DEVICE)
     return layer
 
 
 def clone_layer(layer: LayerKV) -> LayerKV:
-    return LayerKV(layer.mode, *(None if t is None else t.clone() for t in
-                                 (layer.k, layer.v, layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp)))
+    return dataclasses.replace(layer, **{f.name: getattr(layer, f.name).clone() for f in dataclasses.fields(layer)
+                                         if isinstance(getattr(layer, f.name), torch.Tensor)})
+
+
+def stored_tensors(layer: LayerKV) -> list[str]:
+    return layer.per_block_tensors() + (["k_sink", "v_sink"] if layer.sink_tokens else [])
 
 
 def assert_same_storage(got: LayerKV, want: LayerKV) -> None:
-    for name in got.per_block_tensors():
+    for name in stored_tensors(got):
         a, b = getattr(got, name), getattr(want, name)
         if not torch.equal(a, b):
             diff = (a.float() - b.float()).abs()
@@ -105,6 +145,90 @@ def test_store_matches_reference(kv, granularity, symmetric, head_dim):
     _store_triton(layer, key, value, slots)
     store_kv_reference(ref, key, value, slots)
     assert_same_storage(layer, ref)
+
+
+def _store_both(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> LayerKV:
+    """Store through the kernel into ``layer`` and through the reference into a copy; return the copy."""
+    ref = clone_layer(layer)
+    _store_triton(layer, key, value, slots)
+    store_kv_reference(ref, key, value, slots)
+    return ref
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+def test_store_lowbit_matches_reference(kv, head_dim):
+    """4-bit packing, groups, symmetric scales and the sink copies: codes and parameters bit-identical."""
+    torch.manual_seed(1)
+    layer = make_layer(kv, 6, 3, 8, head_dim)
+    if kv.sink_tokens:
+        layer.sink_slot[torch.tensor([0, 3])] = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    n = 13
+    key = (torch.randn(n, 3, head_dim) * 2).half().to(DEVICE)
+    value = torch.randn(n, 3, head_dim).half().to(DEVICE)
+    key[0, 0] = 0.5  # a constant vector: zero range, the scale floor
+    key[1, 1, :5] = 40.0  # an outlier
+    value[2, 2] = 0.0  # all zeros: the symmetric scale floor
+    # Offsets 0 and 3 of the blocks with sink slots (5: not a sink), then other slots.
+    first = torch.tensor([0, 3, 24, 29])
+    rest = torch.randperm(6 * 8)
+    slots = torch.cat([first, rest[~torch.isin(rest, first)][: n - 4]]).to(DEVICE)
+    ref = _store_both(layer, key, value, slots)
+    assert_same_storage(layer, ref)
+    if kv.sink_tokens:
+        assert torch.equal(layer.k_sink[2, :, 3], key[1]) and not layer.k_sink[1].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", [LOWBIT[1], LOWBIT[7]], ids=[LOWBIT_IDS[1], LOWBIT_IDS[7]])
+def test_store_symmetric_peak_ties_and_signs(kv):
+    """The symmetric scale takes the value of largest magnitude at its FIRST channel (torch's argmax of abs):
+    +a before -a gives a negative scale, -a before +a a positive one, in a group and across the two halves."""
+    layer = make_layer(kv, 2, 4, 4, 64)
+    key = torch.zeros(4, 4, 64, device=DEVICE)
+    value = torch.zeros(4, 4, 64, device=DEVICE)
+    for t, (i, j) in enumerate([(3, 40), (40, 3), (5, 9), (9, 5)]):  # channels 3/40: other halves; 5/9: one group
+        for x in (key, value):
+            x[t, :, i], x[t, :, j] = 3.0, -3.0
+            x[t, 1, i + 1] = -1.5
+            x[t, 2] += torch.linspace(-1, 1, 64, device=DEVICE)  # a clear peak elsewhere too
+    slots = torch.tensor([0, 1, 4, 6], device=DEVICE)
+    ref = _store_both(layer, key.half(), value.half(), slots)
+    assert_same_storage(layer, ref)
+    signs = torch.sign(layer.k_scale[slots // 4, 0, slots % 4, 0].float()).tolist()
+    assert signs == [-1.0, 1.0, -1.0, 1.0]  # the peak's sign decides: 3 / -8 < 0
+
+
+@needs_triton
+def test_store_lowbit_padded_head_dim_and_dtypes():
+    """head_dim 48 (halves of 24 lanes padded to 32): padding never enters min/max or a peak; bf16 and fp32 in."""
+    torch.manual_seed(4)
+    k4v8_sinks = _layout("k4-v8g16-sinks", INT4_HEAD, Codec(8, "token", 16), 4)
+    for kv, in_dtype, fp_dtype in ((LOWBIT[0], torch.float16, torch.float16), (LOWBIT[7], torch.bfloat16, torch.bfloat16),
+                                   (k4v8_sinks, torch.float32, torch.float16)):
+        layer = make_layer(kv, 3, 5, 4, 48, fp_dtype=fp_dtype)
+        if kv.sink_tokens:
+            layer.sink_slot[1] = 0
+        key = (torch.randn(6, 5, 48, device=DEVICE) + 3.0).to(in_dtype)  # all positive: a zero in a padded lane would show
+        value = (-torch.rand(6, 5, 48, device=DEVICE) - 1.0).to(in_dtype)  # all negative
+        ref = _store_both(layer, key, value, torch.arange(6, device=DEVICE) * 2)
+        assert_same_storage(layer, ref)
+
+
+@needs_triton
+def test_store_lowbit_ties_round_half_even():
+    """Half-way codes round to even at 4 bits too, static and per token, and pack as pack_int4."""
+    from kvcache.quant import pack_int4
+
+    layer = make_layer(LOWBIT[5], 1, 1, 4, 32)
+    layer.k_scale.fill_(0.5)
+    layer.k_zp.zero_()
+    halves = (torch.arange(32, device=DEVICE, dtype=torch.float32) % 16 - 8) * 0.25  # x/0.5 = -4, -3.5, ..., 3.5
+    ref = _store_both(layer, halves.reshape(1, 1, 32), halves.reshape(1, 1, 32), torch.tensor([1], device=DEVICE))
+    assert_same_storage(layer, ref)
+    want = torch.tensor([-4, -4, -3, -2, -2, -2, -1, 0, 0, 0, 1, 2, 2, 2, 3, 4] * 2, dtype=torch.int8)
+    assert torch.equal(layer.k[0, 0, 1].cpu(), pack_int4(want))
 
 
 @needs_triton
@@ -162,12 +286,18 @@ def test_store_static_ties_round_half_even():
 
 
 def fill_rows(layer: LayerKV, lengths: list[int], max_blocks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random history for each row at randomly placed blocks; returns (block_tables, seq_lens)."""
+    """Random history for each row at randomly placed blocks; returns (block_tables, seq_lens).
+
+    With sinks, even rows' first blocks get a sink slot (as a pool binds one to a sequence's first block)
+    and odd rows' do not, so both kinds of row are read.
+    """
     g = torch.Generator().manual_seed(seed)
     b, bs = len(lengths), layer.block_size
     ids = torch.randperm(layer.num_blocks, generator=g)[: b * max_blocks].reshape(b, max_blocks)
     for i, n in enumerate(lengths):
         ids[i, -(-n // bs):] = 0  # padding past the row's length, like PagedKVCache's tables
+        if layer.sink_tokens and i % 2 == 0:
+            layer.sink_slot[ids[i, 0]] = i // 2
         pos = torch.arange(n)
         slots = (ids[i, pos // bs] * bs + pos % bs).to(DEVICE)
         k = torch.randn(n, layer.num_kv_heads, layer.head_dim, generator=g) * 1.5
@@ -198,6 +328,49 @@ def test_decode_matches_reference(kv, granularity, symmetric, group):
     tables, lens = fill_rows(layer, [37, 5, 70], max_blocks=5)
     check_decode(layer, tables, lens, 2 * group, block_n=32)
     check_decode(layer, tables, lens, 2 * group, dtype=torch.float32, num_splits=1, seed=1)
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+def test_decode_lowbit_matches_reference(kv, group):
+    """K and V each per its codec (4-bit unpacked in registers, groups, symmetric, sinks on rows 0 and 2)."""
+    layer = make_layer(kv, 24, 2, 16, 64)
+    tables, lens = fill_rows(layer, [37, 5, 70], max_blocks=5)
+    check_decode(layer, tables, lens, 2 * group, block_n=32)
+    check_decode(layer, tables, lens, 2 * group, dtype=torch.float32, num_splits=1, seed=1)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv,head_dim,dtype", [("int4-lmdeploy", 128, torch.float16), ("k8v4", 128, torch.float16),
+                                               ("int4", 128, torch.float16), ("int4-lmdeploy", 48, torch.bfloat16),
+                                               (LOWBIT[7], 48, torch.bfloat16)], ids=lambda x: getattr(x, "name", x))
+def test_decode_lowbit_head_dims_and_dtypes(kv, head_dim, dtype):
+    """Named 4-bit modes at head_dim 128 (default tiles and splits); head_dim 48 (halves of 24 lanes padded to 32)
+    with a bf16 pool and queries, MHA both ways."""
+    layer = make_layer(kv, 10, 2, 32, head_dim, fp_dtype=dtype)
+    tables, lens = fill_rows(layer, [77, 19], max_blocks=4, seed=2)
+    check_decode(layer, tables, lens, 8, dtype=dtype)
+    check_decode(layer, tables, lens, 2, dtype=dtype, use_dot=head_dim == 48)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", [LOWBIT[4], LOWBIT[6]], ids=[LOWBIT_IDS[4], LOWBIT_IDS[6]])
+def test_decode_reads_the_sink_copies(kv):
+    """Sink copies unlike the codes (as if scrambled) must change the output of rows with a slot, and only
+    theirs; rows shorter than the sinks, a split that starts past them, and many splits."""
+    layer = make_layer(kv, 30, 2, 16, 32)
+    tables, lens = fill_rows(layer, [3, 40, 70, 2], max_blocks=5, seed=3)
+    layer.k_sink.normal_(0, 2)
+    layer.v_sink.normal_(0, 2)
+    check_decode(layer, tables, lens, 4, num_splits=4, block_n=16)
+    check_decode(layer, tables, lens, 2, dtype=torch.float32, num_splits=1, seed=1)
+    q = torch.randn(4, 4, 32, device=DEVICE, dtype=torch.float16)
+    with_sinks = _decode_triton(q, layer, tables, lens, 0.2)
+    layer.sink_slot.fill_(-1)
+    without = _decode_triton(q, layer, tables, lens, 0.2)
+    changed = (with_sinks - without).abs().amax(dim=(1, 2)) > 1e-2
+    assert changed.tolist() == [True, False, True, False]
 
 
 @needs_triton
@@ -272,6 +445,39 @@ def test_prefill_matches_reference(kv, granularity, symmetric, group, q_len):
     layer = make_layer(kv, 12, 2, 16, 32, granularity=granularity, symmetric=symmetric)
     tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
     check_prefill(layer, tables, 37, q_len, 2 * group, block_m=16, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("q_len", [37, 9], ids=["whole-prompt", "new-turn"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+def test_prefill_lowbit_matches_reference(kv, group, q_len):
+    """As above, K and V each per its codec; with sinks, row 0's first block has a slot and row 1's none."""
+    layer = make_layer(kv, 12, 2, 16, 64)
+    tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
+    check_prefill(layer, tables, 37, q_len, 2 * group, block_m=16, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["int4", "k8v4"])
+def test_prefill_lowbit_masks_sinks_and_dtypes(kv):
+    """transformers' masks apply to the sink positions too (a window that excludes them, an additive bias on
+    them); scrambled sink copies must be what row 0 reads; bf16 and head_dim 128 with the default tiles."""
+    layer = make_layer(kv, 12, 2, 16, 64)
+    tables, _ = fill_rows(layer, [40, 40], max_blocks=3, seed=7)
+    layer.k_sink.normal_(0, 2)
+    layer.v_sink.normal_(0, 2)
+    q_pos = torch.arange(40 - 20, 40)[:, None]
+    k_pos = torch.arange(40)[None, :]
+    window = ((k_pos <= q_pos) & ((k_pos > q_pos - 8) | (k_pos < 2) & (q_pos < 30))).expand(2, 1, 20, 40).to(DEVICE)
+    check_prefill(layer, tables, 40, 20, 4, mask=window, block_m=16, block_n=16)
+    additive = torch.zeros(2, 1, 20, 40).masked_fill(~window.cpu(), torch.finfo(torch.float16).min)
+    additive[:, 0, :, :3] += 1.5  # a soft bias on sink positions
+    check_prefill(layer, tables, 40, 20, 4, mask=additive.half().to(DEVICE), block_m=16, block_n=16)
+    check_prefill(layer, tables, 40, 40, 4, block_m=16, block_n=16)
+    layer = make_layer(kv, 8, 2, 8, 128, fp_dtype=torch.bfloat16)
+    tables, _ = fill_rows(layer, [21], max_blocks=3, seed=8)
+    check_prefill(layer, tables, 21, 21, 4, dtype=torch.bfloat16)
 
 
 @needs_triton
@@ -369,7 +575,7 @@ def test_decode_rejects_bad_inputs():
         run(layer=strided)
     wrong = clone_layer(layer)
     wrong.k = wrong.k.half()
-    with pytest.raises(ValueError, match="K/V storage must be two equal"):
+    with pytest.raises(ValueError, match="K codec int8 static stores torch.int8, got torch.float16"):
         run(layer=wrong)
     for d in (8, 512):
         odd = make_layer("fp16", 2, 1, 4, d)
@@ -409,6 +615,56 @@ def test_prefill_rejects_bad_inputs():
         run(mask=torch.ones(2, 1, 5, 20, dtype=torch.int64, device=DEVICE))
 
 
+@needs_triton
+def test_lowbit_storage_is_checked():
+    """4-bit widths and dtypes, per-token parameter shapes (the trailing groups dim), sinks, and layouts the kernels
+    do not take are refused with a sentence."""
+    q = torch.randn(1, 2, 64, device=DEVICE, dtype=torch.float16)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), torch.ones(1, dtype=torch.int32, device=DEVICE)
+    run = lambda layer: _decode_triton(q, layer, tables, lens, 0.1)  # noqa: E731
+    run(make_layer("k8v4", 2, 2, 4, 64))  # the good case works
+    cases = {
+        "V storage is 64 wide; int4 g16 sym .* needs 32": ("v", lambda t: torch.zeros(2, 2, 4, 64, dtype=torch.uint8)),
+        "V codec int4 g16 sym .*stores torch.uint8, got torch.int8": ("v", lambda t: t.to(torch.int8)),
+        r"k_scale must be a contiguous \(2, 2, 4, 1\) tensor": ("k_scale", lambda t: t[..., 0]),
+        "v_scale must be torch.float16 or torch.bfloat16": ("v_scale", lambda t: t.float()),
+        r"k_sink must be a contiguous float \[slots, 2, 4, 64\]": ("k_sink", lambda t: t[:, :, :2]),
+        "4 sink tokens need sink_slot": ("sink_slot", lambda t: t.long()),
+    }
+    for message, (name, change) in cases.items():
+        layer = make_layer("k8v4", 2, 2, 4, 64)
+        setattr(layer, name, change(getattr(layer, name)).to(DEVICE))
+        with pytest.raises(ValueError, match=message):
+            run(layer)
+    from kvcache.kernels.common import unsupported
+
+    assert "head_dim/2 (24) to be a multiple of the group size" in unsupported(make_layer("int4", 2, 2, 4, 48))
+    assert "4-bit codes need head_dim >= 32" in unsupported(make_layer("int4-lmdeploy", 2, 2, 4, 16))
+    kv = torch.randn(1, 2, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        _store_triton(make_layer("int4", 2, 2, 4, 48), kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE))
+
+
+def test_dispatch_takes_the_reference_for_layouts_the_kernels_do_not_take(monkeypatch):
+    """On a GPU, a layer the kernels cannot read (4-bit groups straddling head_dim's halves) goes to the references."""
+    import kvcache.kernels as kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    layer = make_layer("int4", 6, 2, 8, 48)
+    want = clone_layer(layer)
+    tables, lens = fill_rows(layer, [20, 9], max_blocks=3)
+    fill_rows(want, [20, 9], max_blocks=3)
+    q = torch.randn(2, 4, 48, device=DEVICE)
+    kernels.store_kv(layer, q[:1, :2], q[:1, 2:], torch.tensor([3], device=DEVICE))
+    store_kv_reference(want, q[:1, :2], q[:1, 2:], torch.tensor([3], device=DEVICE))
+    assert_same_storage(layer, want)
+    torch.testing.assert_close(kernels.decode_attention(q, layer, tables, lens, 0.2),
+                               decode_attention_reference(q, layer, tables, lens, 0.2), rtol=0, atol=0)
+    chunk = torch.randn(2, 4, 3, 48, dtype=torch.float16, device=DEVICE)
+    torch.testing.assert_close(kernels.prefill_attention(chunk, layer, tables, 9, 0.2),
+                               prefill_attention_reference(chunk, layer, tables, 9, 0.2), rtol=0, atol=0)
+
+
 # --- dispatch ---------------------------------------------------------------------------------------
 
 
@@ -443,9 +699,10 @@ def test_cache_calls_skip_range_checks_unless_asked(monkeypatch, env, want):
         monkeypatch.delenv("KVQ_KERNEL_CHECKS", raising=False)
     else:
         monkeypatch.setenv("KVQ_KERNEL_CHECKS", env)
-    kernels.store_kv(None, None, None, None)
-    kernels.decode_attention(None, None, None, None, 1.0)
-    kernels.prefill_attention(torch.zeros(1, 2, 3, 16, dtype=torch.float16), None, None, 3, 1.0)
+    layer = make_layer("int8-dynamic", 2, 1, 4, 16)
+    kernels.store_kv(layer, None, None, None)
+    kernels.decode_attention(None, layer, None, None, 1.0)
+    kernels.prefill_attention(torch.zeros(1, 2, 3, 16, dtype=torch.float16), layer, None, 3, 1.0)
     assert seen == [("store", want), ("decode", want), ("prefill", want)]
     # Direct calls of the wrappers check unless told not to.
     assert store.range_checks_enabled() is (env != "0")
@@ -480,7 +737,7 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
             monkeypatch.setitem(sys.modules, mod, type(sys)("stub"))
             setattr(sys.modules[mod], name, boom)
     mode = get_mode("int8-dynamic")
-    layer = LayerKV(mode, **new_blocks(mode, 3, 2, 4, 16, "cpu", torch.float16))
+    layer = LayerKV(mode.k, mode.v, 16, **new_blocks(mode.k, mode.v, 3, 2, 4, 16, "cpu", torch.float16))
     ref = clone_layer(layer)
     key, value = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
     slots = torch.tensor([0, 1, 2, 4, 5])
@@ -507,13 +764,36 @@ REAL_SHAPES = {"mha": (32, 32), "gqa": (32, 8)}  # (query heads, KV heads), head
 
 def assert_close_storage(got: LayerKV, want: LayerKV) -> None:
     """Compiled code may round a tie the other way: codes within one step, and almost all identical."""
-    for name in got.per_block_tensors():
-        a, b = getattr(got, name).float(), getattr(want, name).float()
-        if got.mode.quantized and name in ("k", "v"):
-            diff = (a - b).abs()
+    from kvcache.quant import unpack_int4
+
+    for name in stored_tensors(got):
+        a, b = getattr(got, name), getattr(want, name)
+        if name in ("k", "v") and got.codec(name).quantized:
+            if got.codec(name).bits == 4:
+                a, b = unpack_int4(a), unpack_int4(b)
+            diff = (a.float() - b.float()).abs()
             assert float(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-4, name
         else:
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6, msg=name)
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-6, msg=name)
+
+
+def check_real_shapes(layer: LayerKV, heads: int, kv_heads: int, lengths: list[int], max_blocks: int) -> None:
+    """Store 4K new tokens (bit-close to the reference), then decode over the rows' histories."""
+    ref = clone_layer(layer)
+    n, bs = 4096, layer.block_size
+    key = torch.randn(n, kv_heads, 128, device=DEVICE, dtype=torch.float16) * 2
+    value = torch.randn(n, kv_heads, 128, device=DEVICE, dtype=torch.float16)
+    slots = torch.randperm(layer.num_blocks * bs, device=DEVICE)[:n]
+    if layer.sink_tokens:
+        layer.sink_slot[: layer.k_sink.shape[0]] = torch.arange(layer.k_sink.shape[0], dtype=torch.int32, device=DEVICE)
+        ref.sink_slot.copy_(layer.sink_slot)
+    _store_triton(layer, key, value, slots)
+    store_kv_reference(ref, key, value, slots)
+    assert_close_storage(layer, ref)
+    if layer.sink_tokens:
+        layer.sink_slot.fill_(-1)
+    tables, lens = fill_rows(layer, lengths, max_blocks, seed=3)
+    check_decode(layer, tables, lens, heads)
 
 
 @needs_cuda
@@ -527,22 +807,26 @@ def test_real_shapes_on_gpu(kv, granularity, symmetric, shape):
     max_blocks = -(-max(lengths) // bs)
     layer = make_layer(kv, len(lengths) * max_blocks + 8, kv_heads, bs, 128, granularity=granularity,
                        symmetric=symmetric)
-    ref = clone_layer(layer)
-    n = 4096
-    key = torch.randn(n, kv_heads, 128, device=DEVICE, dtype=torch.float16) * 2
-    value = torch.randn(n, kv_heads, 128, device=DEVICE, dtype=torch.float16)
-    slots = torch.randperm(layer.num_blocks * bs, device=DEVICE)[:n]
-    _store_triton(layer, key, value, slots)
-    store_kv_reference(ref, key, value, slots)
-    assert_close_storage(layer, ref)
-    tables, lens = fill_rows(layer, lengths, max_blocks, seed=3)
-    check_decode(layer, tables, lens, heads)
+    check_real_shapes(layer, heads, kv_heads, lengths, max_blocks)
 
 
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("shape", REAL_SHAPES, ids=list(REAL_SHAPES))
-@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic"])
+@pytest.mark.parametrize("kv", NAMED_LOWBIT + [LOWBIT[2], LOWBIT[5]], ids=lambda x: getattr(x, "name", x))
+def test_real_shapes_lowbit_on_gpu(kv, shape):
+    """As above for the 4-bit and sink modes (and 4-bit g32, static 4-bit): sinks on rows 0 and 2."""
+    heads, kv_heads = REAL_SHAPES[shape]
+    lengths, bs = [16384, 4097, 1, 9001], 64
+    max_blocks = -(-max(lengths) // bs)
+    layer = make_layer(kv, len(lengths) * max_blocks + 8, kv_heads, bs, 128)
+    check_real_shapes(layer, heads, kv_heads, lengths, max_blocks)
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=list(REAL_SHAPES))
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic", *NAMED_LOWBIT])
 def test_real_shape_prefill_on_gpu(kv, shape):
     """Blocks of 64, head_dim 128: a 1K-token new turn over 8K cached tokens, and a whole 2K prompt."""
     heads, kv_heads = REAL_SHAPES[shape]

@@ -1,6 +1,8 @@
 """Kernel dispatch (store, decode, prefill): CUDA tensors take the Triton kernels, CPU tensors the plain-torch references.
 
-Set ``KVQ_FORCE_REFERENCE=1`` to force the reference path on CUDA (for debugging a kernel).
+Set ``KVQ_FORCE_REFERENCE=1`` to force the reference path on CUDA (for debugging a kernel). A layer whose
+layout the kernels do not take (:func:`kvcache.kernels.common.unsupported`: e.g. 4-bit codes at head_dim 16,
+4-bit groups that straddle the two halves of head_dim) runs the references on CUDA too.
 
 Only the cache calls these, with slots and block tables it built itself (and that torch bounds-checks
 on the reference path, which most tests take), so on a GPU they skip the kernels' index range checks: one
@@ -27,9 +29,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("KVQ_FORCE_REFERENCE", "0") != "1"
 
 
+def _kernels_take(layer: LayerKV) -> bool:
+    from .common import unsupported
+
+    return unsupported(layer) is None
+
+
 def store_kv(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Write (and quantize) ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
-    if use_triton(key):
+    if use_triton(key) and _kernels_take(layer):
         from .common import range_checks_enabled
         from .paged_store import store_kv_triton
 
@@ -45,7 +53,7 @@ def prefill_attention(
 
     The Triton kernel takes fp16/bf16 queries; fp32 models take the reference (dequantize, then SDPA) on a GPU too.
     """
-    if use_triton(query):
+    if use_triton(query) and _kernels_take(layer):
         from .common import range_checks_enabled
         from .paged_prefill import PREFILL_DTYPES, prefill_attention_triton
 
@@ -59,7 +67,7 @@ def decode_attention(
     query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its cached history, read in the stored format."""
-    if use_triton(query):
+    if use_triton(query) and _kernels_take(layer):
         from .common import range_checks_enabled
         from .paged_decode import decode_attention_triton
 

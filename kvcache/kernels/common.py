@@ -1,22 +1,31 @@
-"""What the kernel wrappers share: dtypes, the layout checks, the parameter pointers, the range-check switch.
+"""What the kernel wrappers share: dtypes, the layout checks, each side's pointers, strides and switches.
 
 Every wrapper (store, decode, prefill) checks its inputs with these before launching, and derives the
-kernels' ``QUANT`` switch and parameter strides from the layer the same way.
+kernels' compile-time switches from the layer the same way, for K and for V separately
+(:func:`side_args`): ``QUANT`` 0 floats, 1 static codes, 2 per-token codes; ``BITS`` 16, 8 or 4;
+``GROUP`` channels per per-token parameter group (head_dim: one group per head); ``SYM`` no zero point.
+A 4-bit side is read in two *parts* of head_dim/2 lanes (the low and high nibbles of each byte,
+:func:`kvcache.quant.pack_int4`), every other side in one part of head_dim lanes.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
+from ..modes import Codec
 from ..storage.layout import LayerKV
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 PARAM_DTYPES = (torch.float16, torch.bfloat16)  # per-token parameters; the round-up below works on 16-bit floats
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MIN_HEAD_DIM_4BIT = 32  # a part of head_dim/2 lanes must be a tensor-core dot's K (>= 16)
+MAX_SINKS = 64  # sink tokens one tile of the attention kernels holds
 # Fused multiply-adds, pinned: Triton's default flips to off in 3.10 (3.9 warns about it), and the
 # kernels should compile the same on the GPU image's 3.6 and anything newer. The quantizing paths
 # have no multiply-then-add to fuse, so their codes stay bit-identical to the references either way.
@@ -29,40 +38,150 @@ def range_checks_enabled(default: bool = True) -> bool:
     return default if value is None else value != "0"
 
 
+def group_channels(codec: Codec, head_dim: int) -> int:
+    """Channels per per-token parameter group (head_dim for one group per head, and for other scalings)."""
+    return head_dim // codec.groups(head_dim) if codec.scaling == "token" else head_dim
+
+
+def unsupported(layer: LayerKV) -> str | None:
+    """Why the Triton kernels cannot take this layer's codecs (the dispatch then runs the reference), or None."""
+    d = layer.head_dim
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        return f"head_dim {d} is not supported by the Triton kernels (supported: {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, e.g. 64 or 128)"
+    for side in ("k", "v"):
+        c = layer.codec(side)
+        g = group_channels(c, d)
+        if c.bits == 4 and d < MIN_HEAD_DIM_4BIT:
+            return f"4-bit codes need head_dim >= {MIN_HEAD_DIM_4BIT} in the Triton kernels, this layer's is {d}"
+        if g < d and (g & (g - 1) or d % g):
+            return f"{side.upper()} groups of {g} channels: the Triton kernels take power-of-two groups that divide head_dim {d}"
+        if g < d and c.bits == 4 and (d // 2) % g:
+            return (f"{side.upper()} is 4-bit in groups of {g}: the Triton kernels need head_dim/2 ({d // 2}) to be a "
+                    "multiple of the group size (each byte's two nibbles come from the two halves)")
+    if layer.sink_tokens > MAX_SINKS:
+        return f"{layer.sink_tokens} sink tokens: the Triton kernels take at most {MAX_SINKS}"
+    return None
+
+
+def _check_params(layer: LayerKV, side: str, want_dtype: tuple[torch.dtype, ...], shape: tuple[int, ...]) -> None:
+    c = layer.codec(side)
+    names = [f"{side}_scale"] + ([] if c.symmetric else [f"{side}_zp"])
+    for name in names:
+        t = getattr(layer, name)
+        if t is None:
+            raise ValueError(f"{side.upper()} codec {c.label()} needs {name}, but the layer has none")
+        if tuple(t.shape) != shape or not t.is_contiguous() or t.device != layer.k.device:
+            raise ValueError(f"{name} must be a contiguous {shape} tensor on {layer.k.device}, got {tuple(t.shape)} "
+                             f"(contiguous={t.is_contiguous()}) on {t.device}")
+        if t.dtype not in want_dtype:
+            raise ValueError(f"{name} must be {' or '.join(map(str, want_dtype))} for {c.label()}, got {t.dtype}")
+
+
 def check_storage(layer: LayerKV) -> None:
     """Raise ValueError unless ``layer``'s tensors have the layout and dtypes the kernels assume."""
-    mode, k, v = layer.mode, layer.k, layer.v
-    if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
-        raise ValueError(f"K/V storage must be two equal [num_blocks, kv_heads, block_size, head_dim] tensors, "
+    reason = unsupported(layer)
+    if reason:
+        raise ValueError(reason)
+    k, v, d = layer.k, layer.v, layer.head_dim
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.device != v.device:
+        raise ValueError(f"K/V storage must be two [num_blocks, kv_heads, block_size, width] tensors on one device, "
                          f"got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
     if not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError("K/V storage must be contiguous")
-    if not MIN_HEAD_DIM <= layer.head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {layer.head_dim} is not supported by the Triton kernels "
-                         f"(supported: {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, e.g. 64 or 128)")
-    if mode.quantized:
-        if k.dtype != torch.int8 or mode.bits != 8:
-            raise ValueError(f"mode {mode.name!r} needs int8 storage with 8-bit codes, got {k.dtype}, {mode.bits} bits")
-        want = (layer.num_blocks, layer.num_kv_heads, layer.block_size) if mode.dynamic else (layer.num_kv_heads, layer.head_dim)
-        for name in ("k_scale", "k_zp", "v_scale", "v_zp"):
-            t = getattr(layer, name)
-            if t is None:
-                raise ValueError(f"mode {mode.name!r} needs {name}, but the layer has none")
-            if tuple(t.shape) != want or not t.is_contiguous() or t.device != k.device:
-                raise ValueError(f"{name} must be a contiguous {want} tensor on {k.device}, got {tuple(t.shape)} "
-                                 f"(contiguous={t.is_contiguous()}) on {t.device}")
-            ok = PARAM_DTYPES if mode.dynamic else (torch.float32,)
-            if t.dtype not in ok:
-                raise ValueError(f"{name} must be {' or '.join(map(str, ok))} in mode {mode.name!r}, got {t.dtype}")
-    elif k.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"mode {mode.name!r} stores floats (fp16/bf16/fp32), got {k.dtype}")
+    nb, kvh, bs = k.shape[:3]
+    for side, data in (("k", k), ("v", v)):
+        c = layer.codec(side)
+        if data.shape[3] != c.code_width(d):
+            raise ValueError(f"{side.upper()} storage is {data.shape[3]} wide; {c.label()} at head_dim {d} needs {c.code_width(d)}")
+        want = {8: (torch.int8,), 4: (torch.uint8,)}.get(c.bits, FLOAT_DTYPES)
+        if data.dtype not in want:
+            raise ValueError(f"{side.upper()} codec {c.label()} stores {' or '.join(map(str, want))}, got {data.dtype}")
+        if c.scaling == "static":
+            _check_params(layer, side, (torch.float32,), (kvh, d))
+        elif c.scaling == "token":
+            _check_params(layer, side, PARAM_DTYPES, (nb, kvh, bs, c.groups(d)))
+    if layer.sink_tokens:
+        _check_sinks(layer)
 
 
-def kernel_params(layer: LayerKV) -> tuple[torch.Tensor, ...]:
-    """(k_scale, k_zp, v_scale, v_zp), or the data tensor four times where the mode has none (never read)."""
-    if not layer.mode.quantized:
-        return (layer.k,) * 4
-    return layer.k_scale, layer.k_zp, layer.v_scale, layer.v_zp
+def _check_sinks(layer: LayerKV) -> None:
+    n, kvh, d = layer.sink_tokens, layer.num_kv_heads, layer.head_dim
+    slot = layer.sink_slot
+    if slot is None or slot.shape != (layer.num_blocks,) or slot.dtype != torch.int32 or not slot.is_contiguous():
+        raise ValueError(f"{n} sink tokens need sink_slot, a contiguous int32 [{layer.num_blocks}] tensor")
+    for name in ("k_sink", "v_sink"):
+        t = getattr(layer, name)
+        if t is None or t.dim() != 4 or tuple(t.shape[1:]) != (kvh, n, d) or not t.is_contiguous() or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a contiguous float [slots, {kvh}, {n}, {d}] tensor, got "
+                             f"{None if t is None else (tuple(t.shape), t.dtype)}")
+    if slot.device != layer.k.device or layer.k_sink.device != layer.k.device or layer.v_sink.device != layer.k.device:
+        raise ValueError("sink_slot, k_sink and v_sink must be on the storage's device")
+
+
+@dataclass(frozen=True)
+class SideArgs:
+    """One side's (K or V) tensors, strides and compile-time switches, as every kernel takes them."""
+
+    data: torch.Tensor
+    scale: torch.Tensor  # the data tensor where the codec has none (never read)
+    zp: torch.Tensor
+    strides: tuple[int, int, int]  # data: block, head, token
+    param_strides: tuple[int, int, int]  # per-token: block, head, token; static: 0, head, 0
+    quant: int  # 0 floats, 1 static, 2 per token
+    bits: int
+    group: int  # channels per per-token group; head_dim for one group (and for floats, static codes)
+    sym: bool
+    part: int  # real lanes of a part: head_dim, or head_dim/2 for 4-bit codes
+    lanes: int  # a part's lanes in a tile: part rounded up to a power of two
+
+    @property
+    def grouped(self) -> bool:
+        return self.quant == 2 and self.group < self.part * (2 if self.bits == 4 else 1)
+
+    def consts(self, prefix: str) -> dict[str, int | bool]:
+        """``PREFIX_{QUANT, BITS, GROUP, SYM, PART, LANES, GP}`` for a launch; GP: lanes per group in a tile."""
+        return {f"{prefix}_QUANT": self.quant, f"{prefix}_BITS": self.bits, f"{prefix}_GROUP": self.group,
+                f"{prefix}_SYM": self.sym, f"{prefix}_PART": self.part, f"{prefix}_LANES": self.lanes,
+                f"{prefix}_GP": self.group if self.grouped else self.lanes}
+
+
+def side_args(layer: LayerKV, side: str) -> SideArgs:
+    c, data = layer.codec(side), getattr(layer, side)
+    scale, zp = layer.params(side)
+    quant = {"none": 0, "static": 1, "token": 2}[c.scaling]
+    scale = data if scale is None else scale
+    zp = scale if zp is None or c.symmetric else zp
+    if quant == 2:
+        pstrides = (scale.stride(0), scale.stride(1), scale.stride(2))
+    elif quant == 1:
+        pstrides = (0, scale.stride(0), 0)
+    else:
+        pstrides = (0, 0, 0)
+    part = layer.head_dim // 2 if c.bits == 4 else layer.head_dim
+    return SideArgs(data, scale, zp, (data.stride(0), data.stride(1), data.stride(2)), pstrides, quant,
+                    c.bits, group_channels(c, layer.head_dim), c.symmetric and quant == 2, part,
+                    triton.next_power_of_2(part))
+
+
+def sink_args(layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """(sink_slot, k_sink, v_sink, (slot, head, token) strides); dummies that are never read without sinks."""
+    if not layer.sink_tokens:
+        return layer.k, layer.k, layer.k, (0, 0, 0)
+    t = layer.k_sink
+    return layer.sink_slot, layer.k_sink, layer.v_sink, (t.stride(0), t.stride(1), t.stride(2))
+
+
+def sink_block(layer: LayerKV) -> int:
+    """Positions of the attention kernels' sink tile (a dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(layer.sink_tokens)) if layer.sink_tokens else 16
+
+
+def dot_dtype_for(codec: Codec, stored: torch.dtype, query: torch.dtype, fp32_dots: bool) -> torch.dtype:
+    """A side's ``tl.dot`` operand dtype: codes (and tiles dequantized in registers) in fp16; floats as stored
+    (decode) or as the query (prefill, ``stored`` = the query dtype); fp32 where the caller keeps fp32 accuracy."""
+    if fp32_dots and (query == torch.float32 or stored == torch.float32):
+        return runnable_dot_dtype(torch.float32)
+    return runnable_dot_dtype(torch.float16 if codec.quantized else stored)
 
 
 def runnable_dot_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,16 +196,3 @@ def check_block_ids(lo: int, hi: int, layer: LayerKV) -> None:
     if lo < 0 or hi >= layer.num_blocks:
         raise ValueError(f"block_tables entries must be in [0, {layer.num_blocks}) (the storage's num_blocks), "
                          f"got [{lo}, {hi}]")
-
-
-def param_strides(layer: LayerKV) -> tuple[int, int]:
-    """(block, head) strides of the parameter tensors: per-token ones are indexed by both, static ones by head."""
-    t = layer.k_scale
-    if not layer.mode.quantized:
-        return 0, 0
-    return (t.stride(0), t.stride(1)) if layer.mode.dynamic else (0, t.stride(0))
-
-
-def quant_code(layer: LayerKV) -> int:
-    """The kernels' QUANT switch: 0 float storage, 1 static int8, 2 dynamic int8."""
-    return 0 if not layer.mode.quantized else (2 if layer.mode.dynamic else 1)

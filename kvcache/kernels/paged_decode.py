@@ -1,9 +1,12 @@
-"""Flash-decoding over the block table, reading K/V in their stored format (fp16/bf16/fp32 or int8).
+"""Flash-decoding over the block table, reading K and V each in its stored format (floats, 8- or 4-bit codes).
 
 Computes what :func:`kvcache.kernels.reference.decode_attention_reference` does, without ever
 writing a dequantized copy: each program (batch row, KV head, split) streams tiles of ``BLOCK_N``
-tokens, and all query heads of the KV group share each tile load (GQA). Dequantization is folded
-into the math in registers (:mod:`kvcache.kernels.folded`), so the inner loop only converts codes.
+tokens, and all query heads of the KV group share each tile load (GQA). Where one parameter covers a
+head's vector (static codes, per-token per-head codes) dequantization is folded into the math
+(:mod:`kvcache.kernels.folded`), so the inner loop only converts codes; 4-bit codes unpack in registers
+and per-group parameters are applied to the tile there (:mod:`kvcache.kernels.codes`). Sink tokens are
+one more tile of their fp16 copies, attended by split 0.
 
 Softmax is online in fp32 (base 2). With several splits a second kernel merges the partial
 results through their log-sum-exp.
@@ -18,27 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
+from ..modes import FP16
 from ..storage.layout import LayerKV
+from .codes import merge_tile, part_scores, read_side, sink_limit, sink_tile, weighted_sum
 from .common import (
     FLOAT_DTYPES,
     FP_FUSION,
     TL_DTYPES,
     check_block_ids,
     check_storage,
-    kernel_params,
-    param_strides,
-    quant_code,
+    dot_dtype_for,
     range_checks_enabled,
-    runnable_dot_dtype,
+    side_args,
+    sink_args,
+    sink_block,
 )
-from .folded import (
-    fold_probs,
-    fold_query,
-    fold_scores,
-    load_kv_tile,
-    softmax_state,
-    unfold_output,
-)
+from .folded import fold_probs, fold_query, fold_scores, static_values, unfold_output
 
 _MAX_SPLITS = 64
 
@@ -46,27 +44,40 @@ _MAX_SPLITS = 64
 @triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
+    slot_map_ptr, k_sink_ptr, v_sink_ptr,
     sm_scale_log2, num_splits,
     stride_qb, stride_qh,
-    stride_cb, stride_ch, stride_ct,
-    stride_pb, stride_ph,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_kpb, stride_kph, stride_kpt, stride_vpb, stride_vph, stride_vpt,
+    stride_ss, stride_sh, stride_st,
     stride_btb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINKS: tl.constexpr, BLOCK_S: tl.constexpr,
+    K_QUANT: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_SYM: tl.constexpr,
+    K_PART: tl.constexpr, K_LANES: tl.constexpr, K_GP: tl.constexpr,
+    V_QUANT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_SYM: tl.constexpr,
+    V_PART: tl.constexpr, V_LANES: tl.constexpr, V_GP: tl.constexpr,
+    USE_DOT: tl.constexpr, K_DOT: tl.constexpr, V_DOT: tl.constexpr, S_DOT: tl.constexpr,
+    K_FP32: tl.constexpr, V_FP32: tl.constexpr, S_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """One (batch row, KV head, split): partial attention of the group's query heads over its token range."""
+    """One (batch row, KV head, split): partial attention of the group's query heads over its token range.
+
+    K and V are each read per their own codec (the K_*/V_* switches, :mod:`kvcache.kernels.common`); one
+    kernel for all of them because the loop is the same and only the tile reads and folds differ.
+    """
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    k_lanes = tl.arange(0, K_LANES)
+    v_lanes = tl.arange(0, V_LANES)
+    k_lmask = k_lanes < K_PART
+    v_lmask = v_lanes < V_PART
     gmask = offs_g < GROUP
-    dmask = offs_d < HEAD_D
     heads = kvh * GROUP + offs_g
 
     # This split's token range: the row's length cut in num_splits tile-aligned chunks.
@@ -75,53 +86,85 @@ def _decode_partial_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
-    qk, q_bias, q_sum, v_s, v_z = fold_query(q, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kvh, stride_ph, offs_d, dmask, QUANT)
+    q_row = q_ptr + b * stride_qb + heads * stride_qh
+    qa = tl.load(q_row[:, None] + k_lanes[None, :], mask=gmask[:, None] & k_lmask[None, :], other=0.0).to(tl.float32)
+    qb = 0.0
+    if K_BITS == 4:
+        qb = tl.load(q_row[:, None] + K_PART + k_lanes[None, :], mask=gmask[:, None] & k_lmask[None, :],
+                     other=0.0).to(tl.float32)
+    qa, qb, q_bias, q_sum = fold_query(qa, qb, ks_ptr, kz_ptr, kvh * stride_kph, k_lanes, k_lmask,
+                                       HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART)
     if USE_DOT:
-        qk_dot = qk.to(DOT_DTYPE)
+        qa = qa.to(K_DOT)
+        if K_BITS == 4:
+            qb = qb.to(K_DOT)
+    v_sa, v_za, v_sb, v_zb = static_values(vs_ptr, vz_ptr, kvh * stride_vph, v_lanes, v_lmask, V_QUANT, V_BITS, V_PART)
 
-    m_i, l_i, pz_i, acc = softmax_state(BLOCK_G, BLOCK_D)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    pz_i = tl.zeros([BLOCK_G], tl.float32)
+    acc_a = tl.zeros([BLOCK_G, V_LANES], tl.float32)
+    acc_b = 0.0
+    if V_BITS == 4:
+        acc_b = tl.zeros([BLOCK_G, V_LANES], tl.float32)
 
     bt_row = bt_ptr + b * stride_btb
+    sink_lo = 0
+    if SINKS > 0:  # the row's sink positions come from their fp16 copies (after the loop), not the codes
+        sink_lo, sink_slot = sink_limit(slot_map_ptr, bt_row, SINKS)
     for start_n in range(start, end, BLOCK_N):
         pos = start_n + offs_n
-        valid = pos < end
+        valid = (pos < end) & (pos >= sink_lo)
         # A tile may span several blocks (or part of one): each token's block is looked up.
-        k, v, t_ks, t_kz, t_vs, t_vz = load_kv_tile(
-            k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
-            stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, BLOCK_SIZE, QUANT)
-
-        if USE_DOT:
-            if DOT_FP32:  # fp32 operands: three tf32 passes (~fp32 accuracy), not one
-                s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)), input_precision="tf32x3")
-            else:
-                s = tl.dot(qk_dot, tl.trans(k.to(DOT_DTYPE)))
-        else:  # one query head: multiply-and-sum over head_dim
-            s = tl.sum(qk * k.to(tl.float32), axis=1)[None, :]  # [1, BLOCK_N]
-        s = fold_scores(s, q_bias, q_sum, t_ks, t_kz, QUANT)
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        ka, kb, t_ks, t_kz = read_side(
+            k_ptr, ks_ptr, kz_ptr, blk * stride_kb + kvh * stride_kh + in_blk * stride_kt,
+            blk * stride_kpb + kvh * stride_kph + in_blk * stride_kpt, valid, k_lanes, k_lmask,
+            HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, BLOCK_N, K_DOT)
+        s = part_scores(qa, qb, ka, kb, K_BITS, USE_DOT, K_FP32)
+        s = fold_scores(s, q_bias, q_sum, t_ks, t_kz, HEAD_D, K_QUANT, K_GROUP, K_SYM)
         s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = m_new  # finite: every tile holds a valid token ...
+        if SINKS > 0:  # ... unless its only ones are sinks
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, QUANT)
-        if USE_DOT:
-            if DOT_FP32:
-                pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="tf32x3")
-            else:
-                pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
-        else:
-            pv = tl.sum(tl.reshape(p, (BLOCK_N, 1)) * v.to(tl.float32), axis=0)[None, :]
-        acc = acc * alpha[:, None] + pv
+        va, vb, t_vs, t_vz = read_side(
+            v_ptr, vs_ptr, vz_ptr, blk * stride_vb + kvh * stride_vh + in_blk * stride_vt,
+            blk * stride_vpb + kvh * stride_vph + in_blk * stride_vpt, valid, v_lanes, v_lmask,
+            HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, BLOCK_N, V_DOT)
+        p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, HEAD_D, V_QUANT, V_GROUP, V_SYM)
+        acc_a = acc_a * alpha[:, None] + weighted_sum(p, va, USE_DOT, V_FP32, BLOCK_N)
+        if V_BITS == 4:
+            acc_b = acc_b * alpha[:, None] + weighted_sum(p, vb, USE_DOT, V_FP32, BLOCK_N)
         m_i = m_new
 
-    acc = unfold_output(acc, l_i, pz_i, v_s, v_z, QUANT)
+    acc_a, acc_b = unfold_output(acc_a, acc_b, l_i, pz_i, v_sa, v_za, v_sb, v_zb, HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM)
+    if SINKS > 0:  # split 0 attends the sink copies: one more tile, merged into the softmax state
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEAD_D
+        smask = offs_s < tl.minimum(sink_lo * (split == 0).to(tl.int32), seq_len)
+        ks, vsa, vsb = sink_tile(k_sink_ptr, v_sink_ptr, sink_slot * stride_ss + kvh * stride_sh, stride_st, offs_s, smask,
+                                 offs_d, dmask, v_lanes, v_lmask, V_PART, V_BITS, S_DOT)
+        q = tl.load(q_row[:, None] + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if USE_DOT:
+            q = q.to(S_DOT)
+        s = part_scores(q, 0.0, ks, 0.0, 8, USE_DOT, S_FP32)
+        s = tl.where(smask[None, :], s * sm_scale_log2, float("-inf"))
+        m_i, l_i, acc_a, acc_b = merge_tile(s, vsa, vsb, m_i, l_i, acc_a, acc_b, V_BITS, USE_DOT, S_FP32, BLOCK_S)
+
     # An empty split (a row shorter than the others) leaves l = 0: output 0 with weight exp(-inf) = 0.
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    denom = tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_row = o_ptr + b * stride_ob + heads * stride_oh + split * stride_os
+    o_mask = gmask[:, None] & v_lmask[None, :]
+    tl.store(o_row[:, None] + v_lanes[None, :], (acc_a / denom).to(o_ptr.dtype.element_ty), mask=o_mask)
+    if V_BITS == 4:
+        tl.store(o_row[:, None] + V_PART + v_lanes[None, :], (acc_b / denom).to(o_ptr.dtype.element_ty), mask=o_mask)
     if STORE_LSE:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
@@ -241,16 +284,13 @@ def decode_attention_triton(
     splits = num_splits or default_num_splits(b, kvh, max_len, block_n, query.device)
     splits = max(1, min(splits, triton.cdiv(max_len, block_n)))  # no split is empty for the longest row
 
-    # Dot operands: int8 codes and fp16/bf16 values convert exactly to fp16 (or the stored dtype);
-    # fp32 anywhere keeps ~fp32 accuracy through tf32x3 ("ieee" would spill registers).
-    if query.dtype == torch.float32 or layer.k.dtype == torch.float32:
-        dot_dtype = torch.float32
-    else:
-        dot_dtype = torch.float16 if layer.k.dtype == torch.int8 else layer.k.dtype
-    dot_dtype = runnable_dot_dtype(dot_dtype)
-    quant = quant_code(layer)
-    ks, kz, vs, vz = kernel_params(layer)
-    stride_pb, stride_ph = param_strides(layer)
+    # Dot operands: codes (and tiles dequantized in registers) in fp16, fp16/bf16 values as stored; fp32
+    # anywhere keeps ~fp32 accuracy through tf32x3 ("ieee" would spill registers).
+    k, v = side_args(layer, "k"), side_args(layer, "v")
+    k_dot = dot_dtype_for(layer.k_codec, layer.k.dtype, query.dtype, fp32_dots=True)
+    v_dot = dot_dtype_for(layer.v_codec, layer.v.dtype, query.dtype, fp32_dots=True)
+    slot_map, k_sink, v_sink, sink_strides = sink_args(layer)
+    s_dot = dot_dtype_for(FP16, k_sink.dtype, query.dtype, fp32_dots=True) if layer.sink_tokens else k_dot
 
     if splits == 1:  # write the final output directly, no reduce
         o_part, lse = out, out
@@ -261,18 +301,21 @@ def decode_attention_triton(
         o_strides, l_strides = o_part.stride()[:3], lse.stride()[:2]
 
     if num_warps is None:
-        num_warps = 8 if block_n * block_d > 8192 or (use_dot and dot_dtype == torch.float32) else 4
+        fp32_dot = use_dot and torch.float32 in (k_dot, v_dot)
+        num_warps = 8 if block_n * block_d > 8192 or fp32_dot else 4
     _decode_partial_kernel[(b, kvh, splits)](
-        query, layer.k, layer.v, ks, kz, vs, vz, block_tables, seq_lens, o_part, lse,
+        query, k.data, v.data, k.scale, k.zp, v.scale, v.zp, block_tables, seq_lens, o_part, lse,
+        slot_map, k_sink, v_sink,
         scale * math.log2(math.e), splits,
         query.stride(0), query.stride(1),
-        layer.k.stride(0), layer.k.stride(1), layer.k.stride(2),
-        stride_pb, stride_ph,
+        *k.strides, *v.strides, *k.param_strides, *v.param_strides, *sink_strides,
         block_tables.stride(0),
         *o_strides, *l_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_D=d, BLOCK_D=block_d,
-        BLOCK_SIZE=layer.block_size, BLOCK_N=block_n, QUANT=quant,
-        USE_DOT=use_dot, DOT_DTYPE=TL_DTYPES[dot_dtype], DOT_FP32=dot_dtype == torch.float32,
+        BLOCK_SIZE=layer.block_size, BLOCK_N=block_n, SINKS=layer.sink_tokens, BLOCK_S=sink_block(layer),
+        **k.consts("K"), **v.consts("V"),
+        USE_DOT=use_dot, K_DOT=TL_DTYPES[k_dot], V_DOT=TL_DTYPES[v_dot], S_DOT=TL_DTYPES[s_dot],
+        K_FP32=k_dot == torch.float32, V_FP32=v_dot == torch.float32, S_FP32=s_dot == torch.float32,
         STORE_LSE=splits > 1,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION,
     )

@@ -3,8 +3,10 @@
 Computes what :func:`kvcache.kernels.reference.prefill_attention_reference` does (dequantize the
 history, then SDPA) without the dequantized copy: each program takes ``BLOCK_M`` queries of one
 head and streams the KV head's tiles of ``BLOCK_N`` tokens through the block table. As in the
-decode kernel, dequantization is folded into the math (:mod:`kvcache.kernels.folded`), so the
-tensor-core dots take the codes, converted exactly to fp16.
+decode kernel, K and V are each read per their codec: dequantization folded into the math where one
+parameter covers a head (:mod:`kvcache.kernels.folded`), so the tensor-core dots take the codes
+converted exactly to fp16; 4-bit codes unpacked and per-group parameters applied in registers
+(:mod:`kvcache.kernels.codes`); sink tokens one more tile of their fp16 copies.
 Softmax is online in fp32 (base 2), FlashAttention-style. Without a mask the chunk is causal
 (query ``i`` sits at position ``kv_len - q_len + i``); with one (transformers' boolean or additive
 ``[batch, 1 or heads, q_len, kv_len]`` mask: sliding windows, padding) the mask alone decides.
@@ -16,27 +18,22 @@ import torch
 import triton
 import triton.language as tl
 
+from ..modes import FP16
 from ..storage.layout import LayerKV
+from .codes import merge_tile, part_scores, read_side, sink_limit, sink_tile
 from .common import (
     FLOAT_DTYPES,
     FP_FUSION,
     TL_DTYPES,
     check_block_ids,
     check_storage,
-    kernel_params,
-    param_strides,
-    quant_code,
+    dot_dtype_for,
     range_checks_enabled,
-    runnable_dot_dtype,
+    side_args,
+    sink_args,
+    sink_block,
 )
-from .folded import (
-    fold_probs,
-    fold_query,
-    fold_scores,
-    load_kv_tile,
-    softmax_state,
-    unfold_output,
-)
+from .folded import fold_probs, fold_query, fold_scores, static_values, unfold_output
 
 # fp32 queries would need fp32-accurate dots (three tf32 passes), which spilled registers at every
 # tile tried (bench/kernel_compile.py): fp32 models prefill through the reference.
@@ -46,73 +43,130 @@ _LOG2E_C = tl.constexpr(_LOG2E)  # additive masks are in natural-log units, the 
 
 
 @triton.jit
+def _masked(s, pos, valid, mmask, q_pos, m_row, stride_mn, MASK: tl.constexpr):
+    """Scores (base 2) with -inf where a query does not attend: causal (MASK 0), or the boolean (1) / additive (2) mask."""
+    keep = mmask[:, None] & valid[None, :]
+    if MASK == 0:
+        keep = keep & (pos[None, :] <= q_pos[:, None])
+    else:
+        m_ptrs = m_row[:, None] + pos[None, :] * stride_mn
+        if MASK == 1:
+            keep = keep & (tl.load(m_ptrs, mask=keep, other=0) != 0)
+        else:
+            s = s + tl.load(m_ptrs, mask=keep, other=0.0).to(tl.float32) * _LOG2E_C
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_ptr, mask_ptr, o_ptr,
+    slot_map_ptr, k_sink_ptr, v_sink_ptr,
     q_len, kv_len, sm_scale_log2,
     stride_qb, stride_qh, stride_qm,
-    stride_cb, stride_ch, stride_ct,
-    stride_pb, stride_ph,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_kpb, stride_kph, stride_kpt, stride_vpb, stride_vph, stride_vpt,
+    stride_ss, stride_sh, stride_st,
     stride_btb,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_om, stride_oh,
     GROUP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, MASK: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, SINKS: tl.constexpr, BLOCK_S: tl.constexpr,
+    K_QUANT: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_SYM: tl.constexpr,
+    K_PART: tl.constexpr, K_LANES: tl.constexpr, K_GP: tl.constexpr,
+    V_QUANT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_SYM: tl.constexpr,
+    V_PART: tl.constexpr, V_LANES: tl.constexpr, V_GP: tl.constexpr,
+    K_DOT: tl.constexpr, V_DOT: tl.constexpr, S_DOT: tl.constexpr,
 ):
-    """One (query tile, head, batch row). QUANT as in the store kernel; MASK: 0 causal, 1 boolean (True attends), 2 additive."""
+    """One (query tile, head, batch row); K and V each per its codec (K_*/V_*, as in the decode kernel).
+    MASK: 0 causal, 1 boolean (True attends), 2 additive."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     kvh = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    k_lanes = tl.arange(0, K_LANES)
+    v_lanes = tl.arange(0, V_LANES)
+    k_lmask = k_lanes < K_PART
+    v_lmask = v_lanes < V_PART
     mmask = offs_m < q_len
-    dmask = offs_d < HEAD_D
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    q_row = q_ptr + b * stride_qb + h * stride_qh + offs_m * stride_qm
+    qa = tl.load(q_row[:, None] + k_lanes[None, :], mask=mmask[:, None] & k_lmask[None, :], other=0.0).to(tl.float32)
+    qb = 0.0
+    if K_BITS == 4:
+        qb = tl.load(q_row[:, None] + K_PART + k_lanes[None, :], mask=mmask[:, None] & k_lmask[None, :],
+                     other=0.0).to(tl.float32)
     q_pos = kv_len - q_len + offs_m
-    qk, q_bias, q_sum, v_s, v_z = fold_query(q, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kvh, stride_ph, offs_d, dmask, QUANT)
-    q_dot = qk.to(DOT_DTYPE)
+    m_row = mask_ptr + b * stride_mb + h * stride_mh + offs_m * stride_mm
+    qa, qb, q_bias, q_sum = fold_query(qa, qb, ks_ptr, kz_ptr, kvh * stride_kph, k_lanes, k_lmask,
+                                       HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART)
+    qa = qa.to(K_DOT)
+    if K_BITS == 4:
+        qb = qb.to(K_DOT)
+    v_sa, v_za, v_sb, v_zb = static_values(vs_ptr, vz_ptr, kvh * stride_vph, v_lanes, v_lmask, V_QUANT, V_BITS, V_PART)
 
-    m_i, l_i, pz_i, acc = softmax_state(BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    pz_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_a = tl.zeros([BLOCK_M, V_LANES], tl.float32)
+    acc_b = 0.0
+    if V_BITS == 4:
+        acc_b = tl.zeros([BLOCK_M, V_LANES], tl.float32)
     bt_row = bt_ptr + b * stride_btb
+    sink_lo = 0
+    if SINKS > 0:  # the row's sink positions come from their fp16 copies (after the loop), not the codes
+        sink_lo, sink_slot = sink_limit(slot_map_ptr, bt_row, SINKS)
     hi = kv_len
     if MASK == 0:  # causal: nothing past this tile's last query
         hi = tl.minimum(kv_len, kv_len - q_len + (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         pos = start_n + offs_n
-        valid = pos < kv_len
-        k, v, t_ks, t_kz, t_vs, t_vz = load_kv_tile(
-            k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, bt_row, pos, valid, kvh, offs_d, dmask,
-            stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, BLOCK_SIZE, QUANT)
-
-        s = fold_scores(tl.dot(q_dot, tl.trans(k.to(DOT_DTYPE))), q_bias, q_sum, t_ks, t_kz, QUANT) * sm_scale_log2
-        keep = mmask[:, None] & valid[None, :]
-        if MASK == 0:
-            keep = keep & (pos[None, :] <= q_pos[:, None])
-        else:
-            m_ptrs = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + pos[None, :] * stride_mn
-            if MASK == 1:
-                keep = keep & (tl.load(m_ptrs, mask=keep, other=0) != 0)
-            else:
-                s = s + tl.load(m_ptrs, mask=keep, other=0.0).to(tl.float32) * _LOG2E_C
-        s = tl.where(keep, s, float("-inf"))
+        valid = (pos < kv_len) & (pos >= sink_lo)
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        ka, kb, t_ks, t_kz = read_side(
+            k_ptr, ks_ptr, kz_ptr, blk * stride_kb + kvh * stride_kh + in_blk * stride_kt,
+            blk * stride_kpb + kvh * stride_kph + in_blk * stride_kpt, valid, k_lanes, k_lmask,
+            HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, BLOCK_N, K_DOT)
+        s = fold_scores(part_scores(qa, qb, ka, kb, K_BITS, True, False), q_bias, q_sum, t_ks, t_kz,
+                        HEAD_D, K_QUANT, K_GROUP, K_SYM) * sm_scale_log2
+        s = _masked(s, pos, valid, mmask, q_pos, m_row, stride_mn, MASK)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, QUANT)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        va, vb, t_vs, t_vz = read_side(
+            v_ptr, vs_ptr, vz_ptr, blk * stride_vb + kvh * stride_vh + in_blk * stride_vt,
+            blk * stride_vpb + kvh * stride_vph + in_blk * stride_vpt, valid, v_lanes, v_lmask,
+            HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, BLOCK_N, V_DOT)
+        p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, HEAD_D, V_QUANT, V_GROUP, V_SYM)
+        acc_a = acc_a * alpha[:, None] + tl.dot(p.to(V_DOT), va)
+        if V_BITS == 4:
+            acc_b = acc_b * alpha[:, None] + tl.dot(p.to(V_DOT), vb)
         m_i = m_new
 
-    acc = unfold_output(acc, l_i, pz_i, v_s, v_z, QUANT)
-    o = acc / tl.where(mmask, l_i, 1.0)[:, None]  # a fully masked query row gives NaN, as SDPA does
-    o_ptrs = o_ptr + b * stride_ob + offs_m[:, None] * stride_om + h * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    acc_a, acc_b = unfold_output(acc_a, acc_b, l_i, pz_i, v_sa, v_za, v_sb, v_zb, HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM)
+    if SINKS > 0:  # the sink copies: one more tile, merged into the softmax state
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEAD_D
+        smask = offs_s < tl.minimum(sink_lo, kv_len)
+        ks, vsa, vsb = sink_tile(k_sink_ptr, v_sink_ptr, sink_slot * stride_ss + kvh * stride_sh, stride_st, offs_s, smask,
+                                 offs_d, dmask, v_lanes, v_lmask, V_PART, V_BITS, S_DOT)
+        q = tl.load(q_row[:, None] + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(S_DOT)
+        s = _masked(part_scores(q, 0.0, ks, 0.0, 8, True, False) * sm_scale_log2, offs_s, smask, mmask, q_pos,
+                    m_row, stride_mn, MASK)
+        m_i, l_i, acc_a, acc_b = merge_tile(s, vsa, vsb, m_i, l_i, acc_a, acc_b, V_BITS, True, False, BLOCK_S)
+
+    denom = tl.where(mmask, l_i, 1.0)[:, None]  # a fully masked query row gives NaN, as SDPA does
+    o_row = o_ptr + b * stride_ob + offs_m * stride_om + h * stride_oh
+    o_mask = mmask[:, None] & v_lmask[None, :]
+    tl.store(o_row[:, None] + v_lanes[None, :], (acc_a / denom).to(o_ptr.dtype.element_ty), mask=o_mask)
+    if V_BITS == 4:
+        tl.store(o_row[:, None] + V_PART + v_lanes[None, :], (acc_b / denom).to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 def _check_inputs(query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, kv_len: int,
@@ -167,11 +221,13 @@ def prefill_attention_triton(
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    # Dot operands: int8 codes convert exactly to fp16 (scales are applied around the dots); float
-    # storage is cast to the query's dtype, as the reference does.
-    dot_dtype = runnable_dot_dtype(torch.float16 if layer.k.dtype == torch.int8 else query.dtype)
-    ks, kz, vs, vz = kernel_params(layer)
-    stride_pb, stride_ph = param_strides(layer)
+    # Dot operands: codes (and tiles dequantized in registers) in fp16, scales applied around the dots or
+    # on the tile; float storage is cast to the query's dtype, as the reference does.
+    k_dot = dot_dtype_for(layer.k_codec, query.dtype, query.dtype, fp32_dots=False)
+    v_dot = dot_dtype_for(layer.v_codec, query.dtype, query.dtype, fp32_dots=False)
+    s_dot = dot_dtype_for(FP16, query.dtype, query.dtype, fp32_dots=False)
+    k, v = side_args(layer, "k"), side_args(layer, "v")
+    slot_map, k_sink, v_sink, sink_strides = sink_args(layer)
     if attention_mask is None:
         kind, mask, m_strides = 0, query, (0, 0, 0, 0)
     else:
@@ -179,17 +235,18 @@ def prefill_attention_triton(
         m_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
     grid = (triton.cdiv(q_len, block_m), hq, b)
     _prefill_kernel[grid](
-        query, layer.k, layer.v, ks, kz, vs, vz, block_tables, mask, out,
+        query, k.data, v.data, k.scale, k.zp, v.scale, v.zp, block_tables, mask, out,
+        slot_map, k_sink, v_sink,
         q_len, kv_len, scale * _LOG2E,
         query.stride(0), query.stride(1), query.stride(2),
-        layer.k.stride(0), layer.k.stride(1), layer.k.stride(2),
-        stride_pb, stride_ph,
+        *k.strides, *v.strides, *k.param_strides, *v.param_strides, *sink_strides,
         block_tables.stride(0),
         *m_strides,
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=hq // layer.num_kv_heads, HEAD_D=d, BLOCK_D=block_d, BLOCK_SIZE=layer.block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, QUANT=quant_code(layer), MASK=kind,
-        DOT_DTYPE=TL_DTYPES[dot_dtype],
+        BLOCK_M=block_m, BLOCK_N=block_n, MASK=kind, SINKS=layer.sink_tokens, BLOCK_S=sink_block(layer),
+        **k.consts("K"), **v.consts("V"),
+        K_DOT=TL_DTYPES[k_dot], V_DOT=TL_DTYPES[v_dot], S_DOT=TL_DTYPES[s_dot],
         num_warps=num_warps or (8 if block_m * block_d > 4096 else 4), num_stages=num_stages,
         enable_fp_fusion=FP_FUSION,
     )

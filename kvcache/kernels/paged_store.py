@@ -1,9 +1,15 @@
 """Triton kernel that writes (and quantizes) new K/V into the block storage.
 
-Computes exactly what :func:`kvcache.kernels.reference.store_kv_reference` does: for ``int8-dynamic``
-the per-(token, head) parameters and the codes are bit-identical to :func:`kvcache.quant.dynamic_qparams`
-and :func:`kvcache.quant.quantize` (IEEE division, round-half-even, fp16 rounding of the parameters).
-One program handles one token and a tile of its heads, K and V together.
+Computes exactly what :func:`kvcache.kernels.reference.store_kv_reference` does, K and V each per its
+codec: codes and per-token parameters bit-identical to :func:`kvcache.quant.token_qparams` and
+:func:`kvcache.quant.quantize_groups` (IEEE division, round-half-even, parameters rounded to fp16 with
+scales rounded up, the symmetric peak at the first channel of largest magnitude), 4-bit codes packed as
+:func:`kvcache.quant.pack_int4`, and the fp16 copy of sink tokens. One program handles one token and a
+tile of its heads, K and V together.
+
+A side's tile is ``[BLOCK_H, groups, lanes per group]`` (one group of all lanes when parameters are per
+head or static), so per-group minima, maxima and peaks are reductions over the last axis. 4-bit codes
+are computed as two such tiles, the two halves of head_dim, and byte ``j`` packs lane ``j`` of each.
 
 The wrappers check shapes, dtypes and layouts for free, and index ranges (slots, block tables,
 lengths) with one host sync per call; ``KVQ_KERNEL_CHECKS=0`` skips the range checks. The cache's
@@ -16,17 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import SCALE_EPS
+from ..quant import SCALE_EPS, qrange
 from ..storage.layout import LayerKV
-from .common import (
-    FLOAT_DTYPES,
-    FP_FUSION,
-    check_storage,
-    kernel_params,
-    param_strides,
-    quant_code,
-    range_checks_enabled,
-)
+from .common import FLOAT_DTYPES, FP_FUSION, SideArgs, check_storage, range_checks_enabled, side_args, sink_args
 
 # Adding then subtracting 1.5 * 2**23 rounds an fp32 of magnitude < 2**22 to the nearest integer,
 # ties to even (the IEEE default), like torch.round; no libdevice call, same on GPU and interpreter.
@@ -43,75 +41,171 @@ def _quantize(x, scale, zp, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _store_one(
-    x_ptr, stride_xt, stride_xh, dst_ptr, scale_ptr, zp_ptr,
-    tok, blk, off, offs_h, offs_d, mask, hmask,
-    stride_cb, stride_ch, stride_ct, stride_pb, stride_ph,
-    QUANT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_FLOOR: tl.constexpr,
-):
-    """Write one token's ``[BLOCK_H, BLOCK_D]`` tile of K or V; QUANT: 0 float, 1 static int8, 2 dynamic int8."""
-    x = tl.load(x_ptr + tok * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    dst = dst_ptr + blk * stride_cb + offs_h[:, None] * stride_ch + off * stride_ct + offs_d[None, :]
-    if QUANT == 0:
-        tl.store(dst, x.to(dst_ptr.dtype.element_ty), mask=mask)
-    elif QUANT == 1:
-        # Static parameters are [num_kv_heads, head_dim] fp32 (any granularity, already expanded).
-        p_off = offs_h[:, None] * stride_ph + offs_d[None, :]
-        scale = tl.load(scale_ptr + p_off, mask=mask, other=1.0)
-        zp = tl.load(zp_ptr + p_off, mask=mask, other=0.0)
-        tl.store(dst, _quantize(x, scale, zp, QMIN, QMAX).to(tl.int8), mask=mask)
+def _round_up(v, pdt: tl.constexpr):
+    """``v`` (>= 0, fp32) in the 16-bit ``pdt``, never rounded down: where round-to-nearest went down,
+    one ulp up (+1 on the bit pattern of a positive value)."""
+    r = v.to(pdt)
+    bits = r.to(tl.int16, bitcast=True)
+    return tl.where(r.to(tl.float32) < v, bits + 1, bits).to(pdt, bitcast=True)
+
+
+@triton.jit
+def _range(x, mask):
+    """Per-group minimum and maximum over the real lanes (the last axis)."""
+    return (tl.min(tl.where(mask, x, float("inf")), axis=2), tl.max(tl.where(mask, x, float("-inf")), axis=2))
+
+
+@triton.jit
+def _peak(x, mask, lane):
+    """Per group: the largest magnitude and the value that has it, at its first lane (torch's ``argmax`` of ``abs``)."""
+    ax = tl.where(mask, tl.abs(x), -1.0)
+    amax = tl.max(ax, axis=2)
+    first = tl.min(tl.where(ax == amax[:, :, None], lane, 1 << 30), axis=2)
+    return amax, tl.max(tl.where(lane == first[:, :, None], x, float("-inf")), axis=2)
+
+
+@triton.jit
+def _token_params(a, b, mask, lane, QMIN: tl.constexpr, QMAX: tl.constexpr, SYM: tl.constexpr,
+                  BOTH: tl.constexpr, SCALE_FLOOR: tl.constexpr, pdt: tl.constexpr):
+    """(scale in ``pdt``, zero point in fp32) per group of ``a`` (``BOTH``: of ``a`` and ``b`` together, the two
+    halves of one head, ``b``'s lanes after ``a``'s), as :func:`kvcache.quant.token_qparams`."""
+    if SYM:  # sym_token_qparams: a signed scale, the peak maps to QMIN, magnitude rounded up
+        amax, peak = _peak(a, mask, lane)
+        if BOTH:
+            amax_b, peak_b = _peak(b, mask, lane)
+            peak = tl.where(amax >= amax_b, peak, peak_b)  # a tie goes to the earlier channel: a's
+        signed = tl.math.div_rn(peak, QMIN)
+        mag = _round_up(tl.maximum(tl.abs(signed), SCALE_FLOOR), pdt)
+        scale = tl.where(signed < 0, -mag, mag)
+        zp = 0.0
     else:
-        # Per-(token, head) parameters over the real lanes only (padding never enters min/max).
-        x_min = tl.min(tl.where(mask, x, float("inf")), axis=1)
-        x_max = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-        x_min = tl.where(hmask, x_min, 0.0)  # padded heads: keep the arithmetic finite
-        x_max = tl.where(hmask, x_max, 0.0)
-        pdt = scale_ptr.dtype.element_ty
+        x_min, x_max = _range(a, mask)
+        if BOTH:
+            b_min, b_max = _range(b, mask)
+            x_min, x_max = tl.minimum(x_min, b_min), tl.maximum(x_max, b_max)
+        real = x_min <= x_max  # padded heads and groups: keep the arithmetic finite
+        x_min, x_max = tl.where(real, x_min, 0.0), tl.where(real, x_max, 0.0)
         zp = ((x_min + x_max) * 0.5).to(pdt).to(tl.float32)  # rounded to storage first, as dynamic_qparams
         scale = tl.math.div_rn(tl.maximum(x_max - zp, zp - x_min), (QMAX - QMIN) / 2)
-        scale = tl.maximum(scale, SCALE_FLOOR)
-        # Round up to the 16-bit storage type: when round-to-nearest went down, step one ulp up
-        # (scale > 0, so +1 on the bit pattern is the next representable value).
-        s16 = scale.to(pdt)
-        bits = s16.to(tl.int16, bitcast=True)
-        bits = tl.where(s16.to(tl.float32) < scale, bits + 1, bits)
-        s16 = bits.to(pdt, bitcast=True)
-        q = _quantize(x, s16.to(tl.float32)[:, None], zp[:, None], QMIN, QMAX)
-        tl.store(dst, q.to(tl.int8), mask=mask)
-        p_off = blk * stride_pb + offs_h * stride_ph + off
-        tl.store(scale_ptr + p_off, s16, mask=hmask)
-        tl.store(zp_ptr + p_off, zp.to(pdt), mask=hmask)
+        scale = _round_up(tl.maximum(scale, SCALE_FLOOR), pdt)
+    return scale, zp
+
+
+@triton.jit
+def _store_params(s_ptr, z_ptr, p_row, first, gi, gmask, scale, zp, SYM: tl.constexpr):
+    """Per-token parameters ``[BLOCK_H, groups]`` at group ``first + gi`` of each head's row."""
+    p_off = p_row[:, None] + first + gi[None, :]
+    tl.store(s_ptr + p_off, scale, mask=gmask)
+    if not SYM:
+        tl.store(z_ptr + p_off, zp.to(z_ptr.dtype.element_ty), mask=gmask)
+
+
+@triton.jit
+def _store_side(
+    x_row, dst_row, s_ptr, z_ptr, p_row, sink_row, keep_sink, hmask,
+    QUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, PART: tl.constexpr,
+    LANES: tl.constexpr, GP: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SINKS: tl.constexpr,
+    SCALE_FLOOR: tl.constexpr,
+):
+    """Encode one token's K or V (heads ``[BLOCK_H]``) per the side's codec; rows are per-head base pointers/offsets.
+
+    QUANT 0 floats, 1 static codes (``p_row`` indexes ``[kv_heads, head_dim]``), 2 per-token codes
+    (``p_row``: the token's parameter row per head); BITS 4: two halves of PART lanes, packed.
+    """
+    gi = tl.arange(0, LANES // GP)
+    lane = gi[None, :, None] * GP + tl.arange(0, GP)[None, None, :]  # [1, groups, GP]
+    mask = hmask[:, None, None] & (lane < PART)
+    a = tl.load(x_row[:, None, None] + lane, mask=mask, other=0.0).to(tl.float32)
+    b = a
+    if BITS == 4:
+        b = tl.load(x_row[:, None, None] + PART + lane, mask=mask, other=0.0).to(tl.float32)
+    if SINKS > 0:  # the first tokens of a sequence's first block, in the pool's fp dtype as given
+        sdt = sink_row.dtype.element_ty
+        tl.store(sink_row[:, None, None] + lane, a.to(sdt), mask=mask & keep_sink[:, None, None])
+        if BITS == 4:
+            tl.store(sink_row[:, None, None] + PART + lane, b.to(sdt), mask=mask & keep_sink[:, None, None])
+    if QUANT == 0:
+        tl.store(dst_row[:, None, None] + lane, a.to(dst_row.dtype.element_ty), mask=mask)
+    else:
+        if QUANT == 1:  # static [kv_heads, head_dim] fp32 (any granularity, already expanded)
+            s_a = tl.load(s_ptr + p_row[:, None, None] + lane, mask=mask, other=1.0)
+            z_a = tl.load(z_ptr + p_row[:, None, None] + lane, mask=mask, other=0.0)
+            s_b, z_b = s_a, z_a
+            if BITS == 4:
+                s_b = tl.load(s_ptr + p_row[:, None, None] + PART + lane, mask=mask, other=1.0)
+                z_b = tl.load(z_ptr + p_row[:, None, None] + PART + lane, mask=mask, other=0.0)
+        else:
+            pdt = s_ptr.dtype.element_ty
+            gmask = hmask[:, None] & (gi * GP < PART)[None, :]
+            both = BITS == 4 and GROUP == 2 * PART  # one group per head, over both halves
+            s16, z16 = _token_params(a, b, mask, lane, QMIN, QMAX, SYM, both, SCALE_FLOOR, pdt)
+            _store_params(s_ptr, z_ptr, p_row, 0, gi, gmask, s16, z16, SYM)
+            s_a = s16.to(tl.float32)[:, :, None]
+            z_a = 0.0
+            if not SYM:
+                z_a = z16[:, :, None]
+            s_b, z_b = s_a, z_a
+            if BITS == 4 and GROUP < 2 * PART:  # the high half's groups follow the low half's
+                s16, z16 = _token_params(b, b, mask, lane, QMIN, QMAX, SYM, False, SCALE_FLOOR, pdt)
+                _store_params(s_ptr, z_ptr, p_row, PART // GROUP, gi, gmask, s16, z16, SYM)
+                s_b = s16.to(tl.float32)[:, :, None]
+                if not SYM:
+                    z_b = z16[:, :, None]
+        codes = _quantize(a, s_a, z_a, QMIN, QMAX)
+        if BITS == 4:  # pack_int4: low nibble channel j, high nibble channel j + head_dim/2, offset by 8
+            high = _quantize(b, s_b, z_b, QMIN, QMAX)
+            byte = (codes + 8.0).to(tl.uint8) | ((high + 8.0).to(tl.uint8) << 4)
+            tl.store(dst_row[:, None, None] + lane, byte, mask=mask)
+        else:
+            tl.store(dst_row[:, None, None] + lane, codes.to(tl.int8), mask=mask)
 
 
 @triton.jit
 def _store_kv_kernel(
     key_ptr, value_ptr, slots_ptr,
-    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, slot_map_ptr, k_sink_ptr, v_sink_ptr,
     num_heads,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_ch, stride_ct,
-    stride_pb, stride_ph,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    QUANT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+    stride_kb, stride_kch, stride_kct, stride_vb, stride_vch, stride_vct,
+    stride_kpb, stride_kph, stride_kpt, stride_vpb, stride_vph, stride_vpt,
+    stride_ss, stride_sh, stride_st,
+    BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINKS: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+    K_QUANT: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_SYM: tl.constexpr,
+    K_PART: tl.constexpr, K_LANES: tl.constexpr, K_GP: tl.constexpr, K_QMIN: tl.constexpr, K_QMAX: tl.constexpr,
+    V_QUANT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_SYM: tl.constexpr,
+    V_PART: tl.constexpr, V_LANES: tl.constexpr, V_GP: tl.constexpr, V_QMIN: tl.constexpr, V_QMAX: tl.constexpr,
 ):
     tok = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
     hmask = offs_h < num_heads
-    mask = hmask[:, None] & (offs_d[None, :] < HEAD_D)
     slot = tl.load(slots_ptr + tok).to(tl.int64)
     blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-    _store_one(key_ptr, stride_kt, stride_kh, k_ptr, ks_ptr, kz_ptr, tok, blk, off, offs_h, offs_d, mask, hmask,
-               stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, QUANT, QMIN, QMAX, SCALE_FLOOR)
-    _store_one(value_ptr, stride_vt, stride_vh, v_ptr, vs_ptr, vz_ptr, tok, blk, off, offs_h, offs_d, mask, hmask,
-               stride_cb, stride_ch, stride_ct, stride_pb, stride_ph, QUANT, QMIN, QMAX, SCALE_FLOOR)
+    keep_sink = False
+    k_sink_row = k_sink_ptr
+    v_sink_row = v_sink_ptr
+    if SINKS > 0:
+        sink = tl.load(slot_map_ptr + blk).to(tl.int64)
+        zero = tl.zeros([BLOCK_H], tl.int64)  # per-head tensors: the interpreter mistypes a scalar bool & a tensor
+        keep_sink = hmask & (zero + sink >= 0) & (zero + off < SINKS)
+        sink_off = tl.maximum(sink, 0) * stride_ss + offs_h * stride_sh + off * stride_st
+        k_sink_row = k_sink_ptr + sink_off
+        v_sink_row = v_sink_ptr + sink_off
+    k_static = offs_h * stride_kph
+    v_static = offs_h * stride_vph
+    _store_side(key_ptr + tok * stride_kt + offs_h * stride_kh, k_ptr + blk * stride_kb + offs_h * stride_kch + off * stride_kct,
+                ks_ptr, kz_ptr, k_static if K_QUANT == 1 else blk * stride_kpb + k_static + off * stride_kpt,
+                k_sink_row, keep_sink, hmask,
+                K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, K_GP, K_QMIN, K_QMAX, SINKS, SCALE_FLOOR)
+    _store_side(value_ptr + tok * stride_vt + offs_h * stride_vh, v_ptr + blk * stride_vb + offs_h * stride_vch + off * stride_vct,
+                vs_ptr, vz_ptr, v_static if V_QUANT == 1 else blk * stride_vpb + v_static + off * stride_vpt,
+                v_sink_row, keep_sink, hmask,
+                V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, V_GP, V_QMIN, V_QMAX, SINKS, SCALE_FLOOR)
 
 
 def store_kv_triton(
     layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, *, check_ranges: bool | None = None
 ) -> None:
-    """Quantize (per the layer's mode) and write ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
+    """Encode (per each side's codec) and write ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
     check_storage(layer)
     if key.dim() != 3 or key.shape != value.shape:
         raise ValueError(f"key and value must both be [num_tokens, kv_heads, head_dim], "
@@ -146,22 +240,24 @@ def _check_slots(slots: torch.Tensor, layer: LayerKV) -> None:
         raise ValueError(f"slots must be in [0, {capacity}) ({layer.num_blocks} blocks of {layer.block_size}), got [{lo}, {hi}]")
 
 
+def _store_consts(side: SideArgs, prefix: str) -> dict[str, int | bool]:
+    lo, hi = qrange(side.bits) if side.quant else (0, 0)
+    return {**side.consts(prefix), f"{prefix}_QMIN": lo, f"{prefix}_QMAX": hi}
+
+
 def _launch(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """One program per (token, tile of up to 4K head elements): K and V of a token in one go."""
     n, kvh, d = key.shape
-    block_d = triton.next_power_of_2(d)
-    block_h = min(triton.next_power_of_2(kvh), max(1, 4096 // block_d))
-    quant = quant_code(layer)
-    ks, kz, vs, vz = kernel_params(layer)
-    stride_pb, stride_ph = param_strides(layer)
+    block_h = min(triton.next_power_of_2(kvh), max(1, 4096 // triton.next_power_of_2(d)))
+    k, v = side_args(layer, "k"), side_args(layer, "v")
+    slot_map, k_sink, v_sink, sink_strides = sink_args(layer)
     grid = (n, triton.cdiv(kvh, block_h))
     _store_kv_kernel[grid](
-        key, value, slots, layer.k, layer.v, ks, kz, vs, vz,
+        key, value, slots, k.data, v.data, k.scale, k.zp, v.scale, v.zp, slot_map, k_sink, v_sink,
         kvh,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        layer.k.stride(0), layer.k.stride(1), layer.k.stride(2),
-        stride_pb, stride_ph,
-        HEAD_D=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_SIZE=layer.block_size,
-        QUANT=quant, QMIN=-128, QMAX=127, SCALE_FLOOR=SCALE_EPS,
+        *k.strides, *v.strides, *k.param_strides, *v.param_strides, *sink_strides,
+        BLOCK_H=block_h, BLOCK_SIZE=layer.block_size, SINKS=layer.sink_tokens, SCALE_FLOOR=SCALE_EPS,
+        **_store_consts(k, "K"), **_store_consts(v, "V"),
         num_warps=4, enable_fp_fusion=FP_FUSION,
     )

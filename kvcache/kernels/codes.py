@@ -1,0 +1,155 @@
+"""Reading stored tiles in the attention kernels: codes unpacked in registers, per-group dequantization, sinks.
+
+A side (K or V) is read in *parts* (:mod:`kvcache.kernels.common`): one part of head_dim lanes, or for
+4-bit codes two parts of head_dim/2 lanes, the low and high nibbles of the same bytes
+(:func:`kvcache.quant.pack_int4` splits head_dim in halves, so a ``[BLOCK_N, head_dim/2]`` byte tile
+unpacks with a mask and a shift into two tiles that each dot against the matching half of the query).
+Parameters per group of channels are applied to the tile in registers (one fp32 multiply-add per
+element; the ``[BLOCK_N, groups]`` parameters are broadcast over each group's lanes); per-head and
+static parameters are folded around the dots instead (:mod:`kvcache.kernels.folded`).
+
+Sinks: positions below N of a row whose first block has a sink slot are masked out of the code tiles and
+attended in one extra tile of the fp16 copies, merged into the online softmax after the main loop.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mma(a, b, FP32: tl.constexpr):
+    """``tl.dot``; fp32 operands take three tf32 passes (~fp32 accuracy), not one."""
+    if FP32:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def load_parts(base, lanes, lmask, rmask, PART: tl.constexpr, BITS: tl.constexpr):
+    """Rows of a full-width fp tensor (``base``: a pointer per row) in the side's parts: (a, b), b = 0 unless 4-bit."""
+    m = rmask[:, None] & lmask[None, :]
+    a = tl.load(base[:, None] + lanes[None, :], mask=m, other=0.0).to(tl.float32)
+    b = 0.0
+    if BITS == 4:
+        b = tl.load(base[:, None] + PART + lanes[None, :], mask=m, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _group_params(ptr, p_row, valid, FIRST: tl.constexpr, GROUP: tl.constexpr, PART: tl.constexpr,
+                  LANES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-token parameters of a part's groups (``FIRST`` on), one per lane: ``[BLOCK_N, LANES]`` fp32."""
+    gi = tl.arange(0, LANES // GROUP)
+    m = valid[:, None] & (gi * GROUP < PART)[None, :]
+    p = tl.load(ptr + p_row[:, None] + FIRST + gi[None, :], mask=m, other=0.0).to(tl.float32)
+    return tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_N, LANES // GROUP, GROUP)), (BLOCK_N, LANES))
+
+
+@triton.jit
+def _dequant_part(c, s_ptr, z_ptr, p_row, valid, FIRST: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                  PART: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes ``c`` of one part times their group's scale, plus its zero point, in fp32."""
+    x = c.to(tl.float32) * _group_params(s_ptr, p_row, valid, FIRST, GROUP, PART, LANES, BLOCK_N)
+    if not SYM:
+        x = x + _group_params(z_ptr, p_row, valid, FIRST, GROUP, PART, LANES, BLOCK_N)
+    return x
+
+
+@triton.jit
+def read_side(
+    data_ptr, s_ptr, z_ptr, row, p_row, valid, lanes, lmask,
+    HEAD_D: tl.constexpr, QUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+    PART: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+):
+    """One side's tile at ``row`` (element offsets of each token's vector) as dot operands.
+
+    Returns (a, b, scale, zp): the parts in ``DOT`` (b = 0 unless 4-bit), codes as they are except in
+    groups (dequantized here), and the per-token, per-head scale and zero point ``[BLOCK_N]`` the folded
+    paths apply around the dots (0 where none).
+    """
+    x = tl.load(data_ptr + row[:, None] + lanes[None, :], mask=valid[:, None] & lmask[None, :], other=0)
+    a = x
+    b = 0.0
+    if BITS == 4:  # pack_int4: low nibble channel j, high nibble channel j + head_dim/2, both offset by 8
+        a = (x & 15).to(tl.int8) - 8
+        b = (x >> 4).to(tl.int8) - 8
+    t_s = 0.0
+    t_z = 0.0
+    if QUANT == 2:
+        if GROUP == HEAD_D:  # one group per head: folded around the dots
+            t_s = tl.load(s_ptr + p_row, mask=valid, other=0.0).to(tl.float32)
+            if not SYM:
+                t_z = tl.load(z_ptr + p_row, mask=valid, other=0.0).to(tl.float32)
+        else:
+            a = _dequant_part(a, s_ptr, z_ptr, p_row, valid, 0, GROUP, SYM, PART, LANES, BLOCK_N)
+            if BITS == 4:  # the high half's groups follow the low half's
+                b = _dequant_part(b, s_ptr, z_ptr, p_row, valid, PART // GROUP, GROUP, SYM, PART, LANES, BLOCK_N)
+    a = a.to(DOT)
+    if BITS == 4:
+        b = b.to(DOT)
+    return a, b, t_s, t_z
+
+
+@triton.jit
+def part_scores(qa, qb, ka, kb, BITS: tl.constexpr, USE_DOT: tl.constexpr, FP32: tl.constexpr):
+    """``q . k`` over the parts: ``[rows, BLOCK_N]`` (``USE_DOT`` False: one query row, multiply-and-sum)."""
+    if USE_DOT:
+        s = mma(qa, tl.trans(ka), FP32)
+        if BITS == 4:
+            s += mma(qb, tl.trans(kb), FP32)
+    else:
+        s = tl.sum(qa * ka.to(tl.float32), axis=1)
+        if BITS == 4:
+            s += tl.sum(qb * kb.to(tl.float32), axis=1)
+        s = s[None, :]
+    return s
+
+
+@triton.jit
+def weighted_sum(p, v, USE_DOT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``p @ v`` for one part: ``[rows, LANES]`` (``USE_DOT`` False: one row)."""
+    if USE_DOT:
+        out = mma(p.to(v.dtype), v, FP32)
+    else:
+        out = tl.sum(tl.reshape(p, (BLOCK_N, 1)) * v.to(tl.float32), axis=0)[None, :]
+    return out
+
+
+@triton.jit
+def sink_limit(sink_slot_ptr, bt_row, SINKS: tl.constexpr):
+    """N when the row's first block has a sink slot, else 0 (positions below it come from the sink copies), and the slot."""
+    slot = tl.load(sink_slot_ptr + tl.load(bt_row).to(tl.int64)).to(tl.int64)
+    return (slot >= 0).to(tl.int32) * SINKS, tl.maximum(slot, 0)
+
+
+@triton.jit
+def sink_tile(k_sink_ptr, v_sink_ptr, base, stride_st, offs_s, smask, offs_d, dmask, v_lanes, v_lmask,
+              V_PART: tl.constexpr, V_BITS: tl.constexpr, DOT: tl.constexpr):
+    """The sink copies at positions ``offs_s`` (``base``: the slot's and head's offset): K ``[BLOCK_S, BLOCK_D]``
+    and V in the V side's parts, in ``DOT``."""
+    rows = base + offs_s * stride_st
+    k = tl.load(k_sink_ptr + rows[:, None] + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    va, vb = load_parts(v_sink_ptr + rows, v_lanes, v_lmask, smask, V_PART, V_BITS)
+    va = va.to(DOT)
+    if V_BITS == 4:
+        vb = vb.to(DOT)
+    return k.to(DOT), va, vb
+
+
+@triton.jit
+def merge_tile(s, va, vb, m_i, l_i, acc_a, acc_b, V_BITS: tl.constexpr, USE_DOT: tl.constexpr, FP32: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One online-softmax step over a tile of attended values (scores ``s`` in base 2, -inf where not attended)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc_a = acc_a * alpha[:, None] + weighted_sum(p, va, USE_DOT, FP32, BLOCK_N)
+    if V_BITS == 4:
+        acc_b = acc_b * alpha[:, None] + weighted_sum(p, vb, USE_DOT, FP32, BLOCK_N)
+    return m_new, l_i, acc_a, acc_b
