@@ -145,14 +145,14 @@ class KVMode:
                      for k, v in self.layer_codecs(shape.num_layers)]
         return shape.num_kv_heads * sum(per_layer)
 
-    def sink_bytes(self, shape: "KVShape") -> int:
-        """Bytes one sequence's fp16 sink tokens take, all layers (held once per sequence)."""
-        return self.sink_tokens * shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * 2
+    def sink_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
+        """Bytes one sequence's sink tokens take in the pool's fp dtype, K and V of all layers (once per sequence)."""
+        return self.sink_tokens * shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * fp_dtype.itemsize
 
     def bytes_per_token_at(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS,
                            fp_dtype: torch.dtype = torch.float16) -> float:
         """Bytes per token of a ``tokens``-long sequence: the marginal bytes plus its sinks spread over it."""
-        return self.bytes_per_token(shape, fp_dtype) + self.sink_bytes(shape) / tokens
+        return self.bytes_per_token(shape, fp_dtype) + self.sink_bytes(shape, fp_dtype) / tokens
 
     def static_param_bytes(self, shape: "KVShape", granularity: str = "channel") -> int:
         """Bytes held once per pool: static scales and zero points, and the transforms' matrices."""
@@ -162,8 +162,8 @@ class KVMode:
             total += sum(2 * per_layer * STATIC_PARAM_DTYPE.itemsize for c in (k, v) if c.scaling == "static")
             if k.rotate or k.qk_transform:  # the key map, and the query's inverse, per KV head
                 total += 2 * shape.num_kv_heads * shape.head_dim ** 2 * STATIC_PARAM_DTYPE.itemsize
-            if v.rotate:
-                total += 2 * shape.head_dim ** 2 * STATIC_PARAM_DTYPE.itemsize
+        if any(v.rotate for _, v in self.layer_codecs(shape.num_layers)):  # one Hadamard matrix, shared by the layers
+            total += shape.head_dim ** 2 * STATIC_PARAM_DTYPE.itemsize
         return total
 
     def describe_codecs(self) -> str:

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
+from kvcache.modes import KV_MODES
+
 ENDPOINTS = {"/load_model", "/chat", "/stop", "/reset_chat", "/memory", "/calibrate", "/cancel_calibration",
              "/use_in_chat", "/upload_qparams", "/evaluate", "/capacity"}
 
@@ -97,4 +99,4 @@ def test_capacity_endpoint_gives_both_views(client):
     assert report["cache_max_entry_count"] == 0.5 and report["budget_bytes"] == int(0.5 * report["free_bytes"]) // 2
     assert by_kv["int8"]["tokens_vs_fp16"] >= 1.95 and by_kv["int8"]["session_bytes_vs_fp16"] < 0.51
     assert same_memory["headers"][:3] == ["kv", "blocks", "tokens"]
-    assert [row[0] for row in same_conversation["data"]] == ["fp16", "int8", "int8-dynamic"]
+    assert [row[0] for row in same_conversation["data"]] == list(KV_MODES)

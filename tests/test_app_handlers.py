@@ -10,6 +10,7 @@ import torch
 
 from kvcache.engine.chat import ChatSession
 from kvcache.errors import ConfigError, KVQError, ModelLoadError, WorkerClosed
+from kvcache.modes import KV_MODES
 from ui import charts, handlers
 from ui.errors import shown_in_page
 from ui.state import AppState, SessionState, UserError
@@ -355,7 +356,12 @@ def test_capacity_both_views_against_block_arithmetic(app):
     assert by_kv["int8"]["tokens_vs_fp16"] >= 1.9
     # same conversation of 1000 tokens = 16 blocks
     assert by_kv["fp16"]["session_bytes"] == 16 * 1_474_560 and by_kv["int8"]["session_bytes"] == 16 * 737_280 + 92_160
-    assert list(same_memory["kv"]) == ["fp16", "int8", "int8-dynamic"] and list(same_memory["tokens"]) == [640, 1216, 1152]
+    assert list(same_memory["kv"]) == list(KV_MODES) and list(same_memory["tokens"])[:3] == [640, 1216, 1152]
+    # int4 (K and V in 4-bit groups of 16 with an fp16 scale each: 40 B per token and head and side, 7,200 B/token)
+    # holds its maps (K: key map and query map per head and layer, 2,949,120 B; V: one shared Hadamard, 16,384 B)
+    # and one 92,160 B sink slot per 4 blocks: 24 blocks of 460,800 B + 6 slots fit the 14,745,600 B, 25 do not.
+    assert (by_kv["int4"]["bytes_per_token"], by_kv["int4"]["blocks"]) == (7_200, 24)
+    assert by_kv["k8v4"]["bytes_per_token"] == 30 * 3 * (64 + 2 + 32 + 4 * 2)
     assert "bytes for 1000 tokens" in same_conversation.columns
     with pytest.raises(ConfigError, match="fraction in \\(0, 1\\]"):
         handlers.capacity(app, sess, "lots", 1000)

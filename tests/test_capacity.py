@@ -54,8 +54,17 @@ def test_the_engine_capacity_view_sizes_pools_as_the_engine_does(loaded_default)
         report = engine.capacity(0.01)
         assert report["budget_bytes"] == int(0.01 * engine.free_after_load) // 2 and report["pools_sharing"] == 2
         for row in report["results"]:
-            if row["kv"] != "int8":  # a static mode's pool needs parameters; its size follows the same rule
-                assert engine.pool(row["kv"]).num_blocks == row["blocks"] == engine.pool_size(row["kv"])
+            if not get_mode(row["kv"]).needs_qparams:  # a calibrated mode's pool needs parameters; same rule
+                pool = engine.pool(row["kv"])
+                assert pool.num_blocks == row["blocks"] == engine.pool_size(row["kv"])
+                # what the pool really holds (blocks, sink slots, maps) fits the budget, and one block more would not
+                held = pool.capacity_bytes
+                assert held <= report["budget_bytes"] < held + row["block_bytes"] + pool.sinks.slot_bytes
+                # and that count is every byte of every tensor the pool allocated
+                tensors = {id(t): t for layer in pool.layers for t in
+                           [getattr(layer, n) for n in layer.per_block_tensors()] + layer.static_tensors()
+                           + [layer.k_sink, layer.v_sink] if t is not None}
+                assert held == sum(t.nbytes for t in tensors.values())
     finally:
         engine.close()
 

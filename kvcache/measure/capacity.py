@@ -16,6 +16,7 @@ import torch
 from ..config import BASELINE_MODE, BLOCK_SIZE
 from ..modes import KVMode, get_mode
 from ..storage.shape import KVShape
+from ..storage.sinks import SINK_BLOCKS_PER_SLOT
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ModeCapacity:
     blocks: int
     tokens: int
     sessions: int  # concurrent sessions of ``session_tokens`` that fit
-    session_bytes: int  # bytes one session of ``session_tokens`` holds (whole blocks)
+    session_bytes: int  # bytes one session of ``session_tokens`` holds (whole blocks, its sink slot, the pool's maps)
     tokens_vs_fp16: float
     session_bytes_vs_fp16: float
 
@@ -50,8 +51,21 @@ def budget_bytes(
 
 def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLOCK_SIZE,
                 fp_dtype: torch.dtype = torch.float16) -> int:
-    """Blocks of ``mode`` that ``budget`` bytes hold, after the mode's static parameters."""
-    return max(0, (budget - mode.static_param_bytes(shape)) // (mode.bytes_per_token(shape, fp_dtype) * block_size))
+    """Blocks of ``mode`` that ``budget`` bytes hold, after the mode's static parameters and maps, counting the
+    sink slots a fixed pool of that many blocks holds (one per :data:`SINK_BLOCKS_PER_SLOT` blocks)."""
+    room = budget - mode.static_param_bytes(shape)
+    block = mode.bytes_per_token(shape, fp_dtype) * block_size
+    slot = mode.sink_bytes(shape, fp_dtype)
+
+    def cost(n: int) -> int:
+        return n * block + -(-n // SINK_BLOCKS_PER_SLOT) * slot
+
+    n = max(0, int(room // (block + slot / SINK_BLOCKS_PER_SLOT)))
+    while n and cost(n) > room:
+        n -= 1
+    while cost(n + 1) <= room:
+        n += 1
+    return n
 
 
 def plan(
@@ -72,7 +86,8 @@ def plan(
         blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype)
         rows.append(dict(kv=mode.name, bytes_per_token=bpt, block_bytes=bpt * block_size, blocks=blocks,
                          tokens=blocks * block_size, sessions=blocks // per_session,
-                         session_bytes=per_session * bpt * block_size + mode.static_param_bytes(shape)))
+                         session_bytes=per_session * bpt * block_size + mode.sink_bytes(shape, fp_dtype)
+                         + mode.static_param_bytes(shape)))
     base = next((r for r in rows if r["kv"] == BASELINE_MODE), rows[0])
     results = [
         ModeCapacity(**r, tokens_vs_fp16=r["tokens"] / max(base["tokens"], 1),

@@ -159,7 +159,8 @@ class BlockPool:
     @property
     def param_bytes(self) -> int:
         """Bytes of static parameters, held once whatever the number of tokens."""
-        return sum(t.nbytes for layer in self.layers for t in layer.static_tensors())
+        held = {t.data_ptr(): t.nbytes for layer in self.layers for t in layer.static_tensors()}  # shared maps once
+        return sum(held.values())
 
     @property
     def capacity_bytes(self) -> int:
