@@ -1,4 +1,4 @@
-"""``python -m kvcache``: evaluate KV modes, chat in a terminal, plan capacity. A thin layer over the library.
+"""``python -m kvcache``: list KV modes, evaluate them, chat in a terminal, plan capacity. A thin layer over the library.
 
 Every error a user can fix is one ``error: ...`` line (exit 2); a bug is one ``internal error: ...`` line
 naming the log file that holds its traceback (exit 1).
@@ -13,9 +13,11 @@ from pathlib import Path
 
 from .config import SYSTEM_PROMPT_FILE
 from .errors import KVQError, one_line
+from .modes import KV_MODES
 
-QPARAMS_HELP = "kv_qparams.safetensors for the int8 mode, or the folder `python -m calib kv_qparams --format kvq` wrote"
-MODES_HELP = "fp16, int8, int8-dynamic"
+QPARAMS_HELP = ("kv_qparams.safetensors for the calibrated modes, or the folder "
+                "`python -m calib kv_qparams WORK_DIR OUT --format kvq` wrote")
+MODES_HELP = ", ".join(KV_MODES) + ", or a plan .json from `python -m calib plan`; `python -m kvcache modes` lists them"
 
 
 class CLIError(KVQError):
@@ -31,6 +33,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvcache", description="KVQ Studio: quantized KV cache tools")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    md = sub.add_parser("modes", help="the KV modes: bits of K and V, calibration, bytes per token for a model")
+    _add_model_args(md)
+    md.add_argument("--kv", default=",".join(KV_MODES), help=f"comma-separated KV modes ({MODES_HELP})")
+    md.add_argument("--json", action="store_true", help="print a JSON list (one object per mode) instead of a table")
 
     ev = sub.add_parser("evaluate", help="perplexity, KL and top-1 agreement of KV modes vs fp16, teacher-forced")
     _add_model_args(ev)
@@ -58,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cap = sub.add_parser("capacity", help="blocks, tokens and sessions that fit per KV mode in one memory budget")
     _add_model_args(cap)
-    cap.add_argument("--kv", default="fp16,int8,int8-dynamic", help="comma-separated KV modes")
+    cap.add_argument("--kv", default=",".join(KV_MODES), help=f"comma-separated KV modes ({MODES_HELP})")
     budget = cap.add_mutually_exclusive_group(required=True)
     budget.add_argument("--cache-max-entry-count", default=None,
                         help="fraction in (0,1] of the memory free after the weights load, or a whole number of blocks")
@@ -171,6 +178,23 @@ def _turn_line(session, mode: str) -> str:
             f"tokens in {s.prefill_s:.2f} s, KV {mode}: {held}]")
 
 
+def cmd_modes(args: argparse.Namespace) -> int:
+    from .measure.capacity import mode_facts, format_modes
+    from .modes import parse_modes
+
+    modes = parse_modes(args.kv)
+    loaded = _load(args)
+    for mode in modes:
+        mode.check_model(loaded.model.config)
+    rows = mode_facts(modes, loaded.model.config)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{loaded.name}: bytes per token of all layers and KV heads; x fp16 for a sequence of 2,048 tokens")
+        print(format_modes(rows))
+    return 0
+
+
 def cmd_capacity(args: argparse.Namespace) -> int:
     from .config import BLOCK_SIZE, EngineConfig, parse_cache_max_entry_count
     from .measure.capacity import budget_bytes, format_plan, plan
@@ -201,7 +225,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "chat": cmd_chat, "capacity": cmd_capacity}
+COMMANDS = {"modes": cmd_modes, "evaluate": cmd_evaluate, "chat": cmd_chat, "capacity": cmd_capacity}
 
 
 def main(argv: list[str] | None = None) -> int:

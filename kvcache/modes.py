@@ -107,14 +107,14 @@ class KVMode:
 
         if self.model_hash is not None and self.model_hash != config_hash(config):
             raise ModeError(f"KV plan {self.name} was made for another model (config hash {self.model_hash}, this "
-                            f"model's is {config_hash(config)}): make a plan for this model with `python -m kvcache plan`")
+                            f"model's is {config_hash(config)}): make a plan for this model with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
 
     def layer_codecs(self, num_layers: int) -> list[tuple[Codec, Codec]]:
         if self.layers is None:
             return [(self.k, self.v)] * num_layers
         if len(self.layers) != num_layers:
             raise ModeError(f"KV plan {self.name!r} is for {len(self.layers)} layers, the model has {num_layers}: "
-                            "make a plan for this model with `python -m kvcache plan`")
+                            "make a plan for this model with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
         return list(self.layers)
 
     def _codecs(self) -> list[Codec]:
@@ -216,7 +216,7 @@ def plan_to_json(mode: KVMode, **facts: object) -> dict:
 
     layers = [{"k": asdict(k), "v": asdict(v)} for k, v in (mode.layers or ())]
     return {"format": PLAN_FORMAT, "format_version": PLAN_VERSION, "description": mode.description,
-            "sink_tokens": mode.sink_tokens, **facts, "layers": layers}
+            "sink_tokens": mode.sink_tokens, "config_hash": mode.model_hash, **facts, "layers": layers}
 
 
 @functools.lru_cache(maxsize=32)
@@ -226,15 +226,15 @@ def _load_plan(path: str, mtime_ns: int) -> KVMode:
     try:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
         if spec.get("format") != PLAN_FORMAT:
-            raise ModeError(f"{path} is not a KV plan (format {spec.get('format')!r}); make one with `python -m kvcache plan`")
+            raise ModeError(f"{path} is not a KV plan (format {spec.get('format')!r}); make one with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
         if int(spec.get("format_version", 0)) > PLAN_VERSION:
             raise ModeError(f"{path} is a newer KV plan than this KVQ Studio reads: upgrade it")
         layers = tuple((Codec(**d["k"]), Codec(**d["v"])) for d in spec["layers"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModeError(f"{path} is not a readable KV plan ({' '.join(str(exc).split())}): make one with "
-                        "`python -m kvcache plan`") from None
+                        "`python -m calib plan MODEL --budget-dppl PCT --out plan.json`") from None
     if not layers:
-        raise ModeError(f"{path} holds no layers: make a plan with `python -m kvcache plan`")
+        raise ModeError(f"{path} holds no layers: make one with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
     return KVMode(path, spec.get("description", "a per-layer plan"), layers[0][0], layers[0][1],
                   int(spec.get("sink_tokens", 0)), layers=layers, model_hash=spec.get("config_hash"))
 
@@ -247,7 +247,7 @@ def get_mode(name: "str | KVMode") -> KVMode:
     if name.endswith(".json"):
         path = Path(name).expanduser()
         if not path.is_file():
-            raise ModeError(f"KV plan file not found: {name}; make one with `python -m kvcache plan`")
+            raise ModeError(f"KV plan file not found: {name}; make one with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
         return _load_plan(str(path), path.stat().st_mtime_ns)
     try:
         return KV_MODES[name]
