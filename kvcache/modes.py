@@ -154,6 +154,11 @@ class KVMode:
         """Bytes per token of a ``tokens``-long sequence: the marginal bytes plus its sinks spread over it."""
         return self.bytes_per_token(shape, fp_dtype) + self.sink_bytes(shape, fp_dtype) / tokens
 
+    def ratio_to_fp16(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS) -> float:
+        """A ``tokens``-long sequence's bytes over fp16's (what "x fp16" means everywhere), to 4 places."""
+        return round(self.bytes_per_token_at(shape, tokens) / FP16.bytes_per_token_per_head(shape.head_dim)
+                     / shape.num_kv_heads / shape.num_layers / 2, 4)
+
     def static_param_bytes(self, shape: "KVShape", granularity: str = "channel") -> int:
         """Bytes held once per pool: static scales and zero points, and the transforms' matrices."""
         per_layer = {"tensor": 1, "head": shape.num_kv_heads, "channel": shape.num_kv_heads * shape.head_dim}[granularity]

@@ -132,11 +132,10 @@ def mode_facts(modes: list[KVMode], config: Any, tokens: int = SEQUENCE_TOKENS) 
     ``ratio_to_fp16``: a ``tokens``-long sequence's bytes (its fp16 sink tokens included) over fp16's.
     """
     shape = KVShape.from_config(config)
-    fp16 = get_mode(BASELINE_MODE).bytes_per_token(shape)
     return [dict(name=m.name, k_bits=_bits(m.k_bits), v_bits=_bits(m.v_bits), needs_calibration=m.needs_qparams,
                  bytes_per_token=m.bytes_per_token(shape), sink_tokens=m.sink_tokens,
                  sink_bytes_per_sequence=m.sink_bytes(shape), pool_bytes=m.static_param_bytes(shape),
-                 ratio_to_fp16=round(m.bytes_per_token_at(shape, tokens) / fp16, 4), codecs=m.describe_codecs(),
+                 ratio_to_fp16=m.ratio_to_fp16(shape, tokens), codecs=m.describe_codecs(),
                  description=m.description)
             for m in modes]
 

@@ -57,7 +57,8 @@ class ModeResult:
     top1_match_pct: float
     first_divergence: list[int]  # per prompt; == greedy_tokens means identical throughout
     first_divergence_median: float | None
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # codes and per-token parameters of one token, all layers and KV heads
+    kv_ratio_to_fp16: float  # a 2,048-token sequence's bytes (sinks included) over fp16's, as `kvcache modes` gives
 
 
 def resolve_text(spec: str) -> tuple[str, Path]:
@@ -220,6 +221,7 @@ def _mode_result(m: str, nll: dict, kl: dict, top1: dict, greedy: dict, scored: 
         kl_vs_fp16=kl[m] / scored, top1_match_pct=100 * top1[m] / scored,
         first_divergence=div, first_divergence_median=float(statistics.median(div)) if div else None,
         kv_bytes_per_token=PagedKVCache.for_model(model, m, qparams=qparams).pool.bytes_per_token,
+        kv_ratio_to_fp16=get_mode(m).ratio_to_fp16(KVShape.from_config(model.config)),
     )
 
 
