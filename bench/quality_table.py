@@ -30,7 +30,8 @@ from kvcache.measure.evaluate import (
     read_text,
 )
 from kvcache.models.loader import load_model
-from kvcache.modes import BASELINE_MODE, KV_MODES
+from kvcache.config import BASELINE_MODE
+from kvcache.modes import KV_MODES
 from kvcache.qparams import KVQParams
 
 ROOT = Path(__file__).resolve().parent.parent
