@@ -194,13 +194,13 @@ def test_upload_is_size_limited(app, tmp_path):
 
 def test_evaluate_tiny(app):
     sess = SessionState()
-    summary, table, quality, cost = handlers.evaluate(app, sess, "builtin-zh", None, ["int8-dynamic"], 32, 2, 1, 2)
+    summary, table, quality, cost, tradeoff = handlers.evaluate(app, sess, "builtin-zh", None, ["int8-dynamic"], 32, 2, 1, 2)
     assert list(table["kv"]) == ["fp16", "int8-dynamic"]
     assert table["vs fp16"].iloc[1] < 0.6 and "2 windows x 32 tokens" in summary and "1 prompts x 2 tokens" in summary
     assert "on `builtin-zh`" in summary and "top-1" in summary and "95% CI" in summary
     assert {"top-1 %", "Δppl 95% CI", "first divergence", "calibrated on"} <= set(table.columns)
     assert table["top-1 %"].iloc[0] == 100 and 0 < table["top-1 %"].iloc[1] <= 100
-    assert list(cost["kv"]) == ["fp16", "int8-dynamic"]
+    assert list(cost["kv"]) == ["fp16", "int8-dynamic"] and list(tradeoff["kv"]) == ["fp16", "int8-dynamic"]
     with pytest.raises(UserError, match="Pick at least one"):
         handlers.evaluate(app, sess, "builtin-en", None, [], 32, 2, 1, 2)
 

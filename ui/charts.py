@@ -1,5 +1,6 @@
 """Pictures of numbers: memory gauges (HTML bars in nvitop's green/yellow/red), rolling memory
-frames, K/V heatmaps and ranges, evaluation bars. Pure functions of data the library returned."""
+frames, K/V heatmaps and ranges, the bit planner's table, evaluation bars and the quality/bytes scatter.
+Pure functions of data the library returned."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ matplotlib.use("Agg")  # never a GUI backend inside a server
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from .state import kv_label
 
 MiB = 2**20
 WARN_PCT, CRIT_PCT = 60.0, 85.0  # bar colours: green below 60 %, yellow below 85 %, red above
@@ -191,6 +194,16 @@ def outlier_channels(
     return df.sort_values("x median", ascending=False).head(top).reset_index(drop=True)
 
 
+# --- bit planner --------------------------------------------------------------------------------------
+
+PLAN_COLUMNS = ["layer", "K bits", "V bits", "K", "V"]
+
+
+def plan_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """A plan's rows (:func:`kvcache.measure.planner.plan_table`) as the page's table: bits and codec per layer."""
+    return pd.DataFrame([(r["layer"], r["k_bits"], r["v_bits"], r["k"], r["v"]) for r in rows], columns=PLAN_COLUMNS)
+
+
 # --- evaluation ---------------------------------------------------------------------------------------
 
 EVAL_COLUMNS = ["kv", "perplexity", "Δppl %", "Δppl 95% CI", "KL vs fp16", "top-1 %", "first divergence",
@@ -208,7 +221,7 @@ def eval_table(report: dict[str, Any]) -> pd.DataFrame:
         ci = r["delta_ppl_ci95"]
         med = r["first_divergence_median"]
         rows.append((
-            r["kv"], round(r["ppl"], 4), round(r["delta_ppl_pct"], 3),
+            kv_label(r["kv"]), round(r["ppl"], 4), round(r["delta_ppl_pct"], 3),
             f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "n/a", float(f"{r['kl_vs_fp16']:.3g}"),
             round(r["top1_match_pct"], 2),
             "n/a" if med is None else (f"≥{report['greedy_tokens']}" if med >= report["greedy_tokens"] else f"{med:g}"),
@@ -220,6 +233,20 @@ def eval_table(report: dict[str, Any]) -> pd.DataFrame:
 
 def eval_bars(report: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Two bar charts: quality (Δppl %) and cost (KV bytes per token), one bar per mode."""
-    quality = pd.DataFrame([(r["kv"], r["delta_ppl_pct"]) for r in report["results"]], columns=["kv", "Δppl %"])
-    cost = pd.DataFrame([(r["kv"], r["kv_bytes_per_token"]) for r in report["results"]], columns=["kv", "KV bytes/token"])
+    quality = pd.DataFrame([(kv_label(r["kv"]), r["delta_ppl_pct"]) for r in report["results"]], columns=["kv", "Δppl %"])
+    cost = pd.DataFrame([(kv_label(r["kv"]), r["kv_bytes_per_token"]) for r in report["results"]],
+                        columns=["kv", "KV bytes/token"])
     return quality, cost
+
+
+SCATTER_COLUMNS = ["kv", "bytes vs fp16", "Δppl %", "top-1 %", "KV bytes/token"]
+
+
+def eval_scatter(report: dict[str, Any]) -> pd.DataFrame:
+    """Quality against cost, one point per evaluated mode: Δppl (%) over KV bytes per token as a ratio to fp16's."""
+    base = report["results"][0]["kv_bytes_per_token"]  # fp16, the reference, is always the first row
+    return pd.DataFrame(
+        [(kv_label(r["kv"]), round(r["kv_bytes_per_token"] / base, 4), round(r["delta_ppl_pct"], 4),
+          round(r["top1_match_pct"], 2), r["kv_bytes_per_token"]) for r in report["results"]],
+        columns=SCATTER_COLUMNS,
+    )

@@ -23,6 +23,7 @@ def build_demo(app: AppState) -> gr.Blocks:
         sess = gr.State(SessionState)  # one per browser session: its own chats, engines, calibration
         timer = gr.Timer(memory_tab.REFRESH_S, active=False)  # memory readings, only while the Memory tab is open
         gr.HTML(HEADER)
+        eval_modes = evaluate_tab.mode_choice()  # rendered in the Evaluate tab; the Calibrate tab's plans join it
         with gr.Row(equal_height=True, elem_id="model-bar"):
             model_path = gr.Textbox(app.model_path, label="Model", scale=3, elem_id="model-path",
                                     info="'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder or a .gguf file")
@@ -38,9 +39,9 @@ def build_demo(app: AppState) -> gr.Blocks:
             with gr.Tab("Memory", id="memory", elem_id="memory-tab") as memory_page:
                 memory_tab.build(app, sess, timer)
             with gr.Tab("Calibrate", id="calibrate", elem_id="calibrate-tab") as calibrate_page:
-                calibrate_tab.build(app, sess, chat)
+                calibrate_tab.build(app, sess, chat, eval_modes)
             with gr.Tab("Evaluate", id="evaluate", elem_id="evaluate-tab") as evaluate_page:
-                evaluate_tab.build(app, sess)
+                evaluate_tab.build(app, sess, eval_modes)
         # The gauges and plots are rendered only while someone looks at them.
         memory_page.select(lambda: gr.Timer(active=True), None, [timer], queue=False, api_visibility="private")
         for other in (chat_page, calibrate_page, evaluate_page):

@@ -28,12 +28,18 @@ from kvcache.qparams import KVQParams
 LEFT_MODE = BASELINE_MODE
 PANES = 2  # the fp16 pane and the quantized pane share the pool memory evenly
 MEMORY_HISTORY_S = 300  # the rolling memory plot shows the last five minutes
+PLAN_PREFIX = "plan: "  # a plan the bit planner made in this session, as the KV-mode lists show it
 CALIBRATE_HINT = ("run a calibration in the Calibrate tab and press 'Use in chat' (or upload parameters there, or "
                   "start the app with --qparams), or pick a dynamic mode")
 
 
 class UserError(KVQError):
     """Something the person can fix; the page shows the message as it is."""
+
+
+def kv_label(mode: str) -> str:
+    """What the page calls a KV mode: its name, or ``plan: <file stem>`` for a plan file's path."""
+    return f"{PLAN_PREFIX}{Path(mode).stem}" if mode.endswith(".json") else mode
 
 
 @dataclass
@@ -104,6 +110,7 @@ class SessionState:
         self.calib_dir: Path | None = None
         self.exports: dict[str, Any] = {}
         self.eval_report: dict[str, Any] | None = None
+        self.plans: dict[str, Path] = {}  # "plan: <name>" -> the plan file this session's bit planner wrote
 
     def __deepcopy__(self, memo: dict) -> "SessionState":
         return self  # gradio deep-copies a State's initial value; ours is made fresh per session
@@ -113,10 +120,25 @@ class SessionState:
             return self.qparams, self.qparams_label
         return app.default_qparams, app.default_qparams_label
 
+    def resolve_mode(self, mode: str) -> str:
+        """A KV mode as the library takes it: a named mode as it is, a plan's label as its file's path."""
+        mode = (mode or "").strip()
+        if mode in self.plans:
+            return str(self.plans[mode])
+        if mode.startswith(PLAN_PREFIX) or mode.endswith(".json"):
+            raise UserError(f"{mode!r} is not a plan of this session: make one with the Calibrate tab's bit planner.")
+        return mode
+
+    def add_plan(self, path: Path) -> str:
+        """Offer the plan file ``path`` in this session's KV-mode lists; returns its label."""
+        label = kv_label(str(path))
+        self.plans[label] = path
+        return label
+
     def engines(self, app: AppState, mode: str) -> tuple[ChatSession, ChatSession]:
         """The two conversations, rebuilt when the model was replaced or the right pane's mode changed."""
         engine = app.require_engine()
-        kv = get_mode(mode)
+        kv = get_mode(self.resolve_mode(mode))
         if self.left is None or self.left.closed:
             self.left = engine.chat(LEFT_MODE)
             self.right = None

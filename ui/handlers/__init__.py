@@ -14,6 +14,7 @@ from .calibrate import (
                         cancel_calibration,
                         export_all,
                         heatmaps,
+                        plan_bits,
                         reexport,
                         serving_commands,
                         submit_calibration,
@@ -35,6 +36,7 @@ from .common import (
                         default_quantized_mode,
                         default_system_prompt,
                         example_questions,
+                        kv_mode_choices,
                         quantized_modes,
 )
 from .evaluate import evaluate
@@ -43,8 +45,8 @@ from .model import check_model_path, load_model, model_status, pool_setting, poo
 
 __all__ = [
     "CALIB_DATASETS", "EXPORT_FORMATS", "calibrate", "calibration_view", "cancel_calibration", "export_all", "heatmaps",
-    "reexport", "serving_commands", "submit_calibration", "upload_qparams", "use_in_chat", "chat", "chat_view",
+    "plan_bits", "reexport", "serving_commands", "submit_calibration", "upload_qparams", "use_in_chat", "chat", "chat_view",
     "divergence", "pane_stats", "reset_chat", "set_mode", "stop", "submit", "check_upload", "default_quantized_mode",
-    "default_system_prompt", "example_questions", "quantized_modes", "evaluate", "capacity", "memory",
+    "default_system_prompt", "example_questions", "kv_mode_choices", "quantized_modes", "evaluate", "capacity", "memory",
     "check_model_path", "load_model", "model_status", "pool_setting", "pool_status",
 ]

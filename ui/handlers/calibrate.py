@@ -15,7 +15,7 @@ from kvcache.qparams import KVQParams
 from kvcache.storage.shape import KVShape
 
 from .. import charts
-from ..state import AppState, SessionState, UserError
+from ..state import AppState, SessionState, UserError, kv_label
 from .common import ProgressFn, check_upload, empty_cuda_cache
 
 CALIB_DATASETS = ("builtin", "self", "c4", "wikitext2", "ptb", "pileval", "upload")
@@ -227,12 +227,12 @@ def _use_qparams(app: AppState, sess: SessionState, qparams: KVQParams, label: s
     return mode, f"The quantized pane now uses {mode} with {label}. Both conversations start fresh."
 
 
-def serving_commands(app: AppState, mode: str) -> str:
+def serving_commands(app: AppState, mode: str, sess: SessionState | None = None) -> str:
     """Where the chosen KV mode goes next: the LMDeploy >= 0.4 equivalent (or why there is none), and vLLM's export."""
     from calib.lmdeploy import lmdeploy_equivalent
 
     path = app.model_path if app.model_path not in ("", "default") and not app.model_path.endswith(".gguf") else "MODEL_DIR"
-    lmd = lmdeploy_equivalent(mode, path)
+    lmd = lmdeploy_equivalent(sess.resolve_mode(mode) if sess is not None else mode, path)
     head = (f"**LMDeploy ≥ 0.4** runs `{mode}` as `--quant-policy {lmd.quant_policy}`:" if lmd.exact else
             f"**LMDeploy ≥ 0.4** has no equivalent of `{mode}`: {lmd.reason}. Closest: `--quant-policy {lmd.quant_policy}`:")
     return (
@@ -246,3 +246,59 @@ def serving_commands(app: AppState, mode: str) -> str:
     )
 
 
+def plan_bits(
+    app: AppState,
+    sess: SessionState,
+    budget_dppl_pct: float,
+    samples: int = 4,
+    seqlen: int = 256,
+    progress: ProgressFn | None = None,
+) -> tuple[str, Any, str, str]:
+    """Bits per layer for K and V within a Δppl budget: ``(summary, bits_table, plan_file, plan_label)``.
+
+    Runs the bit planner (:func:`calib.plan.plan_bits`) on the loaded model with this session's parameters
+    (calibrated key transforms make the calibrated candidates available; without, the calibration-free ones),
+    writes the plan file under the session's work folder and offers it in the KV-mode lists as ``plan_label``.
+    A budget no plan meets is the planner's :class:`~kvcache.errors.ConfigError` (a one-line page message).
+    """
+    from calib.plan import plan_bits as _plan_bits
+    from calib.plan import write_plan
+    from kvcache.config import BASELINE_MODE
+    from kvcache.measure.planner import plan_table
+    from kvcache.modes import SEQUENCE_TOKENS, get_mode
+
+    loaded = app.require_model()
+    budget = float(budget_dppl_pct)
+    qparams, label = sess.current_qparams(app)
+    calibrated = qparams is not None and qparams.k_transform is not None
+    stem = f"kv_plan_dppl{budget:g}"
+    stem = next(s for s in (f"{stem}{f'_{n}' if n else ''}" for n in range(len(sess.plans) + 1))
+                if kv_label(f"{s}.json") not in sess.plans)
+    try:
+        with app.device_lock:  # chat steps wait until the planner is done
+            plan, spec = _plan_bits(loaded, budget, qparams=qparams if calibrated else None, samples=int(samples),
+                                    seqlen=int(seqlen), data_dir=app.calib_data_dir, progress=progress, name=stem)
+    except torch.OutOfMemoryError:
+        empty_cuda_cache()
+        raise UserError("Out of GPU memory while planning: use fewer samples or a shorter sequence length.") from None
+    path = write_plan(spec, sess.work_dir(app, "plan") / f"{stem}.json")
+    plan_label = sess.add_plan(path)
+
+    mode, shape = plan.mode, KVShape.from_config(loaded.model.config)
+    fp16_bytes = get_mode(BASELINE_MODE).bytes_per_token(shape)
+    per_token, at_sequence = mode.bytes_per_token(shape), mode.bytes_per_token_at(shape)
+    saved = (fp16_bytes - at_sequence) * SEQUENCE_TOKENS
+    ver = plan.verified
+    source = (f"calibrated key transforms from {label}" if calibrated else
+              "calibration-free candidates (calibrate or upload parameters for the query-aware keys)")
+    summary = (
+        f"**Plan within Δppl ≤ {budget:g}%** on {spec.get('planning_text', '?')} tokens of planning text, "
+        f"{source}: K {mode.k_bits:.1f} / V {mode.v_bits:.1f} bits on average.\n\n"
+        f"KV bytes per token: **{per_token:,} B** vs fp16's {fp16_bytes:,} B ({per_token / fp16_bytes:.3f}); "
+        f"a {SEQUENCE_TOKENS:,}-token sequence, its {mode.sink_tokens} fp16 sink tokens included: "
+        f"**{plan.bytes_ratio:.3f}** of fp16, **{saved / charts.MiB:.2f} MiB saved** across all {shape.num_layers} layers.\n\n"
+        f"Δppl predicted {plan.predicted_dppl_pct:+.3f}%, verified **{ver['dppl_pct']:+.3f}%** "
+        f"(KL {ver['kl']:.2e}, top-1 {ver['top1_pct']:.2f}%) on the planning text. "
+        f"Pick **{plan_label}** in the Chat tab's quantized pane or in the Evaluate tab."
+    )
+    return summary, charts.plan_table(plan_table(mode)), str(path), plan_label

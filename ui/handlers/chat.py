@@ -11,7 +11,7 @@ from kvcache.errors import KVCacheFull
 from kvcache.modes import get_mode
 
 from .. import charts
-from ..state import AppState, SessionState, UserError
+from ..state import AppState, SessionState, UserError, kv_label
 from .common import empty_cuda_cache
 
 
@@ -180,17 +180,20 @@ def chat_view(sess: SessionState) -> tuple[list, list, str, str]:
 
 def set_mode(app: AppState, sess: SessionState, mode: str) -> tuple[list, list, str, str, str]:
     """Switch the right pane's KV mode; both conversations start fresh so they stay comparable."""
-    kv = get_mode(mode)
+    kv = get_mode(sess.resolve_mode(mode))
     reset_chat(sess)
     if sess.right is not None and sess.right.kv != kv.name:
         sess.right = None
     qparams, label = sess.current_qparams(app)
+    name = kv_label(kv.name)
     if kv.needs_qparams and qparams is None:
-        note = f"⚠️ {kv.name} needs calibrated parameters: calibrate in the Calibrate tab, then press 'Use in chat'."
+        note = f"⚠️ {name} needs calibrated parameters: calibrate in the Calibrate tab, then press 'Use in chat'."
     elif kv.needs_qparams:
-        note = f"{kv.name} with parameters from {label}."
+        note = f"{name} with parameters from {label}."
     else:
-        note = f"{kv.name}: {kv.description}."
+        note = f"{name}: {kv.description}."
+    if kv.layers is not None:
+        note += f" {kv.describe_codecs()}: K {kv.k_bits:.1f} / V {kv.v_bits:.1f} bits on average."
     return [], [], "", "", note
 
 

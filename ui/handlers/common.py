@@ -15,7 +15,7 @@ from kvcache.errors import one_line
 from kvcache.modes import KV_MODES
 
 from .. import charts
-from ..state import LEFT_MODE, AppState, UserError
+from ..state import LEFT_MODE, AppState, SessionState, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ def quantized_modes() -> list[str]:
     return [name for name in KV_MODES if name != LEFT_MODE]
 
 
+def kv_mode_choices(sess: SessionState | None = None) -> list[str]:
+    """The quantized pane's (and the evaluation's) choices: every named mode but fp16, then this session's plans."""
+    return quantized_modes() + (list(sess.plans) if sess is not None else [])
+
+
 def default_quantized_mode(app: AppState) -> str:
     """The right pane's first mode: the static one when the app started with --qparams, else a dynamic one."""
     modes = quantized_modes()
@@ -66,8 +71,6 @@ def check_upload(path: str | Path | None, app: AppState, what: str) -> Path:
             f"The uploaded {what} is {charts.fmt_bytes(size)}, over the {charts.fmt_bytes(app.max_upload_bytes)} limit."
         )
     return path
-
-
 
 
 def empty_cuda_cache() -> None:

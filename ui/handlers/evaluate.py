@@ -9,7 +9,7 @@ import torch
 from kvcache.modes import get_mode
 
 from .. import charts
-from ..state import AppState, SessionState, UserError
+from ..state import AppState, SessionState, UserError, kv_label
 from .common import ProgressFn, check_upload, empty_cuda_cache
 
 
@@ -24,8 +24,8 @@ def evaluate(
     greedy_prompts: int = 4,
     greedy_tokens: int = 32,
     progress: ProgressFn | None = None,
-) -> tuple[str, Any, Any, Any]:
-    """Score the chosen modes against fp16: ``(summary, table, quality_bars, cost_bars)``.
+) -> tuple[str, Any, Any, Any, Any]:
+    """Score the chosen modes against fp16: ``(summary, table, quality_bars, cost_bars, quality_vs_bytes)``.
 
     ``source``: ``builtin-en``, ``builtin-zh`` (see :data:`kvcache.measure.evaluate.BUILTIN_TEXTS`) or ``upload``.
     """
@@ -33,7 +33,7 @@ def evaluate(
     from kvcache.measure.evaluate import evaluate as _evaluate
 
     loaded = app.require_model()
-    modes = [m for m in (modes or []) if m]
+    modes = [sess.resolve_mode(m) for m in (modes or []) if m]
     if not modes:
         raise UserError("Pick at least one KV mode to compare with fp16.")
     if source == "upload":
@@ -43,7 +43,7 @@ def evaluate(
         name, path = resolve_text(source)
     text = read_text(path)
     qparams, label = sess.current_qparams(app)
-    needs = [m for m in modes if get_mode(m).needs_qparams]
+    needs = [kv_label(m) for m in modes if get_mode(m).needs_qparams]
     if needs and qparams is None:
         raise UserError(f"{', '.join(needs)} needs calibrated parameters: calibrate first and press 'Use in chat'.")
     try:
@@ -71,6 +71,6 @@ def evaluate(
     for warning in report["warnings"]:
         summary += f"\n\n⚠️ {warning}"
     quality, cost = charts.eval_bars(report)
-    return summary, charts.eval_table(report), quality, cost
+    return summary, charts.eval_table(report), quality, cost, charts.eval_scatter(report)
 
 

@@ -9,7 +9,14 @@ from kvcache.engine.chat import ChatSession
 from kvcache.measure.device_memory import free_memory_bytes, read_device_memory
 
 from .. import charts
-from ..state import LEFT_MODE, MEMORY_HISTORY_S, AppState, SessionState, UserError
+from ..state import (
+    LEFT_MODE,
+    MEMORY_HISTORY_S,
+    AppState,
+    SessionState,
+    UserError,
+    kv_label,
+)
 
 
 def _kv_figures(session: ChatSession | None, free: int | None) -> dict[str, Any] | None:
@@ -34,7 +41,7 @@ def memory(app: AppState, sess: SessionState) -> tuple[dict[str, Any], str, str,
             free = None
     figures["kv"] = {
         f"{LEFT_MODE} (left)": _kv_figures(sess.left, free),
-        f"{sess.right.kv if sess.right else 'quantized'} (right)": _kv_figures(sess.right, free),
+        f"{kv_label(sess.right.kv) if sess.right else 'quantized'} (right)": _kv_figures(sess.right, free),
     }
     status = app.engine.status() if app.engine is not None else dict(pools=[], kv_bytes=0, batching=None)
     figures["kv_all_sessions_bytes"] = status["kv_bytes"]  # every shared pool, counted once

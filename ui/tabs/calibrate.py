@@ -1,4 +1,4 @@
-"""Calibrate tab: record K/V statistics, look at them, export parameters, use them in chat."""
+"""Calibrate tab: record K/V statistics, look at them, export parameters, use them in chat; plan bits per layer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from .chat import ChatTab
 SYMMETRY = [("asymmetric (min / max)", "asym"), ("symmetric (absmax)", "sym")]
 
 
-def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
+def build(app: AppState, sess: gr.State, chat: ChatTab, eval_modes: gr.CheckboxGroup) -> None:
+    """The tab; a plan the bit planner makes joins the chat's KV modes and the Evaluate tab's ``eval_modes``."""
     num_layers = app.loaded.num_layers if app.loaded is not None else 32
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
@@ -57,6 +58,24 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
                                          file_types=[".safetensors", ".json"], type="filepath", elem_id="qparams-upload")
                 serving = gr.Markdown(handlers.serving_commands(app, handlers.default_quantized_mode(app)),
                                       label="serving engines", elem_id="serving-commands", elem_classes="note")
+    gr.Markdown("### Bit planner: bits per layer for K and V within a quality budget", elem_id="planner-title")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            budget = gr.Slider(0.1, 3.0, value=0.5, step=0.1, label="Δppl budget (%)", elem_id="plan-budget",
+                               info="the perplexity change vs fp16 the plan may cost, verified on the planning text")
+            with gr.Row():
+                plan_samples = gr.Slider(1, 32, value=4, step=1, label="Planning samples", elem_id="plan-samples")
+                plan_seqlen = gr.Slider(32, 1024, value=256, step=32, label="Planning tokens per sample",
+                                        elem_id="plan-seqlen")
+            plan_run = gr.Button("Plan bits", variant="primary", elem_id="plan-run")
+            dl_plan = gr.DownloadButton("plan (.json)", value=None, elem_id="dl-plan")
+            gr.Markdown("Uses this session's parameters when they carry the calibrated key transforms (calibrate "
+                        "or upload first), else calibration-free candidates. Each layer's K and V take 8 or 4 bits.",
+                        elem_classes="note")
+        with gr.Column(scale=2):
+            plan_status = gr.Markdown(label="plan", elem_id="plan-status", elem_classes="note")
+            plan_layers = gr.Dataframe(headers=charts.PLAN_COLUMNS, label="Bits per layer", elem_id="plan-table",
+                                       interactive=False, max_height=360)
 
     view = [status, k_heat, v_heat, ranges, outliers, files, dl_tm, dl_kvq, dl_vllm]
 
@@ -117,5 +136,18 @@ def build(app: AppState, sess: gr.State, chat: ChatTab) -> None:
     use.click(run_use, [sess], [chat.mode, chat.note], api_name="use_in_chat", concurrency_id=GPU)
     qparams_upload.upload(run_upload, [qparams_upload, sess], [chat.mode, chat.note], api_name="upload_qparams",
                           concurrency_id=GPU)
-    chat.mode.change(lambda m: handlers.serving_commands(app, m), [chat.mode], [serving], queue=False,
-                     api_visibility="private")
+    chat.mode.change(lambda m, state: handlers.serving_commands(app, m, state), [chat.mode, sess], [serving],
+                     queue=False, api_visibility="private")
+
+    def run_plan(budget_, samples_, seqlen_, state, progress=gr.Progress()):
+        def report(fraction: float, message: str = "") -> None:
+            progress(fraction, desc=message)
+
+        with shown_in_page():
+            summary, table, path, label = handlers.plan_bits(app, state, budget_, samples_, seqlen_, progress=report)
+        gr.Info(f"{label} is ready: pick it in the Chat tab.")
+        choices = handlers.kv_mode_choices(state)
+        return summary, table, path, gr.update(choices=choices), gr.update(choices=choices)
+
+    plan_run.click(run_plan, [budget, plan_samples, plan_seqlen, sess],
+                   [plan_status, plan_layers, dl_plan, chat.mode, eval_modes], api_name="plan_bits", concurrency_id=GPU)

@@ -27,7 +27,7 @@ class ChatTab:
 
 
 def build(app: AppState, sess: gr.State) -> ChatTab:
-    modes = handlers.quantized_modes()
+    modes = handlers.kv_mode_choices()  # every named mode but fp16; the session's plans join later
     default_mode = handlers.default_quantized_mode(app)
     with gr.Row(equal_height=True):
         with gr.Column(elem_classes="pane"):
