@@ -239,8 +239,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from kvcache.qparams import KVQParams
 
     from .data import check_dataset
-    from .plan import plan_bits, summary, write_plan
+    from .plan import plan_bits, plan_path, summary, write_plan
 
+    plan_path(args.out)
+    if args.budget_dppl <= 0:
+        raise UsageError(f"--budget-dppl is a Δppl budget in percent and must be positive, got {args.budget_dppl}")
     check_dataset(args.calib_dataset, args.calib_data_dir)
     qparams = KVQParams.load(args.qparams) if args.qparams else None
     loaded = load_model(args.model, device=args.device)

@@ -58,11 +58,17 @@ def plan_bits(
     return plan, spec
 
 
-def write_plan(spec: dict[str, Any], path: str | Path) -> Path:
-    """Write a plan's spec file (refusing to put it where a folder is)."""
+def plan_path(path: str | Path) -> Path:
+    """Where a plan's spec file goes: a ``.json`` file, not a folder (checked before the planning run)."""
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix != ".json":
         raise CalibError(f"the plan goes into a .json file, not {path}: give e.g. --out plan.json")
+    return path
+
+
+def write_plan(spec: dict[str, Any], path: str | Path) -> Path:
+    """Write a plan's spec file."""
+    path = plan_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
     return path

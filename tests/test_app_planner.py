@@ -128,7 +128,8 @@ def test_scatter_has_one_point_per_mode_at_its_bytes_ratio(app, calibrated_qpara
     shape = _shape(app)
     fp16 = get_mode(BASELINE_MODE).bytes_per_token(shape)
     assert list(tradeoff["kv"]) == [BASELINE_MODE, *modes] and list(tradeoff.columns) == charts.SCATTER_COLUMNS
-    want_x = [get_mode(m).bytes_per_token(shape) / fp16 for m in [BASELINE_MODE, *modes[:-1], path]]
+    # a 2,048-token sequence's bytes, its 4 fp16 sink tokens spread over it, over fp16's
+    want_x = [get_mode(m).bytes_per_token_at(shape, 2048) / fp16 for m in [BASELINE_MODE, *modes[:-1], path]]
     assert list(tradeoff["bytes vs fp16"]) == pytest.approx(want_x, abs=1e-4)
     rows = sess.eval_report["results"]
     assert list(tradeoff["Δppl %"]) == pytest.approx([r["delta_ppl_pct"] for r in rows], abs=1e-4)

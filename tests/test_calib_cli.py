@@ -346,3 +346,16 @@ def test_out_dir_that_cannot_be_written_is_one_line(capsys, work_dir, tmp_path, 
     assert rc == 2
     assert_one_line_error(err, f"cannot write {tmp_path / 'taken'}", "choose another OUT_DIR")
     assert not log_file.exists()
+
+
+def test_plan_refuses_bad_flags_before_it_runs(tmp_path, capsys):
+    """The planner runs for minutes: a bad output path or budget is refused first, in one line."""
+    for argv, needles in (
+        (["plan", "default", "--out", str(tmp_path)], ("the plan goes into a .json file", "--out plan.json")),
+        (["plan", "default", "--out", str(tmp_path / "plan.txt")], ("a .json file",)),
+        (["plan", "default", "--budget-dppl", "0", "--out", str(tmp_path / "p.json")], ("must be positive",)),
+        (["plan", "default", "--qparams", str(tmp_path / "none"), "--out", str(tmp_path / "p.json")], ("not found",)),
+    ):
+        assert main(argv) == 2
+        assert_one_line_error(capsys.readouterr().err, *needles)
+    assert not (tmp_path / "p.json").exists()
