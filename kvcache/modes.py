@@ -165,9 +165,9 @@ class KVMode:
         total = 0
         for k, v in self.layer_codecs(shape.num_layers):
             total += sum(2 * per_layer * STATIC_PARAM_DTYPE.itemsize for c in (k, v) if c.scaling == "static")
-            if k.rotate or k.qk_transform:  # the key map, and the query's inverse, per KV head
+            if k.qk_transform:  # the key map, and the query's inverse, per KV head
                 total += 2 * shape.num_kv_heads * shape.head_dim ** 2 * STATIC_PARAM_DTYPE.itemsize
-        if any(v.rotate for _, v in self.layer_codecs(shape.num_layers)):  # one Hadamard matrix, shared by the layers
+        if any(c.rotate for c in self._codecs()):  # one Hadamard matrix, shared by every layer (and by K and V)
             total += shape.head_dim ** 2 * STATIC_PARAM_DTYPE.itemsize
         return total
 

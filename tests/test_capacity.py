@@ -61,10 +61,10 @@ def test_the_engine_capacity_view_sizes_pools_as_the_engine_does(loaded_default)
                 held = pool.capacity_bytes
                 assert held <= report["budget_bytes"] < held + row["block_bytes"] + pool.sinks.slot_bytes
                 # and that count is every byte of every tensor the pool allocated
-                tensors = {id(t): t for layer in pool.layers for t in
-                           [getattr(layer, n) for n in layer.per_block_tensors()] + layer.static_tensors()
-                           + [layer.k_sink, layer.v_sink] if t is not None}
-                assert held == sum(t.nbytes for t in tensors.values())
+                storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for layer in pool.layers
+                            for t in [getattr(layer, n) for n in layer.per_block_tensors()] + layer.static_tensors()
+                            + [layer.k_sink, layer.v_sink] if t is not None}
+                assert held == sum(storages.values())
     finally:
         engine.close()
 

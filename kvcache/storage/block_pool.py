@@ -85,8 +85,8 @@ class BlockPool:
                 setattr(layer, f"{side}_scale", scale.to(dev))
                 setattr(layer, f"{side}_zp", zp.to(dev))
         transform = self.qparams.k_transform[i] if k_codec.qk_transform else None
-        maps = layer_maps(k_codec, v_codec, shape.num_kv_heads, shape.head_dim, transform)
-        layer.k_map, layer.q_map, layer.v_map = (None if m is None else m.to(dev) for m in maps)
+        layer.k_map, layer.q_map, layer.v_map = layer_maps(k_codec, v_codec, shape.num_kv_heads, shape.head_dim,
+                                                           transform, dev)
         self.sinks.attach(layer, i)
         return layer
 
@@ -159,7 +159,8 @@ class BlockPool:
     @property
     def param_bytes(self) -> int:
         """Bytes of static parameters, held once whatever the number of tokens."""
-        held = {t.data_ptr(): t.nbytes for layer in self.layers for t in layer.static_tensors()}  # shared maps once
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # a shared map counts once
+                for layer in self.layers for t in layer.static_tensors()}
         return sum(held.values())
 
     @property

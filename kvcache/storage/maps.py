@@ -8,9 +8,10 @@ stored values are ``v @ v_map`` and the output is rotated back with ``v_map^T``.
 
 from __future__ import annotations
 
-import torch
-
+import functools
 from typing import TYPE_CHECKING
+
+import torch
 
 from ..errors import ModeError
 from ..modes import Codec
@@ -20,29 +21,40 @@ if TYPE_CHECKING:
     from .layout import LayerKV
 
 
-def _rotation(codec: Codec, head_dim: int) -> torch.Tensor | None:
+@functools.lru_cache(maxsize=8)
+def _hadamard_on(head_dim: int, device: str) -> torch.Tensor:
+    """One Hadamard matrix per device and size, shared by every layer and pool that rotates."""
+    return hadamard(head_dim).to(device)
+
+
+def _rotation(codec: Codec, head_dim: int, device: str) -> torch.Tensor | None:
     if not codec.rotate:
         return None
     if head_dim & (head_dim - 1):
         raise ModeError(f"a Hadamard rotation needs a power-of-two head_dim, this model's is {head_dim}: "
                         "pick a mode without rotation (e.g. int8-dynamic)")
-    return hadamard(head_dim)
+    return _hadamard_on(head_dim, device)
 
 
 def layer_maps(k_codec: Codec, v_codec: Codec, num_kv_heads: int, head_dim: int,
-               transform: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(k_map [kv_heads, d, d], q_map [kv_heads, d, d], v_map [d, d])``; None for a map that is the identity.
+               transform: torch.Tensor | None = None, device: torch.device | str = "cpu",
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(k_map [kv_heads, d, d], q_map [kv_heads, d, d], v_map [d, d])`` on ``device``; None for an identity.
 
-    ``transform``: the calibrated key transform ``A`` (``[kv_heads, d, d]``) when the K codec uses it.
+    ``transform``: the calibrated key transform ``A`` (``[kv_heads, d, d]``) when the K codec uses it. A
+    rotation alone is one shared matrix (K's maps are views of it, expanded over the KV heads): no
+    per-layer copies.
     """
-    rot = _rotation(k_codec, head_dim)
+    rot = _rotation(k_codec, head_dim, str(device))
     k_map = q_map = None
-    if transform is not None or rot is not None:
-        a = transform.double() if transform is not None else torch.eye(head_dim, dtype=torch.float64).expand(num_kv_heads, -1, -1)
-        r = (rot if rot is not None else torch.eye(head_dim)).double()
-        k_map = (a @ r).float().contiguous()
-        q_map = (torch.linalg.inv(a).transpose(-1, -2) @ r).float().contiguous()
-    return k_map, q_map, _rotation(v_codec, head_dim)
+    if transform is not None:
+        a = transform.double()
+        r = (rot.cpu() if rot is not None else torch.eye(head_dim)).double()
+        k_map = (a @ r).float().contiguous().to(device)
+        q_map = (torch.linalg.inv(a).transpose(-1, -2) @ r).float().contiguous().to(device)
+    elif rot is not None:
+        k_map = q_map = rot.expand(num_kv_heads, head_dim, head_dim)
+    return k_map, q_map, _rotation(v_codec, head_dim, str(device))
 
 
 def _apply(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
