@@ -139,6 +139,8 @@ def test_cli_writes_json(tmp_path, loaded_default, capsys):
     assert data["text"] == "builtin-en"
     assert [r["kv"] for r in data["results"]] == ["fp16", "int8-dynamic"]
     assert set(data["results"][1]) == {"kv", "ppl", "delta_ppl_pct", "delta_ppl_ci95", "kl_vs_fp16", "top1_match_pct",
-                                       "first_divergence", "first_divergence_median", "kv_bytes_per_token"}
+                                       "first_divergence", "first_divergence_median", "kv_bytes_per_token",
+                                       "kv_ratio_to_fp16"}
+    assert data["results"][1]["kv_ratio_to_fp16"] == round(12240 / 23040, 4)
     assert len(data["results"][1]["first_divergence"]) == 1
     assert "int8-dynamic" in capsys.readouterr().out
