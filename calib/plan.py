@@ -8,6 +8,7 @@ dataset (by default the built-in corpus, never an evaluation text) and writes th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -82,5 +83,6 @@ def summary(plan: Any) -> str:
     ver = plan.verified
     return (f"K bits per layer: {k}\nV bits per layer: {v}\n"
             f"bytes: {plan.bytes_ratio:.3f} of fp16 (a 2,048-token sequence, sinks included); "
-            f"predicted Δppl {plan.predicted_dppl_pct:+.3f}%, verified {ver['dppl_pct']:+.3f}% "
-            f"(KL {ver['kl']:.2e}, top-1 {ver['top1_pct']:.2f}%) on the planning text; budget {plan.budget_dppl_pct}%")
+            f"predicted Δppl {plan.predicted_dppl_pct:+.3f}%; verified through the cache on the planning text: "
+            f"KL {ver['kl']:.2e} (predicting {math.expm1(ver['kl']) * 100:+.3f}%), measured Δppl {ver['dppl_pct']:+.3f}%, "
+            f"top-1 {ver['top1_pct']:.2f}%; budget {plan.budget_dppl_pct}%")

@@ -96,7 +96,7 @@ def test_planner_gives_a_table_a_plan_file_and_a_chat_mode(app, monkeypatch):
     saved_mib = (fp16 - mode.bytes_per_token_at(shape)) * 2048 / charts.MiB
     assert f"**{mode.bytes_per_token(shape):,} B** vs fp16's {fp16:,} B" in summary
     assert f"{saved_mib:.2f} MiB saved** across all 30 layers" in summary and "calibration-free candidates" in summary
-    assert "verified **" in summary and "Δppl predicted" in summary and seen[-1] == 1.0
+    assert "predicting **" in summary and "measured Δppl" in summary and "Δppl predicted" in summary and seen[-1] == 1.0
     # selectable in chat (and in Evaluate) as "plan: <name>"
     assert label == "plan: kv_plan_dppl3" and handlers.kv_mode_choices(sess)[-1] == label
     assert "per-layer plan (30 layers)" in handlers.set_mode(app, sess, label)[-1]

@@ -222,7 +222,7 @@ def test_an_unmeetable_budget_names_the_closest_reached(monkeypatch):
     with pytest.raises(ConfigError) as err:
         planner.make_plan(Scorer(), sens, opts, shape, 0.5)
     msg = str(err.value)
-    assert "no plan meets Δppl <= 0.5%" in msg and "reached +2.000% at 0.5" in msg and "raise the budget" in msg
+    assert "no plan meets Δppl <= 0.5%" in msg and "reached +2.000% (KL 1.98e-02, predicting +2.000%) at 0.5" in msg and "raise the budget" in msg
     with pytest.raises(ConfigError, match="must be positive"):
         planner.make_plan(Scorer(), sens, opts, shape, 0)
 

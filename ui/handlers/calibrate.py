@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import warnings
 import zipfile
 from pathlib import Path
@@ -297,8 +299,9 @@ def plan_bits(
         f"KV bytes per token: **{per_token:,} B** vs fp16's {fp16_bytes:,} B ({per_token / fp16_bytes:.3f}); "
         f"a {SEQUENCE_TOKENS:,}-token sequence, its {mode.sink_tokens} fp16 sink tokens included: "
         f"**{plan.bytes_ratio:.3f}** of fp16, **{saved / charts.MiB:.2f} MiB saved** across all {shape.num_layers} layers.\n\n"
-        f"Δppl predicted {plan.predicted_dppl_pct:+.3f}%, verified **{ver['dppl_pct']:+.3f}%** "
-        f"(KL {ver['kl']:.2e}, top-1 {ver['top1_pct']:.2f}%) on the planning text. "
+        f"Δppl predicted {plan.predicted_dppl_pct:+.3f}%; verified through the cache on the planning text: "
+        f"KL {ver['kl']:.2e} (predicting **{math.expm1(ver['kl']) * 100:+.3f}%**, what decides), measured "
+        f"Δppl {ver['dppl_pct']:+.3f}%, top-1 {ver['top1_pct']:.2f}%. "
         f"Pick **{plan_label}** in the Chat tab's quantized pane or in the Evaluate tab."
     )
     return summary, charts.plan_table(plan_table(mode)), str(path), plan_label
