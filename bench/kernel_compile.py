@@ -53,7 +53,7 @@ ARCHS = {
     89: SMLimits("L40S / RTX 4090", 100 * 1024, 99 * 1024, 48, 24),
     90: SMLimits("H100 / H200", 228 * 1024, 227 * 1024, 64, 32),
 }
-MODES = ("fp16", "int8", "int8-dynamic")
+MODES = ("fp16", "int8", "int8-dynamic", "int4-lmdeploy", "int8-rot", "k8v4", "int4")  # every codec kind, sinks
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's (and fp16-mode storage's) dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default
@@ -144,6 +144,8 @@ def launches(head_dims: list[int]) -> Iterator[tuple[dict[str, Any], Any]]:
                     seq_lens = torch.ones(1, dtype=torch.int32)
                     # 128 blocks x 64 = 8K tokens: room for the most splits (64) at every tile size.
                     table = torch.zeros(1, 128, dtype=torch.int32)
+                    if dtype == torch.float32 and layer.sink_tokens:  # fp32 over sinks decodes through the reference
+                        continue
                     for splits in (1, 64):
                         yield (dict(op="decode", mode=mode, dtype=dname, head_dim=head_dim, shape=shape, splits=splits),
                                lambda q=q, layer=layer, table=table, s=seq_lens, n=splits:

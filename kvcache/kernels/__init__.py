@@ -66,8 +66,13 @@ def prefill_attention(
 def decode_attention(
     query: torch.Tensor, layer: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention of one new token per sequence over its cached history, read in the stored format."""
-    if use_triton(query) and _kernels_take(layer):
+    """Attention of one new token per sequence over its cached history, read in the stored format.
+
+    fp32 queries over a layer with sinks take the reference on a GPU too: the kernel's tf32x3 sink tile
+    spills registers on sm_90 (``python -m bench.kernel_compile``), and fp32 models are rare there.
+    """
+    fp32_sinks = query.dtype == torch.float32 and layer.sink_tokens > 0
+    if use_triton(query) and _kernels_take(layer) and not fp32_sinks:
         from .common import range_checks_enabled
         from .paged_decode import decode_attention_triton
 
