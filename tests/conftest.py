@@ -26,6 +26,22 @@ def make_tiny_llama(num_layers: int = 2, num_heads: int = 4, num_kv_heads: int =
     return LlamaForCausalLM(cfg).eval()
 
 
+def random_qparams(config, seed: int = 7):
+    """Calibrated-looking parameters for a (tiny) model: static int8 ranges of +-4 and a random, well-conditioned
+    query-aware key transform per layer (determinant 1), enough for every calibrated mode to run."""
+    from kvcache.qparams import KVQParams
+    from kvcache.storage.shape import KVShape
+
+    shape = KVShape.from_config(config)
+    stat = lambda v: [torch.full((shape.num_kv_heads, shape.head_dim), v) for _ in range(shape.num_layers)]  # noqa: E731
+    stats = {"min": stat(-4.0), "max": stat(4.0), "absmax": stat(4.0)}
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.eye(shape.head_dim) + 0.2 * torch.randn(shape.num_kv_heads, shape.head_dim, shape.head_dim, generator=g)
+         for _ in range(shape.num_layers)]
+    a = [t / torch.linalg.det(t).abs()[:, None, None] ** (1 / shape.head_dim) for t in a]
+    return KVQParams.from_stats(stats, stats, k_transform=a)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's oversubscription."""

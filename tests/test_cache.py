@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, random_qparams
 from transformers import DynamicCache
 
 from kvcache import (
@@ -169,16 +169,6 @@ def test_beam_search_is_refused_clearly(tiny_llama):
         cache.reorder_cache(torch.tensor([0]))
 
 
-def _transform_qparams(shape: KVShape) -> KVQParams:
-    """Static parameters plus a random well-conditioned query-aware key transform per layer (determinant 1)."""
-    g = torch.Generator().manual_seed(7)
-    a = [torch.eye(shape.head_dim) + 0.2 * torch.randn(shape.num_kv_heads, shape.head_dim, shape.head_dim, generator=g)
-         for _ in range(shape.num_layers)]
-    qp = _static_qparams(shape)
-    qp.k_transform = [t / torch.linalg.det(t).abs()[:, None, None] ** (1 / shape.head_dim) for t in a]
-    return qp
-
-
 @pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic", "int4-lmdeploy", "int8-rot", "k8v4"])
 def test_kernel_path_through_a_model_matches_the_references(monkeypatch, kv):
     """The GPU path end to end, in Triton's interpreter: an fp16 model's prompt, two decode steps and a new
@@ -194,7 +184,7 @@ def test_kernel_path_through_a_model_matches_the_references(monkeypatch, kv):
     four_bit = get_mode(kv).k_bits < 8 or get_mode(kv).v_bits < 8
     model = make_tiny_llama(head_dim=32 if four_bit else 16).half()  # the kernels take 4-bit codes from head_dim 32
     shape = KVShape.from_config(model.config)
-    qparams = {"int8": _static_qparams(shape, center=0.5), "k8v4": _transform_qparams(shape)}.get(kv)  # int8: zp != 0
+    qparams = {"int8": _static_qparams(shape, center=0.5), "k8v4": random_qparams(model.config)}.get(kv)  # int8: zp != 0
     g = torch.Generator().manual_seed(0)
     turns = [torch.randint(0, 128, (1, n), generator=g) for n in (21, 1, 1, 9)]
     calls = []

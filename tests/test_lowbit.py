@@ -25,7 +25,7 @@ from kvcache.storage.maps import layer_maps, map_kv, map_query, unmap_output
 from kvcache.storage.shape import KVShape, config_hash
 from kvcache.transforms import hadamard, qk_transform
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, random_qparams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -134,6 +134,27 @@ def test_calibrated_mode_without_parameters_names_the_commands(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "KV mode k8v4 needs calibrated parameters" in err
     assert "python -m calib calibrate" in err and "python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq" in err
+
+
+@pytest.mark.parametrize("kv", list(KV_MODES))
+def test_every_mode_generates_through_transformers(kv):
+    """transformers' generate() over a PagedKVCache of every mode runs to its length, and its first token is one
+    the plain model ranks in its top 3 (a tiny random model's logits are near-ties: exact tokens would be luck)."""
+    from kvcache.hf.compat import cache_kwargs
+
+    model = make_tiny_llama(head_dim=32)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+
+    def run(mode: str) -> torch.Tensor:
+        cache = PagedKVCache.for_model(model, mode, qparams=random_qparams(model.config), block_size=4,
+                                       fp_dtype=torch.float32)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, pad_token_id=0, **cache_kwargs(cache))[0, 9:]
+
+    got = run(kv)
+    with torch.inference_mode():
+        top3 = model(ids).logits[0, -1].topk(3).indices.tolist()  # without any cache
+    assert got.shape == (6,) and int(got[0]) in top3
 
 
 # --- plans --------------------------------------------------------------------------------------------
