@@ -1,4 +1,4 @@
-"""Decode-attention benchmark: our paged kernel (fp16 / int8 / int8-dynamic blocks) against torch SDPA.
+"""Decode-attention benchmark: our paged kernel (fp16 blocks and every codec kind: int8, int8-dynamic, 4-bit, K8/V4, sinks) against torch SDPA.
 
 For each shape (Llama-2-7B MHA: 32 heads x 128; GQA: 32 query / 8 KV heads x 128), context and batch:
 
@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", type=int_list, default=[1024, 4096, 16384, 32768, 65536, 131072])
     p.add_argument("--batches", type=int_list, default=[1, 4, 16, 64])
     add_block_size_flag(p)
-    p.add_argument("--methods", default="sdpa_fp16,deq_sdpa_int8,deq_sdpa_int8-dynamic,kvq_fp16,kvq_int8,kvq_int8-dynamic")
+    p.add_argument("--methods", default=",".join(["sdpa_fp16", "kvq_fp16", *(f"{p}_{m}" for m in QUANT_MODES
+                                                                   for p in ("deq_sdpa", "kvq"))]),
+                   help="sdpa_fp16, kvq_fp16, and deq_sdpa_MODE / kvq_MODE for MODE in " + ", ".join(QUANT_MODES))
     p.add_argument("--mem-fraction", type=float, default=0.85, help="skip a method needing more than this share of free memory")
     add_bench_timing_flags(p)
     p.add_argument("--quick", action="store_true", help="only contexts 4K,16K and batches 1,16")
@@ -90,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def kv_bytes(kv: str, batch: int, kvh: int, ctx: int, d: int) -> int:
     """Bytes a decode step must read: K and V data plus per-token parameters (static ones are negligible)."""
-    return batch * ctx * kvh * get_mode(kv).bytes_per_token_per_head(d)
+    mode = get_mode(kv)
+    return batch * ctx * kvh * (mode.k.bytes_per_token_per_head(d) + mode.v.bytes_per_token_per_head(d))
 
 
 # --- timing ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU (about 9 minutes): the kernel tests at real shapes, then the quick
+# One prepared run on a lent GPU (about 10 minutes): the kernel tests at real shapes (every codec), then the quick
 # variants of the three benchmarks. Every log and JSON goes to $OUT (the device tool's folder) or out/.
 # The GPU image has torch/triton/transformers but no gradio, gguf or the embedded model, so only the
 # tests that need none of them run here. Nothing is installed there either: the benchmarks run as modules
@@ -29,7 +29,7 @@ $py -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 for step in $steps; do
     case $step in
         tests) run tests 210 $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_quant.py tests/test_cache.py tests/test_batching.py ;;
-        decode) run bench_decode 140 $py -m bench.decode_attention --quick --json "$out/bench_decode_quick.json" ;;
+        decode) run bench_decode 220 $py -m bench.decode_attention --quick --json "$out/bench_decode_quick.json" ;;
         generate) run bench_generate 120 $py -m bench.generate --layers 8 --batch 16 --context 8192 --steps 32 --json "$out/bench_generate_quick.json" ;;
         serving) run bench_serving 120 $py -m bench.serving --layers 8 --requests 64 --cache-max-entry-count 600 --json "$out/bench_serving_quick.json" ;;
         prefill) run bench_prefill 90 $py -m bench.prefill_attention --quick --json "$out/bench_prefill_quick.json" ;;
