@@ -701,7 +701,7 @@ def test_cache_calls_skip_range_checks_unless_asked(monkeypatch, env, want):
         monkeypatch.setenv("KVQ_KERNEL_CHECKS", env)
     layer = make_layer("int8-dynamic", 2, 1, 4, 16)
     kernels.store_kv(layer, None, None, None)
-    kernels.decode_attention(None, layer, None, None, 1.0)
+    kernels.decode_attention(torch.zeros(1, 2, 16, dtype=torch.float16), layer, None, None, 1.0)
     kernels.prefill_attention(torch.zeros(1, 2, 3, 16, dtype=torch.float16), layer, None, 3, 1.0)
     assert seen == [("store", want), ("decode", want), ("prefill", want)]
     # Direct calls of the wrappers check unless told not to.
@@ -718,6 +718,25 @@ def test_fp32_prefill_takes_the_reference_on_a_gpu(monkeypatch):
     q = torch.randn(1, 2, 4, 16, device=DEVICE)
     got = kernels.prefill_attention(q, layer, tables, 10, 0.25)
     torch.testing.assert_close(got, prefill_attention_reference(q, layer, tables, 10, 0.25), rtol=0, atol=0)
+
+
+def test_fp32_decode_over_sinks_takes_the_reference_on_a_gpu(monkeypatch):
+    """fp32 queries over a layer with sinks decode through the reference even on CUDA (the kernel's tf32x3
+    sink tile spilled on sm_90); fp16 queries over it, and fp32 ones over a layer without sinks, take the kernel."""
+    import kvcache.kernels as kernels
+    from kvcache.kernels import paged_decode
+
+    seen = []
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    monkeypatch.setattr(paged_decode, "decode_attention_triton", lambda *a, check_ranges: seen.append(a[0].dtype))
+    sinks = make_layer("int8-rot", 4, 1, 8, 64)
+    tables, lens = fill_rows(sinks, [10], max_blocks=2)
+    q = torch.randn(1, 2, 64, device=DEVICE)
+    got = kernels.decode_attention(q, sinks, tables, lens, 0.25)
+    torch.testing.assert_close(got, decode_attention_reference(q, sinks, tables, lens, 0.25), rtol=0, atol=0)
+    kernels.decode_attention(q.half(), sinks, tables, lens, 0.25)
+    kernels.decode_attention(q, make_layer("int8-dynamic", 4, 1, 8, 64), tables, lens, 0.25)
+    assert seen == [torch.float16, torch.float32]
 
 
 def test_dispatch_uses_reference_on_cpu(monkeypatch):

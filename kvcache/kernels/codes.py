@@ -141,6 +141,20 @@ def sink_tile(k_sink_ptr, v_sink_ptr, base, stride_st, offs_s, smask, offs_d, dm
 
 
 @triton.jit
+def softmax_state(ROWS: tl.constexpr, V_LANES: tl.constexpr, V_BITS: tl.constexpr):
+    """Online-softmax state of ``ROWS`` query rows: running max, denominator, sum of weights (for V's zero
+    points), and an accumulator per V part (the second only for 4-bit V)."""
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    pz_i = tl.zeros([ROWS], tl.float32)
+    acc_a = tl.zeros([ROWS, V_LANES], tl.float32)
+    acc_b = 0.0
+    if V_BITS == 4:
+        acc_b = tl.zeros([ROWS, V_LANES], tl.float32)
+    return m_i, l_i, pz_i, acc_a, acc_b
+
+
+@triton.jit
 def merge_tile(s, va, vb, m_i, l_i, acc_a, acc_b, V_BITS: tl.constexpr, USE_DOT: tl.constexpr, FP32: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """One online-softmax step over a tile of attended values (scores ``s`` in base 2, -inf where not attended)."""

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..modes import FP16
 from ..storage.layout import LayerKV
-from .codes import merge_tile, part_scores, read_side, sink_limit, sink_tile, weighted_sum
+from .codes import merge_tile, part_scores, read_side, sink_limit, sink_tile, softmax_state, weighted_sum
 from .common import (
     FLOAT_DTYPES,
     FP_FUSION,
@@ -100,13 +100,7 @@ def _decode_partial_kernel(
             qb = qb.to(K_DOT)
     v_sa, v_za, v_sb, v_zb = static_values(vs_ptr, vz_ptr, kvh * stride_vph, v_lanes, v_lmask, V_QUANT, V_BITS, V_PART)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    pz_i = tl.zeros([BLOCK_G], tl.float32)
-    acc_a = tl.zeros([BLOCK_G, V_LANES], tl.float32)
-    acc_b = 0.0
-    if V_BITS == 4:
-        acc_b = tl.zeros([BLOCK_G, V_LANES], tl.float32)
+    m_i, l_i, pz_i, acc_a, acc_b = softmax_state(BLOCK_G, V_LANES, V_BITS)
 
     bt_row = bt_ptr + b * stride_btb
     sink_lo = 0
