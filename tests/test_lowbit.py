@@ -129,6 +129,20 @@ def test_rotation_for_a_head_dim_it_cannot_serve_is_one_line():
         PagedKVCache.for_model(model, "int8-rot")
 
 
+def test_parameters_without_a_key_transform_or_for_another_head_dim_are_refused():
+    from kvcache.errors import QParamsError
+
+    model = make_tiny_llama(head_dim=32)
+    old = random_qparams(model.config)
+    old.k_transform = None  # what a version-1 file, or a work dir without query statistics, gives
+    PagedKVCache.for_model(model, "int8", qparams=old)  # static int8 needs no transform
+    with pytest.raises(QParamsError, match="carry no query-aware key transform .* recalibrate with `python -m calib calibrate`"):
+        PagedKVCache.for_model(model, "k8v4", qparams=old)
+    other = random_qparams(make_tiny_llama(head_dim=16).config)
+    with pytest.raises(QParamsError, match=r"qparams do not match the model: qparams have 2 layers x \(2, 16\)"):
+        PagedKVCache.for_model(model, "int4", qparams=other)
+
+
 def test_calibrated_mode_without_parameters_names_the_commands(capsys):
     assert main(["chat", "--kv", "k8v4"]) == 2
     err = capsys.readouterr().err.strip()
