@@ -42,7 +42,7 @@ STATIC_VARIANTS = [("int8", "channel"), ("int8", "tensor")]  # (mode, granularit
 OTHER_MODES = [m for m in KV_MODES if m not in (BASELINE_MODE, "int8")]  # all with the default (channel) file
 
 
-def _fmt_row(text: str, row: dict, base_bytes: int, tokens: int, cal: str) -> str:
+def _fmt_row(text: str, row: dict, tokens: int, cal: str) -> str:
     ci = row["delta_ppl_ci95"]
     med = row["first_divergence_median"]
     div = "n/a" if med is None else (f"≥{tokens}" if med >= tokens else f"{med:g}")
@@ -55,9 +55,8 @@ def markdown(reports: list[dict]) -> str:
     lines = ["| text | kv | calibrated on | ppl | Δppl % [95% CI] | KL vs fp16 | top-1 % | first divergence | "
              "KV bytes/token | x fp16 (2K seq.) |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for rep in reports:
-        base = rep["rows"][0]["kv_bytes_per_token"]
         for row in rep["rows"]:
-            lines.append(_fmt_row(rep["text"], row, base, rep["greedy_tokens"], row.get("calibrated_on", "")))
+            lines.append(_fmt_row(rep["text"], row, rep["greedy_tokens"], row.get("calibrated_on", "")))
     return "\n".join(lines)
 
 

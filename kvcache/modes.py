@@ -147,7 +147,7 @@ class KVMode:
 
     def sink_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
         """Bytes one sequence's sink tokens take in the pool's fp dtype, K and V of all layers (once per sequence)."""
-        return self.sink_tokens * shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * fp_dtype.itemsize
+        return self.sink_tokens * shape.float_bytes_per_token(fp_dtype.itemsize)
 
     def bytes_per_token_at(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS,
                            fp_dtype: torch.dtype = torch.float16) -> float:
@@ -156,8 +156,7 @@ class KVMode:
 
     def ratio_to_fp16(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS) -> float:
         """A ``tokens``-long sequence's bytes over fp16's (what "x fp16" means everywhere), to 4 places."""
-        return round(self.bytes_per_token_at(shape, tokens) / FP16.bytes_per_token_per_head(shape.head_dim)
-                     / shape.num_kv_heads / shape.num_layers / 2, 4)
+        return round(self.bytes_per_token_at(shape, tokens) / shape.float_bytes_per_token(), 4)
 
     def static_param_bytes(self, shape: "KVShape", granularity: str = "channel") -> int:
         """Bytes held once per pool: static scales and zero points, and the transforms' matrices."""

@@ -16,7 +16,7 @@ import torch
 from ..config import BASELINE_MODE, BLOCK_SIZE
 from ..modes import SEQUENCE_TOKENS, KVMode, get_mode
 from ..storage.shape import KVShape
-from ..storage.sinks import SINK_BLOCKS_PER_SLOT
+from ..storage.sinks import SINK_BLOCKS_PER_SLOT, fixed_pool_slots
 
 
 @dataclass
@@ -58,7 +58,7 @@ def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLO
     slot = mode.sink_bytes(shape, fp_dtype)
 
     def cost(n: int) -> int:
-        return n * block + -(-n // SINK_BLOCKS_PER_SLOT) * slot
+        return n * block + fixed_pool_slots(n) * slot
 
     n = max(0, int(room // (block + slot / SINK_BLOCKS_PER_SLOT)))
     while n and cost(n) > room:

@@ -191,7 +191,8 @@ def evaluate(
             greedy[m] = _greedy(model, m, qparams, prompts, greedy_tokens)
         if progress:
             progress((len(batches) + j + 1) / steps, f"greedy generation with {m}")
-    results = [_mode_result(m, nll, kl, top1, greedy, scored, seqlen, model, qparams) for m in names]
+    shape = KVShape.from_config(model.config)
+    results = [_mode_result(m, nll, kl, top1, greedy, scored, seqlen, shape) for m in names]
     report = {
         "model": getattr(loaded, "name", "?"),
         "seqlen": seqlen,
@@ -209,8 +210,8 @@ def evaluate(
     return report
 
 
-def _mode_result(m: str, nll: dict, kl: dict, top1: dict, greedy: dict, scored: int, seqlen: int, model: Any,
-                 qparams: KVQParams | None) -> ModeResult:
+def _mode_result(m: str, nll: dict, kl: dict, top1: dict, greedy: dict, scored: int, seqlen: int,
+                 shape: KVShape) -> ModeResult:
     """One mode's row of the report, against the fp16 reference."""
     ppl, ppl_ref = math.exp(nll[m].sum() / scored), math.exp(nll[BASELINE_MODE].sum() / scored)
     ci = delta_ppl_interval(nll[m] / (seqlen - 1), nll[BASELINE_MODE] / (seqlen - 1))
@@ -220,8 +221,8 @@ def _mode_result(m: str, nll: dict, kl: dict, top1: dict, greedy: dict, scored: 
         delta_ppl_ci95=ci,
         kl_vs_fp16=kl[m] / scored, top1_match_pct=100 * top1[m] / scored,
         first_divergence=div, first_divergence_median=float(statistics.median(div)) if div else None,
-        kv_bytes_per_token=PagedKVCache.for_model(model, m, qparams=qparams).pool.bytes_per_token,
-        kv_ratio_to_fp16=get_mode(m).ratio_to_fp16(KVShape.from_config(model.config)),
+        kv_bytes_per_token=get_mode(m).bytes_per_token(shape),
+        kv_ratio_to_fp16=get_mode(m).ratio_to_fp16(shape),
     )
 
 

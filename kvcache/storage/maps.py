@@ -49,7 +49,7 @@ def layer_maps(k_codec: Codec, v_codec: Codec, num_kv_heads: int, head_dim: int,
     k_map = q_map = None
     if transform is not None:
         a = transform.double()
-        r = (rot.cpu() if rot is not None else torch.eye(head_dim)).double()
+        r = (hadamard(head_dim) if rot is not None else torch.eye(head_dim)).double()
         k_map = (a @ r).float().contiguous().to(device)
         q_map = (torch.linalg.inv(a).transpose(-1, -2) @ r).float().contiguous().to(device)
     elif rot is not None:

@@ -24,6 +24,10 @@ class KVShape:
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         return cls(config.num_hidden_layers, num_kv_heads, head_dim, num_heads)
 
+    def float_bytes_per_token(self, itemsize: int = 2) -> int:
+        """Bytes of one token's K and V, all layers and KV heads, unquantized in ``itemsize``-byte floats."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
     def __str__(self) -> str:
         return f"{self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}"
 

@@ -17,11 +17,16 @@ from .shape import KVShape
 SINK_BLOCKS_PER_SLOT = 4
 
 
+def fixed_pool_slots(num_blocks: int) -> int:
+    """Sink slots a fixed pool of ``num_blocks`` blocks holds."""
+    return -(-num_blocks // SINK_BLOCKS_PER_SLOT)
+
+
 class SinkSlots:
     def __init__(self, tokens: int, shape: KVShape, device: torch.device, fp_dtype: torch.dtype, num_blocks: int,
                  growable: bool):
         self.tokens, self.shape, self.device, self.fp_dtype, self.growable = tokens, shape, device, fp_dtype, growable
-        self.num_slots = -(-num_blocks // SINK_BLOCKS_PER_SLOT) if tokens and not growable else 0
+        self.num_slots = fixed_pool_slots(num_blocks) if tokens and not growable else 0
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slot_of: dict[int, int] = {}  # block -> slot, the host's copy of ``sink_slot`` (no device reads)
         self.sink_slot = torch.full((num_blocks,), -1, dtype=torch.int32, device=device) if tokens else None
@@ -30,8 +35,7 @@ class SinkSlots:
     @property
     def slot_bytes(self) -> int:
         """Bytes of one slot: N tokens of K and V, every layer and KV head."""
-        s = self.shape
-        return self.tokens * s.num_layers * s.num_kv_heads * 2 * s.head_dim * self.fp_dtype.itemsize
+        return self.tokens * self.shape.float_bytes_per_token(self.fp_dtype.itemsize)
 
     @property
     def nbytes(self) -> int:
