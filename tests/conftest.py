@@ -1,5 +1,6 @@
 """Shared fixtures. Triton kernels run in the interpreter when no GPU is present."""
 
+import dataclasses
 import os
 
 import torch
@@ -26,20 +27,38 @@ def make_tiny_llama(num_layers: int = 2, num_heads: int = 4, num_kv_heads: int =
     return LlamaForCausalLM(cfg).eval()
 
 
+def static_qparams(shape, granularity="channel", symmetric=False, lim=4.0, center=0.0):
+    """Static int8 parameters for ranges ``center +- lim`` in every channel of every layer (K and V alike)."""
+    from kvcache.qparams import KVQParams
+
+    stat = lambda v: [torch.full((shape.num_kv_heads, shape.head_dim), v) for _ in range(shape.num_layers)]  # noqa: E731
+    stats = {"min": stat(center - lim), "max": stat(center + lim), "absmax": stat(abs(center) + lim)}
+    return KVQParams.from_stats(stats, stats, granularity=granularity, symmetric=symmetric)
+
+
 def random_qparams(config, seed: int = 7):
     """Calibrated-looking parameters for a (tiny) model: static int8 ranges of +-4 and a random, well-conditioned
     query-aware key transform per layer (determinant 1), enough for every calibrated mode to run."""
-    from kvcache.qparams import KVQParams
     from kvcache.storage.shape import KVShape
 
     shape = KVShape.from_config(config)
-    stat = lambda v: [torch.full((shape.num_kv_heads, shape.head_dim), v) for _ in range(shape.num_layers)]  # noqa: E731
-    stats = {"min": stat(-4.0), "max": stat(4.0), "absmax": stat(4.0)}
     g = torch.Generator().manual_seed(seed)
     a = [torch.eye(shape.head_dim) + 0.2 * torch.randn(shape.num_kv_heads, shape.head_dim, shape.head_dim, generator=g)
          for _ in range(shape.num_layers)]
-    a = [t / torch.linalg.det(t).abs()[:, None, None] ** (1 / shape.head_dim) for t in a]
-    return KVQParams.from_stats(stats, stats, k_transform=a)
+    qp = static_qparams(shape)
+    qp.k_transform = [t / torch.linalg.det(t).abs()[:, None, None] ** (1 / shape.head_dim) for t in a]
+    return qp
+
+
+def clone_layer(layer):
+    """A deep copy of a layer's storage (every tensor field cloned)."""
+    return dataclasses.replace(layer, **{f.name: getattr(layer, f.name).clone() for f in dataclasses.fields(layer)
+                                         if isinstance(getattr(layer, f.name), torch.Tensor)})
+
+
+def stored_tensors(layer) -> list[str]:
+    """Names of the tensors a write may change: the per-block ones and, with sinks, the sink slots."""
+    return layer.per_block_tensors() + (["k_sink", "v_sink"] if layer.sink_tokens else [])
 
 
 @pytest.fixture

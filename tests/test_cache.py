@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_llama, random_qparams
+from conftest import make_tiny_llama, random_qparams, static_qparams
 from transformers import DynamicCache
 
 from kvcache import (
@@ -18,12 +18,6 @@ from kvcache import (
 from kvcache.hf.compat import cache_kwargs
 from kvcache.kernels.reference import gather_kv_reference
 from kvcache.quant import dequantize, quantize
-
-
-def _static_qparams(shape: KVShape, granularity="channel", symmetric=False, lim=4.0, center=0.0) -> KVQParams:
-    stat = lambda v: [torch.full((shape.num_kv_heads, shape.head_dim), v) for _ in range(shape.num_layers)]  # noqa: E731
-    stats = {"min": stat(center - lim), "max": stat(center + lim), "absmax": stat(abs(center) + lim)}
-    return KVQParams.from_stats(stats, stats, granularity=granularity, symmetric=symmetric)
 
 
 def _tables(cache: PagedKVCache) -> torch.Tensor:
@@ -66,7 +60,7 @@ def test_fp16_storage_agrees_within_fp16_rounding(tiny_llama):
 def test_quantized_modes_generate(tiny_llama, kv):
     shape = KVShape.from_config(tiny_llama.config)
     ids = torch.randint(0, 128, (1, 20))
-    cache = PagedKVCache.for_model(tiny_llama, kv, qparams=_static_qparams(shape), block_size=8)
+    cache = PagedKVCache.for_model(tiny_llama, kv, qparams=static_qparams(shape), block_size=8)
     out = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
     assert out.shape == (1, 28)
     assert cache.pool.layers[0].k.dtype == torch.int8  # stored only quantized
@@ -75,7 +69,7 @@ def test_quantized_modes_generate(tiny_llama, kv):
 def test_static_int8_stores_codes_of_the_qparams():
     m = make_tiny_llama()
     shape = KVShape.from_config(m.config)
-    qp = _static_qparams(shape, granularity="head", lim=3.0)
+    qp = static_qparams(shape, granularity="head", lim=3.0)
     cache = PagedKVCache.for_model(m, "int8", qparams=qp, block_size=4)
     k = torch.randn(1, 2, 6, 16)
     v = torch.randn(1, 2, 6, 16).clamp(-2.9, 2.9)  # inside the calibrated range
@@ -94,7 +88,7 @@ def test_bytes_accounting_is_exact():
     shape = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)
     fp16 = BlockPool(get_mode("fp16"), shape)
     dyn = BlockPool(get_mode("int8-dynamic"), shape)
-    static = BlockPool(get_mode("int8"), shape, qparams=_static_qparams(shape))
+    static = BlockPool(get_mode("int8"), shape, qparams=static_qparams(shape))
     assert fp16.bytes_per_token == 2 * 30 * 3 * 64 * 2 == 23040
     assert static.bytes_per_token == 11520
     assert dyn.bytes_per_token == 11520 + 30 * 3 * 2 * 2 * 2 == 12240  # + fp16 scale and zp for K and V
@@ -141,7 +135,7 @@ def test_fixed_pool_full_is_a_clear_error_and_keeps_data():
 def test_int8_needs_qparams_and_they_must_match(tiny_llama):
     with pytest.raises(ModeError, match="needs calibrated parameters: pass --qparams"):
         PagedKVCache.for_model(tiny_llama, "int8")
-    wrong = _static_qparams(KVShape(num_layers=2, num_kv_heads=3, head_dim=16, num_heads=3))
+    wrong = static_qparams(KVShape(num_layers=2, num_kv_heads=3, head_dim=16, num_heads=3))
     with pytest.raises(QParamsError, match=r"qparams have 2 layers x \(3, 16\).*model needs 2 layers x \(2, 16\)"):
         PagedKVCache.for_model(tiny_llama, "int8", qparams=wrong)
     with pytest.raises(ModeError, match="valid modes: fp16, int8, int8-dynamic"):
@@ -150,7 +144,7 @@ def test_int8_needs_qparams_and_they_must_match(tiny_llama):
 
 def test_qparams_file_round_trip(tmp_path):
     shape = KVShape(3, 2, 8, 4)
-    qp = _static_qparams(shape, granularity="tensor", symmetric=True)
+    qp = static_qparams(shape, granularity="tensor", symmetric=True)
     qp.metadata["model"] = "tiny"
     path = qp.save(tmp_path / "kv_qparams.safetensors")
     back = KVQParams.load(path)
@@ -184,7 +178,7 @@ def test_kernel_path_through_a_model_matches_the_references(monkeypatch, kv):
     four_bit = get_mode(kv).k_bits < 8 or get_mode(kv).v_bits < 8
     model = make_tiny_llama(head_dim=32 if four_bit else 16).half()  # the kernels take 4-bit codes from head_dim 32
     shape = KVShape.from_config(model.config)
-    qparams = {"int8": _static_qparams(shape, center=0.5), "k8v4": random_qparams(model.config)}.get(kv)  # int8: zp != 0
+    qparams = {"int8": static_qparams(shape, center=0.5), "k8v4": random_qparams(model.config)}.get(kv)  # int8: zp != 0
     g = torch.Generator().manual_seed(0)
     turns = [torch.randint(0, 128, (1, n), generator=g) for n in (21, 1, 1, 9)]
     calls = []

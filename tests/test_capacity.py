@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import stored_tensors
 
 from kvcache import ConfigError, Engine, EngineConfig, KVShape, get_mode
 from kvcache.cli import main
@@ -62,8 +63,7 @@ def test_the_engine_capacity_view_sizes_pools_as_the_engine_does(loaded_default)
                 assert held <= report["budget_bytes"] < held + row["block_bytes"] + pool.sinks.slot_bytes
                 # and that count is every byte of every tensor the pool allocated
                 storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for layer in pool.layers
-                            for t in [getattr(layer, n) for n in layer.per_block_tensors()] + layer.static_tensors()
-                            + [layer.k_sink, layer.v_sink] if t is not None}
+                            for t in [getattr(layer, n) for n in stored_tensors(layer)] + layer.static_tensors()}
                 assert held == sum(storages.values())
     finally:
         engine.close()

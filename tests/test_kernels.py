@@ -6,10 +6,10 @@ are tiny; with one, the same tests run the compiled kernels on CUDA tensors.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
+from conftest import clone_layer, stored_tensors
 
 from kvcache.kernels import decode_attention, prefill_attention, store_kv, use_triton
 from kvcache.kernels.reference import (
@@ -17,7 +17,7 @@ from kvcache.kernels.reference import (
     prefill_attention_reference,
     store_kv_reference,
 )
-from kvcache.modes import FP16, INT8_TOKEN, Codec, KVMode, get_mode
+from kvcache.modes import INT8_TOKEN, Codec, KVMode, get_mode
 from kvcache.qparams import KVQParams
 from kvcache.storage.layout import LayerKV, new_blocks
 
@@ -107,15 +107,6 @@ def make_layer(kv: str | KVMode, num_blocks: int, kvh: int, block_size: int, hea
                                                   dtype=fp_dtype, device=DEVICE) for _ in range(2))
         layer.sink_slot = torch.full((num_blocks,), -1, dtype=torch.int32, device=DEVICE)
     return layer
-
-
-def clone_layer(layer: LayerKV) -> LayerKV:
-    return dataclasses.replace(layer, **{f.name: getattr(layer, f.name).clone() for f in dataclasses.fields(layer)
-                                         if isinstance(getattr(layer, f.name), torch.Tensor)})
-
-
-def stored_tensors(layer: LayerKV) -> list[str]:
-    return layer.per_block_tensors() + (["k_sink", "v_sink"] if layer.sink_tokens else [])
 
 
 def assert_same_storage(got: LayerKV, want: LayerKV) -> None:

@@ -23,6 +23,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import clone_layer, stored_tensors
 
 from kvcache.kernels.reference import (
     decode_attention_reference,
@@ -201,15 +202,6 @@ def make_layer(kind: Kind, num_blocks: int, kvh: int, block_size: int, head_dim:
                                                   generator=g).to(kind.fp_dtype) * 3 for _ in range(2))
         layer.sink_slot = torch.full((num_blocks,), -1, dtype=torch.int32)
     return layer
-
-
-def clone_layer(layer: LayerKV) -> LayerKV:
-    return dataclasses.replace(layer, **{f.name: getattr(layer, f.name).clone() for f in dataclasses.fields(layer)
-                                         if isinstance(getattr(layer, f.name), torch.Tensor)})
-
-
-def stored_tensors(layer: LayerKV) -> list[str]:
-    return layer.per_block_tensors() + (["k_sink", "v_sink"] if layer.sink_tokens else [])
 
 
 def fill_rows(layer: LayerKV, lengths: list[int], max_blocks: int, seed: int = 0, offset: float = 0.0):
