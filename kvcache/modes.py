@@ -98,7 +98,8 @@ class KVMode:
     v: Codec = FP16
     sink_tokens: int = 0
     layers: tuple[tuple[Codec, Codec], ...] | None = None  # a plan: (K, V) per layer; None: ``k``/``v`` in all
-    peer: str = ""  # the scheme of another tool this mode reproduces, for comparison
+    engine: str = "kvq"  # whose scheme it is: "kvq" (ours), "vllm", "sglang", "lmdeploy", "llamacpp", "hf"
+    serve: str = ""  # what a user pastes to turn it on in that engine (a flag, an environment, a constructor)
     model_hash: str | None = None  # a plan: the config hash of the model it was made for
 
     def check_model(self, config: object) -> None:
@@ -177,8 +178,9 @@ class KVMode:
         return f"K {self.k.label()}, V {self.v.label()}{sinks}"
 
 
-def _mode(name: str, description: str, k: Codec, v: Codec, sinks: int = 0, peer: str = "") -> KVMode:
-    return KVMode(name, description, k, v, sinks, peer=peer)
+def _mode(name: str, description: str, k: Codec, v: Codec, sinks: int = 0, engine: str = "kvq",
+          serve: str = "") -> KVMode:
+    return KVMode(name, description, k, v, sinks, engine=engine, serve=serve or f"--kv {name}")
 
 
 INT4_HEAD = Codec(4, "token")
@@ -194,7 +196,7 @@ KV_MODES: dict[str, KVMode] = {
         _mode("int8-dynamic", "int8, per-token per-head parameters computed at write time (no calibration)",
               INT8_TOKEN, INT8_TOKEN),
         _mode("int4-lmdeploy", "int4 per token and head, asymmetric: LMDeploy's --quant-policy 4, for comparison",
-              INT4_HEAD, INT4_HEAD, peer="LMDeploy >= 0.4 quant_policy=4"),
+              INT4_HEAD, INT4_HEAD, engine="lmdeploy", serve="--quant-policy 4"),
         _mode("int8-rot", "int8 per token and head after a Hadamard rotation, first 4 tokens fp16 (no calibration)",
               INT8_ROT, INT8_ROT, sinks=4),
         _mode("int8-qk", "int8 per token and head after a rotation, K through the calibrated query-aware transform; "
@@ -240,7 +242,7 @@ def _load_plan(path: str, mtime_ns: int) -> KVMode:
     if not layers:
         raise ModeError(f"{path} holds no layers: make one with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
     return KVMode(path, spec.get("description", "a per-layer plan"), layers[0][0], layers[0][1],
-                  int(spec.get("sink_tokens", 0)), layers=layers, model_hash=spec.get("config_hash"))
+                  int(spec.get("sink_tokens", 0)), layers=layers, serve=f"--kv {path}", model_hash=spec.get("config_hash"))
 
 
 def get_mode(name: "str | KVMode") -> KVMode:

@@ -136,7 +136,7 @@ def mode_facts(modes: list[KVMode], config: Any, tokens: int = SEQUENCE_TOKENS) 
                  bytes_per_token=m.bytes_per_token(shape), sink_tokens=m.sink_tokens,
                  sink_bytes_per_sequence=m.sink_bytes(shape), pool_bytes=m.static_param_bytes(shape),
                  ratio_to_fp16=m.ratio_to_fp16(shape, tokens), codecs=m.describe_codecs(),
-                 description=m.description)
+                 engine=m.engine, serve=m.serve, description=m.description)
             for m in modes]
 
 
