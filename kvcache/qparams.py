@@ -90,6 +90,18 @@ class KVQParams:
         zp = getattr(self, f"{side}_zp")[i].float()
         return scale.expand(num_kv_heads, head_dim).contiguous(), zp.expand(num_kv_heads, head_dim).contiguous()
 
+    def absmax(self, side: str, i: int) -> float:
+        """Layer ``i``'s largest calibrated magnitude of ``side`` over every head and channel (per-tensor scales).
+
+        Symmetric files hold ``absmax / (2^(b-1) - 1)``; asymmetric ones ``zp = (min+max)/2`` and
+        ``scale = (max-min)/(2^b - 1)``, so ``max |x| = |zp| + scale * (2^b - 1) / 2`` per channel.
+        """
+        scale = getattr(self, f"{side}_scale")[i].float()
+        if self.symmetric:
+            return float((scale * ((1 << (self.bits - 1)) - 1)).max())
+        zp = getattr(self, f"{side}_zp")[i].float()
+        return float((zp.abs() + scale * ((1 << self.bits) - 1) / 2).max())
+
     def check_matches(self, shape: KVShape, needs_transform: bool = False) -> None:
         """Raise a readable error when these parameters were made for another model (or lack a needed transform)."""
         want_layers = shape.num_layers

@@ -176,3 +176,83 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     lo = (packed & 15).to(torch.int8) - 8
     hi = (packed >> 4).to(torch.int8) - 8
     return torch.cat([lo, hi], dim=-1)
+
+
+# --- codes of any width: bit planes, and codebooks -------------------------------------------------------
+
+
+def code_planes(bits: int) -> tuple[int, ...]:
+    """Widths of the bit planes a ``bits``-bit code is stored in, lowest bits first (5 = 4 + 1, 3 = 2 + 1)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codes are 1 to 8 bits, got {bits}")
+    return (8,) if bits == 8 else tuple(w for w in (4, 2, 1) if bits & w)
+
+
+def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``u`` (``[..., D]``, values ``0 .. 2^bits - 1``) as ``[..., D * bits / 8]`` uint8 bit planes.
+
+    Plane by plane (lowest bits first, :func:`code_planes`): a plane of width ``w`` holds those ``w`` bits of
+    every channel in ``D * w / 8`` bytes, byte ``j`` holding channel ``j + k * D * w / 8`` at bit ``k * w``
+    (``k = 0 .. 8/w - 1``). A plane thus splits the vector into ``8 / w`` contiguous parts, one per bit
+    position, so a kernel unpacks a tile with one shift and mask per part; for 4-bit codes this is
+    :func:`pack_int4`'s layout (channel ``j`` low nibble, ``j + D/2`` high nibble).
+    """
+    d = u.shape[-1]
+    if bits == 8:
+        return u.to(torch.uint8)
+    if d % 8:
+        raise ValueError(f"{bits}-bit codes pack in bytes: head_dim {d} is not a multiple of 8")
+    u = u.to(torch.int32)
+    out, lo = [], 0
+    for w in code_planes(bits):
+        per, width = 8 // w, d * w // 8
+        field = (u >> lo) & ((1 << w) - 1)
+        byte = torch.zeros((*u.shape[:-1], width), dtype=torch.int32, device=u.device)
+        for k in range(per):
+            byte |= field[..., k * width:(k + 1) * width] << (k * w)
+        out.append(byte.to(torch.uint8))
+        lo += w
+    return torch.cat(out, dim=-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """The inverse of :func:`pack_codes`: ``[..., head_dim * bits / 8]`` uint8 -> ``[..., head_dim]`` int32 codes."""
+    if bits == 8:
+        return packed.to(torch.int32)
+    p = packed.to(torch.int32)
+    u, lo, at = 0, 0, 0
+    for w in code_planes(bits):
+        per, width = 8 // w, head_dim * w // 8
+        plane = p[..., at:at + width]
+        field = torch.cat([(plane >> (k * w)) & ((1 << w) - 1) for k in range(per)], dim=-1)
+        u = u + (field << lo)
+        lo, at = lo + w, at + width
+    return u
+
+
+def nearest_codes(x: torch.Tensor, table: torch.Tensor, ties: str = "even") -> torch.Tensor:
+    """Index of the nearest entry of an ascending ``table`` for every value of ``x`` (int64).
+
+    ``table`` is ``[M]`` or ``[H, M]`` with ``x`` ``[H, ...]`` (one table per leading index). A value exactly
+    halfway between two entries goes to the ``even`` index (round-half-even for floating-point formats),
+    the ``up``per or the ``down``/lower one, as the scheme being reproduced does.
+    """
+    t = table.float()
+    x = x.float()
+    mids = (t[..., 1:] + t[..., :-1]) / 2
+    flat = x.reshape(x.shape[0], -1) if t.dim() == 2 else x.reshape(1, -1)
+    m = mids if t.dim() == 2 else mids[None]
+    lower = torch.searchsorted(m.contiguous(), flat.contiguous(), right=False)  # ties counted down
+    if ties != "down":
+        upper = torch.searchsorted(m.contiguous(), flat.contiguous(), right=True)  # ties counted up
+        tie = upper != lower
+        pick = upper if ties == "up" else torch.where(lower % 2 == 0, lower, upper)
+        lower = torch.where(tie, pick, lower)
+    return lower.reshape(x.shape)
+
+
+def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Non-negative fp32 ``x`` rounded to ``dtype``, never downwards (16-bit floats and fp32)."""
+    if dtype == torch.float32:
+        return x.float()
+    return _round_up(x, dtype)

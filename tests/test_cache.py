@@ -138,7 +138,7 @@ def test_int8_needs_qparams_and_they_must_match(tiny_llama):
     wrong = static_qparams(KVShape(num_layers=2, num_kv_heads=3, head_dim=16, num_heads=3))
     with pytest.raises(QParamsError, match=r"qparams have 2 layers x \(3, 16\).*model needs 2 layers x \(2, 16\)"):
         PagedKVCache.for_model(tiny_llama, "int8", qparams=wrong)
-    with pytest.raises(ModeError, match="valid modes: fp16, int8, int8-dynamic"):
+    with pytest.raises(ModeError, match="our modes: fp16, int8, int8-dynamic"):
         PagedKVCache.for_model(tiny_llama, "int3")
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ..modes import INT8_TOKEN, TOKEN_PARAM_DTYPE
-from ..quant import (dequantize, dequantize_groups, dynamic_qparams, pack_int4, quantize, quantize_groups, token_qparams,
-                     unpack_int4)
+from ..codec import INT8_TOKEN, TOKEN_PARAM_DTYPE
+from ..encoding import decode, encode, from_storage, to_storage
+from ..quant import dynamic_qparams, quantize
 from ..storage.layout import LayerKV
 
 
@@ -29,16 +29,12 @@ def _store_side(layer: LayerKV, side: str, x: torch.Tensor, blk: torch.Tensor, o
     if not codec.quantized:
         data[blk, :, off] = x.to(data.dtype)
         return
-    if codec.scaling == "static":
-        scale, zp = layer.params(side)
-        codes = quantize(x, scale, zp, codec.bits)
-    else:
-        scale, zp = token_qparams(x, codec.bits, codec.group_size, codec.symmetric, TOKEN_PARAM_DTYPE)
-        codes = quantize_groups(x, scale, zp, codec.bits, codec.group_size)
-        getattr(layer, f"{side}_scale")[blk, :, off] = scale
-        if zp is not None:
-            getattr(layer, f"{side}_zp")[blk, :, off] = zp
-    data[blk, :, off] = pack_int4(codes) if codec.bits == 4 else codes
+    enc = encode(codec, x, layer.side_params(side))
+    if enc.scale is not None:
+        getattr(layer, f"{side}_scale")[blk, :, off] = enc.scale
+    if enc.zp is not None:
+        getattr(layer, f"{side}_zp")[blk, :, off] = enc.zp
+    data[blk, :, off] = to_storage(codec, enc.codes)
 
 
 def _store_sinks(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> None:
@@ -82,15 +78,13 @@ def _read_side(layer: LayerKV, side: str, blocks: torch.Tensor, b: int, length: 
     codec, data = layer.codec(side), getattr(layer, side)
     if not codec.quantized:
         return read_blocks(data, blocks, b, dtype)[:, :, :length]
-    codes = read_blocks(data, blocks, b, data.dtype)[:, :, :length]
-    if codec.bits == 4:
-        codes = unpack_int4(codes)
-    scale, zp = layer.params(side)
-    if codec.scaling == "static":
-        return dequantize(codes, scale[None, :, None, :], zp[None, :, None, :], dtype)
-    scale = read_blocks(scale, blocks, b, scale.dtype)[:, :, :length]
-    zp = None if zp is None else read_blocks(zp, blocks, b, zp.dtype)[:, :, :length]
-    return dequantize_groups(codes, scale, zp, codec.group_size, dtype)
+    codes = from_storage(codec, read_blocks(data, blocks, b, data.dtype)[:, :, :length], layer.head_dim)
+    scale = zp = None
+    if codec.scaling == "token":
+        s, z = layer.params(side)
+        scale = read_blocks(s, blocks, b, s.dtype)[:, :, :length]
+        zp = None if z is None else read_blocks(z, blocks, b, z.dtype)[:, :, :length]
+    return decode(codec, codes, scale, zp, layer.side_params(side), dtype, head_axis=1)
 
 
 def _overlay_sinks(layer: LayerKV, side: str, x: torch.Tensor, block_tables: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from .layout import LayerKV, new_blocks
 from .maps import layer_maps
 from .shape import KVShape
 from .sinks import SinkSlots
+from .tables import layer_grid, layer_tensor_scale
 
 
 @dataclass
@@ -84,6 +85,11 @@ class BlockPool:
                 scale, zp = self.qparams.side(side, i, shape.num_kv_heads, shape.head_dim, codec.bits)
                 setattr(layer, f"{side}_scale", scale.to(dev))
                 setattr(layer, f"{side}_zp", zp.to(dev))
+            table = getattr(self.qparams, f"{side}_table", None) if self.qparams is not None else None
+            layer_table = table[i] if table is not None and codec.grid == "table" else None
+            setattr(layer, f"{side}_grid", layer_grid(codec, shape.num_kv_heads, shape.head_dim, dev, layer_table))
+            absmax = self.qparams.absmax(side, i) if codec.tensor_scale and self.qparams is not None else None
+            setattr(layer, f"{side}_tscale", layer_tensor_scale(codec, absmax, dev))
         transform = self.qparams.k_transform[i] if k_codec.qk_transform else None
         layer.k_map, layer.q_map, layer.v_map = layer_maps(k_codec, v_codec, shape.num_kv_heads, shape.head_dim,
                                                            transform, dev)

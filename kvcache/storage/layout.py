@@ -7,9 +7,14 @@ in its high one). A token's *slot* is ``block_id * block_size + offset``. K and 
 codec (:class:`kvcache.modes.Codec`):
 
 - floats: the pool's dtype, no parameters;
+- codes: int8 for 8-bit integer codes, else uint8 code indices, packed below 8 bits in bit planes
+  (:func:`kvcache.quant.pack_codes`; ``width`` = head_dim * bits / 8);
 - static codes: ``{k,v}_scale``/``{k,v}_zp`` of shape ``[num_kv_heads, head_dim]`` fp32;
 - per-token codes: ``{k,v}_scale`` (and ``_zp`` unless symmetric) ``[num_blocks, num_kv_heads, block_size, groups]``
-  fp16, one per token, head and group of channels (one group: the whole head).
+  in the codec's ``param_dtype`` (fp16 by default), one per token, head and group of channels (one group: the
+  whole head);
+- codebooks: ``{k,v}_grid`` ``[num_kv_heads, 2^bits]`` fp32 (a fixed one is one tensor shared by every layer,
+  expanded over the heads); a per-tensor scale ``{k,v}_tscale`` ``[]`` fp32.
 
 Rotations and the query-aware key transform live here too (``k_map``, ``q_map``, ``v_map``; applied by
 the transformers glue, never by the kernels, which see only stored vectors). Sinks: with
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modes import TOKEN_PARAM_DTYPE, Codec
+from ..codec import Codec
+from ..encoding import SideParams
 
 
 @dataclass
@@ -45,6 +51,10 @@ class LayerKV:
     k_sink: torch.Tensor | None = None
     v_sink: torch.Tensor | None = None
     sink_slot: torch.Tensor | None = None  # [num_blocks] int32, shared by every layer of the pool
+    k_grid: torch.Tensor | None = None  # [kv_heads, 2^bits] fp32: what each K code stands for (codebook grids)
+    v_grid: torch.Tensor | None = None
+    k_tscale: torch.Tensor | None = None  # [] fp32: K's per-tensor scale (codecs with tensor_scale)
+    v_tscale: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
@@ -65,6 +75,12 @@ class LayerKV:
         """``(scale, zero point)`` of ``side`` ('k' or 'v'); None where the codec has none."""
         return getattr(self, f"{side}_scale"), getattr(self, f"{side}_zp")
 
+    def side_params(self, side: str) -> SideParams:
+        """What the layer holds once for ``side``, as :mod:`kvcache.encoding` takes it."""
+        c = self.codec(side)
+        scale, zp = self.params(side) if c.scaling == "static" else (None, None)
+        return SideParams(scale, zp, getattr(self, f"{side}_grid"), getattr(self, f"{side}_tscale"))
+
     def per_block_tensors(self) -> list[str]:
         """Names of the tensors that have a block dimension (they grow with the pool)."""
         names = ["k", "v"]
@@ -80,7 +96,8 @@ class LayerKV:
         for side in ("k", "v"):
             if self.codec(side).scaling == "static":
                 out += [t for t in self.params(side) if t is not None]
-        return out + [t for t in (self.k_map, self.q_map, self.v_map) if t is not None]
+        extra = (self.k_map, self.q_map, self.v_map, self.k_grid, self.v_grid, self.k_tscale, self.v_tscale)
+        return out + [t for t in extra if t is not None]
 
 
 def new_blocks(
@@ -94,9 +111,9 @@ def new_blocks(
         out[side] = torch.zeros(shape, dtype=c.storage_dtype(fp_dtype), device=device)
         if c.scaling == "token":
             pshape = (num_blocks, num_kv_heads, block_size, c.groups(head_dim))
-            out[f"{side}_scale"] = torch.zeros(pshape, dtype=TOKEN_PARAM_DTYPE, device=device)
+            out[f"{side}_scale"] = torch.zeros(pshape, dtype=c.param_torch_dtype, device=device)
             if not c.symmetric:
-                out[f"{side}_zp"] = torch.zeros(pshape, dtype=TOKEN_PARAM_DTYPE, device=device)
+                out[f"{side}_zp"] = torch.zeros(pshape, dtype=c.param_torch_dtype, device=device)
     return out
 
 

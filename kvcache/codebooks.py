@@ -1,0 +1,115 @@
+"""Codebooks: what each code of a grid stands for before scaling (pure torch, no state but caches).
+
+- ``int`` / ``uint``: the uniform integer grids (``u - 2^(b-1)`` and ``u``); no table is stored.
+- ``e4m3`` / ``e5m2``: the fp8 formats (OCP FP8: e4m3 "fn", finite only, max 448; e5m2 IEEE-like, max 57344),
+  code = the 8-bit pattern; ``e2m1``: fp4 (OCP MX), sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
+- ``iq4nl``: llama.cpp's non-linear 4-bit table (``kvalues_iq4nl`` in ggml-common.h), int8 levels times a scale.
+- ``lloyd-max``: the MSE-optimal scalar quantizer of one coordinate of a unit vector rotated at random in
+  ``d`` dimensions, which is close to N(0, 1/d) for d >= 64 (TurboQuant; vLLM solves the same conditions
+  in turboquant/centroids.py); sorted ascending.
+- ``table``: calibrated per layer, KV head and side, carried by the parameters file.
+
+Encoding to a float format saturates to its largest finite value and rounds to nearest, ties to even, as
+the engines' fp8 casts do (``__NV_SATFINITE``); :func:`float_codes` returns the bit patterns.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .quant import nearest_codes
+
+IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+FLOAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
+_TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@functools.lru_cache(maxsize=None)
+def float_grid(name: str) -> torch.Tensor:
+    """Value of every bit pattern of a float format (fp32, indexed by code); the NaN patterns read as the max."""
+    if name == "e2m1":
+        mags = torch.tensor(E2M1_MAGNITUDES)
+        return torch.cat([mags, -mags])
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(_TORCH_FP8[name]).float()
+    top = FLOAT_MAX[name]
+    values = torch.where(torch.isnan(values), torch.copysign(torch.full_like(values, top), values), values)
+    return torch.where(torch.isinf(values), torch.copysign(torch.full_like(values, top), values), values)
+
+
+def float_codes(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Bit patterns (int32) of ``x`` in a float format: saturated to the largest finite value, round-half-even."""
+    top = FLOAT_MAX[name]
+    x = x.float().clamp(-top, top)
+    if name in _TORCH_FP8:
+        return x.to(_TORCH_FP8[name]).view(torch.uint8).to(torch.int32)
+    mags = torch.tensor(E2M1_MAGNITUDES, device=x.device)
+    u = nearest_codes(x.abs(), mags, ties="even").to(torch.int32)
+    return torch.where(torch.signbit(x) & (u > 0), u | 8, u)  # -0 is stored as +0
+
+
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+@functools.lru_cache(maxsize=64)
+def lloyd_max(bits: int, dim: int, iterations: int = 500) -> torch.Tensor:
+    """The ``2^bits`` Lloyd-Max centroids of N(0, 1/dim), ascending (fp32), solved in float64 with exact moments.
+
+    Lloyd's conditions: every boundary halfway between neighbouring centroids, every centroid the mean of its
+    cell. For a Gaussian the cell means are closed-form (``sigma^2 (pdf(a) - pdf(b)) / (cdf(b) - cdf(a))``).
+    """
+    n = 1 << bits
+    sigma = 1.0 / math.sqrt(dim)
+    c = torch.linspace(-2.5, 2.5, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    for _ in range(iterations):
+        edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (c[1:] + c[:-1]) / 2,
+                           torch.tensor([math.inf], dtype=torch.float64)])
+        pdf = torch.exp(-edges ** 2 / 2) / math.sqrt(2 * math.pi)
+        mass = _normal_cdf(edges[1:]) - _normal_cdf(edges[:-1])
+        new = (pdf[:-1] - pdf[1:]) / mass.clamp_min(1e-300)
+        if torch.max(torch.abs(new - c)) < 1e-13:
+            c = new
+            break
+        c = new
+    return (c * sigma).float()
+
+
+def fixed_grid(name: str, bits: int, head_dim: int, group_size: int = 0) -> torch.Tensor | None:
+    """The table of a fixed codebook (fp32 ``[2^bits]``), or None for the integer grids and calibrated tables.
+
+    ``lloyd-max`` centroids are for unit vectors of the group's dimension (the whole head by default).
+    """
+    if name in ("int", "uint", "table"):
+        return None
+    if name in FLOAT_MAX:
+        return float_grid(name)
+    if name == "iq4nl":
+        return torch.tensor(IQ4NL_LEVELS, dtype=torch.float32)
+    if name == "lloyd-max":
+        return lloyd_max(bits, group_size or head_dim)
+    raise ValueError(f"unknown grid {name!r}")
+
+
+def grid_values(u: torch.Tensor, name: str, bits: int, table: torch.Tensor | None, head_axis: int = 1) -> torch.Tensor:
+    """What codes ``u`` (int) stand for, in fp32: the integer grid, or ``table[u]``.
+
+    ``table`` is ``[2^bits]`` (one codebook) or ``[kv_heads, 2^bits]`` (one per KV head, which is ``u``'s
+    dimension ``head_axis``).
+    """
+    if name == "int":
+        return u.float() - (1 << (bits - 1))
+    if name == "uint":
+        return u.float()
+    if table is None:
+        if name == "lloyd-max" or name == "table":
+            raise ValueError(f"the {name} grid needs its table")
+        table = fixed_grid(name, bits, u.shape[-1])
+    if table.dim() == 1:
+        return table.float()[u.long()]
+    heads = u.movedim(head_axis, 0)
+    flat = torch.gather(table.float(), 1, heads.reshape(heads.shape[0], -1).long())
+    return flat.reshape(heads.shape).movedim(0, head_axis)

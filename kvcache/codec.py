@@ -1,0 +1,271 @@
+"""How K or V is stored (a :class:`Codec`) and a whole cache's choice of them (a :class:`KVMode`), with their byte counts.
+
+A codec composes pieces, each chosen separately for K and V:
+
+- **bits** of a code (16: floats in the pool's dtype; 8 down to 1: codes, packed below 8 bits into bit planes,
+  :func:`kvcache.quant.pack_codes`);
+- a **grid**: what a code stands for before scaling. ``int`` is the uniform grid of signed integers
+  ``-2^(b-1) .. 2^(b-1)-1``, ``uint`` the unsigned one ``0 .. 2^b-1``; the others are codebooks
+  (:mod:`kvcache.codebooks`): the floating-point formats ``e4m3``, ``e5m2`` (fp8) and ``e2m1`` (fp4),
+  llama.cpp's ``iq4nl`` table, ``lloyd-max`` centroids for the coordinates of a rotated unit vector
+  (TurboQuant), and ``table``, one calibrated per layer, KV head and side;
+- **scaling**: ``none`` (the grid value as it is, times an optional per-tensor scale), ``static`` (calibrated
+  per tensor, head or channel) or ``token`` (computed at write time per token, KV head and group of
+  ``group_size`` channels), with or without a zero point (``symmetric``), in ``param_dtype``;
+- an encoder **rule**: whose arithmetic picks the parameters and rounds (ours, ``kvq``, or an engine's:
+  :mod:`kvcache.encoding`);
+- linear maps around the cache: a Hadamard ``rotate`` and, for keys, the calibrated ``qk_transform``.
+
+A value is decoded as ``grid[code] * scale + zero_point`` (times the per-tensor scale), whatever the pieces;
+that is what the kernels and their references read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import ModeError
+
+if TYPE_CHECKING:
+    from .storage.shape import KVShape
+
+STATIC_PARAM_DTYPE = torch.float32  # static parameters are fp32 so they add no error of their own
+TOKEN_PARAM_DTYPE = torch.float16  # per-token parameters (the default ``param_dtype``), used exactly as stored
+SEQUENCE_TOKENS = 2048  # the sequence length per-sequence costs (sinks) are spread over in ratios
+
+GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "table": None, "e4m3": 8, "e5m2": 8, "e2m1": 4, "iq4nl": 4}
+FLOAT_GRIDS = ("e4m3", "e5m2", "e2m1")  # floating-point formats: meaningful with no parameters at all
+PARAM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "e4m3": torch.float8_e4m3fn}
+SCALINGS = ("none", "static", "token")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one of K or V is stored for every token (see the module docstring for each piece)."""
+
+    bits: int = 16
+    scaling: str = "none"
+    group_size: int = 0  # per-token scaling: channels per parameter group (0: the whole head)
+    symmetric: bool = False  # per-token scaling: a scale only, no zero point
+    rotate: bool = False  # an orthonormal Hadamard rotation of head_dim before quantizing
+    qk_transform: bool = False  # keys only: the calibrated query-aware transform (the query gets its inverse)
+    grid: str = "int"
+    rule: str = "kvq"
+    param_dtype: str = "fp16"  # per-token parameters' storage dtype
+    tensor_scale: bool = False  # one more fp32 scale per layer and side (1.0 unless calibrated): fp8/fp4 per tensor
+    norm_correction: bool = False  # decode divides by the norm of the decoded unit vector (TurboQuant's "nc")
+
+    def __post_init__(self) -> None:
+        reason = self._invalid()
+        if reason:
+            raise ValueError(f"not a codec: {self} ({reason})")
+
+    def _invalid(self) -> str | None:
+        if self.bits == 16:
+            plain = (self.scaling == "none" and not (self.group_size or self.symmetric or self.tensor_scale
+                     or self.norm_correction) and self.grid == "int")
+            return None if plain else "16-bit floats take no scaling, grid or parameters"
+        if not 1 <= self.bits <= 8:
+            return "codes are 1 to 8 bits (16: floats)"
+        if self.grid not in GRID_BITS:
+            return f"grid must be one of {', '.join(GRID_BITS)}"
+        if GRID_BITS[self.grid] not in (None, self.bits):
+            return f"the {self.grid} grid has {GRID_BITS[self.grid]}-bit codes"
+        if self.scaling not in SCALINGS:
+            return f"scaling must be one of {', '.join(SCALINGS)}"
+        if self.scaling == "none" and self.grid not in FLOAT_GRIDS:
+            return "only floating-point grids (e4m3, e5m2, e2m1) are read without parameters"
+        if self.scaling == "static" and self.grid != "int":
+            return "static (calibrated) parameters are for the int grid"
+        if self.scaling != "token" and (self.group_size or self.symmetric or self.norm_correction):
+            return "groups, symmetric scales and norm correction are per-token parameters"
+        if self.param_dtype not in PARAM_DTYPES:
+            return f"param_dtype must be one of {', '.join(PARAM_DTYPES)}"
+        return None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scaling == "static" or self.qk_transform or self.grid == "table"
+
+    @property
+    def param_torch_dtype(self) -> torch.dtype:
+        return PARAM_DTYPES[self.param_dtype]
+
+    def groups(self, head_dim: int) -> int:
+        """Parameter groups per token and head (0 for floats, static parameters and parameter-free grids)."""
+        return head_dim // (self.group_size or head_dim) if self.scaling == "token" else 0
+
+    def params_per_group(self) -> int:
+        return 1 if self.symmetric else 2  # scale (and zero point)
+
+    def planes(self) -> tuple[int, ...]:
+        """Bit widths of the planes a code is stored in, lowest bits first: 8, or 4/2/1-bit planes below 8 bits."""
+        if self.bits in (8, 16):
+            return (self.bits,)
+        return tuple(w for w in (4, 2, 1) if self.bits & w)
+
+    def code_width(self, head_dim: int) -> int:
+        """Stored elements per token and head: head_dim (floats, 8-bit codes), or head_dim * bits / 8 bytes."""
+        if self.bits in (8, 16):
+            return head_dim
+        if head_dim % 8:
+            raise ModeError(f"{self.bits}-bit codes pack in bytes: head_dim {head_dim} is not a multiple of 8")
+        return head_dim * self.bits // 8
+
+    def storage_dtype(self, fp_dtype: torch.dtype) -> torch.dtype:
+        if self.bits == 16:
+            return fp_dtype
+        return torch.int8 if self.bits == 8 and self.grid == "int" else torch.uint8
+
+    def bytes_per_token_per_head(self, head_dim: int, fp_dtype: torch.dtype = torch.float16) -> int:
+        """Codes (or floats) plus per-token parameters of one token in one layer and KV head."""
+        data = self.code_width(head_dim) * self.storage_dtype(fp_dtype).itemsize
+        return data + self.groups(head_dim) * self.params_per_group() * self.param_torch_dtype.itemsize
+
+    def grid_size(self) -> int:
+        return 1 << self.bits
+
+    def label(self) -> str:
+        """``int4 g16 sym +rot +qk``: the codec in a few words (tables, plans)."""
+        if not self.quantized:
+            return "fp16"
+        kind = f"int{self.bits}" if self.grid == "int" else f"{self.grid}{'' if GRID_BITS[self.grid] else self.bits}"
+        if self.grid == "uint":
+            kind = f"uint{self.bits}"
+        scale = {"static": ["static"], "none": [], "token": [f"g{self.group_size}" if self.group_size else "per head"]}
+        parts = [kind, *scale[self.scaling]]
+        parts += ["sym"] if self.symmetric else []
+        parts += [self.param_dtype] if self.scaling == "token" and self.param_dtype != "fp16" else []
+        parts += ["x tensor"] if self.tensor_scale else []
+        parts += ["+nc"] if self.norm_correction else []
+        parts += ["+rot"] if self.rotate else []
+        parts += ["+qk"] if self.qk_transform else []
+        parts += [f"({self.rule})"] if self.rule != "kvq" else []
+        return " ".join(parts)
+
+
+FP16 = Codec()
+INT8_STATIC = Codec(8, "static")
+INT8_TOKEN = Codec(8, "token")
+
+
+@dataclass(frozen=True)
+class KVMode:
+    """One way of storing the KV cache: a K codec and a V codec (per layer, for a plan) and fp16 sink tokens."""
+
+    name: str
+    description: str
+    k: Codec = FP16
+    v: Codec = FP16
+    sink_tokens: int = 0
+    layers: tuple[tuple[Codec, Codec], ...] | None = None  # a plan: (K, V) per layer; None: ``k``/``v`` in all
+    engine: str = "kvq"  # whose scheme it is: "kvq" (ours), "vllm", "sglang", "lmdeploy", "llamacpp", "hf"
+    serve: str = ""  # what a user pastes to turn it on in that engine (a flag, an environment, a constructor)
+    model_hash: str | None = None  # a plan: the config hash of the model it was made for
+    skip_layers: int = 0  # the first and last N layers stay in 16 bits (vLLM TurboQuant's boundary layers)
+    source: str = ""  # an engine scheme: the engine's files and functions it reproduces
+
+    def check_model(self, config: object) -> None:
+        """A plan made for another model is refused in one line (a named mode fits every model)."""
+        from .storage.shape import config_hash
+
+        if self.model_hash is not None and self.model_hash != config_hash(config):
+            raise ModeError(f"KV plan {self.name} was made for another model (config hash {self.model_hash}, this "
+                            f"model's is {config_hash(config)}): make a plan for this model with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
+
+    def layer_codecs(self, num_layers: int) -> list[tuple[Codec, Codec]]:
+        if self.layers is None:
+            skip = min(self.skip_layers, num_layers // 2)
+            return [(FP16, FP16) if i < skip or i >= num_layers - skip else (self.k, self.v) for i in range(num_layers)]
+        if len(self.layers) != num_layers:
+            raise ModeError(f"KV plan {self.name!r} is for {len(self.layers)} layers, the model has {num_layers}: "
+                            "make a plan for this model with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
+        return list(self.layers)
+
+    def _codecs(self) -> list[Codec]:
+        return [c for pair in (self.layers or ((self.k, self.v),)) for c in pair]
+
+    @property
+    def quantized(self) -> bool:
+        return any(c.quantized for c in self._codecs())
+
+    @property
+    def needs_qparams(self) -> bool:
+        """Static parameters or a calibrated transform or table: it needs ``--qparams`` from a calibration."""
+        return any(c.needs_calibration for c in self._codecs())
+
+    @property
+    def uses_tensor_scales(self) -> bool:
+        """Per-tensor scales: 1.0 without ``--qparams``, the calibrated ones with them (fp8 per tensor)."""
+        return any(c.tensor_scale for c in self._codecs())
+
+    def _mean_bits(self, side: int, num_layers: int | None) -> float:
+        pairs = self.layer_codecs(num_layers) if num_layers else (self.layers or ((self.k, self.v),))
+        bits = [pair[side].bits for pair in pairs]
+        return sum(bits) / len(bits)
+
+    @property
+    def k_bits(self) -> float:
+        return self._mean_bits(0, None)
+
+    @property
+    def v_bits(self) -> float:
+        return self._mean_bits(1, None)
+
+    def bits_for(self, num_layers: int) -> tuple[float, float]:
+        """Mean K and V bits over a model's layers (boundary layers left in 16 bits counted)."""
+        return self._mean_bits(0, num_layers), self._mean_bits(1, num_layers)
+
+    def bytes_per_token(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
+        """Marginal bytes one token costs across all layers and KV heads (codes and per-token parameters)."""
+        per_layer = [k.bytes_per_token_per_head(shape.head_dim, fp_dtype) + v.bytes_per_token_per_head(shape.head_dim, fp_dtype)
+                     for k, v in self.layer_codecs(shape.num_layers)]
+        return shape.num_kv_heads * sum(per_layer)
+
+    def sink_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
+        """Bytes one sequence's sink tokens take in the pool's fp dtype, K and V of all layers (once per sequence)."""
+        return self.sink_tokens * shape.float_bytes_per_token(fp_dtype.itemsize)
+
+    def bytes_per_token_at(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS,
+                           fp_dtype: torch.dtype = torch.float16) -> float:
+        """Bytes per token of a ``tokens``-long sequence: the marginal bytes plus its sinks spread over it."""
+        return self.bytes_per_token(shape, fp_dtype) + self.sink_bytes(shape, fp_dtype) / tokens
+
+    def ratio_to_fp16(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS) -> float:
+        """A ``tokens``-long sequence's bytes over fp16's (what "x fp16" means everywhere), to 4 places."""
+        return round(self.bytes_per_token_at(shape, tokens) / shape.float_bytes_per_token(), 4)
+
+    def static_param_bytes(self, shape: "KVShape", granularity: str = "channel") -> int:
+        """Bytes held once per pool: static scales and zero points, per-tensor scales, tables, the transforms' matrices."""
+        per_layer = {"tensor": 1, "head": shape.num_kv_heads, "channel": shape.num_kv_heads * shape.head_dim}[granularity]
+        f32 = STATIC_PARAM_DTYPE.itemsize
+        total = 0
+        shared_grids = set()
+        for k, v in self.layer_codecs(shape.num_layers):
+            for c in (k, v):
+                total += 2 * per_layer * f32 if c.scaling == "static" else 0
+                total += f32 if c.tensor_scale else 0
+                if c.grid == "table":  # calibrated per layer and KV head
+                    total += shape.num_kv_heads * c.grid_size() * f32
+                elif c.quantized and c.grid not in ("int", "uint"):  # a fixed codebook, one per pool
+                    shared_grids.add((c.grid, c.bits))
+            if k.qk_transform:  # the key map, and the query's inverse, per KV head
+                total += 2 * shape.num_kv_heads * shape.head_dim ** 2 * f32
+        total += sum((1 << bits) * f32 for _, bits in shared_grids)
+        if any(c.rotate for c in self._codecs()):  # one Hadamard matrix, shared by every layer (and by K and V)
+            total += shape.head_dim ** 2 * f32
+        return total
+
+    def describe_codecs(self) -> str:
+        if self.layers is not None:
+            return f"per-layer plan ({len(self.layers)} layers)"
+        sinks = f", first {self.sink_tokens} tokens fp16" if self.sink_tokens else ""
+        skip = f", first and last {self.skip_layers} layers fp16" if self.skip_layers else ""
+        return f"K {self.k.label()}, V {self.v.label()}{sinks}{skip}"
