@@ -36,9 +36,13 @@ STATIC_PARAM_DTYPE = torch.float32  # static parameters are fp32 so they add no 
 TOKEN_PARAM_DTYPE = torch.float16  # per-token parameters (the default ``param_dtype``), used exactly as stored
 SEQUENCE_TOKENS = 2048  # the sequence length per-sequence costs (sinks) are spread over in ratios
 
-GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "table": None, "e4m3": 8, "e5m2": 8, "e2m1": 4, "iq4nl": 4}
+GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "lloyd-max-vllm": None, "table": None, "e4m3": 8, "e5m2": 8,
+             "e2m1": 4, "iq4nl": 4, "signmag": 4}
 FLOAT_GRIDS = ("e4m3", "e5m2", "e2m1")  # floating-point formats: meaningful with no parameters at all
-PARAM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "e4m3": torch.float8_e4m3fn}
+# "ue8m0": a power-of-two scale stored as its biased exponent byte (2^(byte - 127), MX formats);
+# "pool": the pool's 16-bit float dtype (the model's, as an engine stores it)
+PARAM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "e4m3": torch.float8_e4m3fn,
+                "ue8m0": torch.uint8}
 SCALINGS = ("none", "static", "token")
 
 
@@ -57,6 +61,9 @@ class Codec:
     param_dtype: str = "fp16"  # per-token parameters' storage dtype
     tensor_scale: bool = False  # one more fp32 scale per layer and side (1.0 unless calibrated): fp8/fp4 per tensor
     norm_correction: bool = False  # decode divides by the norm of the decoded unit vector (TurboQuant's "nc")
+    residual_sign: bool = False  # the top bit of a code is the sign of the residual, times a per-token magnitude (LMDeploy's QJL bit)
+    rotation_block: int = 0  # rotate in blocks of this many channels (block-diagonal Hadamard; 0: the whole head)
+    rotation_min: int = 0  # rotate only heads whose head_dim this divides (llama.cpp: 64), others stay unrotated
 
     def __post_init__(self) -> None:
         reason = self._invalid()
@@ -82,8 +89,12 @@ class Codec:
             return "static (calibrated) parameters are for the int grid"
         if self.scaling != "token" and (self.group_size or self.symmetric or self.norm_correction):
             return "groups, symmetric scales and norm correction are per-token parameters"
-        if self.param_dtype not in PARAM_DTYPES:
-            return f"param_dtype must be one of {', '.join(PARAM_DTYPES)}"
+        if self.param_dtype not in (*PARAM_DTYPES, "pool"):
+            return f"param_dtype must be one of {', '.join(PARAM_DTYPES)} or pool"
+        if self.residual_sign and (self.scaling != "token" or self.symmetric or self.bits < 2):
+            return "a residual sign bit needs per-token scale and magnitude (not symmetric) and >= 2 bits"
+        if (self.rotation_block or self.rotation_min) and not self.rotate:
+            return "rotation_block and rotation_min are for rotated codecs"
         return None
 
     @property
@@ -96,7 +107,12 @@ class Codec:
 
     @property
     def param_torch_dtype(self) -> torch.dtype:
-        return PARAM_DTYPES[self.param_dtype]
+        """The per-token parameters' dtype (fp16 for ``pool``: call :meth:`param_dtype_in` with the pool's dtype)."""
+        return self.param_dtype_in(torch.float16)
+
+    def param_dtype_in(self, fp_dtype: torch.dtype) -> torch.dtype:
+        """The per-token parameters' dtype in a pool of 16-bit dtype ``fp_dtype``."""
+        return fp_dtype if self.param_dtype == "pool" else PARAM_DTYPES[self.param_dtype]
 
     def groups(self, head_dim: int) -> int:
         """Parameter groups per token and head (0 for floats, static parameters and parameter-free grids)."""
@@ -127,10 +143,17 @@ class Codec:
     def bytes_per_token_per_head(self, head_dim: int, fp_dtype: torch.dtype = torch.float16) -> int:
         """Codes (or floats) plus per-token parameters of one token in one layer and KV head."""
         data = self.code_width(head_dim) * self.storage_dtype(fp_dtype).itemsize
-        return data + self.groups(head_dim) * self.params_per_group() * self.param_torch_dtype.itemsize
+        return data + self.groups(head_dim) * self.params_per_group() * self.param_dtype_in(fp_dtype).itemsize
+
+    def rotation_for(self, head_dim: int) -> int:
+        """Channels per Hadamard block this codec rotates at ``head_dim`` (0: not rotated there)."""
+        if not self.rotate or (self.rotation_min and head_dim % self.rotation_min):
+            return 0
+        return min(self.rotation_block or head_dim, head_dim)
 
     def grid_size(self) -> int:
-        return 1 << self.bits
+        """Entries of the codebook: 2^bits (2^(bits-1) when the top bit is a residual sign)."""
+        return 1 << (self.bits - 1 if self.residual_sign else self.bits)
 
     def label(self) -> str:
         """``int4 g16 sym +rot +qk``: the codec in a few words (tables, plans)."""
@@ -145,7 +168,8 @@ class Codec:
         parts += [self.param_dtype] if self.scaling == "token" and self.param_dtype != "fp16" else []
         parts += ["x tensor"] if self.tensor_scale else []
         parts += ["+nc"] if self.norm_correction else []
-        parts += ["+rot"] if self.rotate else []
+        parts += ["+sign"] if self.residual_sign else []
+        parts += [f"+rot{self.rotation_block or ''}"] if self.rotate else []
         parts += ["+qk"] if self.qk_transform else []
         parts += [f"({self.rule})"] if self.rule != "kvq" else []
         return " ".join(parts)
@@ -180,6 +204,28 @@ class KVMode:
             raise ModeError(f"KV plan {self.name} was made for another model (config hash {self.model_hash}, this "
                             f"model's is {config_hash(config)}): make a plan for this model with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
 
+    def check_shape(self, shape: "KVShape") -> None:
+        """A scheme that needs what this model lacks is refused in one line naming it and the reason."""
+        d = shape.head_dim
+        for pair in set(self.layer_codecs(shape.num_layers)):
+            for side, c in zip("KV", pair):
+                if not c.quantized:
+                    continue
+                if c.group_size and d % c.group_size:
+                    raise ModeError(f"{self.name}: {side} is quantized in blocks of {c.group_size} channels, which do "
+                                    f"not divide this model's head_dim {d}; pick another KV mode")
+                if c.bits < 8 and d % 8:
+                    raise ModeError(f"{self.name}: {c.bits}-bit codes pack in bytes, this model's head_dim {d} is not "
+                                    "a multiple of 8; pick another KV mode")
+                block = c.rotation_for(d)
+                if block and not c.rotation_block and d & (d - 1):
+                    raise ModeError(f"{self.name}: a Hadamard rotation needs a power-of-two head_dim, this model's is "
+                                    f"{d}: pick a mode without rotation (e.g. int8-dynamic)")
+                if block and (d % block or block & (block - 1)):
+                    raise ModeError(f"{self.name}: {side} is Hadamard-rotated in blocks of {block} channels, which do "
+                                    f"not divide head_dim {d}; pick a mode without rotation (llama.cpp stores such "
+                                    "heads unrotated: its -norot variant)")
+
     def layer_codecs(self, num_layers: int) -> list[tuple[Codec, Codec]]:
         if self.layers is None:
             skip = min(self.skip_layers, num_layers // 2)
@@ -200,6 +246,11 @@ class KVMode:
     def needs_qparams(self) -> bool:
         """Static parameters or a calibrated transform or table: it needs ``--qparams`` from a calibration."""
         return any(c.needs_calibration for c in self._codecs())
+
+    @property
+    def reads_qparams(self) -> bool:
+        """It takes calibrated parameters when given: it needs them, or its per-tensor scales are 1.0 without."""
+        return self.needs_qparams or self.uses_tensor_scales
 
     @property
     def uses_tensor_scales(self) -> bool:
@@ -259,8 +310,8 @@ class KVMode:
             if k.qk_transform:  # the key map, and the query's inverse, per KV head
                 total += 2 * shape.num_kv_heads * shape.head_dim ** 2 * f32
         total += sum((1 << bits) * f32 for _, bits in shared_grids)
-        if any(c.rotate for c in self._codecs()):  # one Hadamard matrix, shared by every layer (and by K and V)
-            total += shape.head_dim ** 2 * f32
+        rotations = {c.rotation_for(shape.head_dim) for c in self._codecs()} - {0}
+        total += len(rotations) * shape.head_dim ** 2 * f32  # one Hadamard matrix per block size, shared by every layer
         return total
 
     def describe_codecs(self) -> str:

@@ -31,6 +31,7 @@ class SideParams:
     static_zp: torch.Tensor | None = None
     grid: torch.Tensor | None = None  # [kv_heads, 2^bits] fp32 (codebook grids)
     tensor_scale: torch.Tensor | None = None  # [] fp32 (codecs with a per-tensor scale)
+    param_dtype: torch.dtype = torch.float16  # what per-token parameters are stored in (the codec's, in this pool)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def kvq_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
         if codec.scaling == "static":
             c = quantize(x, side.static_scale, side.static_zp, codec.bits)
             return Encoded(c.to(torch.int32) + _offset(codec), None, None)
-        scale, zp = token_qparams(x, codec.bits, codec.group_size, codec.symmetric, codec.param_torch_dtype)
+        scale, zp = token_qparams(x, codec.bits, codec.group_size, codec.symmetric, side.param_dtype)
         c = quantize_groups(x, scale, zp, codec.bits, codec.group_size)
         return Encoded(c.to(torch.int32) + _offset(codec), scale, zp)
     if codec.scaling == "none":  # a float format as it is
@@ -75,7 +76,7 @@ def kvq_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
         raise ValueError(f"{codec.label()}: the kvq rule reads codebooks with a scale only (symmetric)")
     groups = group_view(x, codec.group_size)  # [tokens, kv_heads, groups, g]
     extent = _table_extent(side.grid)  # [kv_heads, 1, 1]
-    scale = round_up_to((groups.abs().amax(dim=-1) / extent[..., 0]).clamp_min(SCALE_EPS), codec.param_torch_dtype)
+    scale = round_up_to((groups.abs().amax(dim=-1) / extent[..., 0]).clamp_min(SCALE_EPS), side.param_dtype)
     unit = groups / scale.float()[..., None]
     if codec.grid in FLOAT_MAX:
         u = float_codes(unit, codec.grid)
@@ -91,7 +92,7 @@ def norm_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
     norm = groups.norm(dim=-1)
     unit = groups / norm.clamp_min(SCALE_EPS)[..., None]
     u = nearest_codes(unit.transpose(0, 1), side.grid, ties="down").transpose(0, 1).to(torch.int32)
-    return Encoded(u.reshape(x.shape), norm.to(codec.param_torch_dtype), None)
+    return Encoded(u.reshape(x.shape), norm.to(side.param_dtype), None)
 
 
 def _rules() -> dict[str, Rule]:
@@ -115,6 +116,13 @@ def decode(codec: Codec, codes: torch.Tensor, scale: torch.Tensor | None, zp: to
     ``codes`` is ``[..., head_dim]`` with the KV head at ``head_axis``; ``scale``/``zp`` (per-token codecs) are
     ``[..., groups]``; static parameters ``[kv_heads, head_dim]`` broadcast over the other dims.
     """
+    if codec.residual_sign:  # grid[low bits] plus or minus the residual magnitude (zp), all times the norm (scale)
+        top = codec.bits - 1
+        base = grid_values(codes & ((1 << top) - 1), codec.grid, top, side.grid, head_axis)
+        sign = (codes >> top).float() * 2 - 1
+        groups = group_view(base, codec.group_size) + group_view(sign, codec.group_size) * zp.float()[..., None]
+        x = (groups * scale.float()[..., None]).reshape(base.shape)
+        return (x * side.tensor_scale.float() if codec.tensor_scale else x).to(dtype)
     x = grid_values(codes, codec.grid, codec.bits, side.grid, head_axis)
     if codec.scaling == "static":
         shape = [1] * x.dim()
@@ -122,6 +130,8 @@ def decode(codec: Codec, codes: torch.Tensor, scale: torch.Tensor | None, zp: to
         x = x * side.static_scale.float().reshape(shape) + side.static_zp.float().reshape(shape)
     elif codec.scaling == "token":
         groups = group_view(x, codec.group_size)
+        if codec.param_dtype == "ue8m0":  # a biased exponent byte
+            scale = torch.exp2(scale.float() - 127)
         if codec.norm_correction:
             groups = groups / groups.norm(dim=-1, keepdim=True).clamp_min(SCALE_EPS)
         groups = groups * scale.float()[..., None]

@@ -27,15 +27,13 @@ INT4_G16 = Codec(4, "token", group_size=16, symmetric=True, rotate=True)
 INT8_ROT = Codec(8, "token", rotate=True)
 INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
 
-KVQ_MODES: dict[str, KVMode] = {  # ours (and LMDeploy's int4 under its old name)
+KVQ_MODES: dict[str, KVMode] = {  # ours
     m.name: m
     for m in (
         _mode("fp16", "fp16 baseline (no quantization)", FP16, FP16),
         _mode("int8", "int8, static parameters from a calibration (--qparams)", INT8_STATIC, INT8_STATIC),
         _mode("int8-dynamic", "int8, per-token per-head parameters computed at write time (no calibration)",
               INT8_TOKEN, INT8_TOKEN),
-        _mode("int4-lmdeploy", "int4 per token and head, asymmetric: LMDeploy's --quant-policy 4, for comparison",
-              INT4_HEAD, INT4_HEAD, engine="lmdeploy", serve="--quant-policy 4"),
         _mode("int8-rot", "int8 per token and head after a Hadamard rotation, first 4 tokens fp16 (no calibration)",
               INT8_ROT, INT8_ROT, sinks=4),
         _mode("int8-qk", "int8 per token and head after a rotation, K through the calibrated query-aware transform; "
@@ -50,7 +48,7 @@ KVQ_MODES: dict[str, KVMode] = {  # ours (and LMDeploy's int4 under its old name
     )
 }
 
-from .engines import ENGINE_MODES  # noqa: E402  (the engines build their rows from the codec above)
+from .engines import ALIASES, ENGINE_MODES  # noqa: E402  (the engines build their rows from the codec)
 
 KV_MODES: dict[str, KVMode] = {**KVQ_MODES, **ENGINE_MODES}  # every named mode: ours, then the engines'
 
@@ -99,7 +97,7 @@ def get_mode(name: "str | KVMode") -> KVMode:
             raise ModeError(f"KV plan file not found: {name}; make one with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
         return _load_plan(str(path), path.stat().st_mtime_ns)
     try:
-        return KV_MODES[name]
+        return KV_MODES[ALIASES.get(name, name)]
     except KeyError:
         pass
     engine = name.split(":", 1)[0] if ":" in name else None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 
 from kvcache.measure.evaluate import BUILTIN_TEXTS, evaluate, read_text
-from kvcache.modes import KV_MODES
+from kvcache.modes import KVQ_MODES as KV_MODES  # our modes (the engines' schemes: tests/test_engines.py)
 from kvcache.qparams import KVQParams
 
 

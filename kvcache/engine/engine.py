@@ -84,7 +84,7 @@ class Engine:
         kv = get_mode(mode)
         kv.check_model(self.loaded.model.config)
         require_qparams(kv, qparams)
-        qparams = qparams if kv.needs_qparams else None
+        qparams = qparams if kv.reads_qparams else None
         key = (kv.name, id(qparams))  # the pool holds its qparams: no other object gets this id while it lives
         self._drop_unused(kv.name, keep=key)
         pool = self._pools.get(key)

@@ -126,7 +126,7 @@ class PagedKVCache(Cache):
         mode.check_model(model.config)
         pool = BlockPool(
             mode, KVShape.from_config(model.config), block_size=block_size, num_blocks=num_blocks,
-            growable=growable, device=model.device, fp_dtype=fp_dtype, qparams=qparams if mode.needs_qparams else None,
+            growable=growable, device=model.device, fp_dtype=fp_dtype, qparams=qparams if mode.reads_qparams else None,
         )
         return cls(pool)
 

@@ -102,7 +102,7 @@ def _greedy(model: Any, kv: str, qparams: KVQParams | None, prompts: torch.Tenso
     """``tokens`` greedy tokens after each prompt, through the scheduler (the path chat replies take)."""
     mode = get_mode(kv)
     pool = BlockPool(mode, KVShape.from_config(model.config), device=model.device,
-                     qparams=qparams if mode.needs_qparams else None)
+                     qparams=qparams if mode.reads_qparams else None)
     sched = BatchScheduler(model, pool)
     ids = [sched.add(p.tolist(), tokens) for p in prompts]
     out = sched.run_until_done()

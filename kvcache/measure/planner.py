@@ -59,7 +59,7 @@ class Scorer:
 
     @torch.inference_mode()
     def _logprobs(self, mode: KVMode) -> torch.Tensor:
-        cache = PagedKVCache.for_model(self.model, mode, qparams=self.qparams if mode.needs_qparams else None)
+        cache = PagedKVCache.for_model(self.model, mode, qparams=self.qparams if mode.reads_qparams else None)
         logits = forward_tokens(self.model, cache, self.windows.to(self.model.device), last_only=False)[:, :-1]
         return torch.log_softmax(logits, dim=-1).cpu()
 

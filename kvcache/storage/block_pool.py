@@ -62,6 +62,7 @@ class BlockPool:
         if mode.sink_tokens > block_size:
             raise ConfigError(f"{mode.sink_tokens} sink tokens do not fit a block of {block_size}: raise block_size")
         require_qparams(mode, qparams)
+        mode.check_shape(shape)
         self.codecs = mode.layer_codecs(shape.num_layers)
         if qparams is not None:
             qparams.check_matches(shape, needs_transform=any(k.qk_transform for k, _ in self.codecs))

@@ -78,8 +78,10 @@ class LayerKV:
     def side_params(self, side: str) -> SideParams:
         """What the layer holds once for ``side``, as :mod:`kvcache.encoding` takes it."""
         c = self.codec(side)
-        scale, zp = self.params(side) if c.scaling == "static" else (None, None)
-        return SideParams(scale, zp, getattr(self, f"{side}_grid"), getattr(self, f"{side}_tscale"))
+        scale, zp = self.params(side)
+        pdt = scale.dtype if c.scaling == "token" and scale is not None else c.param_torch_dtype
+        static = (scale, zp) if c.scaling == "static" else (None, None)
+        return SideParams(*static, getattr(self, f"{side}_grid"), getattr(self, f"{side}_tscale"), pdt)
 
     def per_block_tensors(self) -> list[str]:
         """Names of the tensors that have a block dimension (they grow with the pool)."""
@@ -111,9 +113,10 @@ def new_blocks(
         out[side] = torch.zeros(shape, dtype=c.storage_dtype(fp_dtype), device=device)
         if c.scaling == "token":
             pshape = (num_blocks, num_kv_heads, block_size, c.groups(head_dim))
-            out[f"{side}_scale"] = torch.zeros(pshape, dtype=c.param_torch_dtype, device=device)
+            pdt = c.param_dtype_in(fp_dtype)
+            out[f"{side}_scale"] = torch.zeros(pshape, dtype=pdt, device=device)
             if not c.symmetric:
-                out[f"{side}_zp"] = torch.zeros(pshape, dtype=c.param_torch_dtype, device=device)
+                out[f"{side}_zp"] = torch.zeros(pshape, dtype=pdt, device=device)
     return out
 
 

@@ -22,18 +22,24 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=8)
-def _hadamard_on(head_dim: int, device: str) -> torch.Tensor:
-    """One Hadamard matrix per device and size, shared by every layer and pool that rotates."""
-    return hadamard(head_dim).to(device)
+def _hadamard_on(head_dim: int, block: int, device: str) -> torch.Tensor:
+    """One Hadamard matrix per device, size and block, shared by every layer and pool that rotates:
+    block-diagonal with ``head_dim / block`` orthonormal Hadamard blocks (``block == head_dim``: the whole head)."""
+    return torch.block_diag(*[hadamard(block)] * (head_dim // block)).to(device)
 
 
 def _rotation(codec: Codec, head_dim: int, device: str) -> torch.Tensor | None:
-    if not codec.rotate:
+    block = codec.rotation_for(head_dim)
+    if not block:
         return None
-    if head_dim & (head_dim - 1):
+    if head_dim % block:
+        raise ModeError(f"{codec.label()} rotates blocks of {block} channels, which do not divide this model's head_dim "
+                        f"{head_dim}: pick a mode without rotation (llama.cpp itself stores such heads unrotated: use the "
+                        "scheme's -norot variant)")
+    if block & (block - 1):
         raise ModeError(f"a Hadamard rotation needs a power-of-two head_dim, this model's is {head_dim}: "
                         "pick a mode without rotation (e.g. int8-dynamic)")
-    return _hadamard_on(head_dim, device)
+    return _hadamard_on(head_dim, block, device)
 
 
 def layer_maps(k_codec: Codec, v_codec: Codec, num_kv_heads: int, head_dim: int,
@@ -49,7 +55,7 @@ def layer_maps(k_codec: Codec, v_codec: Codec, num_kv_heads: int, head_dim: int,
     k_map = q_map = None
     if transform is not None:
         a = transform.double()
-        r = (hadamard(head_dim) if rot is not None else torch.eye(head_dim)).double()
+        r = (rot.cpu() if rot is not None else torch.eye(head_dim)).double()
         k_map = (a @ r).float().contiguous().to(device)
         q_map = (torch.linalg.inv(a).transpose(-1, -2) @ r).float().contiguous().to(device)
     elif rot is not None:

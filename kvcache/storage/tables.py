@@ -35,7 +35,8 @@ def layer_grid(codec: Codec, num_kv_heads: int, head_dim: int, device: torch.dev
             raise ModeError(f"the calibrated codebook is {tuple(table.shape)}, {codec.label()} needs "
                             f"({num_kv_heads}, {codec.grid_size()}): recalibrate for this model and bit width")
         return table.float().to(device).contiguous()
-    grid = _shared_grid(codec.grid, codec.bits, head_dim, codec.group_size, str(device))
+    bits = codec.bits - 1 if codec.residual_sign else codec.bits
+    grid = _shared_grid(codec.grid, bits, head_dim, codec.group_size, str(device))
     return grid.expand(num_kv_heads, grid.numel())
 
 
