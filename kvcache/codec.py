@@ -194,6 +194,7 @@ class KVMode:
     serve: str = ""  # what a user pastes to turn it on in that engine (a flag, an environment, a constructor)
     model_hash: str | None = None  # a plan: the config hash of the model it was made for
     skip_layers: int = 0  # the first and last N layers stay in 16 bits (vLLM TurboQuant's boundary layers)
+    residual: int = 0  # transformers' residual_length: the newest tokens in 16 bits, everything re-quantized when they fill
     source: str = ""  # an engine scheme: the engine's files and functions it reproduces
 
     def check_model(self, config: object) -> None:
@@ -284,10 +285,22 @@ class KVMode:
         """Bytes one sequence's sink tokens take in the pool's fp dtype, K and V of all layers (once per sequence)."""
         return self.sink_tokens * shape.float_bytes_per_token(fp_dtype.itemsize)
 
+    def residual_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
+        """Bytes a sequence's full residual window costs beyond its codes (its tokens held in 16 bits instead)."""
+        extra = shape.float_bytes_per_token(fp_dtype.itemsize) - self.bytes_per_token(shape, fp_dtype)
+        return self.residual * max(extra, 0)
+
+    @property
+    def emulated(self) -> bool:
+        """The pool holds decoded 16-bit values, re-quantized in place (transformers' residual window)."""
+        return self.residual > 0
+
     def bytes_per_token_at(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS,
                            fp_dtype: torch.dtype = torch.float16) -> float:
-        """Bytes per token of a ``tokens``-long sequence: the marginal bytes plus its sinks spread over it."""
-        return self.bytes_per_token(shape, fp_dtype) + self.sink_bytes(shape, fp_dtype) / tokens
+        """Bytes per token of a ``tokens``-long sequence: the marginal bytes plus its sinks (and a full residual
+        window) spread over it."""
+        per_sequence = self.sink_bytes(shape, fp_dtype) + self.residual_bytes(shape, fp_dtype)
+        return self.bytes_per_token(shape, fp_dtype) + per_sequence / tokens
 
     def ratio_to_fp16(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS) -> float:
         """A ``tokens``-long sequence's bytes over fp16's (what "x fp16" means everywhere), to 4 places."""
@@ -319,4 +332,5 @@ class KVMode:
             return f"per-layer plan ({len(self.layers)} layers)"
         sinks = f", first {self.sink_tokens} tokens fp16" if self.sink_tokens else ""
         skip = f", first and last {self.skip_layers} layers fp16" if self.skip_layers else ""
-        return f"K {self.k.label()}, V {self.v.label()}{sinks}{skip}"
+        window = f", last {self.residual} tokens 16-bit then re-quantized" if self.residual else ""
+        return f"K {self.k.label()}, V {self.v.label()}{sinks}{skip}{window}"

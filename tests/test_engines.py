@@ -256,6 +256,81 @@ def test_lmdeploy_42_residual_sign_bit():
     assert codes.tolist() == [3] * 64 and torch.allclose(out, torch.full((64,), c * 1.5104176 / 8), rtol=1e-5)
 
 
+# --- transformers' QuantizedCache ----------------------------------------------------------------------------
+
+
+def test_quanto_groups_of_64_round_half_to_even():
+    from kvcache.engines.hf import quanto
+
+    # min -1, max 14: scale 1, shift 1; round(x + 1) half to even: 1.5 -> 2, 2.5 -> 2, 3.5 -> 4
+    x = torch.zeros(1, 1, 64)
+    x[0, 0, :5] = torch.tensor([-1, 14, 0.5, 1.5, 2.5])
+    assert quanto(x, 4)[0, 0, :6].tolist() == [-1, 14, 1, 1, 3, 0]
+    # int2: min -1, max 2: scale 1, shift 1: round([0, 3, 1.5, 0.5, 1]) = [0, 3, 2, 0, 1]
+    x = torch.zeros(1, 1, 64)
+    x[0, 0, :4] = torch.tensor([-1, 2, 0.5, -0.5])
+    assert quanto(x, 2)[0, 0, :5].tolist() == [-1, 2, 1, -1, 0]
+
+
+def test_hqq_groups_are_strided_over_the_sequence():
+    from kvcache.engines.hf import hqq
+
+    # [1 head, 2 tokens, 64]: axis 0 reshapes to [64, 2], so group 0 = the even channels of both tokens, group 1
+    # the odd ones. Both groups on the integer grid 0..15 (min 0 and max 15 present): the optimiser's fixed point,
+    # decoded exactly.
+    w = torch.randint(0, 16, (64, 2), generator=torch.Generator().manual_seed(0)).float()
+    w[0], w[1] = 0.0, 15.0
+    x = w.reshape(1, 2, 64)  # flat index r * 2 + j: column j of [64, 2] is group j
+    assert torch.equal(hqq(x, 4), x)
+    # one outlier in token 1's channel 0 widens group 0 (even channels of both tokens) only
+    y = x.clone()
+    y[0, 1, 0] = 150.0
+    err = (hqq(y, 4) - y).abs()
+    assert err[0, :, 1::2].max() == 0 and err[0, :, 0::2].max() > 1
+
+
+def test_residual_window_attends_what_transformers_quantizedcache_does():
+    """Our one-pass prefill through the emulated window equals transformers' own QuantizedLayer fed token by token
+    (with the same quantizer as its backend): the flushes after tokens 0, 128, 256 and the compounding re-quantization."""
+    from transformers.cache_utils import Cache, QuantizedLayer
+
+    from conftest import make_tiny_llama
+    from kvcache.engines.hf import quanto
+    from kvcache.hf.cache import PagedKVCache
+    from kvcache.hf.compat import cache_kwargs
+    from kvcache.hf.forward import forward_tokens
+
+    class QuantoLayer(QuantizedLayer):
+        def _quantize(self, tensor, axis):
+            return quanto(tensor, 4)
+
+        def _dequantize(self, q):
+            return q
+
+    model = make_tiny_llama(num_layers=2, head_dim=64)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3))
+    ours = forward_tokens(model, PagedKVCache.for_model(model, "hf:quanto-int4", fp_dtype=torch.float32), ids,
+                          last_only=False)[0]
+    cache = Cache(layers=[QuantoLayer() for _ in range(2)])
+    theirs = []
+    with torch.inference_mode():
+        for i in range(300):
+            out = model(input_ids=ids[:, i:i + 1], position_ids=torch.tensor([[i]]), use_cache=True, **cache_kwargs(cache))
+            theirs.append(out.logits[0, -1].float())
+    theirs = torch.stack(theirs)
+    assert torch.allclose(ours, theirs, atol=2e-4), (ours - theirs).abs().max()
+    assert (ours[129:] - forward_tokens(model, PagedKVCache.for_model(model, "fp16", fp_dtype=torch.float32), ids,
+                                         last_only=False)[0][129:]).abs().max() > 1e-3  # it did quantize
+
+
+def test_hf_bytes_count_the_residual_window():
+    mode = get_mode("hf:quanto-int4")
+    assert mode.bytes_per_token(OUR_MODEL) == 90 * 72  # 32 B codes + fp16 scale and shift per 64, K and V
+    # a full window of 128 tokens held in 16 bits instead of codes, per sequence
+    assert mode.residual_bytes(OUR_MODEL) == 128 * (23040 - 6480)
+    assert mode.bytes_per_token_at(OUR_MODEL, 2048) == pytest.approx(6480 + 128 * 16560 / 2048)
+
+
 # --- every scheme ----------------------------------------------------------------------------------------
 
 
@@ -264,7 +339,7 @@ BYTES_PER_HEAD_D64 = {  # K + V per token, head and layer, as each engine stores
     "vllm:int4_per_token_head": 72, "vllm:nvfp4": 72, "sglang:fp8_e4m3": 128, "sglang:fp8_e5m2": 128,
     "sglang:fp4_e2m1": 72, "lmdeploy:8": 136, "lmdeploy:4": 72, "lmdeploy:42": 54, "llamacpp:q8_0": 136,
     "llamacpp:q5_1": 96, "llamacpp:q5_0": 88, "llamacpp:q4_1": 80, "llamacpp:q4_0": 72, "llamacpp:iq4_nl": 72,
-    "llamacpp:q8_0-q4_0": 104,
+    "llamacpp:q8_0-q4_0": 104, "hf:quanto-int4": 72, "hf:quanto-int2": 40, "hf:hqq-int4": 72, "hf:hqq-int2": 40,
 }
 
 
@@ -297,7 +372,7 @@ def test_unknown_schemes_list_the_engines_flags(capsys):
 def test_every_scheme_round_trips_a_random_head_within_its_class():
     """Each scheme's decoded error on a Gaussian head, rotated where it rotates, is what its bits allow."""
     x = torch.randn(8, 3, 64, generator=torch.Generator().manual_seed(0))
-    for m in (mm for mm in KV_MODES.values() if mm.engine != "kvq"):
+    for m in (mm for mm in KV_MODES.values() if mm.engine != "kvq" and not mm.emulated):
         for side, codec in (("k", m.k), ("v", m.v)):
             if not codec.quantized:
                 continue

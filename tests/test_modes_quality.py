@@ -9,7 +9,7 @@ agreed to 7 digits and top-1 exactly:
 | mode | KL | top-1 % | Δppl % |
 |---|--:|--:|--:|
 | int8-dynamic | 3.69e-4 | 99.12 | +0.085 |
-| int4-lmdeploy | 1.22e-1 | 81.37 | +16.7 |
+| lmdeploy:4 (int4-lmdeploy) | 1.22e-1 | 81.37 | +16.7 |
 | int8-rot | 1.35e-4 | 99.31 | +0.046 |
 | int8-qk | 5.30e-5 | 99.51 | -0.035 |
 | k8v4 | 3.20e-3 | 97.25 | -0.16 |
@@ -23,13 +23,15 @@ from __future__ import annotations
 import pytest
 
 from kvcache.measure.evaluate import BUILTIN_TEXTS, evaluate, read_text
-from kvcache.modes import KVQ_MODES as KV_MODES  # our modes (the engines' schemes: tests/test_engines.py)
+from kvcache.modes import KVQ_MODES
+
+MODES = [*KVQ_MODES, "lmdeploy:4"]  # ours, and the LMDeploy scheme they replace (every engine's: tests/test_engines.py)
 from kvcache.qparams import KVQParams
 
 
 @pytest.fixture(scope="module")
 def rows(loaded_default, default_kvq):
-    report = evaluate(loaded_default, read_text(BUILTIN_TEXTS["builtin-en"]), list(KV_MODES),
+    report = evaluate(loaded_default, read_text(BUILTIN_TEXTS["builtin-en"]), MODES,
                       qparams=KVQParams.load(default_kvq), seqlen=256, samples=4, batch_size=2, greedy_prompts=1,
                       greedy_tokens=4)
     assert report["tokens_scored"] == 1020 and report["warnings"] == []
@@ -37,7 +39,7 @@ def rows(loaded_default, default_kvq):
 
 
 def test_one_default_export_serves_every_mode(rows):
-    assert list(rows) == list(KV_MODES)
+    assert list(rows) == MODES
     for r in rows.values():
         assert r["ppl"] > 1 and len(r["first_divergence"]) == 1
 
@@ -57,8 +59,8 @@ def test_quality_within_bounds(rows, mode, max_kl, min_top1):
 def test_the_schemes_beat_what_they_replace(rows):
     kl = {m: r["kl_vs_fp16"] for m, r in rows.items()}
     assert kl["int8-qk"] < kl["int8-rot"] / 1.8 < kl["int8-dynamic"] / 1.8  # the key transform, the rotation
-    assert kl["int4"] < kl["int4-lmdeploy"] / 6  # groups, symmetric codes, rotation, key transform, sinks
-    assert rows["int4"]["delta_ppl_pct"] < 3 < 10 < rows["int4-lmdeploy"]["delta_ppl_pct"]
+    assert kl["int4"] < kl["lmdeploy:4"] / 6  # groups, symmetric codes, rotation, key transform, sinks
+    assert rows["int4"]["delta_ppl_pct"] < 3 < 10 < rows["lmdeploy:4"]["delta_ppl_pct"]
 
 
 def test_bytes_as_the_modes_list_gives_them(rows):

@@ -8,10 +8,10 @@ and has a test on values worked out by hand from that definition (tests/test_eng
 from __future__ import annotations
 
 from ..codec import KVMode
-from . import llamacpp, lmdeploy, sglang, vllm
+from . import hf, llamacpp, lmdeploy, sglang, vllm
 
 ENGINES = ("vllm", "sglang", "lmdeploy", "llamacpp", "hf")
-_MODULES = (vllm, sglang, lmdeploy, llamacpp)
+_MODULES = (vllm, sglang, lmdeploy, llamacpp, hf)
 RULES: dict = {name: rule for m in _MODULES for name, rule in m.RULES.items()}
 ENGINE_MODES: dict[str, KVMode] = {mode.name: mode for m in _MODULES for mode in m.MODES}
 ALIASES: dict[str, str] = {**lmdeploy.ALIASES}  # old names of engine schemes

@@ -55,6 +55,12 @@ def kvq_attention(
     ctx, storage = key.context, key.storage
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     query = map_query(storage, query)  # rotated / transformed keys are read by the matching queries
+    if storage.residual:  # an emulated transformers residual window: attended in segments, re-quantized between
+        from .residual import residual_attention
+
+        if ctx.phase is Phase.PREFILL and ctx.start + ctx.num_new != ctx.end:
+            raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
+        return unmap_output(storage, residual_attention(query, storage, ctx, scale, attention_mask)), None
     if ctx.phase is Phase.DECODE and attention_mask is None:
         out = decode_attention(query[:, :, 0], storage, ctx.block_tables, ctx.seq_lens, scale)
         return unmap_output(storage, out[:, None]), None

@@ -15,6 +15,7 @@ import torch
 
 from ..config import BLOCK_SIZE
 from ..errors import ConfigError, KVCacheFull
+from ..codec import FP16
 from ..modes import KVMode, require_qparams
 from ..qparams import KVQParams
 from .layout import LayerKV, new_blocks
@@ -64,6 +65,8 @@ class BlockPool:
         require_qparams(mode, qparams)
         mode.check_shape(shape)
         self.codecs = mode.layer_codecs(shape.num_layers)
+        if mode.emulated:  # the sequence is kept as decoded 16-bit values and re-quantized in place
+            self.emulated, self.codecs = self.codecs, [(FP16, FP16)] * shape.num_layers
         if qparams is not None:
             qparams.check_matches(shape, needs_transform=any(k.qk_transform for k, _ in self.codecs))
         self.mode, self.shape, self.block_size = mode, shape, block_size
@@ -95,6 +98,8 @@ class BlockPool:
         layer.k_map, layer.q_map, layer.v_map = layer_maps(k_codec, v_codec, shape.num_kv_heads, shape.head_dim,
                                                            transform, dev)
         self.sinks.attach(layer, i)
+        if self.mode.emulated:
+            layer.residual, layer.emulated = self.mode.residual, self.emulated[i]
         return layer
 
     # --- allocation -------------------------------------------------------------------------

@@ -55,6 +55,8 @@ class LayerKV:
     v_grid: torch.Tensor | None = None
     k_tscale: torch.Tensor | None = None  # [] fp32: K's per-tensor scale (codecs with tensor_scale)
     v_tscale: torch.Tensor | None = None
+    residual: int = 0  # an emulated transformers residual window (storage holds decoded 16-bit values)
+    emulated: tuple[Codec, Codec] | None = None  # then: the K and V quantizers the flushes re-quantize with
 
     @property
     def block_size(self) -> int:
