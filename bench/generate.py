@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in args.batch:
         for mode in args.modes:
-            rows.append(run_mode(model, mode, batch, qparams if mode.needs_qparams else None, args))
+            rows.append(run_mode(model, mode, batch, qparams if mode.reads_qparams else None, args))
             r = rows[-1]
             status = f"{r['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in r else (r.get("skipped") or r.get("error"))
             print(f"  batch {batch} {mode.name}: {status}", flush=True)

@@ -330,7 +330,7 @@ def run_mode(engine: Engine, meter: StepMeter, mode: KVMode, qparams, args: argp
     device = args.device
     rows: list[dict[str, Any]] = []
     try:
-        pool = engine.pool(mode, qparams if mode.needs_qparams else None)
+        pool = engine.pool(mode, qparams if mode.reads_qparams else None)
         rows.append(snapshot("after pool", mode.name, device))
         rows.append(capacity_row(pool, planned, args.session_tokens, engine.free_after_load))
         if "throughput" in args.parts:

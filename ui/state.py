@@ -145,7 +145,7 @@ class SessionState:
         if self.right is None or self.right.closed or self.right.kv != kv.name:
             qparams, _ = self.current_qparams(app)
             require_qparams(kv, qparams, CALIBRATE_HINT)
-            self.right = engine.chat(kv, qparams=qparams if kv.needs_qparams else None)
+            self.right = engine.chat(kv, qparams=qparams if kv.reads_qparams else None)
             self.left.reset()  # keep the two conversations comparable
         return self.left, self.right
 
