@@ -32,6 +32,7 @@ def forward_hidden(model: torch.nn.Module, cache: PagedKVCache, ids: torch.Tenso
     return model.get_decoder()(input_ids=ids, use_cache=True, **cache_kwargs(cache)).last_hidden_state
 
 
+@torch.inference_mode()
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits (fp32) of final hidden states, as the causal-LM head computes them."""
     return model.get_output_embeddings()(hidden).float()
@@ -46,6 +47,7 @@ def prefill_chunks(model: torch.nn.Module, cache: PagedKVCache, ids: torch.Tenso
         yield start, forward_hidden(model, cache, ids[:, start:start + chunk_tokens])
 
 
+@torch.inference_mode()
 def last_logits(model: torch.nn.Module, cache: PagedKVCache, ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """Feed ``ids`` in chunks and return the logits of the last position only (``[batch, vocab]``)."""
     hidden = None

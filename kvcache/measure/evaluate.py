@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..config import BASELINE_MODE, BLOCK_SIZE, EVAL_DIR
+from ..config import BASELINE_MODE, BLOCK_SIZE, CHUNK_TOKENS, EVAL_DIR
 from ..engine.scheduler import BatchScheduler
 from ..errors import EvalError, MeasureCancelled
 from ..hf.cache import PagedKVCache
@@ -53,7 +53,6 @@ BUILTIN_TEXTS = {
 }
 BOOTSTRAP_RESAMPLES = 2000
 POSITION_EDGES = (0, 512, 1024, 2048, 4096, 8192)  # by_position buckets; doubled on past 8K for longer windows
-CHUNK_TOKENS = 1024  # tokens per prefill forward: one chunk's activations and fp16 log-probs are held at a time
 LOGIT_ROWS = 256  # positions whose logits are formed at once while a chunk is reduced
 SCORING = ("teacher-forced through the cache, in chunks: every position attends the stored (quantized) copy of "
            "everything before it and of itself, what decoding sees (vLLM attends a fresh prefill chunk unquantized)")
@@ -108,7 +107,7 @@ def make_windows(tokenizer: Any, text: str, seqlen: int, samples: int, max_posit
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     n = min(samples, len(ids) // seqlen)
     if n == 0:
-        raise EvalError(f"the text has {len(ids)} tokens, fewer than one window of --seqlen {seqlen}; use a longer text or a smaller --seqlen")
+        raise EvalError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen} tokens; use a longer text or a smaller window (--seqlen, --context)")
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
@@ -173,6 +172,7 @@ def _reduce_chunk(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
     return cat(nll), cat(kl), cat(top1), made or ref
 
 
+@torch.inference_mode()
 def score_windows(model: Any, windows: torch.Tensor, modes: list[str], qparams: KVQParams | None = None, *,
                   batch_size: int = 2, chunk_tokens: int = CHUNK_TOKENS,
                   progress: ProgressFn | None = None, progress_span: tuple[float, float] = (0.0, 1.0)
