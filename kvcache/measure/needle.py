@@ -48,7 +48,7 @@ class NeedleDesign:
     intro: str = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                   "Find it and memorize it. I will quiz you about the important information there.")
     filler: str = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-    needle: str = " The pass key is {key}. Remember it. {key} is the pass key."
+    needle: str = " The pass key is {key}. Remember it. The pass key is {key}."
     question: str = " What is the pass key? The pass key is"
     chat_template: bool = False  # wrap intro..question in the model's chat template as one user turn
 
