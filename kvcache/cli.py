@@ -162,6 +162,7 @@ def _numbers(text: str, kind: type, flag: str) -> list:
 
 def cmd_needle(args: argparse.Namespace) -> int:
     from .measure.needle import format_grid, needle
+    from .measure.recommend import remember_needle
     from .modes import parse_modes, require_qparams
 
     modes = parse_modes(args.kv)
@@ -173,6 +174,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     report = needle(loaded, [m.name for m in modes], qparams=qparams, lengths=lengths, depths=depths,
                     trials=args.trials, chunk_tokens=args.chunk_tokens, progress=_progress)
     print(file=sys.stderr)
+    remember_needle(report, loaded.model.config, qparams)  # `recommend` at these contexts shows it
     print(format_grid(report))
     _write_json(args.json, report)
     return 0
