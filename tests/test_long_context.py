@@ -1,6 +1,5 @@
 """Long windows scored in chunks, the needle grid, and recommend: against direct computations, on tiny models."""
 
-import json
 import math
 from types import SimpleNamespace
 
