@@ -1,4 +1,6 @@
-"""``python -m kvcache``: list KV modes, evaluate them, chat in a terminal, plan capacity. A thin layer over the library.
+"""``python -m kvcache``: list KV modes, evaluate them (long windows, retrieval), recommend one, chat, plan capacity.
+
+A thin layer over the library.
 
 Every error a user can fix is one ``error: ...`` line (exit 2); a bug is one ``internal error: ...`` line
 naming the log file that holds its traceback (exit 1).
@@ -11,12 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from .config import SYSTEM_PROMPT_FILE
+from .config import CHUNK_TOKENS, SYSTEM_PROMPT_FILE
 from .errors import KVQError, one_line
 from .modes import KV_MODES
 
 QPARAMS_HELP = ("kv_qparams.safetensors for the calibrated modes, or the folder "
                 "`python -m calib kv_qparams WORK_DIR OUT --format kvq` wrote")
+TEXT_HELP = ("builtin-en (English technical prose), builtin-zh (Chinese politics-exam prose), builtin-en-long "
+             "(one English narrative, 2 windows of 8K tokens) or a UTF-8 file")
 MODES_HELP = ", ".join(KV_MODES) + ", or a plan .json from `python -m calib plan`; `python -m kvcache modes` lists them"
 
 
@@ -41,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="perplexity, KL and top-1 agreement of KV modes vs fp16, teacher-forced")
     _add_model_args(ev)
-    ev.add_argument("--text", "--text-file", dest="text", default="builtin-en",
-                    help="builtin-en (English technical prose), builtin-zh (Chinese politics-exam prose) or a UTF-8 file")
+    ev.add_argument("--text", "--text-file", dest="text", default="builtin-en", help=TEXT_HELP)
     ev.add_argument("--kv", default="fp16,int8-dynamic", help=f"comma-separated KV modes ({MODES_HELP})")
     ev.add_argument("--qparams", default=None, help=QPARAMS_HELP)
-    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--seqlen", type=int, default=512, help="tokens per window, up to the model's context (8192 for the embedded model)")
     ev.add_argument("--samples", type=int, default=16)
-    ev.add_argument("--batch-size", type=int, default=2)
+    ev.add_argument("--batch-size", type=int, default=2, help="windows scored together (at most --chunk-tokens tokens per forward)")
+    ev.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS,
+                    help="tokens per prefill forward: long windows are scored chunk by chunk through the cache")
     ev.add_argument("--greedy-prompts", type=int, default=4, help="prompts generated freely for the first divergence")
     ev.add_argument("--greedy-tokens", type=int, default=32, help="tokens generated per prompt")
     ev.add_argument("--json", default=None, help="write the report here")
@@ -62,6 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=1.0)
     ch.add_argument("--cache-max-entry-count", default=None,
                     help="fix the KV pool: a fraction in (0,1] of the memory free after the weights load, or a number of blocks")
+
+    nd = sub.add_parser("needle", help="pass-key retrieval at depths of long contexts, answered greedily through the cache")
+    _add_model_args(nd)
+    nd.add_argument("--kv", default="fp16,int8-dynamic", help=f"comma-separated KV modes; fp16 always runs ({MODES_HELP})")
+    nd.add_argument("--qparams", default=None, help=QPARAMS_HELP)
+    nd.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens (prompt and answer)")
+    nd.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]: 0 first, 1 right before the question")
+    nd.add_argument("--trials", type=int, default=3, help="pass keys per cell")
+    nd.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="tokens per prefill forward")
+    nd.add_argument("--json", default=None, help="write the report (its `cells`) here")
+
+    rc = sub.add_parser("recommend", help="rank one engine's KV cache options, ours beside them, by measured quality at a context")
+    _add_model_args(rc)
+    rc.add_argument("--engine", required=True, help="vllm, sglang, lmdeploy, llamacpp, hf or kvq (ours)")
+    rc.add_argument("--context", type=int, required=True, help="tokens per sequence: KL is measured on windows this long")
+    rc.add_argument("--budget-mib", type=float, default=None, help="a KV budget in MiB: how many tokens and sessions fit")
+    rc.add_argument("--text", default="builtin-en-long", help=TEXT_HELP)
+    rc.add_argument("--qparams", default=None, help=QPARAMS_HELP + " (without it, calibrated modes are skipped)")
+    rc.add_argument("--windows", type=int, default=1, help="windows of --context tokens measured per option")
+    rc.add_argument("--needle-trials", type=int, default=0,
+                    help="also measure retrieval at --context (depths 0, 0.5, 1) with this many trials per depth")
+    rc.add_argument("--max-kl", type=float, default=1e-3, help="the pick: the fewest bytes with KL at most this")
+    rc.add_argument("--all", action="store_true", help="measure every mode of ours, not only the best per byte class")
+    rc.add_argument("--json", default=None, help="write the report (its `options`) here")
 
     cap = sub.add_parser("capacity", help="blocks, tokens and sessions that fit per KV mode in one memory budget")
     _add_model_args(cap)
@@ -109,13 +138,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         loaded, text, [m.name for m in modes], qparams=qparams, seqlen=args.seqlen, samples=args.samples,
         batch_size=args.batch_size, greedy_prompts=args.greedy_prompts, greedy_tokens=args.greedy_tokens,
-        progress=lambda f, msg: print(f"\r[{f:5.1%}] {msg}", end="", file=sys.stderr, flush=True),
+        chunk_tokens=args.chunk_tokens, progress=_progress,
     )
     print(file=sys.stderr)
     report.update(text=text_name, text_file=str(text_path))
     print(format_table(report))
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
+    _write_json(args.json, report)
+    return 0
+
+
+def _progress(fraction: float, message: str) -> None:
+    print(f"\r\033[K[{fraction:5.1%}] {message}", end="", file=sys.stderr, flush=True)
+
+
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def cmd_needle(args: argparse.Namespace) -> int:
+    from .measure.needle import format_grid, needle
+    from .measure.recommend import remember_needle
+    from .modes import parse_modes, require_qparams
+
+    modes = parse_modes(args.kv)
+    qparams = _qparams(args)
+    for mode in modes:
+        require_qparams(mode, qparams)
+    lengths, depths = _numbers(args.lengths, int, "--lengths"), _numbers(args.depths, float, "--depths")
+    loaded = _load(args)
+    report = needle(loaded, [m.name for m in modes], qparams=qparams, lengths=lengths, depths=depths,
+                    trials=args.trials, chunk_tokens=args.chunk_tokens, progress=_progress)
+    print(file=sys.stderr)
+    remember_needle(report, loaded.model.config, qparams)  # `recommend` at these contexts shows it
+    print(format_grid(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .measure.evaluate import read_text, resolve_text
+    from .measure.recommend import check_engine, format_recommendation, recommend
+
+    check_engine(args.engine)
+    if args.budget_mib is not None and args.budget_mib <= 0:
+        raise CLIError(f"--budget-mib must be positive, got {args.budget_mib}")
+    qparams = _qparams(args)
+    text_name, text_path = resolve_text(args.text)
+    text = read_text(text_path)
+    loaded = _load(args)
+    report = recommend(loaded, args.engine, args.context, text=text, text_name=text_name, qparams=qparams,
+                       qparams_path=args.qparams, budget_mib=args.budget_mib, windows=args.windows,
+                       needle_trials=args.needle_trials, max_kl=args.max_kl, every_mode=args.all, progress=_progress)
+    print(file=sys.stderr)
+    print(format_recommendation(report))
     _write_json(args.json, report)
     return 0
 
@@ -225,7 +305,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"modes": cmd_modes, "evaluate": cmd_evaluate, "chat": cmd_chat, "capacity": cmd_capacity}
+COMMANDS = {"modes": cmd_modes, "evaluate": cmd_evaluate, "chat": cmd_chat, "capacity": cmd_capacity,
+            "needle": cmd_needle, "recommend": cmd_recommend}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ def cache_root() -> Path:
 
 BASELINE_MODE = "fp16"  # what every quantized mode is compared with (the left pane, the evaluation's reference)
 BLOCK_SIZE = 64  # tokens per block of the paged cache
+CHUNK_TOKENS = 1024  # tokens per prefill forward of a measurement: long windows fit a small machine chunk by chunk
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,10 @@ class EvalError(KVQError):
     """Bad evaluation input (text, window size, prompts)."""
 
 
+class MeasureCancelled(KVQError):
+    """A measurement stopped at its progress callback's word (the app's Cancel); nothing was reported or cached."""
+
+
 class KVCacheFull(KVQError):
     """The pool has no free block left; nothing already stored was touched."""
 

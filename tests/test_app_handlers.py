@@ -194,15 +194,40 @@ def test_upload_is_size_limited(app, tmp_path):
 
 def test_evaluate_tiny(app):
     sess = SessionState()
-    summary, table, quality, cost, tradeoff = handlers.evaluate(app, sess, "builtin-zh", None, ["int8-dynamic"], 32, 2, 1, 2)
+    summary, table, quality, cost, tradeoff, positions, growth = handlers.evaluate(
+        app, sess, "builtin-zh", None, ["int8-dynamic"], 32, 2, 1, 2)
     assert list(table["kv"]) == ["fp16", "int8-dynamic"]
     assert table["vs fp16"].iloc[1] < 0.6 and "2 windows x 32 tokens" in summary and "1 prompts x 2 tokens" in summary
     assert "on `builtin-zh`" in summary and "top-1" in summary and "95% CI" in summary
     assert {"top-1 %", "Δppl 95% CI", "first divergence", "calibrated on"} <= set(table.columns)
     assert table["top-1 %"].iloc[0] == 100 and 0 < table["top-1 %"].iloc[1] <= 100
     assert list(cost["kv"]) == ["fp16", "int8-dynamic"] and list(tradeoff["kv"]) == ["fp16", "int8-dynamic"]
+    assert list(positions["positions"]) == ["0-32"] and positions["KL vs fp16"].iloc[0] == table["KL vs fp16"].iloc[1]
+    assert list(growth["position"]) == [32] and "stored (quantized) copy" in summary
     with pytest.raises(UserError, match="Pick at least one"):
         handlers.evaluate(app, sess, "builtin-en", None, [], 32, 2, 1, 2)
+
+
+def test_long_jobs_show_progress_and_cancel(app, tmp_path, monkeypatch):
+    from kvcache.errors import MeasureCancelled
+
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(tmp_path / "cache"))
+    sess = SessionState()
+    seen = []
+    summary, figure = handlers.needle_grid(app, sess, ["int8-dynamic"], [256], [0, 1], 1,
+                                           progress=lambda f, m="": seen.append((f, m)))
+    assert seen[-1][0] == 1.0 and "int8-dynamic: context 256, depth 1, trial 1 of 1" in seen[-1][1]
+    assert "`fp16` 2/2" in summary and len(figure.axes) == 3  # fp16's heatmap, the mode's, the colour bar
+    summary, table = handlers.recommend_options(app, sess, "lmdeploy", 256, 64, "builtin-en", None)
+    assert list(table["option"])[0] == "fp16" and "int4-lmdeploy" in list(table["option"])
+    assert table["turn it on"].iloc[list(table["option"]).index("int4-lmdeploy")] == "--quant-policy 4"
+    assert "**Pick**" in summary and table["tokens in budget"].iloc[0] > 0
+
+    def cancel_at_first(f, m=""):
+        handlers.cancel_evaluation(sess)  # the Cancel button, pressed while the grid runs
+
+    with pytest.raises(MeasureCancelled, match="cancelled"):
+        handlers.needle_grid(app, sess, ["int8-dynamic"], [256], [0, 1], 1, progress=cancel_at_first)
 
 
 def test_evaluate_with_static_parameters_names_their_calibration(app):

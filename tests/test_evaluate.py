@@ -74,8 +74,9 @@ def test_first_divergence_is_the_first_differing_index():
 def test_builtin_texts_and_files():
     assert resolve_text("builtin-en") == ("builtin-en", BUILTIN_TEXTS["builtin-en"])
     assert resolve_text("builtin-zh")[1].name == "politics_zh.txt"
+    assert resolve_text("builtin-en-long")[1].name == "lighthouse_en.txt"
     assert resolve_text("notes/my.txt")[0] == "my.txt"
-    with pytest.raises(EvalError, match="builtin-en or builtin-zh"):
+    with pytest.raises(EvalError, match="use builtin-en, builtin-zh, builtin-en-long, or a file path"):
         resolve_text("builtin-fr")
     for name, path in BUILTIN_TEXTS.items():
         assert len(read_text(path)) > 10_000, name
@@ -140,7 +141,11 @@ def test_cli_writes_json(tmp_path, loaded_default, capsys):
     assert [r["kv"] for r in data["results"]] == ["fp16", "int8-dynamic"]
     assert set(data["results"][1]) == {"kv", "ppl", "delta_ppl_pct", "delta_ppl_ci95", "kl_vs_fp16", "top1_match_pct",
                                        "first_divergence", "first_divergence_median", "kv_bytes_per_token",
-                                       "kv_ratio_to_fp16"}
+                                       "kv_ratio_to_fp16", "by_position"}
+    assert data["results"][1]["by_position"][0] == {  # one bucket: the whole 64-token window, the mode's figures
+        "start": 0, "end": 64, "positions": 2 * 63, "kl": pytest.approx(data["results"][1]["kl_vs_fp16"]),
+        "dppl_pct": pytest.approx(data["results"][1]["delta_ppl_pct"]),
+        "top1_match_pct": pytest.approx(data["results"][1]["top1_match_pct"])}
     assert data["results"][1]["kv_ratio_to_fp16"] == round(12240 / 23040, 4)
     assert len(data["results"][1]["first_divergence"]) == 1
     assert "int8-dynamic" in capsys.readouterr().out

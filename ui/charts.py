@@ -249,3 +249,70 @@ def eval_scatter(report: dict[str, Any]) -> pd.DataFrame:
           round(r["top1_match_pct"], 2), r["kv_bytes_per_token"]) for r in report["results"]],
         columns=SCATTER_COLUMNS,
     )
+
+
+# --- long context: by position, retrieval, which to pick --------------------------------------------
+
+POSITION_COLUMNS = ["kv", "positions", "KL vs fp16", "Δppl %", "top-1 %"]
+
+
+def _bucket(b: dict[str, Any]) -> str:
+    return f"{b['start']}-{b['end']}"
+
+
+def position_table(report: dict[str, Any]) -> pd.DataFrame:
+    """KL, Δppl and top-1 per bucket of positions in the window, one row per mode and bucket."""
+    return pd.DataFrame(
+        [(kv_label(r["kv"]), _bucket(b), float(f"{b['kl']:.3g}"), round(b["dppl_pct"], 3), round(b["top1_match_pct"], 2))
+         for r in report["results"][1:] for b in r.get("by_position", [])],
+        columns=POSITION_COLUMNS,
+    )
+
+
+def position_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """KL per position bucket, long form for a line plot (x: the bucket's end, one line per mode)."""
+    return pd.DataFrame(
+        [(kv_label(r["kv"]), b["end"], b["kl"]) for r in report["results"][1:] for b in r.get("by_position", [])],
+        columns=["kv", "position", "KL vs fp16"],
+    )
+
+
+def needle_heatmaps(report: dict[str, Any]) -> Figure:
+    """One heatmap per mode (fp16 first): contexts down, depths across, the share of pass keys found."""
+    modes = list(dict.fromkeys(c["kv"] for c in report["cells"]))
+    lengths, depths = report["lengths"], report["depths"]
+    fig = Figure(figsize=(3.2 * len(modes) + 0.8, 0.5 * len(lengths) + 1.6), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    cells = {(c["kv"], c["context"], c["depth"]): c for c in report["cells"]}
+    im = None
+    for ax, kv in zip(axes, modes):
+        found = [[cells[(kv, n, d)]["correct"] / cells[(kv, n, d)]["trials"] for d in depths] for n in lengths]
+        im = ax.imshow(found, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, n in enumerate(lengths):
+            for j, d in enumerate(depths):
+                c = cells[(kv, n, d)]
+                ax.text(j, i, f"{c['correct']}/{c['trials']}", ha="center", va="center", fontsize=8)
+        ax.set_title(kv_label(kv), fontsize=10)
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
+        ax.set_xlabel("needle depth")
+    axes[0].set_ylabel("context (tokens)")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.01, label="pass keys found")
+    return fig
+
+
+RECOMMEND_COLUMNS = ["#", "option", "engine", "KL vs fp16", "top-1 %", "Δppl %", "retrieval", "bytes/token",
+                     "x fp16", "tokens in budget", "sessions in budget", "turn it on"]
+
+
+def recommend_table(report: dict[str, Any]) -> pd.DataFrame:
+    """``recommend``'s ranking as the page's table."""
+    rows = []
+    for o in report["options"]:
+        ret = o["retrieval"]
+        rows.append((o["rank"], o["name"], o["engine"], float(f"{o['kl']:.3g}"), round(o["top1_match_pct"], 2),
+                     round(o["delta_ppl_pct"], 3), f"{ret['correct']}/{ret['trials']}" if ret else "-",
+                     o["bytes_per_token"], o["ratio_to_fp16"], o["tokens_in_budget"], o["sessions_in_budget"],
+                     o["command"]))
+    return pd.DataFrame(rows, columns=RECOMMEND_COLUMNS)

@@ -110,6 +110,9 @@ class SessionState:
         self.calib_dir: Path | None = None
         self.exports: dict[str, Any] = {}
         self.eval_report: dict[str, Any] | None = None
+        self.eval_cancel = threading.Event()  # the Evaluate tab's Cancel: its running measurement stops at its next unit
+        self.needle_report: dict[str, Any] | None = None
+        self.recommend_report: dict[str, Any] | None = None
         self.plans: dict[str, Path] = {}  # "plan: <name>" -> the plan file this session's bit planner wrote
 
     def __deepcopy__(self, memo: dict) -> "SessionState":

@@ -39,7 +39,7 @@ from .common import (
                         kv_mode_choices,
                         quantized_modes,
 )
-from .evaluate import evaluate
+from .evaluate import cancel_evaluation, evaluate, needle_grid, recommend_options
 from .memory import capacity, memory
 from .model import check_model_path, load_model, model_status, pool_setting, pool_status
 
@@ -47,6 +47,7 @@ __all__ = [
     "CALIB_DATASETS", "EXPORT_FORMATS", "calibrate", "calibration_view", "cancel_calibration", "export_all", "heatmaps",
     "plan_bits", "reexport", "serving_commands", "submit_calibration", "upload_qparams", "use_in_chat", "chat", "chat_view",
     "divergence", "pane_stats", "reset_chat", "set_mode", "stop", "submit", "check_upload", "default_quantized_mode",
-    "default_system_prompt", "example_questions", "kv_mode_choices", "quantized_modes", "evaluate", "capacity", "memory",
+    "default_system_prompt", "example_questions", "kv_mode_choices", "quantized_modes", "evaluate", "cancel_evaluation", "needle_grid", "recommend_options",
+    "capacity", "memory",
     "check_model_path", "load_model", "model_status", "pool_setting", "pool_status",
 ]
