@@ -219,8 +219,9 @@ def test_long_jobs_show_progress_and_cancel(app, tmp_path, monkeypatch):
     assert seen[-1][0] == 1.0 and "int8-dynamic: context 256, depth 1, trial 1 of 1" in seen[-1][1]
     assert "`fp16` 2/2" in summary and len(figure.axes) == 3  # fp16's heatmap, the mode's, the colour bar
     summary, table = handlers.recommend_options(app, sess, "lmdeploy", 256, 64, "builtin-en", None)
-    assert list(table["option"])[0] == "fp16" and "int4-lmdeploy" in list(table["option"])
-    assert table["turn it on"].iloc[list(table["option"]).index("int4-lmdeploy")] == "--quant-policy 4"
+    assert list(table["option"])[0] == "fp16" and "lmdeploy:4" in list(table["option"])
+    assert (table["turn it on"].iloc[list(table["option"]).index("lmdeploy:4")]
+            == "lmdeploy serve api_server MODEL --quant-policy 4")
     assert "**Pick**" in summary and table["tokens in budget"].iloc[0] > 0
 
     def cancel_at_first(f, m=""):

@@ -143,10 +143,10 @@ def test_needle_bad_input():
 
 def test_recommend_candidates_follow_the_mode_table(monkeypatch):
     modes, notes = candidates("lmdeploy", has_qparams=False)
-    assert [m.name for m in modes] == ["fp16", "int4-lmdeploy", "int8-rot"]
+    assert [m.name for m in modes] == ["fp16", "lmdeploy:8", "lmdeploy:4", "lmdeploy:42", "int8-rot"]
     assert any("k8v4" in n and "skipped" in n for n in notes)
     with_q = [m.name for m in candidates("lmdeploy", has_qparams=True)[0]]
-    assert with_q == ["fp16", "int4-lmdeploy", "int8-qk", "k8v4", "int4"]
+    assert with_q == ["fp16", "lmdeploy:8", "lmdeploy:4", "lmdeploy:42", "int8-qk", "k8v4", "int4"]
     import dataclasses
 
     new = dataclasses.replace(KV_MODES["int8-dynamic"], name="vllm:fp8-test", engine="vllm", serve="--kv-cache-dtype fp8")
@@ -162,12 +162,13 @@ def test_recommend_ranks_caches_and_reports(tiny, tmp_path, monkeypatch, one_tor
     store = ResultsCache(tmp_path / "m.sqlite")
     text = "".join(chr(32 + (i * 31) % 95) for i in range(2000))
     first = recommend(tiny, "lmdeploy", 256, text=text, budget_mib=1, store=store)
-    assert set(first["measured_now"]) == {"fp16", "int4-lmdeploy", "int8-rot"}
+    assert set(first["measured_now"]) == {"fp16", "lmdeploy:8", "lmdeploy:4", "lmdeploy:42", "int8-rot"}
     opts = {o["name"]: o for o in first["options"]}
-    assert [o["rank"] for o in first["options"]] == [1, 2, 3]
+    assert [o["rank"] for o in first["options"]] == [1, 2, 3, 4, 5]
     assert [o["name"] for o in first["options"]] == sorted(opts, key=lambda n: opts[n]["kl"])
-    assert opts["fp16"]["kl"] == 0 and opts["int4-lmdeploy"]["kl"] > opts["int8-rot"]["kl"] > 0
-    assert opts["int4-lmdeploy"]["command"] == "--quant-policy 4" and opts["int8-rot"]["command"] == "--kv int8-rot"
+    assert opts["fp16"]["kl"] == 0 and opts["lmdeploy:4"]["kl"] > opts["int8-rot"]["kl"] > 0
+    assert opts["lmdeploy:4"]["command"] == "lmdeploy serve api_server MODEL --quant-policy 4"
+    assert opts["int8-rot"]["command"] == "--kv int8-rot"
     from kvcache.storage.shape import KVShape
 
     shape = KVShape.from_config(tiny.model.config)

@@ -198,7 +198,7 @@ def score_windows(model: Any, windows: torch.Tensor, modes: list[str], qparams: 
     for row in range(0, n_win, rows):
         batch = windows[row:row + rows].to(model.device)
         blocks = len(batch) * -(-seqlen // BLOCK_SIZE)  # preallocated: a growing pool copies itself per growth
-        caches = {m: PagedKVCache.for_model(model, m, qparams=qparams if get_mode(m).needs_qparams else None,
+        caches = {m: PagedKVCache.for_model(model, m, qparams=qparams if get_mode(m).reads_qparams else None,
                                             num_blocks=blocks) for m in modes}
         feeds = {m: prefill_chunks(model, caches[m], batch, chunk) for m in modes}
         for start in range(0, seqlen, chunk):

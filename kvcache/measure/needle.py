@@ -180,7 +180,7 @@ def needle(
     cells, prefilled, seconds = [], {}, {}
     for m in names:
         t0 = time.perf_counter()
-        cache = PagedKVCache.for_model(model, m, qparams=qparams if get_mode(m).needs_qparams else None,
+        cache = PagedKVCache.for_model(model, m, qparams=qparams if get_mode(m).reads_qparams else None,
                                        num_blocks=-(-max(lengths) // BLOCK_SIZE) + 1)
         stored = prefilled[m] = 0
         for at, n, d in grid:

@@ -92,7 +92,7 @@ def _design_hash(design: NeedleDesign) -> str:
 
 def _needle_key(model_hash: str, context: int, mode: KVMode, qparams: KVQParams | None, design: NeedleDesign) -> dict:
     return dict(kind="needle", model=model_hash, context=context, mode=mode.name, codecs=mode_fingerprint(mode),
-                qparams=qparams_hash(qparams if mode.needs_qparams else None), design=_design_hash(design))
+                qparams=qparams_hash(qparams if mode.reads_qparams else None), design=_design_hash(design))
 
 
 def remember_needle(report: dict[str, Any], config: Any, qparams: KVQParams | None,
@@ -139,7 +139,7 @@ def recommend(
     wins = make_windows(loaded.tokenizer, text, context, windows, max_positions)
     base = dict(kind="kl", model=model_hash, text=text_hash(text), context=context, windows=wins.shape[0])
     key = lambda m: dict(base, mode=m.name, codecs=mode_fingerprint(m),  # noqa: E731
-                         qparams=qparams_hash(qparams if m.needs_qparams else None))
+                         qparams=qparams_hash(qparams if m.reads_qparams else None))
     figures = {m.name: store.get(key(m)) for m in modes}
     missing = [m.name for m in modes if figures[m.name] is None]
     measured_now = set(missing)
