@@ -122,28 +122,34 @@ def hf_logprobs(model: Any, window: torch.Tensor, make_cache: Callable[[], Any])
 
 
 def run_hf(model: Any, texts: dict[str, torch.Tensor], schemes: list[str], emit: Callable[[dict], None]) -> None:
+    """Every text's 16-bit references first, then one scheme at a time over every text (a row as each finishes)."""
     from transformers import DynamicCache, QuantizedCache
 
     attends = "token by token: quantized part + full-precision residual (<128 tokens) + itself"
+    refs: dict[str, tuple[list[torch.Tensor], Scores]] = {}
     for text, windows in texts.items():
-        ref, base, exact_nll, scores = Scores(), Scores(), Scores(), {s: Scores() for s in schemes}
-        for i, window in enumerate(windows):
+        ref, base, exact_nll, logps = Scores(), Scores(), Scores(), []
+        for window in windows:
             targets = window[1:]
             exact = kvq_fp16_logprobs(model, window)
             exact_nll.window_nll.append(mean_nll(exact, targets))
             t0 = time.perf_counter()
-            ref_logp = hf_logprobs(model, window, lambda: DynamicCache(config=model.config))
-            ref.add(ref_logp, ref_logp, targets, time.perf_counter() - t0)
-            base.add(ref_logp, exact, targets, 0.0)
-            for s in schemes:
-                backend, nbits = HF_SCHEMES[s]
+            logps.append(hf_logprobs(model, window, lambda: DynamicCache(config=model.config)))
+            seconds = time.perf_counter() - t0
+            ref.add(logps[-1], logps[-1], targets, seconds)
+            base.add(logps[-1], exact, targets, seconds)
+        refs[text] = logps, ref
+        emit(row("hf", "hf:dynamic", text, base, exact_nll, "kvq fp16 (one prefill through our cache)", attends))
+    for s in schemes:
+        backend, nbits = HF_SCHEMES[s]
+        for text, windows in texts.items():
+            logps, ref = refs[text]
+            scores = Scores()
+            for i, window in enumerate(windows):
                 t0 = time.perf_counter()
                 logp = hf_logprobs(model, window, lambda: QuantizedCache(backend, model.config, nbits=nbits))
-                scores[s].add(logp, ref_logp, targets, time.perf_counter() - t0)
-                print(f"  {text} window {i + 1}/{len(windows)} {s}: {scores[s].seconds:.0f} s so far", flush=True)
-        emit(row("hf", "hf:dynamic", text, base, exact_nll, "kvq fp16 (one prefill through our cache)", attends))
-        for s in schemes:
-            emit(row("hf", s, text, scores[s], ref, "hf DynamicCache, fed token by token", attends))
+                scores.add(logp, logps[i], window[1:], time.perf_counter() - t0)
+            emit(row("hf", s, text, scores, ref, "hf DynamicCache, fed token by token", attends))
 
 
 # --- llama.cpp ----------------------------------------------------------------------------------------------------
