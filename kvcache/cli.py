@@ -15,13 +15,14 @@ from pathlib import Path
 
 from .config import CHUNK_TOKENS, SYSTEM_PROMPT_FILE
 from .errors import KVQError, one_line
-from .modes import KV_MODES
+from .modes import KV_MODES, KVQ_MODES
 
 QPARAMS_HELP = ("kv_qparams.safetensors for the calibrated modes, or the folder "
                 "`python -m calib kv_qparams WORK_DIR OUT --format kvq` wrote")
 TEXT_HELP = ("builtin-en (English technical prose), builtin-zh (Chinese politics-exam prose), builtin-en-long "
              "(one English narrative, 2 windows of 8K tokens) or a UTF-8 file")
-MODES_HELP = ", ".join(KV_MODES) + ", or a plan .json from `python -m calib plan`; `python -m kvcache modes` lists them"
+MODES_HELP = (", ".join(KVQ_MODES) + "; an engine's scheme as ENGINE:FLAG (vllm:fp8, llamacpp:q4_0, lmdeploy:4, hf:quanto-int4, "
+              "...); or a plan .json from `python -m calib plan`; `python -m kvcache modes` lists them all")
 
 
 class CLIError(KVQError):
