@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 7860
 
-.PHONY: setup run chat evaluate test browser clean engines
+.PHONY: setup run chat evaluate test browser clean engines kernel-compile screenshot
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,15 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest -q tests
+
+# The README's picture (docs/screenshot.png), from the browser test's chat; `make test` writes it to a temporary folder.
+screenshot: setup browser
+	KVQ_SCREENSHOT=$(CURDIR)/docs/screenshot.png $(PY) -m pytest -q tests/test_app_browser.py -k both_panes
+
+# Every Triton kernel variant compiled for sm_90 (H100/H200) with no GPU, ptxas' registers, spills and shared
+# memory (the suite compiles the --quick subset): about 10 minutes on 2 cores with an empty Triton cache.
+kernel-compile: setup
+	$(PY) -m bench.kernel_compile --arch 90
 
 # The real engines bench/engine_kl.py compares with (transformers' QuantizedCache with quanto / HQQ, llama.cpp
 # through llama-cpp-python built from its source package: 5-15 min on 2 cores), in their own environment:

@@ -27,7 +27,7 @@ import torch
 
 from kvcache.errors import KVQError
 from kvcache.measure.device_memory import read_device_memory
-from kvcache.modes import KVMode, get_mode, parse_modes
+from kvcache.modes import INT4_HEAD_MODE, KVMode, get_mode, parse_modes
 from kvcache.storage.layout import LayerKV, new_blocks
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -257,14 +257,19 @@ def versions(*names: str) -> dict[str, str | None]:
 # --- fixtures: paged blocks (decode_attention, prefill_attention) ----------------------------------
 
 SHAPES = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # (query heads, KV heads, head_dim): Llama-2-7B, and GQA
-QUANT_MODES = ("int8", "int8-dynamic", "int4-lmdeploy", "k8v4", "int4")  # the 4-bit ones: per head; K8/V4 g16 sym; g16 sym
+QUANT_MODES = ("int8", "int8-dynamic", "int4-head", "k8v4", "int4")  # the 4-bit ones: per head; K8/V4 g16 sym; g16 sym
+
+
+def bench_mode(kv: str | KVMode) -> KVMode:
+    """A listed mode, or ``int4-head`` (the per-head 4-bit layout the kernels take, :data:`kvcache.modes.INT4_HEAD_MODE`)."""
+    return INT4_HEAD_MODE if kv == INT4_HEAD_MODE.name else get_mode(kv)
 
 
 def stand_in_layer(kv: str | KVMode, num_blocks: int, kvh: int, bs: int, d: int, device: str = "cuda",
                    fp_dtype: torch.dtype = torch.float16, sink_slots: int = 1) -> LayerKV:
     """Zeroed blocks of ``kv``'s codecs with stand-in static parameters (ones) and ``sink_slots`` zeroed sink slots
     (every block's ``sink_slot`` -1): the layout a pool builds, for benchmarks and compile checks (no calibration)."""
-    mode = get_mode(kv)
+    mode = bench_mode(kv)
     layer = LayerKV(mode.k, mode.v, d, **new_blocks(mode.k, mode.v, num_blocks, kvh, bs, d, device, fp_dtype))
     for side, codec in (("k", mode.k), ("v", mode.v)):
         if codec.scaling == "static":
@@ -286,7 +291,7 @@ def paged_layer(kv: str, batch: int, kvh: int, ctx: int, d: int, bs: int, k: tor
     plausible parameters (the timing does not depend on the values); a mode with sinks gives each row's
     first block a sink slot of random fp16 values.
     """
-    mode = get_mode(kv)
+    mode = bench_mode(kv)
     n = -(-ctx // bs)
     num_blocks = batch * n
     layer = stand_in_layer(mode, num_blocks, kvh, bs, d, device, sink_slots=batch)

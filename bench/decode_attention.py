@@ -35,6 +35,7 @@ from bench.common import (
     add_block_size_flag,
     add_device_flag,
     add_json_flag,
+    bench_mode,
     int_list,
     median_seconds,
     paged_layer,
@@ -45,7 +46,6 @@ from bench.common import (
     write_json,
 )
 from kvcache.measure.device_memory import free_memory_bytes
-from kvcache.modes import get_mode
 from kvcache.storage.layout import LayerKV
 
 
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def kv_bytes(kv: str, batch: int, kvh: int, ctx: int, d: int) -> int:
     """Bytes a decode step must read: K and V data plus per-token parameters (static ones are negligible)."""
-    mode = get_mode(kv)
+    mode = bench_mode(kv)
     return batch * ctx * kvh * (mode.k.bytes_per_token_per_head(d) + mode.v.bytes_per_token_per_head(d))
 
 

@@ -8,7 +8,8 @@ names the target architecture; every launch is compiled by Triton's own toolchai
 ptxas bundled with Triton) into a cubin and never run. Registers, spills and shared memory come
 from ``cuobjdump -res-usage`` of that cubin (a spill shows as stack bytes); the occupancy column is an estimate from them.
 
-    python -m bench.kernel_compile                               # sm_90 (H100/H200), a table
+    python -m bench.kernel_compile                               # sm_90 (H100/H200), a table: every variant
+    python -m bench.kernel_compile --quick                       # each KV mode once per kernel (the test suite's)
     python -m bench.kernel_compile --arch 80,90 --json out/kernel_compile.json
 """
 
@@ -53,7 +54,7 @@ ARCHS = {
     89: SMLimits("L40S / RTX 4090", 100 * 1024, 99 * 1024, 48, 24),
     90: SMLimits("H100 / H200", 228 * 1024, 227 * 1024, 64, 32),
 }
-MODES = ("fp16", "int8", "int8-dynamic", "int4-lmdeploy", "int8-rot", "k8v4", "int4")  # every codec kind, sinks
+MODES = ("fp16", "int8", "int8-dynamic", "int4-head", "int8-rot", "k8v4", "int4")  # every codec kind, sinks
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's (and fp16-mode storage's) dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default
@@ -124,15 +125,29 @@ def occupancy(regs: int, smem: int, num_warps: int, lim: SMLimits) -> int:
     return min(by_regs, by_smem, lim.max_warps // num_warps, lim.max_blocks)
 
 
+# --quick: every mode (codec kind) once in each kernel, at head_dim 128, GQA, fp16, one split count and chunk;
+# the dtypes, MHA, head_dim 64, split counts and chunk kinds once each, on int8-dynamic.
+QUICK_MODE = "int8-dynamic"
+
+
+def quick(v: dict[str, Any]) -> bool:
+    """Whether a variant is in the quick subset (see :data:`QUICK_MODE`)."""
+    usual = dict(dtype="fp16", head_dim=128, shape="gqa4", splits=64, chunk="causal q=512")
+    off = [k for k, want in usual.items() if k in v and v[k] != want]
+    return not off or (v["mode"] == QUICK_MODE and len(off) == 1)
+
+
 def _layer(mode_name: str, kv_heads: int, head_dim: int, dtype: torch.dtype) -> LayerKV:
     """A two-block layer on the CPU: nothing runs, so only dtypes, shapes and strides matter."""
     return stand_in_layer(mode_name, 2, kv_heads, BLOCK_SIZE, head_dim, "cpu", dtype)
 
 
-def launches(head_dims: list[int]) -> Iterator[tuple[dict[str, Any], Any]]:
+def launches(head_dims: list[int], modes: tuple[str, ...] = MODES,
+             dtypes: tuple[str, ...] = tuple(DTYPES)) -> Iterator[tuple[dict[str, Any], Any]]:
     """(variant, launch) for every store, decode and prefill specialisation the cache uses on a GPU."""
-    for mode in MODES:
-        for dname, dtype in DTYPES.items():
+    for mode in modes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
             for head_dim in head_dims:
                 for shape, (hq, kvh) in SHAPES.items():
                     layer = _layer(mode, kvh, head_dim, dtype)
@@ -161,12 +176,15 @@ def launches(head_dims: list[int]) -> Iterator[tuple[dict[str, Any], Any]]:
                                prefill_attention_triton(q, layer, table, 8192, 1.0, mask, check_ranges=False))
 
 
-def compile_all(arch: int, head_dims: list[int], maxnreg: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def compile_all(arch: int, head_dims: list[int], maxnreg: int | None = None, modes: tuple[str, ...] = MODES,
+                only_quick: bool = False, dtypes: tuple[str, ...] = tuple(DTYPES)) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows, failures): a row per distinct compiled kernel (variant, launch config, ptxas resources), a failure per variant that did not compile."""
     lim = ARCHS[arch]
     rows, failures, seen = [], [], set()
     with compile_only(GPUTarget("cuda", arch, 32), maxnreg) as compiled:
-        for variant, launch in launches(head_dims):
+        for variant, launch in launches(head_dims, modes, dtypes):
+            if only_quick and not quick(variant):
+                continue
             before, t0 = len(compiled), time.perf_counter()
             try:
                 launch()
@@ -228,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     add_json_flag(p, "the rows")
     p.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (what-if: occupancy vs spills)")
     p.add_argument("--rows", action="store_true", help="print every kernel, not only the summary")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of KV modes (default: {','.join(MODES)})")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma list of {', '.join(DTYPES)}")
+    p.add_argument("--quick", action="store_true",
+                   help="each mode once per kernel, plus each dtype, head dim, head layout, split count and chunk once")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("unset TRITON_INTERPRET: the interpreter never compiles the kernels")
@@ -239,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         p.error(f"unknown --arch {unknown}: choose from {', '.join(map(str, ARCHS))}")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--modes takes a comma list of {', '.join(MODES)}")
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        p.error(f"--dtypes takes a comma list of {', '.join(DTYPES)}")
 
     started = time.time()
     rows, failures = [], []
     for arch in archs:
-        r, f = compile_all(arch, head_dims, args.maxnreg)
+        r, f = compile_all(arch, head_dims, args.maxnreg, modes, args.quick, dtypes)
         rows, failures = rows + r, failures + f
     if args.rows:
         print_rows(rows)
@@ -256,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(failures)} variants did not compile; {spilling} spill, {len(bad)} spill over {SPILL_BUDGET} "
           f"bytes/thread or do not fit an SM")
     if args.json:
-        meta = dict(triton=triton.__version__, maxnreg=args.maxnreg, torch=torch.__version__, archs=[f"sm_{a}" for a in archs],
+        meta = dict(triton=triton.__version__, maxnreg=args.maxnreg, quick=args.quick, modes=list(modes), torch=torch.__version__, archs=[f"sm_{a}" for a in archs],
                     limits={f"sm_{a}": ARCHS[a].__dict__ for a in archs})
         write_json(args.json, {**meta, "failures": failures}, rows, started)
     return 1 if bad or failures else 0

@@ -295,6 +295,13 @@ class KVMode:
         """The pool holds decoded 16-bit values, re-quantized in place (transformers' residual window)."""
         return self.residual > 0
 
+    def pool_bytes_per_token(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
+        """Bytes per token a KVQ Studio pool of this mode allocates: :meth:`bytes_per_token`, except an emulated
+        scheme, whose pool holds 16-bit values (the engine's own bytes stay :meth:`bytes_per_token`)."""
+        if self.emulated:
+            return shape.float_bytes_per_token(fp_dtype.itemsize)
+        return self.bytes_per_token(shape, fp_dtype)
+
     def bytes_per_token_at(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS,
                            fp_dtype: torch.dtype = torch.float16) -> float:
         """Bytes per token of a ``tokens``-long sequence: the marginal bytes plus its sinks (and a full residual

@@ -23,6 +23,9 @@ def _mode(name: str, description: str, k: Codec, v: Codec, sinks: int = 0, engin
 
 
 INT4_HEAD = Codec(4, "token")
+# Not a listed mode: 4-bit codes per token and KV head, asymmetric, by our rule; the per-head 4-bit layout the
+# kernels take, for their tests and benchmarks (LMDeploy's ``lmdeploy:4`` codes by TurboMind's arithmetic instead).
+INT4_HEAD_MODE = KVMode("int4-head", "int4 per token and KV head, asymmetric (our rule)", INT4_HEAD, INT4_HEAD)
 INT4_G16 = Codec(4, "token", group_size=16, symmetric=True, rotate=True)
 INT8_ROT = Codec(8, "token", rotate=True)
 INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)

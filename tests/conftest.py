@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kvcache.hf.attention import register_attention  # noqa: E402
+from kvcache.modes import INT4_HEAD_MODE  # noqa: E402,F401  (the per-head 4-bit layout of the kernel tests)
 
 
 def make_tiny_llama(num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import INT4_HEAD_MODE, make_tiny_llama
 
 from kvcache import BlockPool, KVCacheFull, KVShape, PagedKVCache, get_mode
 from kvcache.engine.scheduler import BatchScheduler
@@ -53,7 +53,7 @@ def _run(sched: BatchScheduler, joins: dict[int, list[tuple[list[int], int]]]) -
 
 
 @pytest.mark.parametrize("path", ["references", "kernels"])
-@pytest.mark.parametrize("kv", ["fp16", "int8-dynamic", "int4-lmdeploy", "int8-rot"])
+@pytest.mark.parametrize("kv", ["fp16", "int8-dynamic", INT4_HEAD_MODE, "int8-rot"], ids=lambda x: getattr(x, "name", x))
 def test_sequences_joining_and_leaving_get_the_tokens_they_get_alone(model, kv, path, monkeypatch):
     """With ``kernels``, the batch takes the GPU path (store and decode kernels, in Triton's interpreter);
     the alone runs it is compared with stay on the references."""

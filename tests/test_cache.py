@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_llama, random_qparams, static_qparams
+from conftest import INT4_HEAD_MODE, make_tiny_llama, random_qparams, static_qparams
 from transformers import DynamicCache
 
 from kvcache import (
@@ -163,7 +163,8 @@ def test_beam_search_is_refused_clearly(tiny_llama):
         cache.reorder_cache(torch.tensor([0]))
 
 
-@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic", "int4-lmdeploy", "int8-rot", "k8v4"])
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic", INT4_HEAD_MODE, "int8-rot", "k8v4"],
+                         ids=lambda x: getattr(x, "name", x))
 def test_kernel_path_through_a_model_matches_the_references(monkeypatch, kv):
     """The GPU path end to end, in Triton's interpreter: an fp16 model's prompt, two decode steps and a new
     turn (prefilled over the cached history, with the mask transformers passes) through the store, decode and

@@ -2,7 +2,9 @@
 
 The interpreter tests check what the kernels compute; only the GPU compiler sees register pressure,
 shared memory and constructs it cannot lower. bench/kernel_compile.py compiles every variant the
-cache launches through Triton's own toolchain, with nothing run (``python -m bench.kernel_compile``).
+cache launches through Triton's own toolchain, with nothing run (``python -m bench.kernel_compile``, or
+``make kernel-compile``); the suite compiles its ``--quick`` subset: every KV mode once in each kernel, and
+each dtype, head dim, head layout, split count and prefill chunk kind once.
 """
 
 import json
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernel_compile import ARCHS, MODES, SPILL_BUDGET, occupancy
-from kvcache.modes import get_mode
+from bench.common import bench_mode
+from bench.kernel_compile import ARCHS, MODES, QUICK_MODE, SPILL_BUDGET, occupancy, quick
 
 ROOT = Path(__file__).resolve().parents[1]  # the benchmarks run as modules from here
 
@@ -50,7 +52,7 @@ def compile_check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @needs_toolchain
 def test_every_kernel_compiles_for_sm90_within_budget(tmp_path):
     out = tmp_path / "compile.json"
-    proc = compile_check(tmp_path, "--json", str(out))
+    proc = compile_check(tmp_path, "--quick", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 variants did not compile" in proc.stdout
     assert f"0 spill over {SPILL_BUDGET} bytes/thread or do not fit an SM" in proc.stdout
@@ -60,14 +62,21 @@ def test_every_kernel_compiles_for_sm90_within_budget(tmp_path):
     store = {(r["mode"], r["dtype"], r["head_dim"]) for r in rows if r["kernel"] == "_store_kv_kernel"}
     reduce = {(r["dtype"], r["head_dim"]) for r in rows if r["kernel"] == "_decode_reduce_kernel"}
     dims = [(dt, hd) for dt in ("fp16", "bf16", "fp32") for hd in (64, 128)]
-    sinks = {m for m in MODES if get_mode(m).sink_tokens}  # fp32 queries over sinks decode through the reference
+    sinks = {m for m in MODES if bench_mode(m).sink_tokens}  # fp32 queries over sinks decode through the reference
+    want = lambda **v: quick({"mode": QUICK_MODE, **v})  # noqa: E731
     assert decode == {(m, dt, hd, shape, s) for m in MODES for dt, hd in dims for shape in ("mha", "gqa4") for s in (1, 64)
-                      if not (m in sinks and dt == "fp32")}
-    assert store == {(m, dt, hd) for m in MODES for dt, hd in dims}
-    assert reduce == set(dims)
+                      if not (m in sinks and dt == "fp32") and quick(dict(mode=m, dtype=dt, head_dim=hd, shape=shape, splits=s))}
+    assert store == {(m, dt, hd) for m in MODES for dt, hd in dims if quick(dict(mode=m, dtype=dt, head_dim=hd))}
+    assert reduce == {(dt, hd) for dt, hd in dims if want(dtype=dt, head_dim=hd)}
     prefill = {(r["mode"], r["dtype"], r["head_dim"], r["chunk"]) for r in rows if r["kernel"] == "_prefill_kernel"}
     chunks = ("causal q=512", "mask q=512", "causal q=8")
-    assert prefill == {(m, dt, hd, c) for m in MODES for dt, hd in dims if dt != "fp32" for c in chunks}
+    assert prefill == {(m, dt, hd, c) for m in MODES for dt, hd in dims if dt != "fp32" for c in chunks
+                       if quick(dict(mode=m, dtype=dt, head_dim=hd, shape="gqa4", chunk=c))}
+    # the subset still holds every mode in each kernel, and every dtype, head dim, layout, split count and chunk
+    for kernel in ("_store_kv_kernel", "_decode_partial_kernel", "_prefill_kernel"):
+        assert {r["mode"] for r in rows if r["kernel"] == kernel} == set(MODES)
+    assert [{d[i] for d in decode} for i in (1, 2, 3, 4)] == [{"fp16", "bf16", "fp32"}, {64, 128}, {"mha", "gqa4"}, {1, 64}]
+    assert {p[3] for p in prefill} == set(chunks)
     for r in rows:
         assert r["arch"] == "sm_90" and 0 < r["regs"] <= 255
         assert r["spill_bytes"] <= SPILL_BUDGET and r["smem_bytes"] <= ARCHS[90].smem_per_block and r["ctas_per_sm"] >= 1, r
@@ -78,12 +87,13 @@ def test_spills_and_compile_failures_are_caught(tmp_path):
     """Capped at 48 registers the decode kernels spill and the prefill kernel's tensor-core code cannot be
     allocated at all: the check must report both and fail."""
     out = tmp_path / "capped.json"
-    proc = compile_check(tmp_path, "--head-dims", "64", "--maxnreg", "48", "--json", str(out))
+    proc = compile_check(tmp_path, "--modes", "int8", "--head-dims", "64", "--dtypes", "fp16", "--maxnreg", "48",
+                         "--json", str(out))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows, failures = report["results"], report["meta"]["failures"]
     assert all(r["regs"] <= 48 for r in rows)
     heavy = {r["mode"] for r in rows if r["kernel"] == "_decode_partial_kernel" and r["spill_bytes"] > SPILL_BUDGET}
-    assert heavy == set(MODES)
+    assert heavy == {"int8"}
     assert {f["op"] for f in failures} == {"prefill"} and "Insufficient registers" in failures[0]["error"]
     assert "DID NOT COMPILE for sm_90: int8" in proc.stdout

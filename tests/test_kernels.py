@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone_layer, stored_tensors
+from conftest import INT4_HEAD_MODE, clone_layer, stored_tensors
 
 from kvcache.kernels import decode_attention, prefill_attention, store_kv, use_triton
 from kvcache.kernels.reference import (
@@ -60,7 +60,7 @@ LOWBIT = [
     _layout("k4sym-v8g16sym", Codec(4, "token", 0, True), Codec(8, "token", 16, True)),
 ]
 LOWBIT_IDS = [m.name for m in LOWBIT]
-NAMED_LOWBIT = ["int4-lmdeploy", "int8-rot", "k8v4", "int4"]  # the mode table's (rotations are outside the kernels)
+NAMED_LOWBIT = [INT4_HEAD_MODE, "int8-rot", "k8v4", "int4"]  # per-head int4 and the mode table's (rotations are outside the kernels)
 
 
 def _store_triton(*args):
@@ -333,8 +333,8 @@ def test_decode_lowbit_matches_reference(kv, group):
 
 
 @needs_triton
-@pytest.mark.parametrize("kv,head_dim,dtype", [("int4-lmdeploy", 128, torch.float16), ("k8v4", 128, torch.float16),
-                                               ("int4", 128, torch.float16), ("int4-lmdeploy", 48, torch.bfloat16),
+@pytest.mark.parametrize("kv,head_dim,dtype", [(INT4_HEAD_MODE, 128, torch.float16), ("k8v4", 128, torch.float16),
+                                               ("int4", 128, torch.float16), (INT4_HEAD_MODE, 48, torch.bfloat16),
                                                (LOWBIT[7], 48, torch.bfloat16)], ids=lambda x: getattr(x, "name", x))
 def test_decode_lowbit_head_dims_and_dtypes(kv, head_dim, dtype):
     """Named 4-bit modes at head_dim 128 (default tiles and splits); head_dim 48 (halves of 24 lanes padded to 32)
@@ -630,7 +630,7 @@ def test_lowbit_storage_is_checked():
     from kvcache.kernels.common import unsupported
 
     assert "head_dim/2 (24) to be a multiple of the group size" in unsupported(make_layer("int4", 2, 2, 4, 48))
-    assert "4-bit codes need head_dim >= 32" in unsupported(make_layer("int4-lmdeploy", 2, 2, 4, 16))
+    assert "4-bit codes need head_dim >= 32" in unsupported(make_layer(INT4_HEAD_MODE, 2, 2, 4, 16))
     kv = torch.randn(1, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of the group size"):
         _store_triton(make_layer("int4", 2, 2, 4, 48), kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE))
@@ -836,7 +836,7 @@ def test_real_shapes_lowbit_on_gpu(kv, shape):
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("shape", REAL_SHAPES, ids=list(REAL_SHAPES))
-@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic", *NAMED_LOWBIT])
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int8-dynamic", *NAMED_LOWBIT], ids=lambda x: getattr(x, "name", x))
 def test_real_shape_prefill_on_gpu(kv, shape):
     """Blocks of 64, head_dim 128: a 1K-token new turn over 8K cached tokens, and a whole 2K prompt."""
     heads, kv_heads = REAL_SHAPES[shape]

@@ -88,8 +88,8 @@ def test_chunked_scoring_equals_one_shot(tiny, kv, one_torch_thread):
     assert b["kl_vs_fp16"] == pytest.approx(a["kl_vs_fp16"], rel=1e-3)
     assert b["top1_match_pct"] == pytest.approx(a["top1_match_pct"], abs=100 / 1398 + 1e-9)  # one position at most
     assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
-    for x, y in zip(a["by_position"], b["by_position"]):
-        assert (x["start"], x["end"]) == (y["start"], y["end"]) and y["kl"] == pytest.approx(x["kl"], rel=1e-3)
+    for x, y in zip(a["by_position"], b["by_position"]):  # a bucket of 188 positions: a KL of 5e-6 moves 2e-3 (fp32 sums)
+        assert (x["start"], x["end"]) == (y["start"], y["end"]) and y["kl"] == pytest.approx(x["kl"], rel=1e-2)
 
 
 def test_progress_can_cancel(tiny, one_torch_thread):

@@ -23,7 +23,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import clone_layer, stored_tensors
+from conftest import INT4_HEAD_MODE, clone_layer, stored_tensors
 
 from kvcache.kernels.reference import (
     decode_attention_reference,
@@ -60,7 +60,8 @@ KINDS = [
       for fp in (torch.float16, torch.bfloat16, torch.float32)),
     *(Kind(f"int8-{g}-{'sym' if s else 'asym'}", get_mode("int8"), g, s)
       for g in ("tensor", "head", "channel") for s in (False, True)),
-    *(Kind(m, get_mode(m)) for m in ("int8-dynamic", "int4-lmdeploy", "int8-rot", "k8v4", "int4")),
+    Kind("int4-head", INT4_HEAD_MODE),
+    *(Kind(m, get_mode(m)) for m in ("int8-dynamic", "int8-rot", "k8v4", "int4")),
     # K and V with different codecs: static 8-bit keys, 4-bit asymmetric values in groups (no sinks: the
     # decoded path for unequal codecs); fp16 keys, per-token int8 values, two sink tokens in a bf16 pool.
     Kind("mixed-k8static-v4g16", _layout("k8static-v4g16", INT8_STATIC, Codec(4, "token", 16))),

@@ -54,7 +54,7 @@ def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLO
     """Blocks of ``mode`` that ``budget`` bytes hold, after the mode's static parameters and maps, counting the
     sink slots a fixed pool of that many blocks holds (one per :data:`SINK_BLOCKS_PER_SLOT` blocks)."""
     room = budget - mode.static_param_bytes(shape)
-    block = mode.bytes_per_token(shape, fp_dtype) * block_size
+    block = mode.pool_bytes_per_token(shape, fp_dtype) * block_size  # what the pool allocates (emulated: 16-bit)
     slot = mode.sink_bytes(shape, fp_dtype)
 
     def cost(n: int) -> int:
@@ -78,11 +78,12 @@ def plan(
     fp_dtype: torch.dtype = torch.float16,
     **facts: Any,
 ) -> dict[str, Any]:
-    """Blocks, tokens and sessions per mode in the same ``budget`` bytes; ``facts`` are recorded in the report."""
+    """Blocks, tokens and sessions per mode in the same ``budget`` bytes, as this tool's pools store them (an
+    emulated transformers scheme holds 16-bit values); ``facts`` are recorded in the report."""
     rows = []
     per_session = -(-session_tokens // block_size)
     for mode in modes:
-        bpt = mode.bytes_per_token(shape, fp_dtype)
+        bpt = mode.pool_bytes_per_token(shape, fp_dtype)
         blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype)
         rows.append(dict(kv=mode.name, bytes_per_token=bpt, block_bytes=bpt * block_size, blocks=blocks,
                          tokens=blocks * block_size, sessions=blocks // per_session,

@@ -156,8 +156,8 @@ class BlockPool:
     # --- accounting -------------------------------------------------------------------------
     @property
     def bytes_per_token(self) -> int:
-        """Marginal bytes of one token across all layers (data + per-token parameters)."""
-        return self.mode.bytes_per_token(self.shape, self.fp_dtype)
+        """Marginal bytes of one token across all layers as this pool stores it (data + per-token parameters)."""
+        return self.mode.pool_bytes_per_token(self.shape, self.fp_dtype)
 
     @property
     def sink_bytes(self) -> int:
