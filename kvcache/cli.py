@@ -12,10 +12,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import CHUNK_TOKENS, SYSTEM_PROMPT_FILE
 from .errors import KVQError, one_line
 from .modes import KV_MODES, KVQ_MODES
+
+if TYPE_CHECKING:
+    from .codec import KVMode
+    from .storage.shape import KVShape
 
 QPARAMS_HELP = ("kv_qparams.safetensors for the calibrated modes, or the folder "
                 "`python -m calib kv_qparams WORK_DIR OUT --format kvq` wrote")
@@ -263,7 +268,7 @@ MODES_COLUMNS = ("mode", "K bits", "V bits", "calibration", "bytes/token", "+ pe
                  "B/token at 2,048", "x fp16", "codecs", "turn it on")
 
 
-def _mode_row(mode, shape) -> tuple[str, ...]:
+def _mode_row(mode: KVMode, shape: KVShape) -> tuple[str, ...]:
     """One mode of the listing: mean bits over the model's layers (16-bit boundary layers counted), the marginal
     bytes, what a sequence costs once (fp16 sinks, a 16-bit residual window) and a pool once (static parameters,
     maps, codebooks), and a 2,048-token sequence's bytes per token (its own costs spread over it) and ratio to fp16."""
@@ -285,7 +290,7 @@ def _mode_row(mode, shape) -> tuple[str, ...]:
             mode.describe_codecs(), mode.serve)
 
 
-def format_modes_by_engine(modes: list, shape) -> str:
+def format_modes_by_engine(modes: list[KVMode], shape: KVShape) -> str:
     """The modes as one table, grouped by engine: ours first, then the serving engines in their package's order."""
     from .engines import ENGINES
     from .measure.capacity import _table  # the listing's column layout, shared with the capacity tables
