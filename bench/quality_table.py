@@ -183,7 +183,7 @@ def figure(reports: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(reports), figsize=(6 * len(reports), 8), squeeze=False)
-    engines = list(dict.fromkeys(["kvq", *ENGINES, *(_engine(r) for rep in reports for r in rep["rows"])]))  # ours first
+    engines = list(dict.fromkeys(["kvq", *ENGINES, *(_engine(r) for rep in reports for r in rep["rows"])]))
     for col, rep in enumerate(reports):
         rows = [r for r in rep["rows"] if r["label"] != BASELINE_MODE]
         for row_i, (key, name) in enumerate((("delta_ppl_pct", "Δppl vs fp16 (%)"), ("top1_match_pct", "top-1 agreement (%)"))):
@@ -192,7 +192,8 @@ def figure(reports: list[dict], path: Path) -> Path:
                 group = [r for r in rows if _engine(r) == engine]
                 if group:
                     ax.scatter([r["kv_ratio_to_fp16"] for r in group], [r[key] for r in group], s=30,
-                               marker="osD^vP*X"[i % 8], color=f"C{i % 10}", label="kvq (ours)" if engine == "kvq" else engine)
+                               marker="osD^vP*X"[i % 8], color=f"C{i % 10}",
+                               label="kvq (ours)" if engine == "kvq" else engine)
             for r in rows:
                 ax.annotate(r["label"].replace(" static", "").replace("planner, Δppl ≤ ", "plan ≤ ").replace(" budget", ""), (r["kv_ratio_to_fp16"], r[key]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")

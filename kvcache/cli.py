@@ -286,7 +286,8 @@ def _mode_row(mode: KVMode, shape: KVShape) -> tuple[str, ...]:
     return (mode.name, f"{k:.3g}", f"{v:.3g}", "--qparams" if mode.needs_qparams else "-",
             f"{mode.bytes_per_token(shape):,}", f"{once:,} ({why})" if once else "-",
             f"{pool:,}" if pool else "-",
-            f"{mode.bytes_per_token_at(shape, SEQUENCE_TOKENS):,.0f}", f"{mode.ratio_to_fp16(shape, SEQUENCE_TOKENS):.3f}",
+            f"{mode.bytes_per_token_at(shape, SEQUENCE_TOKENS):,.0f}",
+            f"{mode.ratio_to_fp16(shape, SEQUENCE_TOKENS):.3f}",
             mode.describe_codecs(), mode.serve)
 
 
