@@ -38,6 +38,7 @@ from kvcache.measure.evaluate import (
 from kvcache.measure.needle import needle
 from kvcache.models.loader import load_model
 from kvcache.config import BASELINE_MODE
+from kvcache.engines import ENGINES
 from kvcache.modes import KV_MODES
 from kvcache.qparams import KVQParams
 
@@ -168,20 +169,32 @@ def run(args: argparse.Namespace, loaded, qparams: dict[str, KVQParams]) -> list
     return reports
 
 
+def _engine(row: dict) -> str:
+    """Whose scheme a row is: a named mode's engine; the planner's plan is ours."""
+    return KV_MODES[row["kv"]].engine if row["kv"] in KV_MODES else "kvq"
+
+
 def figure(reports: list[dict], path: Path) -> Path:
-    """Δppl and top-1 against bytes per token, one point per mode, a panel per text (the README's picture)."""
+    """Δppl and top-1 against bytes per token, one point per mode coloured and marked by engine, a panel per text
+    (the README's picture)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(reports), figsize=(6 * len(reports), 8), squeeze=False)
+    engines = list(dict.fromkeys(["kvq", *ENGINES, *(_engine(r) for rep in reports for r in rep["rows"])]))
     for col, rep in enumerate(reports):
         rows = [r for r in rep["rows"] if r["label"] != BASELINE_MODE]
         for row_i, (key, name) in enumerate((("delta_ppl_pct", "Δppl vs fp16 (%)"), ("top1_match_pct", "top-1 agreement (%)"))):
             ax = axes[row_i][col]
+            for i, engine in enumerate(engines):  # one colour and marker per engine, in the legend
+                group = [r for r in rows if _engine(r) == engine]
+                if group:
+                    ax.scatter([r["kv_ratio_to_fp16"] for r in group], [r[key] for r in group], s=30,
+                               marker="osD^vP*X"[i % 8], color=f"C{i % 10}",
+                               label="kvq (ours)" if engine == "kvq" else engine)
             for r in rows:
-                ax.scatter(r["kv_ratio_to_fp16"], r[key], s=30)
                 ax.annotate(r["label"].replace(" static", "").replace("planner, Δppl ≤ ", "plan ≤ ").replace(" budget", ""), (r["kv_ratio_to_fp16"], r[key]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
             if key == "delta_ppl_pct":
@@ -190,6 +203,7 @@ def figure(reports: list[dict], path: Path) -> Path:
             ax.set_ylabel(name)
             ax.set_title(f"{rep['text']}: {rep['tokens_scored']:,} positions")
             ax.grid(alpha=0.3)
+            ax.legend(title="engine", fontsize=7, title_fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct, CPU reference path: quality against bytes (python -m bench.quality_table)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,15 +83,16 @@ def test_uploads_over_the_limit_are_refused(client, tmp_path):
 
 
 def test_tiny_evaluation_returns_a_table(client):
-    summary, table, quality, cost, tradeoff = client.predict("builtin-en", None, ["int8-dynamic"], 32, 1, 1, 2,
-                                                             api_name="/evaluate")
+    summary, table, quality, cost, tradeoff, positions, growth = client.predict(
+        "builtin-en", None, ["int8-dynamic"], 32, 1, 1, 2, api_name="/evaluate")
     assert "1 windows x 32 tokens" in summary
     headers = table["headers"]
     assert headers[:3] == ["kv", "perplexity", "Δppl %"] and "top-1 %" in headers
     assert [row[0] for row in table["data"]] == ["fp16", "int8-dynamic"]
     bytes_col = headers.index("KV bytes/token")
     assert table["data"][1][bytes_col] < table["data"][0][bytes_col]  # int8 stores fewer KV bytes per token
-    assert tradeoff  # the Δppl-against-bytes scatter, one point per mode
+    assert tradeoff and "fp16 baseline" in str(tradeoff)  # the Δppl-against-bytes scatter, points by engine
+    assert positions["headers"][:2] == ["kv", "positions"] and growth
 
 
 def test_capacity_endpoint_gives_both_views(client):

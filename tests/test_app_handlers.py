@@ -202,6 +202,7 @@ def test_evaluate_tiny(app):
     assert {"top-1 %", "Δppl 95% CI", "first divergence", "calibrated on"} <= set(table.columns)
     assert table["top-1 %"].iloc[0] == 100 and 0 < table["top-1 %"].iloc[1] <= 100
     assert list(cost["kv"]) == ["fp16", "int8-dynamic"] and list(tradeoff["kv"]) == ["fp16", "int8-dynamic"]
+    assert list(tradeoff["engine"]) == ["fp16 baseline", "ours"]  # the scatter's colour and legend
     assert list(positions["positions"]) == ["0-32"] and positions["KL vs fp16"].iloc[0] == table["KL vs fp16"].iloc[1]
     assert list(growth["position"]) == [32] and "stored (quantized) copy" in summary
     with pytest.raises(UserError, match="Pick at least one"):
@@ -257,6 +258,15 @@ def test_uploaded_parameters_file_or_folder(app, tmp_path):
         handlers.upload_qparams(app, sess, [str(folder / "notes.json"), str(folder / "README.md")])
     with pytest.raises(Exception, match="not a readable safetensors"):
         handlers.upload_qparams(app, sess, [str(folder / "notes.json")])
+
+
+def test_mode_lists_size_modes_for_the_loaded_model(app):
+    labels = {value: label for label, value in handlers.kv_mode_choices(app)}
+    assert labels["vllm:fp8"] == "vLLM · vllm:fp8 — 0.50x fp16" and labels["int8"].endswith("· needs calibration")
+    info = handlers.mode_info(app, SessionState(), "llamacpp:q4_0-norot")
+    assert info.startswith("**llama.cpp** `llamacpp:q4_0-norot`") and "6,480 B/token" in info
+    assert "Turn it on: `LLAMA_ATTN_ROT_DISABLE=1 llama-server -m MODEL -ctk q4_0 -ctv q4_0 -fa on`" in info
+    assert handlers.default_quantized_mode(app) == "int8-dynamic"
 
 
 def test_serving_commands_follow_the_mode(app):
@@ -389,6 +399,10 @@ def test_capacity_both_views_against_block_arithmetic(app):
     assert (by_kv["int4"]["bytes_per_token"], by_kv["int4"]["blocks"]) == (7_200, 24)
     assert by_kv["k8v4"]["bytes_per_token"] == 30 * 3 * (64 + 2 + 32 + 4 * 2)
     assert "bytes for 1000 tokens" in same_conversation.columns
+    engine = dict(zip(same_memory["kv"], same_memory["engine"]))
+    assert (engine["fp16"], engine["int4"], engine["vllm:fp8"], engine["llamacpp:q4_0"]) == (
+        "fp16 baseline", "ours", "vLLM", "llama.cpp")
+    assert list(same_conversation["engine"]) == list(same_memory["engine"])
     with pytest.raises(ConfigError, match="fraction in \\(0, 1\\]"):
         handlers.capacity(app, sess, "lots", 1000)
 

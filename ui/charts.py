@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .modes import point_group, point_groups
 from .state import kv_label
 
 MiB = 2**20
@@ -105,11 +106,11 @@ def gauges_html(fig: dict[str, Any]) -> str:
 
 
 def same_memory_columns(tokens: int = 2048) -> list[str]:
-    return ["kv", "blocks", "tokens", "x fp16 tokens", f"sessions of {tokens} tokens"]
+    return ["kv", "blocks", "tokens", "x fp16 tokens", f"sessions of {tokens} tokens", "engine"]
 
 
 def same_conversation_columns(tokens: int = 2048) -> list[str]:
-    return ["kv", "bytes/token", f"bytes for {tokens} tokens", "x fp16 bytes"]
+    return ["kv", "bytes/token", f"bytes for {tokens} tokens", "x fp16 bytes", "engine"]
 
 
 OUTLIER_COLUMNS = ["layer", "K/V", "head", "channel", "absmax", "x median"]
@@ -119,12 +120,13 @@ def capacity_tables(report: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]
     """A capacity plan as the two tables people confuse: same memory -> tokens; same conversation -> bytes."""
     n = report["session_tokens"]
     same_memory = pd.DataFrame(
-        [(r["kv"], r["blocks"], r["tokens"], round(r["tokens_vs_fp16"], 3), r["sessions"]) for r in report["results"]],
+        [(r["kv"], r["blocks"], r["tokens"], round(r["tokens_vs_fp16"], 3), r["sessions"], point_group(r["kv"]))
+         for r in report["results"]],
         columns=same_memory_columns(n),
     )
     same_conversation = pd.DataFrame(
-        [(r["kv"], r["bytes_per_token"], fmt_bytes(r["session_bytes"]), round(r["session_bytes_vs_fp16"], 3))
-         for r in report["results"]],
+        [(r["kv"], r["bytes_per_token"], fmt_bytes(r["session_bytes"]), round(r["session_bytes_vs_fp16"], 3),
+          point_group(r["kv"])) for r in report["results"]],
         columns=same_conversation_columns(n),
     )
     return same_memory, same_conversation
@@ -238,14 +240,17 @@ def eval_bars(report: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return quality, cost
 
 
-SCATTER_COLUMNS = ["kv", "bytes vs fp16", "Δppl %", "top-1 %", "KV bytes/token"]
+# one colour per engine in the quality-vs-bytes picture, the same whichever modes were run (tab10, baseline grey first)
+ENGINE_COLOURS = dict(zip(point_groups(), ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                                           "#e377c2", "#bcbd22", "#17becf"]))
+SCATTER_COLUMNS = ["kv", "engine", "bytes vs fp16", "Δppl %", "top-1 %", "KV bytes/token"]
 
 
 def eval_scatter(report: dict[str, Any]) -> pd.DataFrame:
     """Quality against cost, one point per evaluated mode: Δppl (%) over KV bytes per token as a ratio to fp16's
-    (a 2,048-token sequence, sinks included: what ``python -m kvcache modes`` gives)."""
+    (a 2,048-token sequence, sinks included: what ``python -m kvcache modes`` gives), grouped by engine."""
     return pd.DataFrame(
-        [(kv_label(r["kv"]), r["kv_ratio_to_fp16"], round(r["delta_ppl_pct"], 4),
+        [(kv_label(r["kv"]), point_group(r["kv"]), r["kv_ratio_to_fp16"], round(r["delta_ppl_pct"], 4),
           round(r["top1_match_pct"], 2), r["kv_bytes_per_token"]) for r in report["results"]],
         columns=SCATTER_COLUMNS,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import handlers
-from .errors import shown_as_warning
+from .errors import shown_as_warning, shown_in_page
 from .state import AppState, SessionState
 from .tabs import GPU
 from .tabs import calibrate as calibrate_tab
@@ -23,7 +23,7 @@ def build_demo(app: AppState) -> gr.Blocks:
         sess = gr.State(SessionState)  # one per browser session: its own chats, engines, calibration
         timer = gr.Timer(memory_tab.REFRESH_S, active=False)  # memory readings, only while the Memory tab is open
         gr.HTML(HEADER)
-        eval_modes = evaluate_tab.mode_choice()  # rendered in the Evaluate tab; the Calibrate tab's plans join it
+        eval_modes = evaluate_tab.mode_choice(app)  # rendered in the Evaluate tab; the Calibrate tab's plans join it
         with gr.Row(equal_height=True, elem_id="model-bar"):
             model_path = gr.Textbox(app.model_path, label="Model", scale=3, elem_id="model-path",
                                     info="'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder or a .gguf file")
@@ -52,7 +52,17 @@ def build_demo(app: AppState) -> gr.Blocks:
                 handlers.load_model(app, path, pool_size)
             return handlers.model_status(app), handlers.pool_setting(app)
 
+        def run_lists(mode, engine, picked, state):
+            """Every KV-mode list and its line again: the sizes are the loaded model's."""
+            with shown_in_page():
+                return (gr.update(choices=handlers.kv_mode_choices(app, state)), handlers.mode_info(app, state, mode),
+                        gr.update(choices=handlers.kv_mode_choices(app, state, engine, keep=picked or [])),
+                        handlers.mode_info(app, state, picked))
+
+        lists = [chat.mode, chat.mode_info, eval_modes.modes, eval_modes.info]
         load.click(run_load, [model_path, pool], [status, pool], api_name="load_model", concurrency_id=GPU).then(
-            lambda state: handlers.reset_chat(state), [sess], chat.panes, api_visibility="private", queue=False)
+            lambda state: handlers.reset_chat(state), [sess], chat.panes, api_visibility="private", queue=False).then(
+            run_lists, [chat.mode, eval_modes.engine, eval_modes.modes, sess], lists, api_visibility="private",
+            queue=False)
         demo.load(lambda: handlers.model_status(app), None, [status], api_visibility="private", queue=False)
     return demo

@@ -31,14 +31,8 @@ from .chat import (
                         stop,
                         submit,
 )
-from .common import (
-                        check_upload,
-                        default_quantized_mode,
-                        default_system_prompt,
-                        example_questions,
-                        kv_mode_choices,
-                        quantized_modes,
-)
+from ..modes import ALL_ENGINES, default_quantized_mode, engine_choices, kv_mode_choices, mode_info, quantized_modes
+from .common import check_upload, default_system_prompt, example_questions
 from .evaluate import cancel_evaluation, evaluate, needle_grid, recommend_options
 from .memory import capacity, memory
 from .model import check_model_path, load_model, model_status, pool_setting, pool_status
@@ -47,7 +41,7 @@ __all__ = [
     "CALIB_DATASETS", "EXPORT_FORMATS", "calibrate", "calibration_view", "cancel_calibration", "export_all", "heatmaps",
     "plan_bits", "reexport", "serving_commands", "submit_calibration", "upload_qparams", "use_in_chat", "chat", "chat_view",
     "divergence", "pane_stats", "reset_chat", "set_mode", "stop", "submit", "check_upload", "default_quantized_mode",
-    "default_system_prompt", "example_questions", "kv_mode_choices", "quantized_modes", "evaluate", "cancel_evaluation", "needle_grid", "recommend_options",
+    "default_system_prompt", "example_questions", "kv_mode_choices", "quantized_modes", "engine_choices", "mode_info", "ALL_ENGINES", "evaluate", "cancel_evaluation", "needle_grid", "recommend_options",
     "capacity", "memory",
     "check_model_path", "load_model", "model_status", "pool_setting", "pool_status",
 ]

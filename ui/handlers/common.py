@@ -1,4 +1,4 @@
-"""What every tab's handlers share: the assets the page shows, the modes it offers, upload checks."""
+"""What every tab's handlers share: the assets the page shows, upload checks (the modes it offers: ``ui.modes``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import torch
 
 from kvcache.config import EXAMPLES_FILE, SYSTEM_PROMPT_FILE
 from kvcache.errors import one_line
-from kvcache.modes import KV_MODES
 
 from .. import charts
-from ..state import LEFT_MODE, AppState, SessionState, UserError
+from ..state import AppState, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +37,6 @@ def example_questions() -> list[str]:
     except (OSError, ValueError, TypeError, KeyError) as exc:
         logger.warning("example questions unavailable (%s)", one_line(exc))
         return []
-
-
-def quantized_modes() -> list[str]:
-    """Every KV mode the library has, but the fp16 baseline (it is the left pane)."""
-    return [name for name in KV_MODES if name != LEFT_MODE]
-
-
-def kv_mode_choices(sess: SessionState | None = None) -> list[str]:
-    """The quantized pane's (and the evaluation's) choices: every named mode but fp16, then this session's plans."""
-    return quantized_modes() + (list(sess.plans) if sess is not None else [])
-
-
-def default_quantized_mode(app: AppState) -> str:
-    """The right pane's first mode: the static one when the app started with --qparams, else a dynamic one."""
-    modes = quantized_modes()
-    if app.default_qparams is not None:
-        return next((m for m in modes if KV_MODES[m].needs_qparams), modes[0])
-    return next((m for m in modes if not KV_MODES[m].needs_qparams), modes[0])
 
 
 def check_upload(path: str | Path | None, app: AppState, what: str) -> Path:

@@ -12,11 +12,12 @@ from ..errors import shown_in_page
 from ..state import AppState
 from . import GPU
 from .chat import ChatTab
+from .evaluate import ModeChoice
 
 SYMMETRY = [("asymmetric (min / max)", "asym"), ("symmetric (absmax)", "sym")]
 
 
-def build(app: AppState, sess: gr.State, chat: ChatTab, eval_modes: gr.CheckboxGroup) -> None:
+def build(app: AppState, sess: gr.State, chat: ChatTab, eval_modes: ModeChoice) -> None:
     """The tab; a plan the bit planner makes joins the chat's KV modes and the Evaluate tab's ``eval_modes``."""
     num_layers = app.loaded.num_layers if app.loaded is not None else 32
     with gr.Row():
@@ -146,8 +147,11 @@ def build(app: AppState, sess: gr.State, chat: ChatTab, eval_modes: gr.CheckboxG
         with shown_in_page():
             summary, table, path, label = handlers.plan_bits(app, state, budget_, samples_, seqlen_, progress=report)
         gr.Info(f"{label} is ready: pick it in the Chat tab.")
-        choices = handlers.kv_mode_choices(state)
+        choices = handlers.kv_mode_choices(app, state)
         return summary, table, path, gr.update(choices=choices), gr.update(choices=choices)
 
+    # the plan joins every engine's list, so the Evaluate tab's engine filter goes back to all
     plan_run.click(run_plan, [budget, plan_samples, plan_seqlen, sess],
-                   [plan_status, plan_layers, dl_plan, chat.mode, eval_modes], api_name="plan_bits", concurrency_id=GPU)
+                   [plan_status, plan_layers, dl_plan, chat.mode, eval_modes.modes], api_name="plan_bits",
+                   concurrency_id=GPU).success(lambda: handlers.ALL_ENGINES, None, [eval_modes.engine], queue=False,
+                                               api_visibility="private")

@@ -15,6 +15,7 @@ from . import CHAT, CHAT_SESSIONS
 @dataclass
 class ChatTab:
     mode: gr.Dropdown
+    mode_info: gr.Markdown
     left: gr.Chatbot
     right: gr.Chatbot
     left_stats: gr.Markdown
@@ -27,7 +28,7 @@ class ChatTab:
 
 
 def build(app: AppState, sess: gr.State) -> ChatTab:
-    modes = handlers.kv_mode_choices()  # every named mode but fp16; the session's plans join later
+    modes = handlers.kv_mode_choices(app)  # every named mode but fp16, by engine; the session's plans join later
     default_mode = handlers.default_quantized_mode(app)
     with gr.Row(equal_height=True):
         with gr.Column(elem_classes="pane"):
@@ -38,7 +39,9 @@ def build(app: AppState, sess: gr.State) -> ChatTab:
             left_stats = gr.Markdown(label="fp16 stats", elem_id="left-stats", elem_classes="pane-stats")
         with gr.Column(elem_classes="pane"):
             mode = gr.Dropdown(modes, value=default_mode, label="Quantized KV cache", elem_id="kv-mode",
-                               info="the right pane's KV mode: pick one", interactive=True)
+                               info="the right pane's KV mode, grouped by engine: pick one", interactive=True)
+            mode_info = gr.Markdown(handlers.mode_info(app, None, default_mode), label="about this KV mode",
+                                    elem_id="kv-mode-info", elem_classes="note")
             right = gr.Chatbot(label="quantized KV", height=400, elem_id="right-chat", show_label=False,
                                placeholder="The quantized-KV answer streams here.")
             right_stats = gr.Markdown(label="quantized stats", elem_id="right-stats", elem_classes="pane-stats")
@@ -62,7 +65,7 @@ def build(app: AppState, sess: gr.State) -> ChatTab:
                                     info="0 = greedy, so the two answers are comparable")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
 
-    tab = ChatTab(mode, left, right, left_stats, right_stats, note)
+    tab = ChatTab(mode, mode_info, left, right, left_stats, right_stats, note)
 
     def take(message: str, state) -> tuple[str, str]:
         handlers.submit(state)
@@ -93,4 +96,10 @@ def build(app: AppState, sess: gr.State) -> ChatTab:
     stop.click(run_stop, [sess], None, api_name="stop", concurrency_limit=None, queue=False)
     clear.click(run_clear, [sess], tab.panes, api_name="reset_chat", concurrency_id=CHAT)
     mode.change(run_mode, [mode, sess], [*tab.panes, note], api_visibility="private", concurrency_id=CHAT)
+
+    def run_info(kv_mode, state):
+        with shown_in_page():
+            return handlers.mode_info(app, state, kv_mode)
+
+    mode.change(run_info, [mode, sess], [mode_info], queue=False, api_visibility="private")
     return tab

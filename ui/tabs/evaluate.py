@@ -3,6 +3,8 @@ context), the pass-key retrieval grid as heatmaps beside fp16's, and which optio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 
 from kvcache.measure.recommend import engines
@@ -18,22 +20,41 @@ NEEDLE_LENGTHS = [1024, 2048, 4096, 8192]
 NEEDLE_DEPTHS = [0, 0.25, 0.5, 0.75, 1]
 
 
-def mode_choice() -> gr.CheckboxGroup:
+@dataclass
+class ModeChoice:
+    """The tab's KV-mode choice: an engine filter, the modes it narrows and the line about the chosen ones."""
+
+    engine: gr.Radio
+    modes: gr.CheckboxGroup
+    info: gr.Markdown
+
+
+def mode_choice(app: AppState) -> ModeChoice:
     """The tab's KV-mode choice, made before the tabs (unrendered) so the Calibrate tab's planner can add its plans."""
-    modes = handlers.kv_mode_choices()
-    return gr.CheckboxGroup(modes, value=[m for m in modes if m == "int8-dynamic"] or modes[:1],
-                            label="KV modes (fp16 is always the reference)", elem_id="eval-modes", render=False)
+    choices = handlers.kv_mode_choices(app)
+    values = [value for _, value in choices]
+    engine = gr.Radio(handlers.engine_choices(), value=handlers.ALL_ENGINES, label="Engine", elem_id="eval-engine",
+                      info="narrows the modes below to one engine's; what you picked stays", render=False)
+    modes = gr.CheckboxGroup(choices, value=[m for m in values if m == "int8-dynamic"] or values[:1],
+                             label="KV modes (fp16 is always the reference), grouped by engine", elem_id="eval-modes",
+                             render=False)
+    info = gr.Markdown(handlers.mode_info(app, None, modes.value), label="about these KV modes",
+                       elem_id="eval-modes-info", elem_classes="note", render=False)
+    return ModeChoice(engine, modes, info)
 
 
-def build(app: AppState, sess: gr.State, chosen: gr.CheckboxGroup) -> None:
-    """The tab; ``chosen`` is :func:`mode_choice`'s, rendered here."""
+def build(app: AppState, sess: gr.State, choice: ModeChoice) -> None:
+    """The tab; ``choice`` is :func:`mode_choice`'s, rendered here."""
+    chosen = choice.modes
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             source = gr.Radio(SOURCES, value="builtin-en", label="Text", elem_id="eval-source",
                               info="not the calibration text: static parameters look better on what they saw")
             upload = gr.File(label="Text to score (UTF-8 .txt)", file_types=[".txt"], type="filepath", visible=False,
                              elem_id="eval-upload")
+            choice.engine.render()
             chosen.render()
+            choice.info.render()
             seqlen = gr.Slider(32, 8192, value=256, step=32, label="Sequence length (tokens per window)",
                                info="up to the model's context; long windows are scored chunk by chunk through the cache")
             samples = gr.Slider(1, 64, value=4, step=1, label="Windows")
@@ -50,8 +71,10 @@ def build(app: AppState, sess: gr.State, chosen: gr.CheckboxGroup) -> None:
             with gr.Row():
                 quality = gr.BarPlot(x="kv", y="Δppl %", color="kv", title="Perplexity change vs fp16 (%)", height=240)
                 cost = gr.BarPlot(x="kv", y="KV bytes/token", color="kv", title="KV bytes per token", height=240)
-            tradeoff = gr.ScatterPlot(x="bytes vs fp16", y="Δppl %", color="kv", tooltip=charts.SCATTER_COLUMNS,
-                                      title="Δppl (%) against KV bytes per token (ratio to fp16), one point per mode",
+            tradeoff = gr.ScatterPlot(x="bytes vs fp16", y="Δppl %", color="engine", color_map=charts.ENGINE_COLOURS,
+                                      color_title="engine", tooltip=charts.SCATTER_COLUMNS,
+                                      title="Δppl (%) against KV bytes per token (ratio to fp16), one point per mode, "
+                                            "coloured by engine",
                                       x_title="KV bytes per token / fp16's", y_title="Δppl %", x_lim=[0, 1.05],
                                       height=300, elem_id="eval-tradeoff")
             with gr.Row():
@@ -103,6 +126,16 @@ def build(app: AppState, sess: gr.State, chosen: gr.CheckboxGroup) -> None:
             return handlers.recommend_options(app, state, engine_, context_, budget_, source_, upload_,
                                               progress=lambda f, m="": progress(f, desc=m))
 
+    def run_filter(engine_, chosen_, state):
+        with shown_in_page():
+            return gr.update(choices=handlers.kv_mode_choices(app, state, engine_, keep=chosen_ or []))
+
+    def run_info(chosen_, state):
+        with shown_in_page():
+            return handlers.mode_info(app, state, chosen_)
+
+    choice.engine.change(run_filter, [choice.engine, chosen, sess], [chosen], queue=False, api_visibility="private")
+    chosen.change(run_info, [chosen, sess], [choice.info], queue=False, api_visibility="private")
     source.change(lambda s: gr.update(visible=s == "upload"), [source], [upload], queue=False, api_visibility="private")
     run.click(run_eval, [source, upload, chosen, seqlen, samples, greedy_prompts, greedy_tokens, sess],
               [summary, table, quality, cost, tradeoff, positions, growth], api_name="evaluate", concurrency_id=GPU)
