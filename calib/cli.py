@@ -210,6 +210,7 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
 
 def _vllm_folder(args: argparse.Namespace, stats) -> int:
     """``--format vllm --model MODEL_DIR``: the ready-to-serve copy of the model."""
+    from kvcache.models.hub import names_hub_model
     from kvcache.models.loader import DEFAULT_MODEL, resolve_model
 
     from .export import READY_README, check_options, export_vllm_model
@@ -218,7 +219,9 @@ def _vllm_folder(args: argparse.Namespace, stats) -> int:
         raise UsageError("--model default is a .gguf model; the vllm format needs a Hugging Face model folder "
                        "(config.json + *.safetensors): give one, or leave out --model for the scales alone")
     granularity = check_options("vllm", num_tp=args.num_tp, kv_bits=args.kv_bits, granularity=args.granularity)
-    model_dir, _ = resolve_model(args.model, revision=args.revision, allow_download=True)
+    model_dir = args.model  # a local path as given: the export says why it is not a model folder if it is none
+    if names_hub_model(args.model) or args.revision:
+        model_dir, _ = resolve_model(args.model, revision=args.revision, allow_download=True)
     folder = export_vllm_model(stats, model_dir, args.out_dir, granularity=granularity)
     how = f"{folder.linked} files hard-linked" + (f", {folder.copied} copied" if folder.copied else "")
     print(f"wrote {folder.out_dir}: a copy of {args.model} ({how}) with FP8 KV-cache scales ({granularity}, "

@@ -46,6 +46,11 @@ def is_hub_id(model: str) -> bool:
     return True
 
 
+def names_hub_model(model: str) -> bool:
+    """Whether the loader takes ``model`` from the Hub: nothing of that name here (a local path wins), and a Hub id."""
+    return not Path(model).expanduser().exists() and is_hub_id(model)
+
+
 def cache_dir() -> Path:
     """huggingface_hub's model cache: ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ~/.cache/huggingface/hub."""
     return Path(hf.constants.HF_HUB_CACHE)

@@ -174,7 +174,7 @@ def _local_path(model: str) -> Path | None:
         raise ModelLoadError(
             f"{model} is not a .gguf file: pass a .gguf file, a Hugging Face model folder or 'default'"
         )
-    if hub.is_hub_id(model):
+    if hub.names_hub_model(model):
         return None
     raise ModelLoadError(
         f"{model} does not exist: pass 'default', a .gguf file, a local Hugging Face model folder or a Hub id (ORG/NAME)"

@@ -63,16 +63,16 @@ def load_model(app: AppState, path: str, cache_max_entry_count: float | int | No
 def check_model_path(app: AppState, path: str) -> None:
     """Served beyond localhost, the Model box opens only 'default', folders under the operator's ``--model-root``s
     and, with ``--allow-hub``, Hub ids. A name that exists here is a path (the loader takes the local folder first)."""
-    from kvcache.models.hub import is_hub_id
+    from kvcache.models.hub import names_hub_model
 
     if app.model_roots is None or path == "default":
         return
-    where = Path(path).expanduser().resolve()
-    if not where.exists() and is_hub_id(path):
+    if names_hub_model(path):
         if not app.takes_hub_ids:
             raise UserError(f"This server does not load models from the Hugging Face Hub ({path}); its operator can "
                             "allow it with --allow-hub. Folders under --model-root and 'default' work.")
         return
+    where = Path(path).expanduser().resolve()
     if not any(where == root or where.is_relative_to(root) for root in app.model_roots):
         roots = ", ".join(str(r) for r in app.model_roots) or "none"
         raise UserError(f"This server opens models only under the folders its operator allowed (--model-root: {roots}); "
