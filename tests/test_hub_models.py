@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoSibling
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -231,13 +232,18 @@ def online_hub(hub_cache, tmp_path, monkeypatch) -> dict:
     expected = logits(tiny_checkpoint(files))
     sizes = {f.name: f.stat().st_size for f in files.iterdir()} | {"pytorch_model.bin": 10**6, "tiny.Q4_0.gguf": 10**6,
                                                                    "onnx/model.onnx": 10**6}
-    calls = {"expected": expected, "downloads": [], "size": sum(f.stat().st_size for f in files.iterdir())}
+    calls = {"expected": expected, "downloads": [], "size": sum(f.stat().st_size for f in files.iterdir()),
+             "fail": {}}  # "model_info" / "snapshot_download" -> the error that call raises
 
     def model_info(self, repo_id, *, revision=None, files_metadata=False, **kwargs):
+        if "model_info" in calls["fail"]:
+            raise calls["fail"]["model_info"]
         assert (repo_id, revision, files_metadata) == (REPO, None, True)
         return SimpleNamespace(sha=MAIN, siblings=[RepoSibling(name, size) for name, size in sizes.items()])
 
     def snapshot_download(repo_id, *, revision=None, allow_patterns=None, **kwargs):
+        if "snapshot_download" in calls["fail"]:
+            raise calls["fail"]["snapshot_download"]
         calls["downloads"].append((repo_id, revision, sorted(allow_patterns)))
         picked = tmp_path / "picked"
         picked.mkdir()
@@ -274,6 +280,26 @@ def test_a_download_the_disk_cannot_hold_is_refused_first(online_hub, hub_cache,
         load_model(REPO, device="cpu", allow_download=True)
     one_line(err, f"{REPO} needs 0.0 GB", f"HF_HUB_CACHE={hub_cache}", "GB free", "HF_HUB_CACHE at a bigger disk")
     assert online_hub["downloads"] == []
+
+
+def _http_error(kind: type, status: int) -> Exception:
+    return kind("the Hub said no", response=SimpleNamespace(headers={}, status_code=status, request=None))
+
+
+@pytest.mark.parametrize(("call", "error", "needles"), [
+    ("model_info", lambda: _http_error(RepositoryNotFoundError, 404),
+     ("neither a local folder nor a model on the Hugging Face Hub (or it is private)", "hf auth login")),
+    ("snapshot_download", lambda: _http_error(GatedRepoError, 401),
+     ("is gated", f"https://huggingface.co/{REPO}", "hf auth login")),
+    ("model_info", lambda: _http_error(RevisionNotFoundError, 404), ("has no revision 'main'", "--revision")),
+    ("model_info", lambda: hub._TRANSPORT_ERRORS[-1]("[Errno 111] Connection refused"),
+     ("could not download", "Connection refused", "check the connection", f"`hf download {REPO}`")),
+])
+def test_what_the_hub_refuses_is_one_line(online_hub, call, error, needles):
+    online_hub["fail"][call] = error()
+    with pytest.raises(ModelLoadError) as err:
+        load_model(REPO, device="cpu", allow_download=True)
+    one_line(err, *needles)
 
 
 # --- the app beyond localhost -----------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ Resolved as transformers users expect: the cached snapshot of the revision when 
 ``HF_HUB_OFFLINE=1`` works); else a download with huggingface_hub's progress bar, only when the caller allows it
 and ``HF_HUB_OFFLINE`` is unset, after checking the cache's disk has room; else one line that says what to do.
 The cache is huggingface_hub's own (``HF_HUB_CACHE``, or ``HF_HOME``/hub), so ``hf download`` fills it too.
-A local folder of the same name wins over the id; that choice is the loader's (:mod:`kvcache.models.loader`).
+A local path of the same name wins over the id (:func:`names_hub_model`, which the loader and the app both ask).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub as hf
@@ -24,7 +26,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import validate_repo_id
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, one_line
 from . import internlm
 
 logger = logging.getLogger(__name__)
@@ -108,12 +110,24 @@ def _snapshot_dir(model_id: str, revision: str | None) -> Path | None:
 
 def _download(model_id: str, revision: str | None) -> Path:
     """Download the files the loader reads (one weight format), after checking the cache's disk has room."""
-    try:
+    with _hub_errors(model_id, revision):
         info = hf.HfApi().model_info(model_id, revision=revision, files_metadata=True)
-        files = _files_to_fetch({s.rfilename: s.size or 0 for s in info.siblings or []})
-        _check_disk_space(model_id, info.sha, files)
-        logger.info("downloading %s (%s) into %s", model_id, info.sha, cache_dir())
-        folder = hf.snapshot_download(model_id, revision=info.sha, allow_patterns=list(files))
+    files = _files_to_fetch({s.rfilename: s.size or 0 for s in info.siblings or []})
+    _check_disk_space(model_id, info.sha, files)
+    logger.info("downloading %s (%s) into %s", model_id, info.sha, cache_dir())
+    with _hub_errors(model_id, revision):  # pinned to the commit whose sizes were checked
+        return Path(hf.snapshot_download(model_id, revision=info.sha, allow_patterns=list(files)))
+
+
+# The HTTP library's base error (httpx's or requests', by huggingface_hub version): a connection that failed.
+_TRANSPORT_ERRORS = (OSError, *(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError"))
+
+
+@contextlib.contextmanager
+def _hub_errors(model_id: str, revision: str | None) -> Iterator[None]:
+    """The Hub's refusals and a failed connection as one line each that says what to do."""
+    try:
+        yield
     except GatedRepoError:
         raise ModelLoadError(
             f"{model_id} is gated on the Hugging Face Hub: accept its terms at https://huggingface.co/{model_id} "
@@ -126,14 +140,14 @@ def _download(model_id: str, revision: str | None) -> Path:
         ) from None
     except RevisionNotFoundError:
         raise ModelLoadError(
-            f"{model_id} has no revision '{revision}' on the Hugging Face Hub: pass a branch, tag or commit it has"
+            f"{model_id} has no revision '{revision or 'main'}' on the Hugging Face Hub: pass a branch, tag or commit "
+            "it has (--revision)"
         ) from None
-    except (HfHubHTTPError, OSError) as exc:  # the Hub unreachable or failing, a full disk mid-download
+    except _TRANSPORT_ERRORS as exc:  # the Hub unreachable or failing, a full disk mid-download
         raise ModelLoadError(
-            f"could not download {model_id} ({' '.join(str(exc).split()) or type(exc).__name__}): check the "
+            f"could not download {model_id} ({one_line(exc)}): check the "
             f"connection and retry, or download it first with `hf download {model_id}{_rev_flag(revision)}`"
         ) from None
-    return Path(folder)
 
 
 def _files_to_fetch(sizes: dict[str, int]) -> dict[str, int]:

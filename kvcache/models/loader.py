@@ -200,7 +200,7 @@ def _default_dtype(config: PreTrainedConfig, device: torch.device) -> torch.dtyp
 
 
 def _check_model_type(
-    model_type: str | None, architectures: list[str] | None, where: Path, auto_map: dict | None = None
+    model_type: str | None, architectures: list[str] | None, name: str, auto_map: dict | None = None
 ) -> None:
     """Reject, with what to do instead, anything but a supported decoder-only family."""
     if model_type in SUPPORTED_MODEL_TYPES:
@@ -209,13 +209,13 @@ def _check_model_type(
     model_type = model_type or "unknown"
     if auto_map and model_type not in CONFIG_MAPPING_NAMES:
         raise ModelLoadError(
-            f"{where.name} is a '{model_type}' model, which exists only as the checkpoint's own Python code "
+            f"{name} is a '{model_type}' model, which exists only as the checkpoint's own Python code "
             f"(auto_map in config.json); KVQ Studio never runs it (its attention would bypass the kvq cache): "
             f"use a model of one of these types: {supported}"
         )
     if model_type in _FAMILIES:
         raise ModelLoadError(
-            f"{where.name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
+            f"{name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
             f"(installed: {transformers.__version__}): upgrade transformers or use one of: {supported}"
         )
     if architectures:
@@ -224,11 +224,11 @@ def _check_model_type(
         causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     if not causal:
         raise ModelLoadError(
-            f"{where.name} is a '{model_type}' model, not a causal (decoder-only) chat LM: "
+            f"{name} is a '{model_type}' model, not a causal (decoder-only) chat LM: "
             f"use a model of one of these types: {supported}"
         )
     raise ModelLoadError(
-        f"{where.name} is a '{model_type}' model, which KVQ Studio does not support: "
+        f"{name} is a '{model_type}' model, which KVQ Studio does not support: "
         f"use a model of one of these types: {supported}"
     )
 
@@ -247,7 +247,7 @@ def _load_dir(
         raise ModelLoadError(f"{config_file} is unreadable ({_first_line(exc)}): re-download or re-save it") from None
     if raw.get("model_type") in internlm.MODEL_TYPES:
         return _load_internlm(path, raw, name, source, device, dtype, trust_remote_code)
-    _check_model_type(raw.get("model_type"), raw.get("architectures"), path, raw.get("auto_map"))
+    _check_model_type(raw.get("model_type"), raw.get("architectures"), name, raw.get("auto_map"))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         dtype = dtype or _default_dtype(config, device)
@@ -266,7 +266,7 @@ def _load_dir(
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise ModelLoadError(
-                f"{path.name}'s tokenizer is custom code: pass --trust-remote-code if you trust it"
+                f"{name}'s tokenizer is custom code: pass --trust-remote-code if you trust it"
             ) from None
         reason = _first_line(exc)
         raise ModelLoadError(f"could not load {path} ({reason}): check the folder is a complete model") from exc
@@ -356,7 +356,7 @@ def _convert_gguf(gguf: Path, cached: Path) -> None:
         raise ModelLoadError(
             f"{gguf.name} cannot be read as a GGUF model ({_first_line(exc)}): pass a valid .gguf file"
         ) from None
-    _check_model_type(config.model_type, None, gguf)
+    _check_model_type(config.model_type, None, gguf.name)
     logger.info("converting %s to %s (first load only)", gguf, cached)
     cached.parent.mkdir(parents=True, exist_ok=True)
     for stale in cached.parent.glob(f".{cached.name}-*"):  # left by killed conversions
