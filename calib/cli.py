@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: channel for kvq, tensor for turbomind (its only one) and vllm (tensor or head)")
     kq.add_argument("--model", default=None,
                     help="check the stats were calibrated on this model ('default', HF dir, .gguf or Hub id) first; "
-                         "vllm: the HF model folder (or Hub id) to copy into OUT_DIR with the scales merged, ready to serve")
+                         "vllm: the HF model folder (or Hub id) to copy into OUT_DIR with the scales merged, "
+                         "ready to serve")
     kq.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
 
     lm = sub.add_parser(

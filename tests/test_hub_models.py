@@ -167,7 +167,8 @@ def test_a_local_folder_of_the_same_name_wins(cached_repo, tmp_path, monkeypatch
 def test_internlm_ids_go_through_the_llama_mapping(hub_cache, tmp_path, monkeypatch):
     files = tmp_path / "internlm2"
     files.mkdir()
-    (files / "config.json").write_text(json.dumps({"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"]}))
+    config = {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"]}
+    (files / "config.json").write_text(json.dumps(config))
     (files / "model.safetensors").write_bytes(b"")
     folder = cache_snapshot(hub_cache, "internlm/internlm2-chat-1_8b", files, MAIN, ("main",))
     seen = []
@@ -230,10 +231,10 @@ def online_hub(hub_cache, tmp_path, monkeypatch) -> dict:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     files = tmp_path / "on-the-hub"
     expected = logits(tiny_checkpoint(files))
-    sizes = {f.name: f.stat().st_size for f in files.iterdir()} | {"pytorch_model.bin": 10**6, "tiny.Q4_0.gguf": 10**6,
-                                                                   "onnx/model.onnx": 10**6}
+    others = ("pytorch_model.bin", "tiny.Q4_0.gguf", "onnx/model.onnx", "consolidated.safetensors")  # never fetched
+    sizes = {f.name: f.stat().st_size for f in files.iterdir()} | dict.fromkeys(others, 10**6)
     calls = {"expected": expected, "downloads": [], "size": sum(f.stat().st_size for f in files.iterdir()),
-             "fail": {}}  # "model_info" / "snapshot_download" -> the error that call raises
+             "fail": {}, "sizes": sizes}  # fail: "model_info" / "snapshot_download" -> the error that call raises
 
     def model_info(self, repo_id, *, revision=None, files_metadata=False, **kwargs):
         if "model_info" in calls["fail"]:
@@ -259,7 +260,7 @@ def online_hub(hub_cache, tmp_path, monkeypatch) -> dict:
 
 def test_a_missing_id_is_downloaded_when_allowed_and_online(online_hub):
     lm = load_model(REPO, device="cpu", allow_download=True)
-    # pinned to the commit the sizes were read for; safetensors only: no .bin, GGUF or subfolder
+    # pinned to the commit the sizes were read for; safetensors only: no .bin, GGUF, consolidated copy or subfolder
     assert online_hub["downloads"] == [(REPO, MAIN, online_hub["files"])]
     torch.testing.assert_close(logits(lm.model), online_hub["expected"])
     assert load_model(REPO, device="cpu", allow_download=True).source == lm.source  # now from the cache
@@ -279,6 +280,15 @@ def test_a_download_the_disk_cannot_hold_is_refused_first(online_hub, hub_cache,
     with pytest.raises(ModelLoadError) as err:
         load_model(REPO, device="cpu", allow_download=True)
     one_line(err, f"{REPO} needs 0.0 GB", f"HF_HUB_CACHE={hub_cache}", "GB free", "HF_HUB_CACHE at a bigger disk")
+    assert online_hub["downloads"] == []
+
+
+def test_a_gguf_only_repo_is_refused_before_downloading(online_hub):
+    for name in [n for n in online_hub["sizes"] if n.endswith((".safetensors", ".bin"))]:
+        del online_hub["sizes"][name]
+    with pytest.raises(ModelLoadError) as err:
+        load_model(REPO, device="cpu", allow_download=True)
+    one_line(err, "no transformers weights", f"`hf download {REPO} FILE.gguf`")
     assert online_hub["downloads"] == []
 
 

@@ -55,7 +55,7 @@ class AppState:
     calib_data_dir: str | None = None
     max_upload_bytes: int = 20 * 2**20
     model_roots: list[Path] | None = None  # served beyond localhost: the folders the Model box may open (None: any)
-    allow_hub: bool = False  # whether the Model box takes Hub ids where model_roots limits it (ui.access.hub_ids_allowed)
+    allow_hub: bool = False  # Hub ids in the Model box where model_roots limits it (ui.access.hub_ids_allowed)
     work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvq-studio-")))
     sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     load_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -31,7 +31,8 @@ from . import internlm
 
 logger = logging.getLogger(__name__)
 
-# Weight formats transformers does not load here (or that a safetensors copy makes redundant): never downloaded.
+# Weight formats transformers does not load here (or that a safetensors copy makes redundant): never downloaded;
+# nor are subfolders (original/, onnx/) or Mistral's consolidated.* copy of the weights (its own format).
 _OTHER_FORMATS = (".gguf", ".onnx", ".onnx_data", ".msgpack", ".h5", ".ot", ".tflite", ".mlmodel", ".pt", ".pth",
                   ".ckpt", ".nemo")
 _GB = 1e9
@@ -80,14 +81,14 @@ def _rev_flag(revision: str | None) -> str:
 
 
 def _cached(model_id: str, revision: str | None) -> tuple[Path | None, str | None]:
-    """The cached snapshot folder (None: not cached) and what it lacks to load (None: nothing); no network."""
+    """The cached snapshot folder holding config.json (None: not cached) and what it lacks to load (None: nothing).
+    No network: huggingface_hub resolves the revision through the cache's refs."""
     try:
         config = hf.try_to_load_from_cache(model_id, "config.json", revision=revision)
     except (HFValidationError, OSError, ValueError):  # a damaged cache is the same as no cache here
         return None, None
     if not isinstance(config, str):
-        snapshot = _snapshot_dir(model_id, revision)
-        return (snapshot, "no config.json") if snapshot is not None else (None, None)
+        return None, None
     folder = Path(config).parent
     try:
         internlm.weight_files(folder)  # safetensors or .bin, every shard an index names
@@ -96,23 +97,16 @@ def _cached(model_id: str, revision: str | None) -> tuple[Path | None, str | Non
     return folder, None
 
 
-def _snapshot_dir(model_id: str, revision: str | None) -> Path | None:
-    """The snapshot folder a ref or commit names, whatever it holds (to say what a partial download lacks)."""
-    repo = cache_dir() / repo_folder_name(repo_id=model_id, repo_type="model")
-    ref = repo / "refs" / (revision or "main")
-    try:
-        commit = ref.read_text().strip() if ref.is_file() else revision
-    except OSError:
-        return None
-    folder = repo / "snapshots" / commit if commit else None
-    return folder if folder is not None and folder.is_dir() else None
-
-
 def _download(model_id: str, revision: str | None) -> Path:
     """Download the files the loader reads (one weight format), after checking the cache's disk has room."""
     with _hub_errors(model_id, revision):
         info = hf.HfApi().model_info(model_id, revision=revision, files_metadata=True)
     files = _files_to_fetch({s.rfilename: s.size or 0 for s in info.siblings or []})
+    if not any(name.endswith((".safetensors", ".bin")) for name in files):
+        raise ModelLoadError(
+            f"{model_id} has no transformers weights (safetensors or .bin) on the Hugging Face Hub: for a GGUF repo, "
+            f"download one file (`hf download {model_id} FILE.gguf`) and pass its path"
+        )
     _check_disk_space(model_id, info.sha, files)
     logger.info("downloading %s (%s) into %s", model_id, info.sha, cache_dir())
     with _hub_errors(model_id, revision):  # pinned to the commit whose sizes were checked
@@ -152,7 +146,8 @@ def _hub_errors(model_id: str, revision: str | None) -> Iterator[None]:
 
 def _files_to_fetch(sizes: dict[str, int]) -> dict[str, int]:
     """The repo's top-level files the loader can read: safetensors weights when there are any, else ``.bin``."""
-    top = {name: size for name, size in sizes.items() if "/" not in name and not name.endswith(_OTHER_FORMATS)}
+    top = {name: size for name, size in sizes.items()
+           if "/" not in name and not name.endswith(_OTHER_FORMATS) and not name.startswith("consolidated.")}
     if any(name.endswith(".safetensors") for name in top):
         top = {name: size for name, size in top.items()
                if not (name.endswith(".bin") or name == "pytorch_model.bin.index.json")}

@@ -177,7 +177,8 @@ def _local_path(model: str) -> Path | None:
     if hub.names_hub_model(model):
         return None
     raise ModelLoadError(
-        f"{model} does not exist: pass 'default', a .gguf file, a local Hugging Face model folder or a Hub id (ORG/NAME)"
+        f"{model} does not exist: pass 'default', a .gguf file, a local Hugging Face model folder or a Hub id "
+        "(ORG/NAME)"
     )
 
 
