@@ -24,7 +24,9 @@ CSS_FILE = Path(__file__).resolve().parent / "assets" / "app.css"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python app.py", description="KVQ Studio web app")
     p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
+                   help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, a .gguf file, or a Hub id "
+                        "(ORG/NAME: from the Hugging Face cache, downloaded when missing unless HF_HUB_OFFLINE is set)")
+    p.add_argument("--revision", default=None, metavar="REV", help="--model's branch, tag or commit when it is a Hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     p.add_argument("--auth-file", default=None, metavar="FILE", help="require the login USER:PASSWORD on FILE's first line "
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a non-loopback --host without a login (everyone on the network can use the app)")
     p.add_argument("--model-root", action="append", default=None, metavar="DIR",
                    help="a folder the Model box may open models from (repeatable); beyond localhost only these and 'default'")
+    p.add_argument("--allow-hub", action="store_true",
+                   help="beyond localhost, let the Model box take Hub ids too (from the server's Hugging Face cache, "
+                        "downloaded when missing unless HF_HUB_OFFLINE is set); on localhost it always does")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest file a user may upload (default: 20)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--qparams", default=None,
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.models.loader import load_model
     from kvcache.qparams import KVQParams
     from ui import AppState, build_demo
-    from ui.access import check_exposure, model_roots, read_auth
+    from ui.access import check_exposure, hub_ids_allowed, model_roots, read_auth
 
     try:
         login = read_auth(args.auth, args.auth_file)
@@ -79,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = AppState(device=args.device, calib_data_dir=args.calib_data_dir, model_path=args.model,
                    max_upload_bytes=int(args.max_upload_mb * 2**20), model_roots=roots,
+                   allow_hub=hub_ids_allowed(args.host, args.allow_hub),
                    default_qparams=qparams, default_qparams_label=Path(args.qparams).name if args.qparams else None)
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     try:
-        app.replace_model(load_model(args.model, device=args.device), pool)
+        app.replace_model(load_model(args.model, device=args.device, revision=args.revision, allow_download=True), pool)
     except KVQError as exc:  # still serve: the page says why and offers the model box
         app.load_error = one_line(exc)
         print(f"warning: {app.load_error}; serving without a model", file=sys.stderr)

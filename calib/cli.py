@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
+from kvcache.cli import MODEL_HELP, REVISION_HELP
 from kvcache.errors import KVQError, one_line
 from kvcache.logs import internal_error
 
@@ -83,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate", help="run the model on calibration text and record K/V min/max/absmax per layer",
         description="Record per-layer K/V statistics (min, max, absmax per KV head and channel) into WORK_DIR.",
     )
-    ca.add_argument("model", nargs="?", metavar="MODEL",
-                    help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
+    ca.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
     ca.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)  # LMDeploy's old --model
+    ca.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
     ca.add_argument("--calib-dataset", "--calib_dataset", dest="calib_dataset", default="c4",
                     help="calibration dataset (default: c4)")
     ca.add_argument("--calib-samples", "--calib_samples", dest="calib_samples", type=_positive, default=128,
@@ -124,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one parameter per layer (tensor), per KV head (head) or per channel (channel); "
                          "default: channel for kvq, tensor for turbomind (its only one) and vllm (tensor or head)")
     kq.add_argument("--model", default=None,
-                    help="check the stats were calibrated on this model ('default', HF dir or .gguf) first; "
-                         "vllm: the HF model folder to copy into OUT_DIR with the scales merged, ready to serve")
+                    help="check the stats were calibrated on this model ('default', HF dir, .gguf or Hub id) first; "
+                         "vllm: the HF model folder (or Hub id) to copy into OUT_DIR with the scales merged, "
+                         "ready to serve")
+    kq.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
 
     lm = sub.add_parser(
         "lmdeploy", help="the LMDeploy >= 0.4 command for a KV mode (or why there is none)",
@@ -142,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure each layer's K and V sensitivity on a calibration text, choose 8 or 4 bits per layer "
                     "and side for a Δppl budget, verify the plan, and write it as a spec file --kv accepts.",
     )
-    pl.add_argument("model", metavar="MODEL", help="'default', a local HF model dir, or a .gguf file")
+    pl.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    pl.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
     pl.add_argument("--budget-dppl", type=float, default=0.5, help="the Δppl budget in percent (default: 0.5)")
     pl.add_argument("--qparams", default=None,
                     help="kv_qparams.safetensors (or its folder): keys then use the calibrated query-aware transform")
@@ -162,13 +166,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     model = args.model or args.model_opt
     if not model:
-        raise UsageError("give the MODEL to calibrate: 'default', a local HF model dir or a .gguf file")
+        raise UsageError("give the MODEL to calibrate: 'default', a local HF model dir, a .gguf file or a Hub id")
     if args.model and args.model_opt and args.model != args.model_opt:
         raise UsageError(f"two models given ({args.model} and --model {args.model_opt}): give one")
     # What needs no model is refused before one loads (that can take minutes).
     check_inputs(dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
                  work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device, batch_size=args.batch_size)
-    loaded = load_model(model, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(model, device=args.device, trust_remote_code=args.trust_remote_code, revision=args.revision,
+                        allow_download=True)
 
     # calibrate() draws its own tqdm bar on a terminal.
     work_dir = calibrate(
@@ -188,7 +193,7 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
     if args.format == "vllm" and args.model:
         return _vllm_folder(args, stats)
     if args.model:
-        check_model(stats, _model_config(args.model))
+        check_model(stats, _model_config(args.model, args.revision))
     files = export(
         stats, args.out_dir, args.format, kv_sym=args.kv_sym, num_tp=args.num_tp, kv_bits=args.kv_bits,
         granularity=args.granularity,
@@ -206,7 +211,8 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
 
 def _vllm_folder(args: argparse.Namespace, stats) -> int:
     """``--format vllm --model MODEL_DIR``: the ready-to-serve copy of the model."""
-    from kvcache.models.loader import DEFAULT_MODEL
+    from kvcache.models.hub import names_hub_model
+    from kvcache.models.loader import DEFAULT_MODEL, resolve_model
 
     from .export import READY_README, check_options, export_vllm_model
 
@@ -214,7 +220,10 @@ def _vllm_folder(args: argparse.Namespace, stats) -> int:
         raise UsageError("--model default is a .gguf model; the vllm format needs a Hugging Face model folder "
                        "(config.json + *.safetensors): give one, or leave out --model for the scales alone")
     granularity = check_options("vllm", num_tp=args.num_tp, kv_bits=args.kv_bits, granularity=args.granularity)
-    folder = export_vllm_model(stats, args.model, args.out_dir, granularity=granularity)
+    model_dir = args.model  # a local path as given: the export says why it is not a model folder if it is none
+    if names_hub_model(args.model) or args.revision:
+        model_dir, _ = resolve_model(args.model, revision=args.revision, allow_download=True)
+    folder = export_vllm_model(stats, model_dir, args.out_dir, granularity=granularity)
     how = f"{folder.linked} files hard-linked" + (f", {folder.copied} copied" if folder.copied else "")
     print(f"wrote {folder.out_dir}: a copy of {args.model} ({how}) with FP8 KV-cache scales ({granularity}, "
           f"{stats.shape_str()}); new files: {', '.join(p.name for p in folder.written)}")
@@ -246,7 +255,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--budget-dppl is a Δppl budget in percent and must be positive, got {args.budget_dppl}")
     check_dataset(args.calib_dataset, args.calib_data_dir)
     qparams = KVQParams.load(args.qparams) if args.qparams else None
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, revision=args.revision, allow_download=True)
     plan, spec = plan_bits(
         loaded, args.budget_dppl, qparams=qparams, dataset=args.calib_dataset, samples=args.calib_samples,
         seqlen=args.calib_seqlen, data_dir=args.calib_data_dir, name=str(Path(args.out).expanduser()),
@@ -259,9 +268,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_config(model: str):
-    """The transformers config to check stats against: read alone for an HF dir, else via the loader."""
-    path = Path(model).expanduser()
+def _model_config(model: str, revision: str | None = None):
+    """The transformers config to check stats against: read alone for an HF dir (or a Hub id's), else via the loader."""
+    from kvcache.models.loader import load_model, resolve_model
+
+    path, _ = resolve_model(model, revision=revision, allow_download=True)
     if path.is_dir() and (path / "config.json").is_file():
         from transformers import AutoConfig
 
@@ -269,9 +280,7 @@ def _model_config(model: str):
             return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise UsageError(f"could not read {path / 'config.json'} ({str(exc).splitlines()[0]})") from None
-    from kvcache.models.loader import load_model
-
-    return load_model(model, device="cpu").config
+    return load_model(model, device="cpu", revision=revision).config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,13 +29,18 @@ TEXT_HELP = ("builtin-en (English technical prose), builtin-zh (Chinese politics
 MODES_HELP = (", ".join(KVQ_MODES) + "; an engine's scheme as ENGINE:FLAG (vllm:fp8, llamacpp:q4_0, lmdeploy:4, hf:quanto-int4, "
               "...); or a plan .json from `python -m calib plan`; `python -m kvcache modes` lists them all")
 
+MODEL_HELP = ("'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, a .gguf file, or a Hub id (ORG/NAME: "
+              "from the Hugging Face cache, downloaded when missing unless HF_HUB_OFFLINE is set)")
+REVISION_HELP = "the Hub id's branch, tag or commit (default: main)"
+
 
 class CLIError(KVQError):
     """A flag combination the command cannot run with."""
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
+    p.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code to run")
 
@@ -121,7 +126,8 @@ def _write_json(path: str | None, report: dict) -> None:
 def _load(args: argparse.Namespace):
     from .models.loader import load_model
 
-    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code, revision=args.revision,
+                      allow_download=True)
 
 
 def _qparams(args: argparse.Namespace):

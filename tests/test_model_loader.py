@@ -333,10 +333,14 @@ def test_unknown_remote_code_only_type_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["Qwen/Qwen2-7B", "HuggingFaceTB/SmolLM2-135M-Instruct"])
-def test_hub_name_is_refused_without_download(name):
+def test_hub_name_missing_from_the_cache_is_refused_without_download(name, tmp_path, monkeypatch):
+    """A library call never downloads unasked (tests/test_hub_models.py has the cache, downloads and the CLIs)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(ModelLoadError) as err:
         load_model(name, device="cpu")
-    _assert_one_line(err, "only local paths or 'default'", name)
+    _assert_one_line(err, f"{name} is not a local folder and not in the Hugging Face cache", f"`hf download {name}`")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

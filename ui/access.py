@@ -3,7 +3,8 @@
 On 127.0.0.1 (the default) only this machine reaches the page. On any other address everyone on the
 network does, and the Model box loads any path on the server: so a non-loopback host needs a login
 (``--auth-file``, ``$KVQ_AUTH`` or ``--auth``), unless the operator says ``--allow-no-auth``; and the
-Model box then opens only 'default' and folders under the operator's ``--model-root`` folders.
+Model box then opens only 'default' and folders under the operator's ``--model-root`` folders, and Hub ids
+(which may download into the server's Hugging Face cache) only with ``--allow-hub``.
 """
 
 from __future__ import annotations
@@ -72,3 +73,8 @@ def model_roots(host: str, roots: list[str] | None) -> list[Path] | None:
             raise ConfigError(f"--model-root {root} is not a folder")
         out.append(path)
     return out
+
+
+def hub_ids_allowed(host: str, allow_hub: bool) -> bool:
+    """Whether the Model box takes Hub ids: always on loopback, beyond it only when the operator said ``--allow-hub``."""
+    return allow_hub or is_loopback(host)

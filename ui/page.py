@@ -26,7 +26,9 @@ def build_demo(app: AppState) -> gr.Blocks:
         eval_modes = evaluate_tab.mode_choice(app)  # rendered in the Evaluate tab; the Calibrate tab's plans join it
         with gr.Row(equal_height=True, elem_id="model-bar"):
             model_path = gr.Textbox(app.model_path, label="Model", scale=3, elem_id="model-path",
-                                    info="'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder or a .gguf file")
+                                    info="'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder"
+                                         + (", a .gguf file or a Hub id (ORG/NAME)" if app.takes_hub_ids
+                                            else " or a .gguf file"))
             pool = gr.Textbox(handlers.pool_setting(app), label="KV pool (cache_max_entry_count)", scale=1,
                               elem_id="pool-size", placeholder="grow on demand",
                               info="0.5 = half the memory free after the weights load, 400 = 400 blocks each; "

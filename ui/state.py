@@ -55,6 +55,7 @@ class AppState:
     calib_data_dir: str | None = None
     max_upload_bytes: int = 20 * 2**20
     model_roots: list[Path] | None = None  # served beyond localhost: the folders the Model box may open (None: any)
+    allow_hub: bool = False  # Hub ids in the Model box where model_roots limits it (ui.access.hub_ids_allowed)
     work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvq-studio-")))
     sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -63,6 +64,11 @@ class AppState:
     @property
     def loaded(self) -> Any:
         return self.engine.loaded if self.engine is not None else None
+
+    @property
+    def takes_hub_ids(self) -> bool:
+        """Whether the Model box loads Hub ids: with no roots to keep to (loopback), or when the operator allowed it."""
+        return self.model_roots is None or self.allow_hub
 
     @property
     def cache_max_entry_count(self) -> float | int | None:

@@ -1,1 +1,1 @@
-"""Loading chat models from local files: the embedded GGUF, GGUF files, Hugging Face folders, InternLM checkpoints."""
+"""Loading chat models: the embedded GGUF, GGUF files, Hugging Face folders or Hub ids, InternLM checkpoints."""

@@ -1,10 +1,11 @@
-"""Load a chat LLM for KV-cache quantization: the embedded GGUF, any ``.gguf`` file, or a local HF folder.
+"""Load a chat LLM for KV-cache quantization: the embedded GGUF, any ``.gguf`` file, a local HF folder or a Hub id.
 
-Only local files are read (never the Hub). A GGUF is dequantized by transformers once (~30 s) and
-cached as a plain safetensors folder, so later loads take seconds. Every model is loaded with our
-``kvq`` attention, so it must be a family whose transformers code routes attention through
-``AttentionInterface``, or one mapped onto such a family at load time (InternLM/InternLM2 -> Llama,
-in :mod:`kvcache.models.internlm`).
+A local path wins; a name that is not one and reads as a Hub id (``ORG/NAME``) is taken from the local Hugging
+Face cache, or downloaded only when the caller allows it and ``HF_HUB_OFFLINE`` is unset (:mod:`kvcache.models.hub`).
+A GGUF is dequantized by transformers once (~30 s) and cached as a plain safetensors folder, so later loads take
+seconds. Every model is loaded with our ``kvq`` attention, so it must be a family whose transformers code routes
+attention through ``AttentionInterface``, or one mapped onto such a family at load time (InternLM/InternLM2 ->
+Llama, in :mod:`kvcache.models.internlm`), whether it comes from a folder or the Hub.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from kvcache.hf.attention import register_attention
 
 from ..config import cache_root
 from ..errors import ModelLoadError
-from . import internlm
+from . import hub, internlm
 
 logger = logging.getLogger(__name__)
 
@@ -131,20 +132,41 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
+    allow_download: bool = False,
 ) -> LoadedModel:
-    """Load ``"default"``, a ``.gguf`` file or a local HF model folder, in eval mode, with ``kvq`` attention."""
+    """Load ``"default"``, a ``.gguf`` file, a local HF model folder or a Hub id, in eval mode, with ``kvq`` attention.
+
+    ``revision`` (a branch, tag or commit) applies to Hub ids only. ``allow_download``: fetch a Hub id missing from
+    the cache (never while ``HF_HUB_OFFLINE`` is set); off by default, so a library call never downloads unasked.
+    """
     dev = _resolve_device(device)
-    if model == DEFAULT_MODEL:
-        path, name = default_model_file(), DEFAULT_MODEL_NAME
-    else:
-        path = _local_path(model)
-        name = path.stem if path.is_file() else path.name
+    path, name = resolve_model(model, revision=revision, allow_download=allow_download)
     if path.is_dir():
         return _load_dir(path, name, str(path), dev, dtype, trust_remote_code)
     return _load_gguf(path, name, dev, dtype, trust_remote_code)
 
 
-def _local_path(model: str) -> Path:
+def resolve_model(model: str, *, revision: str | None = None, allow_download: bool = False) -> tuple[Path, str]:
+    """Where ``model`` lives on this machine and the name to show for it (see :func:`load_model`)."""
+    if model == DEFAULT_MODEL:
+        path, name = default_model_file(), DEFAULT_MODEL_NAME
+    else:
+        path = _local_path(model)
+        if path is None:
+            return hub.snapshot_folder(model, revision, allow_download=allow_download), model
+        name = path.stem if path.is_file() else path.name
+    if revision:
+        raise ModelLoadError(
+            f"--revision {revision} picks a revision of a Hugging Face Hub id, but {model} is a local "
+            f"{'model' if model == DEFAULT_MODEL else 'path'}: drop --revision (or move a folder of that name away "
+            "to load the Hub's)"
+        )
+    return path, name
+
+
+def _local_path(model: str) -> Path | None:
+    """The local file or folder ``model`` names; None when it is none and reads as a Hub id."""
     path = Path(model).expanduser().resolve()
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
@@ -152,13 +174,12 @@ def _local_path(model: str) -> Path:
         raise ModelLoadError(
             f"{model} is not a .gguf file: pass a .gguf file, a Hugging Face model folder or 'default'"
         )
-    looks_like_hub = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if looks_like_hub:
-        raise ModelLoadError(
-            f"'{model}' is not a local path; only local paths or 'default' are accepted (nothing is downloaded): "
-            f"fetch it first, e.g. `huggingface-cli download {model} --local-dir DIR`, then pass DIR"
-        )
-    raise ModelLoadError(f"{model} does not exist: pass 'default', a .gguf file or a local Hugging Face model folder")
+    if hub.names_hub_model(model):
+        return None
+    raise ModelLoadError(
+        f"{model} does not exist: pass 'default', a .gguf file, a local Hugging Face model folder or a Hub id "
+        "(ORG/NAME)"
+    )
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -180,7 +201,7 @@ def _default_dtype(config: PreTrainedConfig, device: torch.device) -> torch.dtyp
 
 
 def _check_model_type(
-    model_type: str | None, architectures: list[str] | None, where: Path, auto_map: dict | None = None
+    model_type: str | None, architectures: list[str] | None, name: str, auto_map: dict | None = None
 ) -> None:
     """Reject, with what to do instead, anything but a supported decoder-only family."""
     if model_type in SUPPORTED_MODEL_TYPES:
@@ -189,13 +210,13 @@ def _check_model_type(
     model_type = model_type or "unknown"
     if auto_map and model_type not in CONFIG_MAPPING_NAMES:
         raise ModelLoadError(
-            f"{where.name} is a '{model_type}' model, which exists only as the checkpoint's own Python code "
+            f"{name} is a '{model_type}' model, which exists only as the checkpoint's own Python code "
             f"(auto_map in config.json); KVQ Studio never runs it (its attention would bypass the kvq cache): "
             f"use a model of one of these types: {supported}"
         )
     if model_type in _FAMILIES:
         raise ModelLoadError(
-            f"{where.name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
+            f"{name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
             f"(installed: {transformers.__version__}): upgrade transformers or use one of: {supported}"
         )
     if architectures:
@@ -204,11 +225,11 @@ def _check_model_type(
         causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     if not causal:
         raise ModelLoadError(
-            f"{where.name} is a '{model_type}' model, not a causal (decoder-only) chat LM: "
+            f"{name} is a '{model_type}' model, not a causal (decoder-only) chat LM: "
             f"use a model of one of these types: {supported}"
         )
     raise ModelLoadError(
-        f"{where.name} is a '{model_type}' model, which KVQ Studio does not support: "
+        f"{name} is a '{model_type}' model, which KVQ Studio does not support: "
         f"use a model of one of these types: {supported}"
     )
 
@@ -227,7 +248,7 @@ def _load_dir(
         raise ModelLoadError(f"{config_file} is unreadable ({_first_line(exc)}): re-download or re-save it") from None
     if raw.get("model_type") in internlm.MODEL_TYPES:
         return _load_internlm(path, raw, name, source, device, dtype, trust_remote_code)
-    _check_model_type(raw.get("model_type"), raw.get("architectures"), path, raw.get("auto_map"))
+    _check_model_type(raw.get("model_type"), raw.get("architectures"), name, raw.get("auto_map"))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         dtype = dtype or _default_dtype(config, device)
@@ -246,7 +267,7 @@ def _load_dir(
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise ModelLoadError(
-                f"{path.name}'s tokenizer is custom code: pass --trust-remote-code if you trust it"
+                f"{name}'s tokenizer is custom code: pass --trust-remote-code if you trust it"
             ) from None
         reason = _first_line(exc)
         raise ModelLoadError(f"could not load {path} ({reason}): check the folder is a complete model") from exc
@@ -336,7 +357,7 @@ def _convert_gguf(gguf: Path, cached: Path) -> None:
         raise ModelLoadError(
             f"{gguf.name} cannot be read as a GGUF model ({_first_line(exc)}): pass a valid .gguf file"
         ) from None
-    _check_model_type(config.model_type, None, gguf)
+    _check_model_type(config.model_type, None, gguf.name)
     logger.info("converting %s to %s (first load only)", gguf, cached)
     cached.parent.mkdir(parents=True, exist_ok=True)
     for stale in cached.parent.glob(f".{cached.name}-*"):  # left by killed conversions

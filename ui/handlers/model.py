@@ -1,4 +1,5 @@
-"""The model bar: what is loaded, loading another model (only under allowed roots when served beyond localhost)."""
+"""The model bar: what is loaded, loading another model (only under allowed roots, and Hub ids only when allowed,
+when served beyond localhost)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def model_status(app: AppState) -> str:
 
 
 def load_model(app: AppState, path: str, cache_max_entry_count: float | int | None = None) -> str:
-    """Load ``path`` ('default', a local HF folder or a .gguf) for everyone; on failure the old model stays.
+    """Load ``path`` ('default', a local HF folder, a .gguf or a Hub id) for everyone; on failure the old model stays.
 
     ``cache_max_entry_count``: the KV pools' size, applied after the weights load (0 or None: grow on demand).
     """
@@ -42,7 +43,7 @@ def load_model(app: AppState, path: str, cache_max_entry_count: float | int | No
     pool = parse_cache_max_entry_count(cache_max_entry_count)
     with app.load_lock:
         try:
-            loaded = _load(path, device=app.device)
+            loaded = _load(path, device=app.device, allow_download=True)  # never while HF_HUB_OFFLINE is set
         except ModelLoadError as exc:
             app.load_error = str(exc)
             raise UserError(f"Could not load {path}: {exc}. The previous model stays loaded.") from None
@@ -60,8 +61,16 @@ def load_model(app: AppState, path: str, cache_max_entry_count: float | int | No
 
 
 def check_model_path(app: AppState, path: str) -> None:
-    """Served beyond localhost, the Model box opens only 'default' and folders under the operator's ``--model-root``s."""
+    """Served beyond localhost, the Model box opens only 'default', folders under the operator's ``--model-root``s
+    and, with ``--allow-hub``, Hub ids. A name that exists here is a path (the loader takes the local folder first)."""
+    from kvcache.models.hub import names_hub_model
+
     if app.model_roots is None or path == "default":
+        return
+    if names_hub_model(path):
+        if not app.takes_hub_ids:
+            raise UserError(f"This server does not load models from the Hugging Face Hub ({path}); its operator can "
+                            "allow it with --allow-hub. Folders under --model-root and 'default' work.")
         return
     where = Path(path).expanduser().resolve()
     if not any(where == root or where.is_relative_to(root) for root in app.model_roots):
