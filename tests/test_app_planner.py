@@ -124,7 +124,7 @@ def test_scatter_has_one_point_per_mode_at_its_bytes_ratio(app, calibrated_qpara
     summary, _, path, label = handlers.plan_bits(app, sess, 3.0, 1, 32)  # with calibrated keys: their candidates
     assert "calibrated key transforms from this session's calibration" in summary
     modes = [*handlers.quantized_modes(), label]
-    summary, table, _, _, tradeoff = handlers.evaluate(app, sess, "builtin-en", None, modes, 32, 1, 0, 1)
+    summary, table, _, _, tradeoff, *_ = handlers.evaluate(app, sess, "builtin-en", None, modes, 32, 1, 0, 1)
     shape = _shape(app)
     fp16 = get_mode(BASELINE_MODE).bytes_per_token(shape)
     assert list(tradeoff["kv"]) == [BASELINE_MODE, *modes] and list(tradeoff.columns) == charts.SCATTER_COLUMNS
