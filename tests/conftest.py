@@ -130,11 +130,18 @@ def app_server(tmp_path_factory):
 # --- the embedded model calibrated once (built-in corpus, 16 x 256 tokens), exported with default flags. ---
 # One parameters file that every calibrated mode takes (static int8, the query-aware key transform).
 @pytest.fixture(scope="session")
-def default_kvq(loaded_default, tmp_path_factory):
+def default_calibration(loaded_default, tmp_path_factory):
+    """The calibration's work dir (statistics and calib_meta.json), for tests that export it their own way."""
     from calib.calibrate import calibrate
+
+    root = tmp_path_factory.mktemp("default_calibration")
+    return calibrate(loaded_default, dataset="builtin", samples=16, seqlen=256, batch_size=4, work_dir=root / "wd")
+
+
+@pytest.fixture(scope="session")
+def default_kvq(default_calibration, tmp_path_factory):
     from calib.cli import main as calib_main
 
-    root = tmp_path_factory.mktemp("default_kvq")
-    work = calibrate(loaded_default, dataset="builtin", samples=16, seqlen=256, batch_size=4, work_dir=root / "wd")
-    assert calib_main(["kv_qparams", str(work), str(root / "kvq"), "--format", "kvq"]) == 0
-    return root / "kvq"
+    out = tmp_path_factory.mktemp("default_kvq") / "kvq"
+    assert calib_main(["kv_qparams", str(default_calibration), str(out), "--format", "kvq"]) == 0
+    return out
