@@ -383,3 +383,26 @@ def test_every_scheme_round_trips_a_random_head_within_its_class():
             bits = codec.bits - (1 if codec.residual_sign else 0)
             assert err < {8: 2e-3, 5: 1e-2, 4: 4e-2, 3: 0.1, 2: 0.3}[bits] * (3 if codec.grid in ("e4m3", "e5m2") else 1), (m.name, side, err)
             assert math.isfinite(err)
+
+
+def test_each_engine_scheme_is_paired_with_our_best_mode_at_no_more_bytes():
+    """The README's pairs: our lowest-KL mode among those at no more bytes of a 2,048-token sequence (sinks counted)."""
+    from kvcache.measure.pairs import engine_pairs, pairs_markdown
+    from kvcache.modes import KV_MODES
+    from kvcache.storage.shape import KVShape
+
+    shape = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)  # the embedded model's
+    row = lambda kv, kl: dict(kv=kv, kl_vs_fp16=kl, top1_match_pct=90.0, delta_ppl_pct=1.0)  # noqa: E731
+    results = [row("fp16", 0.0), row("int8-dynamic", 4e-4), row("int8-qk", 5e-5), row("k8v4", 3e-3), row("int4", 9e-3),
+               row("vllm:fp8", 1e-3), row("lmdeploy:4", 1.2e-1), row("llamacpp:q4_1", 4e-2), row("llamacpp:q8_0", 1e-5)]
+    pairs = {p["scheme"]: p for p in engine_pairs(results, KV_MODES, shape)}
+    assert list(pairs) == ["vllm:fp8", "lmdeploy:4", "llamacpp:q4_1", "llamacpp:q8_0"]
+    # vllm:fp8 stores 11,520 B/token: int8-dynamic (12,240) and int8-qk (12,240 + 4 sinks) do not fit, k8v4 does
+    assert (pairs["vllm:fp8"]["ours"], pairs["vllm:fp8"]["winner"]) == ("k8v4", "vllm")
+    # q8_0 (12,240 B/token, no sinks): int8-dynamic fits exactly, int8-qk's sinks (92,160 B / 2,048) do not
+    assert (pairs["llamacpp:q8_0"]["ours"], pairs["llamacpp:q8_0"]["winner"]) == ("int8-dynamic", "llamacpp")
+    # lmdeploy:4 (6,480 B/token): no mode of ours is that small; q4_1 (7,200): int4 is 7,200 + 45 of sinks
+    assert pairs["lmdeploy:4"]["ours"] is None and pairs["llamacpp:q4_1"]["ours"] is None
+    assert pairs["vllm:fp8"]["kl_ratio"] == pytest.approx(1e-3 / 3e-3)
+    table = pairs_markdown(list(pairs.values()))
+    assert "| lmdeploy:4 | 0.281 | 1.2e-01 |" in table and "(none of ours fits)" in table
