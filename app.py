@@ -45,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qparams", default=None,
                    help="kv_qparams.safetensors (or the folder `python -m calib kv_qparams --format kvq` wrote) for int8")
     p.add_argument("--calib-data-dir", default=None, help="local folder with c4 / wikitext2 / ptb / pileval data")
-    p.add_argument("--cache-max-entry-count", default=None, metavar="F|N",
-                   help="preallocate the KV pools: a fraction (0, 1] of the memory free after the weights load, "
-                        "split evenly between the fp16 and the quantized pool, or a whole number of blocks each "
-                        "(default: every cache grows on demand)")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--cache-max-entry-count", default=None, metavar="F",
+                      help="preallocate the KV pools: a fraction (0, 1] of the memory free after the weights load, "
+                           "split evenly between the fp16 and the quantized pool (default: every cache grows on demand)")
+    pool.add_argument("--cache-blocks", default=None, metavar="N", help="preallocate N fp16 blocks' memory per pool")
     return p
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --max-upload-mb must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from kvcache.config import parse_cache_max_entry_count
+    from kvcache.config import parse_cache_blocks, parse_cache_max_entry_count
     from kvcache.errors import KVQError, one_line
     from kvcache.models.loader import load_model
     from kvcache.qparams import KVQParams
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         login = read_auth(args.auth, args.auth_file)
         check_exposure(args.host, login, args.allow_no_auth)
         roots = model_roots(args.host, args.model_root)
-        pool = parse_cache_max_entry_count(args.cache_max_entry_count)
+        pool = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)
         qparams = KVQParams.load(args.qparams) if args.qparams else None
     except KVQError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)

@@ -35,7 +35,7 @@ e.g. workspace/triton_models/weights/, and set quant_policy = 4 in its config.in
   From LMDeploy 0.4 (PR #1377) TurboMind quantizes the KV cache online (quant_policy 8 = int8,
   4 = int4) and reads no files; the offline path was removed in PR #2097 (July 2024).
   For LMDeploy >= 0.4's online settings see `python -m calib lmdeploy --help`.
-kvq:  kv_qparams.safetensors for `python -m kvcache chat --kv int8 --qparams FILE`.
+kvq:  kv_qparams.safetensors for `python -m kvcache chat --kv int8-qk --qparams FILE` (every calibrated mode).
 vllm: with --model MODEL_DIR (a Hugging Face safetensors folder): OUT_DIR becomes a copy of it
       (hard links) with kv_cache_scales.safetensors (FP8 e4m3 k_scale/v_scale) listed in
       model.safetensors.index.json and a compressed-tensors quantization_config in config.json:
@@ -201,7 +201,10 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
     kind = "symmetric" if args.kv_sym or args.format == "vllm" else "asymmetric"
     print(f"wrote {len(files)} files to {args.out_dir} ({args.format}, {kind}, {stats.shape_str()})")
     if args.format == "kvq":
-        print(f"use: python -m kvcache chat --kv int8 --qparams {files[0]}")
+        from kvcache.modes import best_calibrated_mode
+        from kvcache.qparams import KVQParams
+
+        print(f"use: python -m kvcache chat --kv {best_calibrated_mode(KVQParams.load(files[0]))} --qparams {files[0]}")
     elif args.format == "vllm":
         print("for a model folder vLLM serves as is, rerun with --model MODEL_DIR (the model they were calibrated on)")
     else:

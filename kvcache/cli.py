@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=512)
     ch.add_argument("--temperature", type=float, default=0.0)
     ch.add_argument("--top-p", type=float, default=1.0)
-    ch.add_argument("--cache-max-entry-count", default=None,
-                    help="fix the KV pool: a fraction in (0,1] of the memory free after the weights load, or a number of blocks")
+    ch_pool = ch.add_mutually_exclusive_group()
+    ch_pool.add_argument("--cache-max-entry-count", default=None,
+                         help="fix the KV pool: a fraction in (0,1] of the memory free after the weights load (LMDeploy's)")
+    ch_pool.add_argument("--cache-blocks", default=None, metavar="N", help="fix the KV pool at N fp16 blocks' memory")
 
     nd = sub.add_parser("needle", help="pass-key retrieval at depths of long contexts, answered greedily through the cache")
     _add_model_args(nd)
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--kv", default=",".join(KV_MODES), help=f"comma-separated KV modes ({MODES_HELP})")
     budget = cap.add_mutually_exclusive_group(required=True)
     budget.add_argument("--cache-max-entry-count", default=None,
-                        help="fraction in (0,1] of the memory free after the weights load, or a whole number of blocks")
+                        help="fraction in (0,1] of the memory free after the weights load (LMDeploy's)")
+    budget.add_argument("--cache-blocks", default=None, metavar="N", help="N fp16 blocks' memory")
     budget.add_argument("--budget-mib", type=float, default=None, help="a fixed KV budget in MiB")
     cap.add_argument("--block-size", type=int, default=None, help="tokens per block (default: 64)")
     cap.add_argument("--session-tokens", type=int, default=2048, help="length of one conversation for the sessions column")
@@ -213,7 +216,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .config import EngineConfig, parse_cache_max_entry_count
+    from .config import EngineConfig, parse_cache_blocks, parse_cache_max_entry_count
     from .engine.chat import GenerationConfig
     from .engine.engine import Engine
     from .errors import ContextTooLong, KVCacheFull
@@ -222,7 +225,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     mode = get_mode(args.kv)
     qparams = _qparams(args)
     require_qparams(mode, qparams)
-    count = parse_cache_max_entry_count(args.cache_max_entry_count)
+    count = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)
     system = args.meta_instruction if args.meta_instruction is not None else SYSTEM_PROMPT_FILE.read_text(encoding="utf-8").strip()
     engine = Engine(_load(args), EngineConfig(cache_max_entry_count=count))
     try:
@@ -336,18 +339,18 @@ def cmd_modes(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from .config import BLOCK_SIZE, EngineConfig, parse_cache_max_entry_count
+    from .config import BLOCK_SIZE, EngineConfig, parse_cache_blocks, parse_cache_max_entry_count
     from .measure.capacity import budget_bytes, format_plan, plan
     from .measure.device_memory import free_memory_bytes
     from .modes import parse_modes
     from .storage.shape import KVShape
 
     modes = parse_modes(args.kv)
-    count = parse_cache_max_entry_count(args.cache_max_entry_count) if args.cache_max_entry_count else None
+    count = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)
     if args.budget_mib is not None and args.budget_mib <= 0:
         raise CLIError(f"--budget-mib must be positive, got {args.budget_mib}")
     if args.cache_max_entry_count is not None and count is None:
-        raise CLIError("--cache-max-entry-count 0 means no fixed pool; give a fraction in (0, 1] or a number of blocks")
+        raise CLIError("--cache-max-entry-count 0 means no fixed pool; give a fraction in (0, 1], or --cache-blocks N")
     if args.session_tokens < 1:
         raise CLIError("--session-tokens must be at least 1")
     config = EngineConfig(block_size=args.block_size or BLOCK_SIZE, cache_max_entry_count=count)

@@ -32,8 +32,8 @@ class EngineConfig:
 
     ``cache_max_entry_count``: None grows each pool on demand; a fraction in (0, 1] preallocates that share
     of the memory free after the weights load (LMDeploy's meaning since 0.2.2), split evenly between the
-    ``pools_sharing`` pools (the app's fp16 and quantized panes: 2); a whole number N gives each pool the
-    memory of N fp16 blocks.
+    ``pools_sharing`` pools (the app's fp16 and quantized panes: 2); an int N (``--cache-blocks N``) gives
+    each pool the memory of N fp16 blocks.
     """
 
     block_size: int = BLOCK_SIZE
@@ -47,26 +47,39 @@ class EngineConfig:
             raise ConfigError(f"pools_sharing must be at least 1, got {self.pools_sharing}")
 
 
-def parse_cache_max_entry_count(text: str | float | int | None) -> float | int | None:
-    """``"0.5"`` -> 0.5 (a fraction), ``"400"`` -> 400 (blocks), ``""``/None/0 -> None (grow on demand)."""
+def parse_cache_max_entry_count(text: str | float | int | None) -> float | None:
+    """LMDeploy's ``--cache-max-entry-count``: ``"0.5"`` -> 0.5 of the free memory, ``"1"`` -> all of it,
+    ``""``/None/0 -> None (grow on demand). A number of blocks is its own setting (:func:`parse_cache_blocks`)."""
     if text is None or (isinstance(text, str) and not text.strip()):
         return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value: float | int = text
-    else:
-        raw = str(text).strip()
-        try:
-            value = int(raw) if raw.isdigit() else float(raw)
-        except ValueError:
-            raise ConfigError(f"cache_max_entry_count must be a fraction in (0, 1] or a whole number of blocks, "
-                              f"got {text!r}") from None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"cache_max_entry_count must be a fraction in (0, 1], got {text!r}") from None
     if value == 0:
         return None
-    if isinstance(value, float) and value.is_integer() and value > 1:
-        value = int(value)
-    if isinstance(value, float) and not 0 < value <= 1:
-        raise ConfigError(f"cache_max_entry_count {value} is not a fraction in (0, 1]; for a number of blocks give a "
-                          "whole number")
-    if isinstance(value, int) and value < 1:
-        raise ConfigError("cache_max_entry_count must be at least 1 block")
+    if not 0 < value <= 1:
+        hint = f": for a number of blocks pass --cache-blocks {int(value)}" if value > 1 and value.is_integer() else ""
+        raise ConfigError(f"cache_max_entry_count {text} is not a fraction in (0, 1] of the free memory{hint}")
     return value
+
+
+def parse_cache_blocks(text: str | int | None) -> int | None:
+    """``--cache-blocks N``: each pool gets the memory of N fp16 blocks (None: not given)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"--cache-blocks takes a whole number of blocks, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"--cache-blocks must be at least 1 block, got {value}")
+    return value
+
+
+def parse_pool_setting(text: str | None) -> float | int | None:
+    """The app's pool box: ``"400 blocks"`` -> 400 blocks, else a fraction as :func:`parse_cache_max_entry_count`."""
+    raw = (text or "").strip()
+    if raw.endswith("blocks"):
+        return parse_cache_blocks(raw.removesuffix("blocks"))
+    return parse_cache_max_entry_count(raw)

@@ -72,7 +72,7 @@ def test_tiny_calibration_returns_files(client):
     assert Path(tm_zip).suffix == ".zip" and Path(vllm_zip).suffix == ".zip"
     assert k_heat and v_heat  # plots (matplotlib images)
     mode, note = client.predict(api_name="/use_in_chat")
-    assert mode == "int8" and "int8" in note
+    assert mode == "int8-qk" and "int8-qk" in note
 
 
 def test_uploads_over_the_limit_are_refused(client, tmp_path):

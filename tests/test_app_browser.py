@@ -105,5 +105,5 @@ def test_tiny_calibration_from_the_sliders(page):
     assert "kv_qparams.safetensors" in files and "kv_cache_scales.safetensors" in files
     page.click("#calib-use")
     page.get_by_role("tab", name="Chat").click()
-    # the dropdown shows the mode's label ("ours · int8 — 0.50x fp16 · needs calibration"), its value is int8
-    page.wait_for_function("() => document.querySelector('#kv-mode input')?.value.includes('· int8 —')")
+    # the dropdown shows the mode's label ("ours · int8-qk — 0.53x fp16 · needs calibration"), its value is int8-qk
+    page.wait_for_function("() => document.querySelector('#kv-mode input')?.value.includes('· int8-qk —')")

@@ -251,8 +251,9 @@ def test_uploaded_parameters_file_or_folder(app, tmp_path):
     [path] = export(load_work_dir(sess.calib_dir), folder, "kvq")
     (folder / "notes.json").write_text("{}")
     mode, message = handlers.upload_qparams(app, sess, [str(path)])
-    assert mode == "int8" and "uploaded kv_qparams.safetensors, calibrated on builtin" in message
-    assert handlers.upload_qparams(app, sess, [str(folder / "notes.json"), str(path)])[0] == "int8"  # a folder's files
+    # the best calibrated mode of the README's table that these parameters serve (they hold key transforms)
+    assert mode == "int8-qk" and "uploaded kv_qparams.safetensors, calibrated on builtin" in message
+    assert handlers.upload_qparams(app, sess, [str(folder / "notes.json"), str(path)])[0] == "int8-qk"  # a folder's files
     (folder / "README.md").write_text("turbomind files, say")
     with pytest.raises(UserError, match=r"holds no kv_qparams.safetensors \(it holds README.md, notes.json\)"):
         handlers.upload_qparams(app, sess, [str(folder / "notes.json"), str(folder / "README.md")])
@@ -292,7 +293,7 @@ def test_calibrate_tiny_exports_and_feeds_chat(app):
     assert "Not exported" in bad[0] and "does not divide" in bad[0]
     handlers.reexport(app, sess, "head", True, 1, 0)
     mode, message = handlers.use_in_chat(app, sess)
-    assert mode == "int8" and "int8" in message
+    assert mode == "int8-qk" and "int8-qk" in message
     left, right, *_ = _run_chat(app, sess, mode="int8", max_new_tokens=3)[-1]
     assert sess.right.kv == "int8" and _text(right)
 

@@ -7,7 +7,7 @@ from conftest import stored_tensors
 
 from kvcache import ConfigError, Engine, EngineConfig, KVShape, get_mode
 from kvcache.cli import main
-from kvcache.config import parse_cache_max_entry_count
+from kvcache.config import parse_cache_blocks, parse_cache_max_entry_count, parse_pool_setting
 from kvcache.measure.capacity import budget_bytes, plan
 
 SMOL = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)
@@ -39,11 +39,16 @@ def test_fraction_of_free_memory_and_block_counts():
     assert rep["results"][1]["blocks"] == (100 * 1474560 - 92160) // 737280
 
 
-@pytest.mark.parametrize("text,message", [("-3", "fraction in (0, 1]"), ("1.5", "not a fraction"), ("lots", "fraction in (0, 1]")])
+@pytest.mark.parametrize("text,message", [("-3", "fraction in (0, 1]"), ("1.5", "not a fraction"), ("lots", "fraction in (0, 1]"),
+                                          ("12", "for a number of blocks pass --cache-blocks 12")])
 def test_bad_cache_max_entry_count(text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_cache_max_entry_count(text)
-    assert parse_cache_max_entry_count("0.25") == 0.25 and parse_cache_max_entry_count("12") == 12
+    # LMDeploy's meaning: 1 and 1.0 are both all of the free memory; blocks are their own flag
+    assert parse_cache_max_entry_count("0.25") == 0.25 and parse_cache_max_entry_count("1") == parse_cache_max_entry_count("1.0") == 1.0
+    assert parse_cache_blocks("12") == 12 and parse_pool_setting("12 blocks") == 12 and parse_pool_setting("0.5") == 0.5
+    with pytest.raises(ConfigError, match="at least 1 block"):
+        parse_cache_blocks("0")
     for grow in ("", "0", None, 0):  # no fixed pool: every pool grows on demand
         assert parse_cache_max_entry_count(grow) is None
 
@@ -77,6 +82,8 @@ def test_capacity_cli_json(tmp_path, loaded_default, capsys):
     assert data["results"][0]["blocks"] == 64 * 2**20 // 1474560
     assert main(["capacity", "--cache-max-entry-count", "2.5"]) == 2
     assert "not a fraction" in capsys.readouterr().err
+    assert main(["capacity", "--cache-blocks", "10", "--kv", "fp16", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["blocks"] == 10
 
 
 def test_chat_with_a_pool_too_small_for_one_block(loaded_default, capsys):

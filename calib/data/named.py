@@ -209,7 +209,8 @@ def _where_hint(name: str, data_dir: Path | None) -> str:
         local = f"put {first} into --calib-data-dir {data_dir} ({data_dir / first}{also})"
     return (
         f"{local}, or put it into the local Hugging Face cache ({hub_cache_dir()}) with {src.hub.download_cmd} "
-        f"while online (file {src.hub.path} of dataset {src.hub.repo_ids[0]})"
+        f"while online (file {src.hub.path} of dataset {src.hub.repo_ids[0]}); or calibrate offline now on the "
+        "built-in corpus: --calib-dataset builtin"
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from kvcache.errors import one_line
-from kvcache.modes import KV_MODES
+from kvcache.modes import KV_MODES, best_calibrated_mode
 from kvcache.qparams import KVQParams
 from kvcache.storage.shape import KVShape
 
@@ -191,7 +191,8 @@ def reexport(
 
 
 def use_in_chat(app: AppState, sess: SessionState) -> tuple[str, str]:
-    """Load the last calibration's kvq parameters into this session's quantized engine (mode int8)."""
+    """Load the last calibration's kvq parameters into this session's quantized engine, in the best calibrated mode
+    they serve (``int8-qk`` with key transforms, else ``int8``)."""
     kvq = sess.exports.get("downloads", {}).get("kvq")
     if kvq is None:
         error = sess.exports.get("error")
@@ -225,7 +226,7 @@ def _use_qparams(app: AppState, sess: SessionState, qparams: KVQParams, label: s
         label += f", calibrated on {cal['dataset']}"
     with sess.turn_lock:
         sess.use_qparams(qparams, label)
-    mode = next((m.name for m in KV_MODES.values() if m.needs_qparams), "int8")
+    mode = best_calibrated_mode(qparams)
     return mode, f"The quantized pane now uses {mode} with {label}. Both conversations start fresh."
 
 

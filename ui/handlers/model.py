@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache.config import parse_cache_max_entry_count
+from kvcache.config import parse_pool_setting
 from kvcache.errors import ModelLoadError, one_line
 
 from ..state import AppState, UserError
@@ -40,7 +40,7 @@ def load_model(app: AppState, path: str, cache_max_entry_count: float | int | No
 
     path = (path or "").strip() or "default"
     check_model_path(app, path)
-    pool = parse_cache_max_entry_count(cache_max_entry_count)
+    pool = parse_pool_setting(cache_max_entry_count)
     with app.load_lock:
         try:
             loaded = _load(path, device=app.device, allow_download=True)  # never while HF_HUB_OFFLINE is set
@@ -82,13 +82,14 @@ def check_model_path(app: AppState, path: str) -> None:
 def pool_setting(app: AppState) -> str:
     """The pool size as the model bar shows it: '' (grow on demand), a fraction, or a number of blocks."""
     count = app.cache_max_entry_count
-    return "" if count is None else str(count)
+    return "" if count is None else f"{count} blocks" if isinstance(count, int) else str(count)
 
 
 def pool_status(app: AppState) -> str:
     """The KV pools' size setting, in a few words (their use is on the Memory tab's gauges)."""
     if app.cache_max_entry_count is None:
         return "KV pools: shared, growing on demand"
-    return f"KV pools: shared, cache_max_entry_count={app.cache_max_entry_count}"
+    count = app.cache_max_entry_count
+    return f"KV pools: shared, {count} blocks each" if isinstance(count, int) else f"KV pools: shared, cache_max_entry_count={count}"
 
 
