@@ -5,6 +5,7 @@ import torch
 from conftest import make_tiny_llama
 
 from kvcache import BlockPool, KVCacheFull, KVShape, PagedKVCache, get_mode
+from kvcache.errors import ConfigError
 from kvcache.engine.scheduler import BatchScheduler
 from kvcache.engine.sequence import Sequence
 from kvcache.hf.compat import cache_kwargs
@@ -190,6 +191,79 @@ def test_a_request_others_crowd_out_is_refused_not_left_waiting(model):
     i = sched.add(_prompts()[2], 4)  # needs 5 blocks of 4 tokens: fits the pool, not what is free
     assert sched.step() == {}
     seq = sched.sequences[i]
-    assert seq.finished and seq.error.startswith("KV cache full: 16 tokens in use of 24, held by other conversations")
+    assert seq.finished and seq.error.startswith("KV cache full: 16 tokens in use of 24, 16 held by other conversations")
     assert not sched.waiting and pool.num_used == 4
+    pool.free(held)
+
+
+def _long_prompt(n: int = 70, seed: int = 3) -> list[int]:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int8-rot"])
+def test_a_prompt_prefilled_in_chunks_gets_the_tokens_it_gets_whole(model, kv):
+    prompt = _long_prompt()
+    got = {}
+    for chunk in (16, None):
+        sched = BatchScheduler(model, _pool(model, kv, num_blocks=64), prefill_chunk=chunk)
+        sched.add(prompt, 6)
+        steps = 0
+        while not sched.step():  # no token until the whole prompt is stored
+            steps += 1
+        got[chunk] = (steps, sched.run_until_done()[0])
+    assert got[16][0] == 4 and got[None][0] == 0  # 70 tokens: 4 chunks of 16 give nothing, the 5th (6) the first token
+    assert got[16][1] == got[None][1] == _alone(model, kv, prompt, 6)
+
+
+def test_a_decoding_sequence_gets_a_token_every_step_of_anothers_chunked_prefill(model):
+    short, long = _prompts()[1], _long_prompt()
+    sched = BatchScheduler(model, _pool(model, "fp16", num_blocks=64), prefill_chunk=16)
+    a = sched.add(short, 12)
+    sched.step()  # a is prefilled and decoding
+    b = sched.add(long, 3)
+    steps = []
+    while not sched.sequences[b].generated_ids:
+        steps.append(set(sched.step()))
+        assert sched.sequences[b].num_cached <= 16 * len(steps)  # at most one chunk per step
+    assert steps == [{a}] * 4 + [{a, b}]
+    sched.run_until_done()
+    assert sched.sequences[a].generated_ids == _alone(model, "fp16", short, 12)
+    assert sched.sequences[b].generated_ids == _alone(model, "fp16", long, 3)
+
+
+def test_prefill_chunk_below_one_is_a_clear_error(model):
+    with pytest.raises(ConfigError, match="prefill_chunk must be at least 1 token"):
+        BatchScheduler(model, _pool(model, "fp16", num_blocks=4), prefill_chunk=0)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int8-rot"])  # int8-rot: a sink slot per sequence, freed and taken again
+def test_a_full_pool_preempts_the_newest_which_resumes_with_the_same_tokens(model, kv):
+    prompts = _prompts()
+    # 9 + 11 and 5 + 7 tokens stored at the end: 5 + 3 blocks of 4, more than 6; both prompts (3 + 2) fit at once
+    pool = _pool(model, kv, num_blocks=6)
+    sched = BatchScheduler(model, pool)
+    a, b = sched.add(prompts[0], 12), sched.add(prompts[1], 8)
+    peak = 0
+    sched.step()
+    assert [s.id for s in sched.running] == [a, b]  # nothing reserved for the tokens to come
+    while sched.waiting or sched.running:
+        sched.step()
+        peak = max(peak, pool.num_used)
+    assert sched.sequences[b].preemptions >= 1 and sched.sequences[a].preemptions == 0 and peak <= 6
+    assert sched.sequences[a].generated_ids == _alone(model, kv, prompts[0], 12)
+    assert sched.sequences[b].generated_ids == _alone(model, kv, prompts[1], 8)
+    assert pool.num_used == 0 and pool.sinks.used_bytes == 0
+
+
+def test_a_reply_alone_in_a_pool_others_fill_ends_where_the_blocks_do(model):
+    pool = _pool(model, "fp16", num_blocks=6)
+    held = pool.allocate(3)  # another conversation's blocks
+    sched = BatchScheduler(model, pool)
+    prompt = _prompts()[1]  # 5 tokens: 2 blocks; to its end 14 tokens, 4 blocks: fits the pool, not what is free
+    i = sched.add(prompt, 10)
+    sched.run_until_done()
+    seq = sched.sequences[i]
+    assert seq.error is None and seq.cut_short.startswith("KV cache full: 24 tokens in use of 24, 12 held by other conversations: the reply ends here")
+    assert seq.num_cached == 12 and seq.generated_ids == _alone(model, "fp16", prompt, 10)[:8]
+    assert pool.num_used == 3
     pool.free(held)
