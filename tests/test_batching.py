@@ -267,3 +267,25 @@ def test_a_reply_alone_in_a_pool_others_fill_ends_where_the_blocks_do(model):
     assert seq.num_cached == 12 and seq.generated_ids == _alone(model, "fp16", prompt, 10)[:8]
     assert pool.num_used == 3
     pool.free(held)
+
+
+def test_a_preempted_conversation_recomputes_its_history_in_its_own_list(model):
+    """A chat turn hands in its blocks; preempted, they go back to the pool and the whole conversation is
+    prefilled again into the same list, which the session keeps at the end."""
+    first, more = _prompts()[0], _prompts(seed=5)[1]
+    pool = _pool(model, "fp16", num_blocks=7)
+    sched = BatchScheduler(model, pool)
+    table: list[int] = []
+    sched.add(first, 4, block_table=table)
+    sched.run_until_done()
+    history = first + sched.sequences[0].generated_ids  # 13 tokens, 12 stored: 3 blocks
+    other = sched.add(_prompts()[1], 12)  # admitted first: the turn below is the newest
+    sched.step()
+    turn = sched.add(history + more, 6, block_table=table, num_cached=12)
+    while sched.waiting or sched.running:
+        sched.step()
+    seq = sched.sequences[turn]
+    assert seq.preemptions >= 1 and seq.block_table is table
+    assert seq.generated_ids == _alone(model, "fp16", history + more, 6)
+    assert sched.sequences[other].generated_ids == _alone(model, "fp16", _prompts()[1], 12)
+    assert len(table) == -(-seq.num_cached // BLOCK) and pool.num_used == len(table)
