@@ -289,3 +289,29 @@ def test_a_preempted_conversation_recomputes_its_history_in_its_own_list(model):
     assert seq.generated_ids == _alone(model, "fp16", history + more, 6)
     assert sched.sequences[other].generated_ids == _alone(model, "fp16", _prompts()[1], 12)
     assert len(table) == -(-seq.num_cached // BLOCK) and pool.num_used == len(table)
+
+
+def test_requests_wait_for_a_sink_slot_rather_than_fail(model):
+    """A fixed pool holds a sink slot per 4 blocks: short sequences of a mode with sinks run out of slots while
+    blocks are free. They wait for one (no error), and get the tokens they get alone."""
+    prompts = [p[:3] for p in _prompts()]  # one block each, to their end
+    pool = _pool(model, "int8-rot", num_blocks=8)  # 2 sink slots
+    sched = BatchScheduler(model, pool)
+    ids = [sched.add(p, 2) for p in prompts]
+    sched.step()
+    assert len(sched.running) == 2 and pool.num_free == 6 and not pool.sinks.can_take(1)
+    sched.run_until_done()
+    for i, p in zip(ids, prompts):
+        assert sched.sequences[i].error is None and sched.sequences[i].generated_ids == _alone(model, "int8-rot", p, 2)
+
+
+def test_a_request_whose_sink_slot_others_hold_is_refused_in_one_line(model):
+    pool = _pool(model, "int8-rot", num_blocks=8)  # 2 sink slots
+    held = [pool.allocate(1, first=True) for _ in range(2)]  # two other conversations
+    sched = BatchScheduler(model, pool)
+    i = sched.add(_prompts()[0][:3], 2)
+    assert sched.step() == {}
+    assert sched.sequences[i].error == ("KV cache full: all 2 sink slots are in use (one per sequence), held by other "
+                                        "conversations; this request needs 4 tokens to its end")
+    for blocks in held:
+        pool.free(blocks)

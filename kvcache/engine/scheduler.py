@@ -224,7 +224,7 @@ class BatchScheduler:
             seq.max_new_tokens = len(seq.generated_ids)
             seq.cut_short = f"KV cache full: {why}: the reply ends here; end a session or raise cache_max_entry_count"
         else:
-            seq.error = f"KV cache full: {why}; this request needs {seq.max_tokens_cached} to its end"
+            seq.error = f"KV cache full: {why}; this request needs {seq.max_tokens_cached} tokens to its end"
         self.finish(seq.id)
 
     @torch.inference_mode()
