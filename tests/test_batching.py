@@ -315,3 +315,19 @@ def test_a_request_whose_sink_slot_others_hold_is_refused_in_one_line(model):
                                         "conversations; this request needs 4 tokens to its end")
     for blocks in held:
         pool.free(blocks)
+
+
+def test_a_sampled_prompt_draws_the_same_tokens_chunked_or_whole(model):
+    """Only the last chunk's logits are sampled: the earlier chunks must not draw from the request's generator."""
+    from kvcache.engine.sampling import next_token
+
+    def sampler():
+        gen = torch.Generator().manual_seed(11)
+        return lambda logits: int(next_token(logits[None], 1.0, 1.0, gen)[0])
+
+    got = []
+    for chunk in (16, None):
+        sched = BatchScheduler(model, _pool(model, "fp16", num_blocks=64), prefill_chunk=chunk)
+        sched.add(_long_prompt(), 8, sampler=sampler())
+        got.append(sched.run_until_done()[0])
+    assert got[0] == got[1] and len(got[0]) == 8

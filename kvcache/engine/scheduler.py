@@ -130,11 +130,12 @@ class BatchScheduler:
             if seq not in self.running or not self._make_room(seq, n):  # preempted, or refused, meanwhile
                 continue
             t0 = time.perf_counter()
-            token = self._forward([seq], [seq.token_ids[seq.num_cached:seq.num_cached + n]])[0]
+            last = n == seq.num_pending  # the whole prompt stored: its logits give the next token
+            tokens = self._forward([seq], [seq.token_ids[seq.num_cached:seq.num_cached + n]], pick=last)
             seq.prefill_s += time.perf_counter() - t0
             budget = None if budget is None else budget - n
-            if seq.num_pending == 0:  # the whole prompt is stored: its logits give the next token
-                new[seq.id] = self._append(seq, token)
+            if last:
+                new[seq.id] = self._append(seq, tokens[0])
         return new
 
     def run_until_done(self) -> dict[int, list[int]]:
@@ -228,8 +229,9 @@ class BatchScheduler:
         self.finish(seq.id)
 
     @torch.inference_mode()
-    def _forward(self, seqs: list[Sequence], ids: list[list[int]]) -> list[int]:
-        """Feed ``ids`` (the same count per row, their blocks allocated) at each row's own positions; the next token per row."""
+    def _forward(self, seqs: list[Sequence], ids: list[list[int]], pick: bool = True) -> list[int]:
+        """Feed ``ids`` (the same count per row, their blocks allocated) at each row's own positions; the next token
+        per row (none with ``pick`` False: a prompt's chunk before its last, whose sampler must not draw)."""
         pool, n = self.pool, len(ids[0])
         ctx = StepContext.build([s.block_table for s in seqs], [s.num_cached for s in seqs], n, pool.block_size,
                                 pool.device)
@@ -241,6 +243,8 @@ class BatchScheduler:
             self.cache.end_step()
         for s in seqs:
             s.num_cached += n
+        if not pick:
+            return []
         logits = out.logits[:, -1].float()
         greedy = next_token(logits).tolist()  # one device sync for the whole batch
         return [g if s.sampler is None else s.sampler(row) for s, g, row in zip(seqs, greedy, logits)]
