@@ -60,11 +60,11 @@ from bench.common import (
     add_device_flag,
     add_json_flag,
     add_kv_modes_flag,
-    kv_modes,
     add_model_flags,
     add_range_checks_flag,
     apply_range_checks,
     build_model,
+    kv_modes,
     memory_now,
     model_config,
     needs_qparams,
@@ -348,6 +348,7 @@ def run_throughput(engine: Engine, pool: BlockPool, meter: StepMeter, requests: 
         mean_decode_batch=meter.decode_rows / max(meter.decode_steps, 1), peak_concurrent=meter.peak_batch,
         saturated_steps=meter.saturated, peak_blocks_used=meter.peak_blocks, pool_blocks=pool.num_blocks,
         refused=sum(1 for s in seqs if s.error),  # a pool others hold
+        preemptions=sum(s.preemptions for s in seqs),  # blocks taken back from the newest, recomputed later
         peak_torch_bytes=peak_torch_bytes(device),
     )
     return row
