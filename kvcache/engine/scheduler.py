@@ -50,7 +50,8 @@ class BatchScheduler:
     def __init__(self, model: Any, pool: BlockPool, *, eos_ids: Iterable[int] = (),
                  prefill_chunk: int | None = PREFILL_CHUNK):
         if prefill_chunk is not None and prefill_chunk < 1:
-            raise ConfigError(f"prefill_chunk must be at least 1 token (or None for whole prompts), got {prefill_chunk}")
+            raise ConfigError(f"prefill_chunk must be at least 1 token (or None for whole prompts), "
+                              f"got {prefill_chunk}")
         self.model, self.pool, self.prefill_chunk = model, pool, prefill_chunk
         self.eos_ids = frozenset(eos_ids)
         self.cache = PagedKVCache(pool)  # carries each step's context into the model; holds no blocks itself
