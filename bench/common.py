@@ -65,9 +65,9 @@ def add_json_flag(p: argparse.ArgumentParser, what: str = "the results") -> None
     p.add_argument("--json", type=Path, default=None, help=f"also write {what} here")
 
 
-def add_device_flag(p: argparse.ArgumentParser, cpu: str) -> None:
+def add_device_flag(p: argparse.ArgumentParser, cpu: str, default: str | None = "cuda") -> None:
     """``--device cuda|cpu``; ``cpu`` says what the dry run on the CPU does (its figures mean nothing)."""
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=f"cpu = a dry run of the logic ({cpu}); its figures mean nothing")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=default, help=f"cpu = a dry run of the logic ({cpu}); its figures mean nothing")
 
 
 def add_block_size_flag(p: argparse.ArgumentParser) -> None:
@@ -235,11 +235,12 @@ def peak_torch_bytes(device: str) -> int | None:
 # --- results --------------------------------------------------------------------------------------
 
 
-def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], started: float) -> None:
-    """Write ``{"meta": ..., "results": rows}`` to ``path``, stamping the run's duration and date."""
+def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], started: float,
+               summary: dict[str, Any] | None = None) -> None:
+    """Write ``{**summary, "meta": ..., "results": rows}`` to ``path``, stamping the run's duration and date."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
+    path.write_text(json.dumps(dict(**(summary or {}), meta=meta, results=rows), indent=1))
     print(f"wrote {path}")
 
 

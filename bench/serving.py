@@ -27,11 +27,21 @@ A CPU dry run checks the logic only (float32 weights, fp16 pools, figures not me
 
     python -m bench.serving --device cpu --layers 2 --requests 8 --prompt-len 16,64 --new-tokens 4,16 \\
         --cache-max-entry-count 12 --block-size 16 --session-tokens 64 --calib-tokens 32 --warmup-batch 2
+
+4. ``--long-prompt N``, on its own: ``--sessions`` chat sessions decode while one N-token prompt arrives,
+   once with chunked prefill (``--prefill-chunk`` tokens per step) and once with whole prompts: the gaps
+   between the sessions' tokens (``max_gap_ms``, ``median_gap_ms``, top-level in the JSON for the chunked
+   run; target max <= 3x median), see :mod:`bench.token_gaps`. By default on the CPU with the embedded model
+   (a growing pool, ``--modes fp16``); ``--device cuda`` serves the random Llama-2-7B shape instead:
+
+    python -m bench.serving --long-prompt 4000 --json out/bench_long_prompt.json
+    python -m bench.serving --long-prompt 4000 --device cuda --cache-max-entry-count 0.5 --json out/bench_long_prompt_gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import threading
@@ -54,6 +64,7 @@ from bench.common import (
     add_range_checks_flag,
     apply_range_checks,
     build_model,
+    kv_modes,
     memory_now,
     model_config,
     needs_qparams,
@@ -68,8 +79,9 @@ from bench.common import (
     versions,
     write_json,
 )
+from bench.token_gaps import measure_gaps
 from kvcache import Engine, EngineConfig, KVCacheFull, KVMode, LoadedModel
-from kvcache.config import parse_cache_max_entry_count
+from kvcache.config import PREFILL_CHUNK, parse_cache_max_entry_count
 from kvcache.engine.sequence import Sequence
 from kvcache.engine.worker import Request as Reply
 from kvcache.errors import ConfigError
@@ -95,11 +107,20 @@ def _int_range(p: argparse.ArgumentParser, flag: str, text: str, low: int) -> tu
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
-    add_kv_modes_flag(p)
+    add_kv_modes_flag(p, default=None)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     add_model_flags(p)
-    p.add_argument("--cache-max-entry-count", default="0.5",
-                   help="KV pool: a fraction in (0, 1] of the memory free after the weights load, or a whole number of fp16 blocks")
+    p.add_argument("--cache-max-entry-count", default=None,
+                   help="KV pool: a fraction in (0, 1] of the memory free after the weights load, or a whole number of fp16 blocks "
+                        "(default 0.5; with --long-prompt a pool that grows)")
+    p.add_argument("--long-prompt", type=int, default=0, metavar="N",
+                   help="instead of parts 1-3: the token gaps of sessions decoding while an N-token prompt arrives")
+    p.add_argument("--sessions", type=int, default=3, help="--long-prompt: sessions decoding meanwhile")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="--long-prompt: prompt tokens per step, chunked run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--long-prompt on the CPU: torch's intra-op threads (1 on a busy machine: oversubscribed threads stall)")
+    p.add_argument("--lead-tokens", type=int, default=16,
+                   help="--long-prompt: tokens each session decodes before the prompt arrives, and after its first token")
     add_block_size_flag(p)
     p.add_argument("--session-tokens", type=int, default=2048, help="tokens per session for the capacity count")
     p.add_argument("--requests", type=int, default=256, help="requests in the throughput run, all queued at once")
@@ -108,11 +129,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-batch", type=int, default=32,
                    help="rows of the largest untimed warm-up run per mode (Triton compiles there); 0 skips the warm-up")
     add_range_checks_flag(p)
-    add_device_flag(p, "float32 weights, the reference kernels")
+    add_device_flag(p, "float32 weights, the reference kernels; --long-prompt's default, the embedded model", default=None)
     add_json_flag(p)
     args = p.parse_args(argv)
+    args.device = args.device or ("cpu" if args.long_prompt else "cuda")
+    args.modes = args.modes or kv_modes("fp16" if args.long_prompt else "fp16,int8,int8-dynamic")
+    if args.long_prompt:
+        return _long_prompt_args(p, args)
     try:
-        args.cache_max_entry_count = parse_cache_max_entry_count(args.cache_max_entry_count)
+        args.cache_max_entry_count = parse_cache_max_entry_count(args.cache_max_entry_count or "0.5")
     except ConfigError as e:
         p.error(str(e))
     if args.cache_max_entry_count is None:
@@ -130,6 +155,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cpu" and isinstance(args.cache_max_entry_count, float):
         p.error("--device cpu takes a whole number of blocks for --cache-max-entry-count (e.g. 64): "
                 "a fraction would allocate that share of the free RAM")
+    return args
+
+
+def _long_prompt_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    require_positive(p, args, "long_prompt", "sessions", "prefill_chunk", "lead_tokens", "block_size", "layers")
+    try:
+        args.cache_max_entry_count = parse_cache_max_entry_count(args.cache_max_entry_count)
+    except ConfigError as e:
+        p.error(str(e))
+    if args.device == "cpu" and isinstance(args.cache_max_entry_count, float):
+        p.error("--device cpu takes a whole number of blocks for --cache-max-entry-count, or none (a pool that grows)")
+    if needs_qparams(args.modes):
+        p.error("--long-prompt serves modes without calibrated parameters: pick them with --modes (e.g. fp16,int8-dynamic)")
     return args
 
 
@@ -201,7 +239,7 @@ class StepMeter:
     def __enter__(self) -> "StepMeter":
         self._lock.acquire()
         self._live = [s for s in self._live if not s.finished]
-        self._decoding = sum(1 for s in self._live if s.num_cached)  # prefilled and not finished: this step decodes them
+        self._decoding = sum(1 for s in self._live if s.num_pending == 1)  # prefilled and not finished: this step decodes them
         self._tokens = sum(len(s.token_ids) for s in self._live)
         return self
 
@@ -310,6 +348,7 @@ def run_throughput(engine: Engine, pool: BlockPool, meter: StepMeter, requests: 
         mean_decode_batch=meter.decode_rows / max(meter.decode_steps, 1), peak_concurrent=meter.peak_batch,
         saturated_steps=meter.saturated, peak_blocks_used=meter.peak_blocks, pool_blocks=pool.num_blocks,
         refused=sum(1 for s in seqs if s.error),  # a pool others hold
+        preemptions=sum(s.preemptions for s in seqs),  # blocks taken back from the newest, recomputed later
         peak_torch_bytes=peak_torch_bytes(device),
     )
     return row
@@ -384,10 +423,75 @@ def print_results(rows: list[dict[str, Any]], parts: list[str]) -> None:
               fmt_bytes(r.get("torch_allocated_bytes")), fmt_bytes(r["free_bytes"])] for r in mem])
 
 
+SESSION_QUESTIONS = ("What is the capital of France?", "Name three primary colours.", "Why is the sky blue?",
+                     "How do bees make honey?")
+
+
+def long_prompt_inputs(args: argparse.Namespace) -> tuple[LoadedModel, list[list[int]], list[int]]:
+    """The served model (no EOS: sessions decode until cancelled), the sessions' prompts and the long prompt.
+
+    On the CPU the embedded model with chat-templated questions; on a GPU the random 7B shape with random ids.
+    """
+    rng = random.Random(args.seed)
+    if args.device == "cpu":
+        from kvcache.models.loader import load_model
+
+        real = load_model("default", device="cpu")
+        tok = real.tokenizer
+        texts = [tok.apply_chat_template([{"role": "user", "content": SESSION_QUESTIONS[i % len(SESSION_QUESTIONS)]}],
+                                         add_generation_prompt=True, tokenize=False) for i in range(args.sessions)]
+        sessions = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        real.model.generation_config.eos_token_id = None
+        loaded = dataclasses.replace(real, tokenizer=_NoTokenizer())
+    else:
+        loaded = as_loaded(build_model(args.layers, args.seed, args.device), args.layers)
+        sessions = [[rng.randrange(loaded.model.config.vocab_size) for _ in range(64)] for _ in range(args.sessions)]
+    vocab, context = loaded.model.config.vocab_size, loaded.model.config.max_position_embeddings
+    if args.long_prompt + 2 > context:
+        sys.exit(f"--long-prompt {args.long_prompt} does not fit {loaded.name}'s {context} positions: give at most {context - 2}")
+    return loaded, sessions, [rng.randrange(vocab) for _ in range(args.long_prompt)]
+
+
+def main_long_prompt(args: argparse.Namespace) -> int:
+    """Part 4: token gaps with chunked prefill, then with whole prompts, per mode."""
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded, sessions, long_prompt = long_prompt_inputs(args)
+    print(f"{loaded.name} on {args.device}: {args.sessions} sessions decoding, then one {args.long_prompt}-token prompt "
+          f"({args.lead_tokens} tokens per session before it and after its first token), block_size {args.block_size}")
+    rows = []
+    for mode in args.modes:
+        for chunk in (args.prefill_chunk, None):
+            rows.append(measure_gaps(loaded, mode, sessions, long_prompt, prefill_chunk=chunk, block_size=args.block_size,
+                                     lead=args.lead_tokens, cache_max_entry_count=args.cache_max_entry_count))
+            release(args.device)
+    print_table(f"4. token gaps of the decoding sessions while a {args.long_prompt}-token prompt arrives "
+                "(target: chunked max <= 3x median)",
+                ["kv", "prefill", "max gap ms", "median gap ms", "max / median", "decode gap ms", "gaps",
+                 "prompt's first token s", "tokens meanwhile"],
+                [[r["kv"], f"chunks of {r['prefill_chunk']}" if r["prefill_chunk"] else "whole", f"{r['max_gap_ms']:.1f}",
+                  f"{r['median_gap_ms']:.1f}", f"{r['max_gap_ms'] / r['median_gap_ms']:.1f}x",
+                  f"{r['decode_gap_ms']:.1f}" if r["decode_gap_ms"] is not None else "-", r["gaps"],
+                  f"{r['first_token_s']:.2f}", r["tokens_during_prefill"]] for r in rows])
+    if args.json:
+        first = rows[0]  # the first mode, chunked: the engine's default
+        meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", model=loaded.name,
+                    **versions("torch", "transformers"), modes=[m.name for m in args.modes],
+                    long_prompt=args.long_prompt, sessions=args.sessions, prefill_chunk=args.prefill_chunk,
+                    lead_tokens=args.lead_tokens, block_size=args.block_size, threads=torch.get_num_threads(),
+                    cache_max_entry_count=args.cache_max_entry_count, seed=args.seed)
+        write_json(args.json, meta, rows, t0, summary=dict(kv=first["kv"], prefill_chunk=first["prefill_chunk"],
+                                                           max_gap_ms=first["max_gap_ms"], median_gap_ms=first["median_gap_ms"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
     require_device(device, "bench.serving")
+    if args.long_prompt:
+        return main_long_prompt(args)
     apply_range_checks(args)
     if device == "cpu":
         print("DRY RUN on the CPU: float32 weights, reference kernels; the figures below say nothing about a GPU")

@@ -290,6 +290,10 @@ class KVMode:
         extra = shape.float_bytes_per_token(fp_dtype.itemsize) - self.bytes_per_token(shape, fp_dtype)
         return self.residual * max(extra, 0)
 
+    def sequence_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
+        """Bytes every sequence costs once beyond its tokens' codes: its sink slot and a full residual window."""
+        return self.sink_bytes(shape, fp_dtype) + self.residual_bytes(shape, fp_dtype)
+
     @property
     def emulated(self) -> bool:
         """The pool holds decoded 16-bit values, re-quantized in place (transformers' residual window)."""
@@ -306,8 +310,7 @@ class KVMode:
                            fp_dtype: torch.dtype = torch.float16) -> float:
         """Bytes per token of a ``tokens``-long sequence: the marginal bytes plus its sinks (and a full residual
         window) spread over it."""
-        per_sequence = self.sink_bytes(shape, fp_dtype) + self.residual_bytes(shape, fp_dtype)
-        return self.bytes_per_token(shape, fp_dtype) + per_sequence / tokens
+        return self.bytes_per_token(shape, fp_dtype) + self.sequence_bytes(shape, fp_dtype) / tokens
 
     def ratio_to_fp16(self, shape: "KVShape", tokens: int = SEQUENCE_TOKENS) -> float:
         """A ``tokens``-long sequence's bytes over fp16's (what "x fp16" means everywhere), to 4 places."""

@@ -23,6 +23,7 @@ def cache_root() -> Path:
 
 BASELINE_MODE = "fp16"  # what every quantized mode is compared with (the left pane, the evaluation's reference)
 BLOCK_SIZE = 64  # tokens per block of the paged cache
+PREFILL_CHUNK = 512  # prompt tokens the engine prefills per step: a long prompt stalls other sessions one chunk at a time
 CHUNK_TOKENS = 1024  # tokens per prefill forward of a measurement: long windows fit a small machine chunk by chunk
 
 
@@ -33,18 +34,22 @@ class EngineConfig:
     ``cache_max_entry_count``: None grows each pool on demand; a fraction in (0, 1] preallocates that share
     of the memory free after the weights load (LMDeploy's meaning since 0.2.2), split evenly between the
     ``pools_sharing`` pools (the app's fp16 and quantized panes: 2); an int N (``--cache-blocks N``) gives
-    each pool the memory of N fp16 blocks.
+    each pool the memory of N fp16 blocks. ``prefill_chunk``: prompt tokens prefilled per step between decode
+    steps (None: every prompt whole, stalling the other sessions for its length).
     """
 
     block_size: int = BLOCK_SIZE
     cache_max_entry_count: float | int | None = None
     pools_sharing: int = 1
+    prefill_chunk: int | None = PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ConfigError(f"block_size must be at least 1, got {self.block_size}")
         if self.pools_sharing < 1:
             raise ConfigError(f"pools_sharing must be at least 1, got {self.pools_sharing}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be at least 1 token (or None for whole prompts), got {self.prefill_chunk}")
 
 
 def parse_cache_max_entry_count(text: str | float | int | None) -> float | None:

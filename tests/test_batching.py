@@ -5,6 +5,7 @@ import torch
 from conftest import INT4_HEAD_MODE, make_tiny_llama
 
 from kvcache import BlockPool, KVCacheFull, KVShape, PagedKVCache, get_mode
+from kvcache.errors import ConfigError
 from kvcache.engine.scheduler import BatchScheduler
 from kvcache.engine.sequence import Sequence
 from kvcache.hf.compat import cache_kwargs
@@ -190,6 +191,143 @@ def test_a_request_others_crowd_out_is_refused_not_left_waiting(model):
     i = sched.add(_prompts()[2], 4)  # needs 5 blocks of 4 tokens: fits the pool, not what is free
     assert sched.step() == {}
     seq = sched.sequences[i]
-    assert seq.finished and seq.error.startswith("KV cache full: 16 tokens in use of 24, held by other conversations")
+    assert seq.finished and seq.error.startswith("KV cache full: 16 tokens in use of 24, 16 held by other conversations")
     assert not sched.waiting and pool.num_used == 4
     pool.free(held)
+
+
+def _long_prompt(n: int = 70, seed: int = 3) -> list[int]:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int8-rot"])
+def test_a_prompt_prefilled_in_chunks_gets_the_tokens_it_gets_whole(model, kv):
+    prompt = _long_prompt()
+    got = {}
+    for chunk in (16, None):
+        sched = BatchScheduler(model, _pool(model, kv, num_blocks=64), prefill_chunk=chunk)
+        sched.add(prompt, 6)
+        steps = 0
+        while not sched.step():  # no token until the whole prompt is stored
+            steps += 1
+        got[chunk] = (steps, sched.run_until_done()[0])
+    assert got[16][0] == 4 and got[None][0] == 0  # 70 tokens: 4 chunks of 16 give nothing, the 5th (6) the first token
+    assert got[16][1] == got[None][1] == _alone(model, kv, prompt, 6)
+
+
+def test_a_decoding_sequence_gets_a_token_every_step_of_anothers_chunked_prefill(model):
+    short, long = _prompts()[1], _long_prompt()
+    sched = BatchScheduler(model, _pool(model, "fp16", num_blocks=64), prefill_chunk=16)
+    a = sched.add(short, 12)
+    sched.step()  # a is prefilled and decoding
+    b = sched.add(long, 3)
+    steps = []
+    while not sched.sequences[b].generated_ids:
+        steps.append(set(sched.step()))
+        assert sched.sequences[b].num_cached <= 16 * len(steps)  # at most one chunk per step
+    assert steps == [{a}] * 4 + [{a, b}]
+    sched.run_until_done()
+    assert sched.sequences[a].generated_ids == _alone(model, "fp16", short, 12)
+    assert sched.sequences[b].generated_ids == _alone(model, "fp16", long, 3)
+
+
+def test_prefill_chunk_below_one_is_a_clear_error(model):
+    with pytest.raises(ConfigError, match="prefill_chunk must be at least 1 token"):
+        BatchScheduler(model, _pool(model, "fp16", num_blocks=4), prefill_chunk=0)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int8-rot"])  # int8-rot: a sink slot per sequence, freed and taken again
+def test_a_full_pool_preempts_the_newest_which_resumes_with_the_same_tokens(model, kv):
+    prompts = _prompts()
+    # 9 + 11 and 5 + 7 tokens stored at the end: 5 + 3 blocks of 4, more than 6; both prompts (3 + 2) fit at once
+    pool = _pool(model, kv, num_blocks=6)
+    sched = BatchScheduler(model, pool)
+    a, b = sched.add(prompts[0], 12), sched.add(prompts[1], 8)
+    peak = 0
+    sched.step()
+    assert [s.id for s in sched.running] == [a, b]  # nothing reserved for the tokens to come
+    while sched.waiting or sched.running:
+        sched.step()
+        peak = max(peak, pool.num_used)
+    assert sched.sequences[b].preemptions >= 1 and sched.sequences[a].preemptions == 0 and peak <= 6
+    assert sched.sequences[a].generated_ids == _alone(model, kv, prompts[0], 12)
+    assert sched.sequences[b].generated_ids == _alone(model, kv, prompts[1], 8)
+    assert pool.num_used == 0 and pool.sinks.used_bytes == 0
+
+
+def test_a_reply_alone_in_a_pool_others_fill_ends_where_the_blocks_do(model):
+    pool = _pool(model, "fp16", num_blocks=6)
+    held = pool.allocate(3)  # another conversation's blocks
+    sched = BatchScheduler(model, pool)
+    prompt = _prompts()[1]  # 5 tokens: 2 blocks; to its end 14 tokens, 4 blocks: fits the pool, not what is free
+    i = sched.add(prompt, 10)
+    sched.run_until_done()
+    seq = sched.sequences[i]
+    assert seq.error is None and seq.cut_short.startswith("KV cache full: 24 tokens in use of 24, 12 held by other conversations: the reply ends here")
+    assert seq.num_cached == 12 and seq.generated_ids == _alone(model, "fp16", prompt, 10)[:8]
+    assert pool.num_used == 3
+    pool.free(held)
+
+
+def test_a_preempted_conversation_recomputes_its_history_in_its_own_list(model):
+    """A chat turn hands in its blocks; preempted, they go back to the pool and the whole conversation is
+    prefilled again into the same list, which the session keeps at the end."""
+    first, more = _prompts()[0], _prompts(seed=5)[1]
+    pool = _pool(model, "fp16", num_blocks=7)
+    sched = BatchScheduler(model, pool)
+    table: list[int] = []
+    sched.add(first, 4, block_table=table)
+    sched.run_until_done()
+    history = first + sched.sequences[0].generated_ids  # 13 tokens, 12 stored: 3 blocks
+    other = sched.add(_prompts()[1], 12)  # admitted first: the turn below is the newest
+    sched.step()
+    turn = sched.add(history + more, 6, block_table=table, num_cached=12)
+    while sched.waiting or sched.running:
+        sched.step()
+    seq = sched.sequences[turn]
+    assert seq.preemptions >= 1 and seq.block_table is table
+    assert seq.generated_ids == _alone(model, "fp16", history + more, 6)
+    assert sched.sequences[other].generated_ids == _alone(model, "fp16", _prompts()[1], 12)
+    assert len(table) == -(-seq.num_cached // BLOCK) and pool.num_used == len(table)
+
+
+def test_requests_wait_for_a_sink_slot_rather_than_fail(model):
+    """A fixed pool holds a sink slot per 4 blocks: short sequences of a mode with sinks run out of slots while
+    blocks are free. They wait for one (no error), and get the tokens they get alone."""
+    prompts = [p[:3] for p in _prompts()]  # one block each, to their end
+    pool = _pool(model, "int8-rot", num_blocks=8)  # 2 sink slots
+    sched = BatchScheduler(model, pool)
+    ids = [sched.add(p, 2) for p in prompts]
+    sched.step()
+    assert len(sched.running) == 2 and pool.num_free == 6 and not pool.sinks.can_take(1)
+    sched.run_until_done()
+    for i, p in zip(ids, prompts):
+        assert sched.sequences[i].error is None and sched.sequences[i].generated_ids == _alone(model, "int8-rot", p, 2)
+
+
+def test_a_request_whose_sink_slot_others_hold_is_refused_in_one_line(model):
+    pool = _pool(model, "int8-rot", num_blocks=8)  # 2 sink slots
+    held = [pool.allocate(1, first=True) for _ in range(2)]  # two other conversations
+    sched = BatchScheduler(model, pool)
+    i = sched.add(_prompts()[0][:3], 2)
+    assert sched.step() == {}
+    assert sched.sequences[i].error == ("KV cache full: all 2 sink slots are in use (one per sequence), held by other "
+                                        "conversations; this request needs 4 tokens to its end")
+    for blocks in held:
+        pool.free(blocks)
+
+
+def test_a_sampled_prompt_draws_the_same_tokens_chunked_or_whole(model):
+    """Only the last chunk's logits are sampled: the earlier chunks must not draw from the request's generator."""
+    from kvcache.engine.sampling import next_token
+
+    def sampler():
+        gen = torch.Generator().manual_seed(11)
+        return lambda logits: int(next_token(logits[None], 1.0, 1.0, gen)[0])
+
+    got = []
+    for chunk in (16, None):
+        sched = BatchScheduler(model, _pool(model, "fp16", num_blocks=64), prefill_chunk=chunk)
+        sched.add(_long_prompt(), 8, sampler=sampler())
+        got.append(sched.run_until_done()[0])
+    assert got[0] == got[1] and len(got[0]) == 8

@@ -89,3 +89,34 @@ def test_capacity_cli_json(tmp_path, loaded_default, capsys):
 def test_chat_with_a_pool_too_small_for_one_block(loaded_default, capsys):
     assert main(["chat", "--model", "default", "--kv", "fp16", "--cache-max-entry-count", "0.0000000001"]) == 2
     assert "holds no block of 64 fp16 tokens: raise it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int8-rot", "int8-dynamic"])
+@pytest.mark.parametrize("session_tokens", [16, 64, 200])
+def test_the_session_count_is_what_a_pool_of_that_many_blocks_holds(kv, session_tokens):
+    """Every per-sequence cost counted: short sessions of a mode with sinks run out of sink slots before blocks."""
+    from kvcache import BlockPool, KVCacheFull
+
+    shape, mode = KVShape(num_layers=2, num_kv_heads=2, head_dim=16, num_heads=4), get_mode(kv)
+    row = plan([mode], shape, budget_bytes(40, shape, block_size=16), block_size=16,
+               session_tokens=session_tokens)["results"][0]
+    pool = BlockPool(mode, shape, block_size=16, num_blocks=row["blocks"], growable=False)
+    held = 0
+    try:
+        while True:
+            pool.allocate(-(-session_tokens // 16), first=True)
+            held += 1
+    except KVCacheFull:
+        pass
+    assert row["sessions"] == held
+    if kv == "int8-rot" and session_tokens == 16:  # one block each, a sink slot per 4 blocks
+        assert held == -(-row["blocks"] // 4) and pool.num_free > 0
+
+
+def test_a_residual_window_counts_in_a_sessions_bytes():
+    mode = get_mode("hf:quanto-int4")
+    row = plan([mode], SMOL, 256 * 2**20, block_size=64, session_tokens=2048)["results"][0]
+    block = mode.bytes_per_token(SMOL) * 64
+    assert mode.residual_bytes(SMOL) > 0
+    assert row["session_bytes"] == 32 * block + mode.residual_bytes(SMOL) + mode.static_param_bytes(SMOL)
+    assert row["sessions"] == row["blocks"] * block // (32 * block + mode.residual_bytes(SMOL)) < row["blocks"] // 32

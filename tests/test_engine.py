@@ -8,7 +8,7 @@ import torch
 from kvcache import Engine, EngineConfig
 from kvcache.engine.chat import GenerationConfig
 from kvcache.engine.sampling import next_token
-from kvcache.errors import ContextTooLong, KVCacheFull, WorkerClosed
+from kvcache.errors import ConfigError, ContextTooLong, KVCacheFull, WorkerClosed
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,17 @@ def test_the_context_window_bounds_a_reply_and_refuses_a_longer_conversation(eng
     with pytest.raises(ContextTooLong, match=r"the conversation is \d+ tokens and .* reads at most 48: clear the chat"):
         s.reply("And now from fifty-one to a hundred.")
     assert (s.messages, s.cached_ids, s.blocks) == before
+
+
+def test_a_prompt_prefilled_in_small_chunks_gives_the_same_reply(loaded_default, engine):
+    chunked = Engine(loaded_default, EngineConfig(prefill_chunk=8))
+    try:
+        s = chunked.chat("int8-dynamic", system_prompt="You are a helpful tutor.")
+        config = GenerationConfig(max_new_tokens=8)
+        want = engine.chat("int8-dynamic", system_prompt="You are a helpful tutor.").reply("What is 2 + 2?", config)
+        assert s.reply("What is 2 + 2?", config) == want and s.last.prefill_s > 0
+        assert chunked.worker.prefill_chunk == 8 and s.last.prompt_tokens > 16  # a few chunks
+    finally:
+        chunked.close()
+    with pytest.raises(ConfigError, match=r"prefill_chunk must be at least 1 token \(or None for whole prompts\), got 0"):
+        EngineConfig(prefill_chunk=0)

@@ -197,3 +197,18 @@ def test_a_request_arriving_mid_step_is_added_after_the_step(monkeypatch):
     finally:
         release.set()
         worker.close()
+
+
+def test_the_long_prompt_benchmark_sees_the_sessions_decode_through_a_chunked_prefill(one_torch_thread):
+    """bench.serving --long-prompt's measurement, on the tiny model: chunked, the sessions get a token every chunk."""
+    from bench.serving import as_loaded
+    from bench.token_gaps import measure_gaps
+    from conftest import make_tiny_llama
+
+    loaded = as_loaded(make_tiny_llama(), 2)
+    sessions, long = [[1, 2, 3, 4, 5], [6, 7, 8]], list(range(10, 110)) * 2  # 200 tokens
+    rows = {chunk: measure_gaps(loaded, get_mode("fp16"), sessions, long, prefill_chunk=chunk, block_size=16, lead=4)
+            for chunk in (16, None)}
+    assert all(r["prompt_tokens"] == 200 and r["max_gap_ms"] >= r["median_gap_ms"] > 0 for r in rows.values())
+    # every step of the 13 chunks gave each session a token; whole, the prompt took one step
+    assert rows[16]["tokens_during_prefill"] >= 200 // 16 - 1 and rows[None]["tokens_during_prefill"] <= 2

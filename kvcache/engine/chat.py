@@ -174,7 +174,7 @@ class ChatSession:
             final = tok.decode(stats.token_ids, skip_special_tokens=True)
             if len(final) > len(text):
                 yield final[len(text):]
-        except KVCacheFull as exc:  # the pool filled while the turn waited: nothing of it was stored
+        except KVCacheFull as exc:  # refused, others hold the pool: the turn is undone (what it stored stays cached)
             refused = True
             stats.cache_full = str(exc)
             self.messages.pop()

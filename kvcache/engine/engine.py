@@ -44,7 +44,8 @@ class Engine:
         self.eos_ids = frozenset(eos_ids(loaded.tokenizer, loaded.model))
         self._pools: dict[tuple[str, int], BlockPool] = {}
         self._sessions: dict[tuple[str, int], weakref.WeakSet[ChatSession]] = {}
-        self.worker = BatchWorker(loaded.model, eos_ids=self.eos_ids, device_lock=self.device_lock)
+        self.worker = BatchWorker(loaded.model, eos_ids=self.eos_ids, device_lock=self.device_lock,
+                                  prefill_chunk=config.prefill_chunk)
         self.free_after_load = free_memory_bytes(loaded.device)  # what a pool fraction applies to
 
     def replace_model(self, loaded: Any, config: EngineConfig | None = None) -> None:

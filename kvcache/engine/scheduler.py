@@ -1,18 +1,24 @@
 """Continuous batching: several sequences decoded together over one shared, fixed-size :class:`BlockPool`.
 
-Sequences join and leave between steps. A step prefills each newly admitted sequence on its own,
-then runs ONE decode forward for all the others. Every row keeps its own length: the step's
-:class:`~kvcache.storage.context.StepContext` gives each row's new tokens its own slots and each row's
-attention its own length, so each sequence gets the tokens it would get alone (greedy). The one
-:class:`~kvcache.hf.cache.PagedKVCache` of the scheduler only carries that context into the model.
+Sequences join and leave between steps. A step runs ONE decode forward for every sequence whose prompt is
+stored, then prefills: at most ``prefill_chunk`` prompt tokens per step in all (a long prompt takes several
+steps, one chunk each, appended to its blocks as a chat turn appends to a conversation's), so the others
+get a token every step however long a new prompt is; ``prefill_chunk=None`` prefills every prompt whole.
+Every row keeps its own length: the step's :class:`~kvcache.storage.context.StepContext` gives each row's
+new tokens its own slots and each row's attention its own length, so each sequence gets the tokens it
+would get alone (greedy), chunked or not. The one :class:`~kvcache.hf.cache.PagedKVCache` of the
+scheduler only carries that context into the model.
 
-Admission: a request starts only when the pool can hold it to its end (prompt + max_new_tokens),
-counting what the running sequences may still need. So a running sequence never runs out of
-blocks and nobody is preempted; blocks are still allocated as tokens arrive, so
-``pool.num_used`` is what is really stored. Others may hold blocks of the pool (a chat session
-keeps its conversation's blocks between turns and hands them in with its next request, so only
-the new tokens are prefilled); a request that cannot fit while none of the scheduler's own runs
-is refused with ``Sequence.error`` rather than left waiting forever.
+Admission reserves nothing ahead: a request starts when the pool can hold its next forward (its first
+chunk) besides what the running sequences' next forwards take, and sequences take blocks as their tokens
+come. When a fixed pool runs out, the most recently admitted sequence is preempted by recompute (vLLM's
+policy): its blocks are freed and it goes back to the front of the queue with its tokens so far; resumed,
+it prefills them again (prompt and generated tokens alike) and goes on where it stopped, with the tokens
+it would have got unpreempted (greedy). Others may hold blocks of the pool (a chat session keeps its
+conversation's blocks between turns and hands them in with its next request, so only the new tokens are
+prefilled; preempted, that history is recomputed too). A request that cannot go on while none of the
+scheduler's own others run (the rest is held by others) is refused with ``Sequence.error``, or, when it
+has generated tokens already, ends there with ``Sequence.cut_short``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 
 import torch
 
-from ..errors import KVCacheFull
+from ..config import PREFILL_CHUNK
+from ..errors import ConfigError, KVCacheFull
 from ..hf.cache import PagedKVCache
 from ..hf.compat import cache_kwargs
 from ..storage.block_pool import BlockPool
@@ -35,15 +42,23 @@ from .sequence import Sampler, Sequence, num_blocks
 
 
 class BatchScheduler:
-    """Greedy continuous batching of many requests over one pool: ``add()`` them, then ``step()``."""
+    """Greedy continuous batching of many requests over one pool: ``add()`` them, then ``step()``.
 
-    def __init__(self, model: Any, pool: BlockPool, *, eos_ids: Iterable[int] = ()):
-        self.model, self.pool = model, pool
+    ``prefill_chunk``: prompt tokens prefilled per step, all sequences together (None: every prompt whole).
+    """
+
+    def __init__(self, model: Any, pool: BlockPool, *, eos_ids: Iterable[int] = (),
+                 prefill_chunk: int | None = PREFILL_CHUNK):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be at least 1 token (or None for whole prompts), "
+                              f"got {prefill_chunk}")
+        self.model, self.pool, self.prefill_chunk = model, pool, prefill_chunk
         self.eos_ids = frozenset(eos_ids)
         self.cache = PagedKVCache(pool)  # carries each step's context into the model; holds no blocks itself
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in the order they were admitted: the last one is preempted first
         self.sequences: dict[int, Sequence] = {}  # every sequence added, by id
+        self.preemptions = 0
         self._ids = itertools.count()
 
     def add(
@@ -90,19 +105,38 @@ class BatchScheduler:
         return seq.id
 
     def step(self) -> dict[int, int]:
-        """Prefill the newly admitted sequences, then decode all the others in one forward: ``{seq id: new token}``."""
-        decoding = list(self.running)
-        new = {}
-        t0 = time.perf_counter()
-        for seq in self._admit():
-            new[seq.id] = self._append(seq, self._forward([seq], [seq.token_ids[seq.num_cached:]])[0])
-            seq.prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        """Decode every prefilled sequence in one forward, then prefill up to ``prefill_chunk`` prompt tokens:
+        ``{seq id: new token}`` (a sequence whose prefill is not done yet gets none)."""
+        self._admit()
+        new: dict[int, int] = {}
+        decoding = []
+        for seq in [s for s in self.running if s.num_pending == 1]:  # oldest first: the newest give way
+            if seq in self.running and self._make_room(seq, 1):
+                decoding.append(seq)
         if decoding:
+            t0 = time.perf_counter()
             tokens = self._forward(decoding, [[s.token_ids[-1]] for s in decoding])
             spent = time.perf_counter() - t0
             for s, t in zip(decoding, tokens):
-                s.decode_s += spent
+                if s.generated_ids:
+                    s.decode_s += spent
+                else:  # its prompt's last token came alone (the chunks before it stored the rest)
+                    s.prefill_s += spent
                 new[s.id] = self._append(s, t)
+        budget = self.prefill_chunk
+        for seq in [s for s in self.running if s.num_pending > 1]:
+            if budget is not None and budget < 1:
+                break
+            n = seq.num_pending if budget is None else min(seq.num_pending, budget)
+            if seq not in self.running or not self._make_room(seq, n):  # preempted, or refused, meanwhile
+                continue
+            t0 = time.perf_counter()
+            last = n == seq.num_pending  # the whole prompt stored: its logits give the next token
+            tokens = self._forward([seq], [seq.token_ids[seq.num_cached:seq.num_cached + n]], pick=last)
+            seq.prefill_s += time.perf_counter() - t0
+            budget = None if budget is None else budget - n
+            if last:
+                new[seq.id] = self._append(seq, tokens[0])
         return new
 
     def run_until_done(self) -> dict[int, list[int]]:
@@ -125,39 +159,81 @@ class BatchScheduler:
         return seq
 
     # --- internals -------------------------------------------------------------------------
-    def _admit(self) -> list[Sequence]:
-        """Start waiting requests, in order, while the pool can hold each to its end."""
-        admitted = []
+    def _admit(self) -> None:
+        """Start waiting requests, in order, while the pool can hold each one's next forward besides the others'."""
         while self.waiting and self._fits(self.waiting[0]):
-            admitted.append(self.waiting.popleft())
-            self.running.append(admitted[-1])
+            self.running.append(self.waiting.popleft())
         if self.waiting and not self.running:  # nothing of ours will free blocks: others hold them
-            pool, seq = self.pool, self.waiting[0]
-            seq.error = (
-                f"KV cache full: {pool.num_used * pool.block_size} tokens in use of {pool.num_blocks * pool.block_size}, "
-                f"held by other conversations; this request needs {seq.max_tokens_cached}"
-            )
-            self.finish(seq.id)
-        return admitted
+            self._refuse(self.waiting[0])
+
+    def _next_tokens(self, seq: Sequence) -> int:
+        """Tokens its next forward feeds: one to decode, or its next prefill chunk."""
+        pending = seq.num_pending
+        return pending if self.prefill_chunk is None or pending == 1 else min(pending, self.prefill_chunk)
+
+    def _missing(self, seq: Sequence, num_new: int) -> int:
+        """Blocks ``seq`` lacks to store ``num_new`` more tokens."""
+        return max(0, num_blocks(seq.num_cached + num_new, self.pool.block_size) - len(seq.block_table))
 
     def _fits(self, seq: Sequence) -> bool:
-        if self.pool.growable:
+        pool = self.pool
+        if pool.growable:
             return True
-        promised = sum(self._blocks_to_come(s) for s in self.running)
+        promised = sum(self._missing(s, self._next_tokens(s)) for s in self.running)
         new_sinks = sum(1 for s in (*self.running, seq) if not s.block_table)  # a new sequence takes a sink slot
-        return self._blocks_to_come(seq) <= self.pool.num_free - promised and self.pool.sinks.can_take(new_sinks)
+        return (self._missing(seq, self._next_tokens(seq)) <= pool.num_free - promised
+                and pool.sinks.can_take(new_sinks))
 
-    def _blocks_to_come(self, seq: Sequence) -> int:
-        return num_blocks(seq.max_tokens_cached, self.pool.block_size) - len(seq.block_table)
+    def _has_room(self, seq: Sequence, missing: int) -> bool:
+        pool = self.pool
+        return (pool.growable or missing == 0
+                or (missing <= pool.num_free and (bool(seq.block_table) or pool.sinks.can_take(1))))
+
+    def _make_room(self, seq: Sequence, num_new: int) -> bool:
+        """Give ``seq`` the blocks of its next ``num_new`` tokens, preempting the most recently admitted sequences
+        while the pool lacks them; False when ``seq`` itself was preempted or, alone, refused."""
+        missing = self._missing(seq, num_new)
+        while not self._has_room(seq, missing):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                self._refuse(seq)
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if missing:
+            seq.block_table.extend(self.pool.allocate(missing, first=not seq.block_table))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: free its blocks (in place: a chat session's list) and queue it first again."""
+        self.running.remove(seq)
+        self.pool.truncate(seq.block_table, 0)
+        seq.num_cached = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _refuse(self, seq: Sequence) -> None:
+        """``seq`` cannot go on while the others that hold the pool do: refused, or cut short if it has tokens."""
+        pool, bs = self.pool, self.pool.block_size
+        if self._missing(seq, self._next_tokens(seq)) <= pool.num_free:  # blocks are free: the sink slots are not
+            why = f"all {pool.sinks.num_slots} sink slots are in use (one per sequence), held by other conversations"
+        else:
+            others = (pool.num_used - len(seq.block_table)) * bs
+            why = f"{pool.num_used * bs} tokens in use of {pool.num_blocks * bs}, {others} held by other conversations"
+        if seq.generated_ids:
+            seq.max_new_tokens = len(seq.generated_ids)
+            seq.cut_short = f"KV cache full: {why}: the reply ends here; end a session or raise cache_max_entry_count"
+        else:
+            seq.error = f"KV cache full: {why}; this request needs {seq.max_tokens_cached} tokens to its end"
+        self.finish(seq.id)
 
     @torch.inference_mode()
-    def _forward(self, seqs: list[Sequence], ids: list[list[int]]) -> list[int]:
-        """Feed ``ids`` (the same count per row) at each row's own positions; the next token per row."""
+    def _forward(self, seqs: list[Sequence], ids: list[list[int]], pick: bool = True) -> list[int]:
+        """Feed ``ids`` (the same count per row, their blocks allocated) at each row's own positions; the next token
+        per row (none with ``pick`` False: a prompt's chunk before its last, whose sampler must not draw)."""
         pool, n = self.pool, len(ids[0])
-        for s in seqs:
-            missing = num_blocks(s.num_cached + n, pool.block_size) - len(s.block_table)
-            if missing > 0:
-                s.block_table.extend(pool.allocate(missing, first=not s.block_table))
         ctx = StepContext.build([s.block_table for s in seqs], [s.num_cached for s in seqs], n, pool.block_size,
                                 pool.device)
         self.cache.begin_step(ctx)
@@ -168,6 +244,8 @@ class BatchScheduler:
             self.cache.end_step()
         for s in seqs:
             s.num_cached += n
+        if not pick:
+            return []
         logits = out.logits[:, -1].float()
         greedy = next_token(logits).tolist()  # one device sync for the whole batch
         return [g if s.sampler is None else s.sampler(row) for s, g, row in zip(seqs, greedy, logits)]

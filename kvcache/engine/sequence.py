@@ -30,6 +30,7 @@ class Sequence:
     cut_short: str | None = None  # why max_new_tokens was lowered (the whole pool holds no more)
     prefill_s: float = 0.0  # compute seconds of its prefill
     decode_s: float = 0.0  # compute seconds of the decode steps it was in (a batched step counts fully)
+    preemptions: int = 0  # times its blocks were taken back (it prefilled its tokens so far again)
     num_prompt_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -39,6 +40,11 @@ class Sequence:
     def generated_ids(self) -> list[int]:
         """Tokens generated so far (an EOS that ended the sequence included)."""
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not stored yet: 1 while it decodes (the last token), more while its prompt is prefilled."""
+        return len(self.token_ids) - self.num_cached
 
     @property
     def max_tokens_cached(self) -> int:

@@ -68,6 +68,17 @@ def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLO
     return n
 
 
+def pool_sessions(mode: KVMode, shape: KVShape, blocks: int, session_blocks: int, block_size: int = BLOCK_SIZE,
+                  fp_dtype: torch.dtype = torch.float16) -> int:
+    """Sessions of ``session_blocks`` blocks a fixed pool of ``blocks`` holds at once: each also takes a sink slot
+    (the pool holds :func:`fixed_pool_slots`) and, with a residual window, that window's 16-bit bytes out of the
+    blocks' bytes."""
+    block = mode.bytes_per_token(shape, fp_dtype) * block_size
+    sessions = min(blocks // session_blocks,
+                   blocks * block // (session_blocks * block + mode.residual_bytes(shape, fp_dtype)))
+    return min(sessions, fixed_pool_slots(blocks)) if mode.sink_tokens else sessions
+
+
 def plan(
     modes: list[KVMode],
     shape: KVShape,
@@ -85,9 +96,10 @@ def plan(
     for mode in modes:
         bpt = mode.pool_bytes_per_token(shape, fp_dtype)
         blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype)
+        sessions = pool_sessions(mode, shape, blocks, per_session, block_size, fp_dtype)
         rows.append(dict(kv=mode.name, bytes_per_token=bpt, block_bytes=bpt * block_size, blocks=blocks,
-                         tokens=blocks * block_size, sessions=blocks // per_session,
-                         session_bytes=per_session * bpt * block_size + mode.sink_bytes(shape, fp_dtype)
+                         tokens=blocks * block_size, sessions=sessions,
+                         session_bytes=per_session * bpt * block_size + mode.sequence_bytes(shape, fp_dtype)
                          + mode.static_param_bytes(shape)))
     base = next((r for r in rows if r["kv"] == BASELINE_MODE), rows[0])
     results = [
