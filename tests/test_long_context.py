@@ -201,3 +201,14 @@ def test_cli_errors_are_one_line(capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: ") and message in err, err
+
+
+def test_the_report_says_where_per_tensor_scales_came_from(tiny, one_torch_thread):
+    """fp8 per-tensor schemes read 1.0 without --qparams (the engines' default): the row and the table say so."""
+    from kvcache.measure.evaluate import format_table
+
+    text = "".join(chr(32 + (i * 7919) % 95) for i in range(400))
+    report = evaluate(tiny, text, ["vllm:fp8", "int8-dynamic"], seqlen=128, samples=2, greedy_prompts=0)
+    scales = {r["kv"]: r["tensor_scales"] for r in report["results"]}
+    assert scales == {"fp16": None, "vllm:fp8": "1.0", "int8-dynamic": None}
+    assert "per-tensor scales (fp8/fp4 schemes): 1.0, the engines' default" in format_table(report)

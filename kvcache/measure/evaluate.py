@@ -72,6 +72,7 @@ class ModeResult:
     kv_bytes_per_token: int  # codes and per-token parameters of one token, all layers and KV heads
     kv_ratio_to_fp16: float  # a 2,048-token sequence's bytes (sinks included) over fp16's, as `kvcache modes` gives
     by_position: list[dict[str, float]]  # per bucket of positions: start, end (exclusive), positions, kl, dppl_pct, top1_match_pct
+    tensor_scales: str | None = None  # per-tensor scales (fp8/fp4 schemes): "calibrated" (from --qparams) or "1.0"
 
 
 def resolve_text(spec: str) -> tuple[str, Path]:
@@ -304,7 +305,7 @@ def evaluate(
             report_progress(progress, scoring_share + (1 - scoring_share) * (j + 1) / len(names),
                             f"greedy generation with {m}")
     shape = KVShape.from_config(model.config)
-    results = [_mode_result(m, scores, greedy, seqlen, shape) for m in names]
+    results = [_mode_result(m, scores, greedy, seqlen, shape, qparams) for m in names]
     report = {
         "model": getattr(loaded, "name", "?"),
         "seqlen": seqlen,
@@ -324,8 +325,13 @@ def evaluate(
     return report
 
 
-def _mode_result(m: str, scores: dict[str, PositionScores], greedy: dict, seqlen: int, shape: KVShape) -> ModeResult:
+def _mode_result(m: str, scores: dict[str, PositionScores], greedy: dict, seqlen: int, shape: KVShape,
+                 qparams: KVQParams | None = None) -> ModeResult:
     """One mode's row of the report, against the fp16 reference."""
+    mode = get_mode(m)
+    tensor_scales = None
+    if mode.uses_tensor_scales:  # what the pool read: the calibrated absmax with --qparams, else the engines' 1.0
+        tensor_scales = "calibrated" if qparams is not None else "1.0"
     ours, ref = scores[m], scores[BASELINE_MODE]
     ppl, ppl_ref = math.exp(ours.nll.mean()), math.exp(ref.nll.mean())
     ci = delta_ppl_interval(ours.nll.mean(dim=1), ref.nll.mean(dim=1))
@@ -337,7 +343,7 @@ def _mode_result(m: str, scores: dict[str, PositionScores], greedy: dict, seqlen
         first_divergence=div, first_divergence_median=float(statistics.median(div)) if div else None,
         kv_bytes_per_token=get_mode(m).bytes_per_token(shape),
         kv_ratio_to_fp16=get_mode(m).ratio_to_fp16(shape),
-        by_position=by_position(ours, ref, seqlen),
+        by_position=by_position(ours, ref, seqlen), tensor_scales=tensor_scales,
     )
 
 
@@ -399,6 +405,11 @@ def format_table(report: dict[str, Any]) -> str:
             f"({report['tokens_scored']} scored); 1st diff: median index of the first greedy token that differs "
             f"from fp16 over {report['greedy_prompts']} prompts x {report['greedy_tokens']} tokens")
     out = [head, *lines]
+    scaled = {r["tensor_scales"] for r in report["results"] if r.get("tensor_scales")}
+    if scaled:
+        out.append("per-tensor scales (fp8/fp4 schemes): " + (
+            "the calibrated ones of --qparams (what the vLLM export writes)" if scaled == {"calibrated"} else
+            "1.0, the engines' default without calibrated scales (pass --qparams for calibrated ones)"))
     cal = report.get("calibration")
     if cal:
         out.append(f"static parameters calibrated on {calibration_label(cal)} ({cal.get('model') or '?'}, "
