@@ -282,5 +282,5 @@ def test_modes_json_for_the_embedded_model(loaded_default, capsys):
     sinks = 4 * 30 * 3 * 2 * 64 * 2 / 2048  # 4 fp16 sink tokens spread over a 2,048-token sequence
     assert by["int4"]["ratio_to_fp16"] == round((7200 + sinks) / 23040, 4)
     assert (by["k8v4"]["k_bits"], by["k8v4"]["v_bits"]) == (8, 4) and by["int8-dynamic"]["needs_calibration"] is False
-    assert main(["modes", "--kv", "int3"]) == 2
-    assert "unknown KV mode 'int3'" in capsys.readouterr().err
+    assert main(["modes", "--kv", "int5"]) == 2
+    assert "unknown KV mode 'int5'" in capsys.readouterr().err
