@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
+from kvcache.config import DTYPE_HELP, DTYPES
 from kvcache.errors import KVQError, one_line
 from kvcache.logs import internal_error
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the stats go (default: ./quant_output)")
     ca.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     ca.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ca.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     ca.add_argument("--calib-data-dir", "--calib_data_dir", dest="calib_data_dir", default=None,
                     help="local folder with the calibration data (nothing is downloaded without it)")
     ca.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive, default=1,
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--calib-seqlen", dest="calib_seqlen", type=_positive, default=256, help="tokens each (default: 256)")
     pl.add_argument("--calib-data-dir", dest="calib_data_dir", default=None, help="local folder with c4 & co.")
     pl.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    pl.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     return parser
 
 
@@ -168,7 +171,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # What needs no model is refused before one loads (that can take minutes).
     check_inputs(dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
                  work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device, batch_size=args.batch_size)
-    loaded = load_model(model, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
     # calibrate() draws its own tqdm bar on a terminal.
     work_dir = calibrate(
@@ -246,7 +249,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--budget-dppl is a Δppl budget in percent and must be positive, got {args.budget_dppl}")
     check_dataset(args.calib_dataset, args.calib_data_dir)
     qparams = KVQParams.load(args.qparams) if args.qparams else None
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     plan, spec = plan_bits(
         loaded, args.budget_dppl, qparams=qparams, dataset=args.calib_dataset, samples=args.calib_samples,
         seqlen=args.calib_seqlen, data_dir=args.calib_data_dir, name=str(Path(args.out).expanduser()),

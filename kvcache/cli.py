@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import CHUNK_TOKENS, SYSTEM_PROMPT_FILE
+from .config import CHUNK_TOKENS, DTYPE_HELP, DTYPES, SYSTEM_PROMPT_FILE
 from .errors import KVQError, one_line
 from .modes import KV_MODES, KVQ_MODES
 
@@ -32,6 +32,7 @@ class CLIError(KVQError):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, or a .gguf file")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code to run")
 
 
@@ -116,7 +117,7 @@ def _write_json(path: str | None, report: dict) -> None:
 def _load(args: argparse.Namespace):
     from .models.loader import load_model
 
-    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
 def _qparams(args: argparse.Namespace):
@@ -175,7 +176,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     report = needle(loaded, [m.name for m in modes], qparams=qparams, lengths=lengths, depths=depths,
                     trials=args.trials, chunk_tokens=args.chunk_tokens, progress=_progress)
     print(file=sys.stderr)
-    remember_needle(report, loaded.model.config, qparams)  # `recommend` at these contexts shows it
+    remember_needle(report, loaded.model, qparams)  # `recommend` at these contexts shows it
     print(format_grid(report))
     _write_json(args.json, report)
     return 0
@@ -280,7 +281,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from .config import BLOCK_SIZE, EngineConfig, parse_cache_max_entry_count
     from .measure.capacity import budget_bytes, format_plan, plan
     from .measure.device_memory import free_memory_bytes
-    from .modes import parse_modes
+    from .modes import kv_float_dtype, parse_modes
     from .storage.shape import KVShape
 
     modes = parse_modes(args.kv)
@@ -293,12 +294,12 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         raise CLIError("--session-tokens must be at least 1")
     config = EngineConfig(block_size=args.block_size or BLOCK_SIZE, cache_max_entry_count=count)
     loaded = _load(args)
-    shape = KVShape.from_config(loaded.model.config)
+    shape, fp_dtype = KVShape.from_config(loaded.model.config), kv_float_dtype(loaded.dtype)
     free = free_memory_bytes(loaded.device) if isinstance(count, float) else None
     budget = (int(args.budget_mib * 1024 * 1024) if args.budget_mib is not None else
-              budget_bytes(count, shape, free_bytes=free, block_size=config.block_size))
+              budget_bytes(count, shape, free_bytes=free, block_size=config.block_size, fp_dtype=fp_dtype))
     report = plan(modes, shape, budget, block_size=config.block_size, session_tokens=args.session_tokens,
-                  cache_max_entry_count=count, free_bytes=free)
+                  fp_dtype=fp_dtype, cache_max_entry_count=count, free_bytes=free)
     report.update(model=loaded.name, device=str(loaded.device))
     print(f"{loaded.name} on {loaded.device}")
     print(format_plan(report))

@@ -49,11 +49,13 @@ def unsupported(layer: LayerKV) -> str | None:
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         return f"head_dim {d} is not supported by the Triton kernels (supported: {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, e.g. 64 or 128)"
     for side in ("k", "v"):
-        c = layer.codec(side)
-        if c.quantized and (c.bits not in (8, 4) or c.grid != "int" or c.rule != "kvq" or c.tensor_scale
-                            or c.param_dtype not in ("fp16", "bf16")):
+        c, scale = layer.codec(side), layer.params(side)[0]
+        if c.quantized and (c.bits not in (8, 4) or c.grid != "int" or c.rule != "kvq" or c.tensor_scale):
             return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8- and 4-bit integer codes by our rule "
                     "(other widths, codebooks and engine rules run through the references)")
+        if c.scaling == "token" and scale is not None and scale.dtype not in PARAM_DTYPES:
+            return (f"{side}_scale must be {' or '.join(map(str, PARAM_DTYPES))} for the Triton kernels, got "
+                    f"{scale.dtype} (a pool of another dtype runs through the references)")
         g = group_channels(c, d)
         if c.bits == 4 and d < MIN_HEAD_DIM_4BIT:
             return f"4-bit codes need head_dim >= {MIN_HEAD_DIM_4BIT} in the Triton kernels, this layer's is {d}"

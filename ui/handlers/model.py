@@ -42,7 +42,7 @@ def load_model(app: AppState, path: str, cache_max_entry_count: float | int | No
     pool = parse_cache_max_entry_count(cache_max_entry_count)
     with app.load_lock:
         try:
-            loaded = _load(path, device=app.device)
+            loaded = _load(path, device=app.device, dtype=app.dtype)
         except ModelLoadError as exc:
             app.load_error = str(exc)
             raise UserError(f"Could not load {path}: {exc}. The previous model stays loaded.") from None
