@@ -195,11 +195,13 @@ def test_store_symmetric_peak_ties_and_signs(kv):
 
 @needs_triton
 def test_store_lowbit_padded_head_dim_and_dtypes():
-    """head_dim 48 (halves of 24 lanes padded to 32): padding never enters min/max or a peak; bf16 and fp32 in."""
+    """head_dim 48 (halves of 24 lanes padded to 32): padding never enters min/max or a peak; bf16 and fp32 in, fp16
+    and bf16 pools (bf16 parameters and sinks rounded to nearest even, as torch does)."""
     torch.manual_seed(4)
     k4v8_sinks = _layout("k4-v8g16-sinks", INT4_HEAD, Codec(8, "token", 16), 4)
     for kv, in_dtype, fp_dtype in ((LOWBIT[0], torch.float16, torch.float16), (LOWBIT[7], torch.bfloat16, torch.bfloat16),
-                                   (k4v8_sinks, torch.float32, torch.float16)):
+                                   (k4v8_sinks, torch.float32, torch.float16), (LOWBIT[0], torch.float32, torch.bfloat16),
+                                   (k4v8_sinks, torch.float32, torch.bfloat16), (LOWBIT[7], torch.float32, torch.bfloat16)):
         layer = make_layer(kv, 3, 5, 4, 48, fp_dtype=fp_dtype)
         if kv.sink_tokens:
             layer.sink_slot[1] = 0
@@ -230,7 +232,7 @@ INT8_FP16_PARAMS = _layout("int8-fp16-params", *[replace(INT8_TOKEN, param_dtype
 @needs_triton
 @pytest.mark.parametrize("kv", ["fp16", "int8-dynamic", INT8_FP16_PARAMS], ids=lambda x: getattr(x, "name", x))
 @pytest.mark.parametrize("in_dtype,fp_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
-                                                (torch.float16, torch.float32)])
+                                                (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
 def test_store_dtypes(kv, in_dtype, fp_dtype):
     """Our per-token parameters are in the pool's dtype (bf16 in a bf16 pool), a codec's own where it names one;
     the kernels write them as the reference does. An fp32 pool's fp32 parameters go to the reference."""

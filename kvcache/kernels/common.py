@@ -183,11 +183,13 @@ def sink_block(layer: LayerKV) -> int:
 
 
 def dot_dtype_for(codec: Codec, stored: torch.dtype, query: torch.dtype, fp32_dots: bool) -> torch.dtype:
-    """A side's ``tl.dot`` operand dtype: codes (and tiles dequantized in registers) in fp16; floats as stored
-    (decode) or as the query (prefill, ``stored`` = the query dtype); fp32 where the caller keeps fp32 accuracy."""
+    """A side's ``tl.dot`` operand dtype: codes (and tiles dequantized in registers) in fp16, in bf16 for a bf16
+    query (a bf16 model's values may exceed fp16's range); floats as stored (decode) or as the query (prefill,
+    ``stored`` = the query dtype); fp32 where the caller keeps fp32 accuracy."""
     if fp32_dots and (query == torch.float32 or stored == torch.float32):
         return runnable_dot_dtype(torch.float32)
-    return runnable_dot_dtype(torch.float16 if codec.quantized else stored)
+    codes = torch.bfloat16 if query == torch.bfloat16 else torch.float16
+    return runnable_dot_dtype(codes if codec.quantized else stored)
 
 
 def runnable_dot_dtype(dtype: torch.dtype) -> torch.dtype:
