@@ -55,7 +55,7 @@ ARCHS = {
     90: SMLimits("H100 / H200", 228 * 1024, 227 * 1024, 64, 32),
 }
 MODES = ("fp16", "int8", "int8-dynamic", "int4-lmdeploy", "int8-rot", "k8v4", "int4")  # every codec kind, sinks
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's (its pools': kv_float_dtype)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's; its pools': kv_float_dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default
 # A few words of spill per thread stay in L1 and cost little (ptxas makes that trade itself at times);

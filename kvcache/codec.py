@@ -283,7 +283,7 @@ class KVMode:
         return shape.num_kv_heads * sum(per_layer)
 
     def sink_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
-        """Bytes one sequence's sink tokens take in the pool's 16-bit dtype, K and V of all layers (once per sequence)."""
+        """Bytes one sequence's sink tokens take in the pool's float dtype, K and V of all layers (once per sequence)."""
         return self.sink_tokens * shape.float_bytes_per_token(fp_dtype.itemsize)
 
     def residual_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:

@@ -30,8 +30,8 @@ INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
 KVQ_MODES: dict[str, KVMode] = {  # ours
     m.name: m
     for m in (
-        _mode("fp16", "16-bit floats: bf16 when the model computes in bf16, fp16 otherwise (the baseline, no quantization)",
-              FP16, FP16),
+        _mode("fp16", "16-bit floats: bf16 when the model computes in bf16, fp16 otherwise (the baseline, no "
+                      "quantization)", FP16, FP16),
         _mode("int8", "int8, static parameters from a calibration (--qparams)", INT8_STATIC, INT8_STATIC),
         _mode("int8-dynamic", "int8, per-token per-head parameters computed at write time (no calibration)",
               INT8_TOKEN, INT8_TOKEN),
