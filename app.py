@@ -22,6 +22,8 @@ CSS_FILE = Path(__file__).resolve().parent / "assets" / "app.css"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvcache.config import DTYPE_HELP, DTYPES
+
     p = argparse.ArgumentParser(prog="python app.py", description="KVQ Studio web app")
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, a .gguf file, or a Hub id "
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "downloaded when missing unless HF_HUB_OFFLINE is set); on localhost it always does")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest file a user may upload (default: 20)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP + "; the Model box loads in it too")
     p.add_argument("--qparams", default=None,
                    help="kv_qparams.safetensors (or the folder `python -m calib kv_qparams --format kvq` wrote) for int8")
     p.add_argument("--calib-data-dir", default=None, help="local folder with c4 / wikitext2 / ptb / pileval data")
@@ -83,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     except KVQError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    app = AppState(device=args.device, calib_data_dir=args.calib_data_dir, model_path=args.model,
+    app = AppState(device=args.device, dtype=args.dtype, calib_data_dir=args.calib_data_dir, model_path=args.model,
                    max_upload_bytes=int(args.max_upload_mb * 2**20), model_roots=roots,
                    allow_hub=hub_ids_allowed(args.host, args.allow_hub),
                    default_qparams=qparams, default_qparams_label=Path(args.qparams).name if args.qparams else None)
     print(f"loading {args.model} …", file=sys.stderr, flush=True)
     try:
-        app.replace_model(load_model(args.model, device=args.device, revision=args.revision, allow_download=True), pool)
+        app.replace_model(load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                                     allow_download=True), pool)
     except KVQError as exc:  # still serve: the page says why and offers the model box
         app.load_error = one_line(exc)
         print(f"warning: {app.load_error}; serving without a model", file=sys.stderr)

@@ -32,6 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from bench.common import add_json_flag, parser, stand_in_layer, write_json
+from kvcache.codec import kv_float_dtype
 from kvcache.kernels.paged_decode import decode_attention_triton
 from kvcache.kernels.paged_prefill import prefill_attention_triton
 from kvcache.kernels.paged_store import store_kv_triton
@@ -55,7 +56,7 @@ ARCHS = {
     90: SMLimits("H100 / H200", 228 * 1024, 227 * 1024, 64, 32),
 }
 MODES = ("fp16", "int8", "int8-dynamic", "int4-head", "int8-rot", "k8v4", "int4")  # every codec kind, sinks
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's (and fp16-mode storage's) dtype
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's; its pools': kv_float_dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default
 # A few words of spill per thread stay in L1 and cost little (ptxas makes that trade itself at times);
@@ -138,8 +139,9 @@ def quick(v: dict[str, Any]) -> bool:
 
 
 def _layer(mode_name: str, kv_heads: int, head_dim: int, dtype: torch.dtype) -> LayerKV:
-    """A two-block layer on the CPU: nothing runs, so only dtypes, shapes and strides matter."""
-    return stand_in_layer(mode_name, 2, kv_heads, BLOCK_SIZE, head_dim, "cpu", dtype)
+    """A two-block layer on the CPU, as a pool for a model computing in ``dtype`` holds it (16-bit floats and
+    parameters: bf16 for bf16, else fp16): nothing runs, so only dtypes, shapes and strides matter."""
+    return stand_in_layer(mode_name, 2, kv_heads, BLOCK_SIZE, head_dim, "cpu", kv_float_dtype(dtype))
 
 
 def launches(head_dims: list[int], modes: tuple[str, ...] = MODES,

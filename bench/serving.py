@@ -81,6 +81,7 @@ from bench.common import (
 )
 from bench.token_gaps import measure_gaps
 from kvcache import Engine, EngineConfig, KVCacheFull, KVMode, LoadedModel
+from kvcache.codec import kv_float_dtype
 from kvcache.config import PREFILL_CHUNK, parse_cache_max_entry_count
 from kvcache.engine.sequence import Sequence
 from kvcache.engine.worker import Request as Reply
@@ -542,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
 
         meta = dict(device=device_name, dry_run=device == "cpu", **versions("torch", "triton", "transformers"),
                     config=model_config(args.layers), weight_bytes=weight_bytes,
-                    weight_dtype=str(next(model.parameters()).dtype), kv_fp_dtype="float16",
+                    weight_dtype=str(next(model.parameters()).dtype),
+                    kv_fp_dtype=str(kv_float_dtype(next(model.parameters()).dtype)).removeprefix("torch."),
                     modes=[m.name for m in modes], parts=args.parts, cache_max_entry_count=args.cache_max_entry_count,
                     free_bytes_after_load=plan["free_bytes"], budget_bytes=plan["budget_bytes"], plan=plan["results"],
                     block_size=args.block_size, session_tokens=args.session_tokens, requests=args.requests,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kvcache.cli import MODEL_HELP, REVISION_HELP
+from kvcache.config import DTYPE_HELP, DTYPES
 from kvcache.errors import KVQError, one_line
 from kvcache.logs import internal_error
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the stats go (default: ./quant_output)")
     ca.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     ca.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ca.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     ca.add_argument("--calib-data-dir", "--calib_data_dir", dest="calib_data_dir", default=None,
                     help="local folder with the calibration data (nothing is downloaded without it)")
     ca.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive, default=1,
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--calib-seqlen", dest="calib_seqlen", type=_positive, default=256, help="tokens each (default: 256)")
     pl.add_argument("--calib-data-dir", dest="calib_data_dir", default=None, help="local folder with c4 & co.")
     pl.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    pl.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     return parser
 
 
@@ -172,8 +175,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # What needs no model is refused before one loads (that can take minutes).
     check_inputs(dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
                  work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device, batch_size=args.batch_size)
-    loaded = load_model(model, device=args.device, trust_remote_code=args.trust_remote_code, revision=args.revision,
-                        allow_download=True)
+    loaded = load_model(model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        revision=args.revision, allow_download=True)
 
     # calibrate() draws its own tqdm bar on a terminal.
     work_dir = calibrate(
@@ -258,7 +261,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--budget-dppl is a Δppl budget in percent and must be positive, got {args.budget_dppl}")
     check_dataset(args.calib_dataset, args.calib_data_dir)
     qparams = KVQParams.load(args.qparams) if args.qparams else None
-    loaded = load_model(args.model, device=args.device, revision=args.revision, allow_download=True)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision, allow_download=True)
     plan, spec = plan_bits(
         loaded, args.budget_dppl, qparams=qparams, dataset=args.calib_dataset, samples=args.calib_samples,
         seqlen=args.calib_seqlen, data_dir=args.calib_data_dir, name=str(Path(args.out).expanduser()),

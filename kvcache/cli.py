@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import CHUNK_TOKENS, SYSTEM_PROMPT_FILE
+from .config import CHUNK_TOKENS, DTYPE_HELP, DTYPES, SYSTEM_PROMPT_FILE
 from .errors import KVQError, one_line
 from .modes import KV_MODES, KVQ_MODES
 
@@ -42,6 +42,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code to run")
 
 
@@ -129,8 +130,8 @@ def _write_json(path: str | None, report: dict) -> None:
 def _load(args: argparse.Namespace):
     from .models.loader import load_model
 
-    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code, revision=args.revision,
-                      allow_download=True)
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      revision=args.revision, allow_download=True)
 
 
 def _qparams(args: argparse.Namespace):
@@ -189,7 +190,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     report = needle(loaded, [m.name for m in modes], qparams=qparams, lengths=lengths, depths=depths,
                     trials=args.trials, chunk_tokens=args.chunk_tokens, progress=_progress)
     print(file=sys.stderr)
-    remember_needle(report, loaded.model.config, qparams)  # `recommend` at these contexts shows it
+    remember_needle(report, loaded.model, qparams)  # `recommend` at these contexts shows it
     print(format_grid(report))
     _write_json(args.json, report)
     return 0
@@ -342,7 +343,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from .config import BLOCK_SIZE, EngineConfig, parse_cache_blocks, parse_cache_max_entry_count
     from .measure.capacity import budget_bytes, format_plan, plan
     from .measure.device_memory import free_memory_bytes
-    from .modes import parse_modes
+    from .modes import kv_float_dtype, parse_modes
     from .storage.shape import KVShape
 
     modes = parse_modes(args.kv)
@@ -355,12 +356,12 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         raise CLIError("--session-tokens must be at least 1")
     config = EngineConfig(block_size=args.block_size or BLOCK_SIZE, cache_max_entry_count=count)
     loaded = _load(args)
-    shape = KVShape.from_config(loaded.model.config)
+    shape, fp_dtype = KVShape.from_config(loaded.model.config), kv_float_dtype(loaded.dtype)
     free = free_memory_bytes(loaded.device) if isinstance(count, float) else None
     budget = (int(args.budget_mib * 1024 * 1024) if args.budget_mib is not None else
-              budget_bytes(count, shape, free_bytes=free, block_size=config.block_size))
+              budget_bytes(count, shape, free_bytes=free, block_size=config.block_size, fp_dtype=fp_dtype))
     report = plan(modes, shape, budget, block_size=config.block_size, session_tokens=args.session_tokens,
-                  cache_max_entry_count=count, free_bytes=free)
+                  fp_dtype=fp_dtype, cache_max_entry_count=count, free_bytes=free)
     report.update(model=loaded.name, device=str(loaded.device))
     print(f"{loaded.name} on {loaded.device}")
     print(format_plan(report))

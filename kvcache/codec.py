@@ -2,8 +2,8 @@
 
 A codec composes pieces, each chosen separately for K and V:
 
-- **bits** of a code (16: floats in the pool's dtype; 8 down to 1: codes, packed below 8 bits into bit planes,
-  :func:`kvcache.quant.pack_codes`);
+- **bits** of a code (16: floats in the pool's 16-bit dtype, :func:`kv_float_dtype`; 8 down to 1: codes,
+  packed below 8 bits into bit planes, :func:`kvcache.quant.pack_codes`);
 - a **grid**: what a code stands for before scaling. ``int`` is the uniform grid of signed integers
   ``-2^(b-1) .. 2^(b-1)-1``, ``uint`` the unsigned one ``0 .. 2^b-1``; the others are codebooks
   (:mod:`kvcache.codebooks`): the floating-point formats ``e4m3``, ``e5m2`` (fp8) and ``e2m1`` (fp4),
@@ -11,7 +11,8 @@ A codec composes pieces, each chosen separately for K and V:
   (TurboQuant), and ``table``, one calibrated per layer, KV head and side;
 - **scaling**: ``none`` (the grid value as it is, times an optional per-tensor scale), ``static`` (calibrated
   per tensor, head or channel) or ``token`` (computed at write time per token, KV head and group of
-  ``group_size`` channels), with or without a zero point (``symmetric``), in ``param_dtype``;
+  ``group_size`` channels), with or without a zero point (``symmetric``), in ``param_dtype`` (ours: the pool's
+  16-bit dtype, so a bf16 model's parameters do not overflow fp16; an engine's: what that engine stores);
 - an encoder **rule**: whose arithmetic picks the parameters and rounds (ours, ``kvq``, or an engine's:
   :mod:`kvcache.encoding`);
 - linear maps around the cache: a Hadamard ``rotate`` and, for keys, the calibrated ``qk_transform``.
@@ -33,17 +34,22 @@ if TYPE_CHECKING:
     from .storage.shape import KVShape
 
 STATIC_PARAM_DTYPE = torch.float32  # static parameters are fp32 so they add no error of their own
-TOKEN_PARAM_DTYPE = torch.float16  # per-token parameters (the default ``param_dtype``), used exactly as stored
 SEQUENCE_TOKENS = 2048  # the sequence length per-sequence costs (sinks) are spread over in ratios
 
 GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "lloyd-max-vllm": None, "table": None, "e4m3": 8, "e5m2": 8,
              "e2m1": 4, "iq4nl": 4, "signmag": 4}
 FLOAT_GRIDS = ("e4m3", "e5m2", "e2m1")  # floating-point formats: meaningful with no parameters at all
 # "ue8m0": a power-of-two scale stored as its biased exponent byte (2^(byte - 127), MX formats);
-# "pool": the pool's 16-bit float dtype (the model's, as an engine stores it)
+# "pool": the pool's 16-bit float dtype (ours, and an engine's that stores the model's dtype)
 PARAM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "e4m3": torch.float8_e4m3fn,
                 "ue8m0": torch.uint8}
 SCALINGS = ("none", "static", "token")
+
+
+def kv_float_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's 16-bit float dtype for a model computing in ``model_dtype``: bf16 for a bf16 model (its K/V may
+    exceed fp16's 65504), fp16 for fp16 and fp32 models. Pools, sinks and our per-token parameters use it."""
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class Codec:
     qk_transform: bool = False  # keys only: the calibrated query-aware transform (the query gets its inverse)
     grid: str = "int"
     rule: str = "kvq"
-    param_dtype: str = "fp16"  # per-token parameters' storage dtype
+    param_dtype: str = "pool"  # per-token parameters' storage dtype ("pool": the pool's 16-bit dtype)
     tensor_scale: bool = False  # one more fp32 scale per layer and side (1.0 unless calibrated): fp8/fp4 per tensor
     norm_correction: bool = False  # decode divides by the norm of the decoded unit vector (TurboQuant's "nc")
     residual_sign: bool = False  # the top bit of a code is the sign of the residual, times a per-token magnitude (LMDeploy's QJL bit)
@@ -104,11 +110,6 @@ class Codec:
     @property
     def needs_calibration(self) -> bool:
         return self.scaling == "static" or self.qk_transform or self.grid == "table"
-
-    @property
-    def param_torch_dtype(self) -> torch.dtype:
-        """The per-token parameters' dtype (fp16 for ``pool``: call :meth:`param_dtype_in` with the pool's dtype)."""
-        return self.param_dtype_in(torch.float16)
 
     def param_dtype_in(self, fp_dtype: torch.dtype) -> torch.dtype:
         """The per-token parameters' dtype in a pool of 16-bit dtype ``fp_dtype``."""
@@ -165,7 +166,7 @@ class Codec:
         scale = {"static": ["static"], "none": [], "token": [f"g{self.group_size}" if self.group_size else "per head"]}
         parts = [kind, *scale[self.scaling]]
         parts += ["sym"] if self.symmetric else []
-        parts += [self.param_dtype] if self.scaling == "token" and self.param_dtype != "fp16" else []
+        parts += [self.param_dtype] if self.scaling == "token" and self.param_dtype != "pool" else []
         parts += ["x tensor"] if self.tensor_scale else []
         parts += ["+nc"] if self.norm_correction else []
         parts += ["+sign"] if self.residual_sign else []
@@ -182,7 +183,7 @@ INT8_TOKEN = Codec(8, "token")
 
 @dataclass(frozen=True)
 class KVMode:
-    """One way of storing the KV cache: a K codec and a V codec (per layer, for a plan) and fp16 sink tokens."""
+    """One way of storing the KV cache: a K codec and a V codec (per layer, for a plan) and 16-bit sink tokens."""
 
     name: str
     description: str
@@ -282,7 +283,7 @@ class KVMode:
         return shape.num_kv_heads * sum(per_layer)
 
     def sink_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
-        """Bytes one sequence's sink tokens take in the pool's fp dtype, K and V of all layers (once per sequence)."""
+        """Bytes one sequence's sink tokens take in the pool's float dtype, K and V of all layers (once per sequence)."""
         return self.sink_tokens * shape.float_bytes_per_token(fp_dtype.itemsize)
 
     def residual_bytes(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
@@ -340,7 +341,7 @@ class KVMode:
     def describe_codecs(self) -> str:
         if self.layers is not None:
             return f"per-layer plan ({len(self.layers)} layers)"
-        sinks = f", first {self.sink_tokens} tokens fp16" if self.sink_tokens else ""
-        skip = f", first and last {self.skip_layers} layers fp16" if self.skip_layers else ""
+        sinks = f", first {self.sink_tokens} tokens 16-bit" if self.sink_tokens else ""
+        skip = f", first and last {self.skip_layers} layers 16-bit" if self.skip_layers else ""
         window = f", last {self.residual} tokens 16-bit then re-quantized" if self.residual else ""
         return f"K {self.k.label()}, V {self.v.label()}{sinks}{skip}{window}"

@@ -21,6 +21,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("KVQ_CACHE_DIR") or Path.home() / ".cache" / "kvq-studio")
 
 
+# ``--dtype``: what a model computes in (weights, activations, so its K/V); unset, the loader's default.
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("the dtype the model computes in (default: float32 on the CPU; on a GPU bfloat16 for a bf16 "
+              "checkpoint where the GPU has it, else float16); the KV cache's 16-bit floats are bf16 for bfloat16, "
+              "else fp16")
 BASELINE_MODE = "fp16"  # what every quantized mode is compared with (the left pane, the evaluation's reference)
 BLOCK_SIZE = 64  # tokens per block of the paged cache
 PREFILL_CHUNK = 512  # prompt tokens the engine prefills per step: a long prompt stalls other sessions one chunk at a time

@@ -1,7 +1,7 @@
 """KV modes by name: our own and every serving engine's, and the plan files of the bit planner.
 
 A mode pairs two :class:`~kvcache.codec.Codec` s, one for K and one for V, chosen separately (keys carry the
-damage: outlier channels), plus a number of first tokens kept in fp16 (attention sinks); a *plan* (the bit
+damage: outlier channels), plus a number of first tokens kept in 16 bits (attention sinks); a *plan* (the bit
 planner's output) gives every layer its own pair. Named modes are the table :data:`KV_MODES`: ours
 (:data:`KVQ_MODES`) and the engines' schemes, named ``ENGINE:FLAG`` (:mod:`kvcache.engines`).
 """
@@ -12,8 +12,8 @@ import functools
 from dataclasses import replace
 from pathlib import Path
 
-from .codec import (FP16, INT8_STATIC, INT8_TOKEN, SEQUENCE_TOKENS, STATIC_PARAM_DTYPE, TOKEN_PARAM_DTYPE,  # noqa: F401
-                    Codec, KVMode)
+from .codec import (FP16, INT8_STATIC, INT8_TOKEN, SEQUENCE_TOKENS, STATIC_PARAM_DTYPE, Codec, KVMode,  # noqa: F401
+                    kv_float_dtype)
 from .errors import ModeError
 
 
@@ -40,20 +40,21 @@ INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
 KVQ_MODES: dict[str, KVMode] = {  # ours
     m.name: m
     for m in (
-        _mode("fp16", "fp16 baseline (no quantization)", FP16, FP16),
+        _mode("fp16", "16-bit floats: bf16 when the model computes in bf16, fp16 otherwise (the baseline, no "
+                      "quantization)", FP16, FP16),
         _mode("int8", "int8, static parameters from a calibration (--qparams)", INT8_STATIC, INT8_STATIC),
         _mode("int8-dynamic", "int8, per-token per-head parameters computed at write time (no calibration)",
               INT8_TOKEN, INT8_TOKEN),
-        _mode("int8-rot", "int8 per token and head after a Hadamard rotation, first 4 tokens fp16 (no calibration)",
+        _mode("int8-rot", "int8 per token and head after a Hadamard rotation, first 4 tokens 16-bit (no calibration)",
               INT8_ROT, INT8_ROT, sinks=4),
         _mode("int8-qk", "int8 per token and head after a rotation, K through the calibrated query-aware transform; "
-                         "first 4 tokens fp16 (--qparams)",
+                         "first 4 tokens 16-bit (--qparams)",
               replace(INT8_ROT, qk_transform=True), INT8_ROT, sinks=4),
         _mode("k8v4", "K int8 (symmetric, rotated, calibrated query-aware transform); V int4 in groups of 16 "
-                      "(symmetric, rotated); first 4 tokens fp16 (--qparams)",
+                      "(symmetric, rotated); first 4 tokens 16-bit (--qparams)",
               INT8_SYM_QK, INT4_G16, sinks=4),
         _mode("int4", "K and V int4 in groups of 16 (symmetric, rotated), K through the calibrated query-aware "
-                      "transform; first 4 tokens fp16 (--qparams)",
+                      "transform; first 4 tokens 16-bit (--qparams)",
               replace(INT4_G16, qk_transform=True), INT4_G16, sinks=4),
         # Below 0.3 of fp16 (the engines' 4-bit and 3-bit schemes): the query-aware key transform at every width;
         # measured on the embedded model it cuts 3-bit keys' KL 2.8x (README, "Below 4 bits").

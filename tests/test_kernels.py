@@ -7,6 +7,8 @@ are tiny; with one, the same tests run the compiled kernels on CUDA tensors.
 from __future__ import annotations
 
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import INT4_HEAD_MODE, clone_layer, stored_tensors
@@ -193,11 +195,13 @@ def test_store_symmetric_peak_ties_and_signs(kv):
 
 @needs_triton
 def test_store_lowbit_padded_head_dim_and_dtypes():
-    """head_dim 48 (halves of 24 lanes padded to 32): padding never enters min/max or a peak; bf16 and fp32 in."""
+    """head_dim 48 (halves of 24 lanes padded to 32): padding never enters min/max or a peak; bf16 and fp32 in, fp16
+    and bf16 pools (bf16 parameters and sinks rounded to nearest even, as torch does)."""
     torch.manual_seed(4)
     k4v8_sinks = _layout("k4-v8g16-sinks", INT4_HEAD, Codec(8, "token", 16), 4)
     for kv, in_dtype, fp_dtype in ((LOWBIT[0], torch.float16, torch.float16), (LOWBIT[7], torch.bfloat16, torch.bfloat16),
-                                   (k4v8_sinks, torch.float32, torch.float16)):
+                                   (k4v8_sinks, torch.float32, torch.float16), (LOWBIT[0], torch.float32, torch.bfloat16),
+                                   (k4v8_sinks, torch.float32, torch.bfloat16), (LOWBIT[7], torch.float32, torch.bfloat16)):
         layer = make_layer(kv, 3, 5, 4, 48, fp_dtype=fp_dtype)
         if kv.sink_tokens:
             layer.sink_slot[1] = 0
@@ -222,13 +226,25 @@ def test_store_lowbit_ties_round_half_even():
     assert torch.equal(layer.k[0, 0, 1].cpu(), pack_int4(want))
 
 
+INT8_FP16_PARAMS = _layout("int8-fp16-params", *[replace(INT8_TOKEN, param_dtype="fp16")] * 2)  # a codec's own dtype
+
+
 @needs_triton
-@pytest.mark.parametrize("kv", ["fp16", "int8-dynamic"])
+@pytest.mark.parametrize("kv", ["fp16", "int8-dynamic", INT8_FP16_PARAMS], ids=lambda x: getattr(x, "name", x))
 @pytest.mark.parametrize("in_dtype,fp_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
-                                                (torch.float16, torch.float32)])
+                                                (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
 def test_store_dtypes(kv, in_dtype, fp_dtype):
+    """Our per-token parameters are in the pool's dtype (bf16 in a bf16 pool), a codec's own where it names one;
+    the kernels write them as the reference does. An fp32 pool's fp32 parameters go to the reference."""
+    from kvcache.kernels.common import unsupported
+
     torch.manual_seed(2)
     layer = make_layer(kv, 4, 2, 4, 32, fp_dtype=fp_dtype)
+    if layer.k_scale is not None:
+        assert layer.k_scale.dtype == layer.v_zp.dtype == (torch.float16 if kv is INT8_FP16_PARAMS else fp_dtype)
+        if layer.k_scale.dtype == torch.float32:
+            assert "k_scale must be torch.float16 or torch.bfloat16 for the Triton kernels" in unsupported(layer)
+            return
     ref = clone_layer(layer)
     key, value = (torch.randn(7, 2, 32, dtype=in_dtype, device=DEVICE) for _ in range(2))
     slots = torch.tensor([0, 3, 4, 5, 9, 14, 15], device=DEVICE)

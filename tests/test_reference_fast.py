@@ -31,7 +31,7 @@ from kvcache.kernels.reference import (
     prefill_attention_reference,
     store_kv_reference,
 )
-from kvcache.modes import FP16, INT8_STATIC, INT8_TOKEN, TOKEN_PARAM_DTYPE, Codec, KVMode, get_mode
+from kvcache.modes import FP16, INT8_STATIC, INT8_TOKEN, Codec, KVMode, get_mode
 from kvcache.qparams import KVQParams
 from kvcache.quant import (dequantize, dequantize_groups, pack_int4, quantize, quantize_groups, token_qparams,
                            unpack_int4)
@@ -66,6 +66,12 @@ KINDS = [
     # decoded path for unequal codecs); fp16 keys, per-token int8 values, two sink tokens in a bf16 pool.
     Kind("mixed-k8static-v4g16", _layout("k8static-v4g16", INT8_STATIC, Codec(4, "token", 16))),
     Kind("mixed-kfp16-v8token-sinks2", _layout("kfp16-v8token-sinks2", FP16, INT8_TOKEN, 2), fp_dtype=torch.bfloat16),
+    # A bf16 pool: our per-token parameters in bf16 (4-bit groups and 8-bit per head), or fp16 where a codec says
+    # so (plans written before parameters followed the pool).
+    Kind("int4-g16-bf16", _layout("int4-g16", Codec(4, "token", 16), Codec(4, "token", 16)), fp_dtype=torch.bfloat16),
+    Kind("int8-dynamic-bf16", get_mode("int8-dynamic"), fp_dtype=torch.bfloat16),
+    Kind("int8-fp16-params-bf16", _layout("int8-fp16-params", *[dataclasses.replace(INT8_TOKEN, param_dtype="fp16")] * 2),
+         fp_dtype=torch.bfloat16),
 ]
 KIND_IDS = [k.id for k in KINDS]
 assert get_mode("k8v4").sink_tokens and get_mode("int4").sink_tokens and get_mode("int8-rot").sink_tokens
@@ -74,24 +80,26 @@ assert get_mode("k8v4").sink_tokens and get_mode("int4").sink_tokens and get_mod
 # --- the definitions -------------------------------------------------------------------------------
 
 
-def _encode(codec: Codec, x: torch.Tensor, scale: torch.Tensor | None, zp: torch.Tensor | None):
-    """``x`` (``[tokens, kv_heads, head_dim]``) as stored: (data, per-token scale or None, per-token zp or None)."""
+def _encode(codec: Codec, x: torch.Tensor, scale: torch.Tensor | None, zp: torch.Tensor | None, fp_dtype: torch.dtype):
+    """``x`` (``[tokens, kv_heads, head_dim]``) as stored in a pool of ``fp_dtype``: (data, per-token scale or None,
+    per-token zp or None)."""
     if not codec.quantized:
         return x, None, None
     if codec.scaling == "static":
         codes = quantize(x, scale, zp, codec.bits)
         tscale = tzp = None
     else:
-        tscale, tzp = token_qparams(x, codec.bits, codec.group_size, codec.symmetric, TOKEN_PARAM_DTYPE)
+        tscale, tzp = token_qparams(x, codec.bits, codec.group_size, codec.symmetric, codec.param_dtype_in(fp_dtype))
         codes = quantize_groups(x, tscale, tzp, codec.bits, codec.group_size)
     return (pack_int4(codes) if codec.bits == 4 else codes), tscale, tzp
 
 
-def store_definition(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+def store_definition(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                     fp_dtype: torch.dtype) -> None:
     bs = layer.block_size
     for side, x in (("k", key), ("v", value)):
         codec = layer.codec(side)
-        data, tscale, tzp = _encode(codec, x, getattr(layer, f"{side}_scale"), getattr(layer, f"{side}_zp"))
+        data, tscale, tzp = _encode(codec, x, getattr(layer, f"{side}_scale"), getattr(layer, f"{side}_zp"), fp_dtype)
         for i, s in enumerate(slots.tolist()):  # token by token
             blk, off = divmod(s, bs)
             getattr(layer, side)[blk, :, off] = data[i].to(getattr(layer, side).dtype)
@@ -249,7 +257,7 @@ def test_store_is_the_definition(kind, d):
                 value[2, 2] = 0.0  # all zeros: the symmetric scale floor
             key, value = key.to(in_dtype), value.to(in_dtype)
             store_kv_reference(got, key, value, slots)
-            store_definition(want, key, value, slots)
+            store_definition(want, key, value, slots, kind.fp_dtype)
         for name in stored_tensors(got):
             assert torch.equal(getattr(got, name), getattr(want, name)), f"{name} ({in_dtype})"
         if layer.sink_tokens:  # the definition did copy the sink tokens (block 5 offset 0 is slot 0, position 0)

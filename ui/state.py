@@ -50,6 +50,7 @@ class AppState:
     model_path: str = "default"  # what the model box shows: the last path that loaded
     load_error: str | None = None  # why the last load failed (the previous model stays)
     device: str | None = None
+    dtype: str | None = None  # what models compute in (``--dtype``; None: the loader's default)
     default_qparams: KVQParams | None = None
     default_qparams_label: str | None = None
     calib_data_dir: str | None = None

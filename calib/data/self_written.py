@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvcache.codec import kv_float_dtype
 from kvcache.config import BASELINE_MODE, BLOCK_SIZE
 from kvcache.engine.sampling import eos_ids, next_token
 from kvcache.engine.scheduler import BatchScheduler
@@ -99,7 +100,8 @@ def _write(
     longest = max(len(p) + n - 1 for p, n in requests)
     blocks = min(SELF_BATCH, len(requests)) * num_blocks(longest, BLOCK_SIZE)
     pool = BlockPool(get_mode(BASELINE_MODE), KVShape.from_config(model.config), block_size=BLOCK_SIZE,
-                     num_blocks=blocks, growable=False, device=next(model.parameters()).device)
+                     num_blocks=blocks, growable=False, device=next(model.parameters()).device,
+                     fp_dtype=kv_float_dtype(next(model.parameters()).dtype))
     scheduler = BatchScheduler(model, pool, eos_ids=stops)
     ids = [scheduler.add(p, n, sampler=_sampler(rng.getrandbits(63))) for p, n in requests]
     written = 0

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..codec import kv_float_dtype
 from ..config import BASELINE_MODE, EngineConfig
 from ..errors import ConfigError
 from ..measure.capacity import budget_bytes, plan, pool_blocks
@@ -41,6 +42,7 @@ class Engine:
     def _start(self, loaded: Any, config: EngineConfig) -> None:
         self.loaded, self.config = loaded, config
         self.shape = KVShape.from_config(loaded.model.config)
+        self.fp_dtype = kv_float_dtype(loaded.model.dtype)  # every pool's 16-bit dtype: the model's (bf16) or fp16
         self.eos_ids = frozenset(eos_ids(loaded.tokenizer, loaded.model))
         self._pools: dict[tuple[str, int], BlockPool] = {}
         self._sessions: dict[tuple[str, int], weakref.WeakSet[ChatSession]] = {}
@@ -73,8 +75,9 @@ class Engine:
         if count is None:
             return 0
         budget = budget_bytes(count, self.shape, free_bytes=self.free_after_load,
-                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size)
-        blocks = pool_blocks(get_mode(mode), self.shape, budget, self.config.block_size)
+                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
+                              fp_dtype=self.fp_dtype)
+        blocks = pool_blocks(get_mode(mode), self.shape, budget, self.config.block_size, self.fp_dtype)
         if blocks < 1:
             raise ConfigError(f"a KV pool of cache_max_entry_count={count} holds no block of {self.config.block_size} "
                               f"{get_mode(mode).name} tokens: raise it (a fraction of free memory, or a number of blocks)")
@@ -93,7 +96,7 @@ class Engine:
             blocks = self.pool_size(kv)
             model = self.loaded.model
             pool = BlockPool(kv, self.shape, block_size=self.config.block_size, num_blocks=blocks,
-                             growable=blocks == 0, device=model.device, qparams=qparams)
+                             growable=blocks == 0, device=model.device, fp_dtype=self.fp_dtype, qparams=qparams)
             self._pools[key], self._sessions[key] = pool, weakref.WeakSet()
         return pool
 
@@ -119,9 +122,10 @@ class Engine:
                  modes: list[KVMode] | None = None) -> dict[str, Any]:
         """Both capacity views for ``cache_max_entry_count``, sized exactly as this engine sizes its pools."""
         budget = budget_bytes(cache_max_entry_count, self.shape, free_bytes=self.free_after_load,
-                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size)
+                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
+                              fp_dtype=self.fp_dtype)
         return plan(modes or list(KV_MODES.values()), self.shape, budget, block_size=self.config.block_size,
-                    session_tokens=session_tokens, cache_max_entry_count=cache_max_entry_count,
+                    session_tokens=session_tokens, fp_dtype=self.fp_dtype, cache_max_entry_count=cache_max_entry_count,
                     free_bytes=self.free_after_load, pools_sharing=self.config.pools_sharing)
 
     def status(self) -> dict[str, Any]:

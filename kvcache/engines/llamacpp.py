@@ -85,12 +85,12 @@ def encode(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
 RULES = {"llamacpp": encode}
 
 _TYPES = {
-    "q8_0": Codec(8, "token", group_size=BLOCK, symmetric=True, rule="llamacpp"),
-    "q5_0": Codec(5, "token", group_size=BLOCK, symmetric=True, rule="llamacpp"),
-    "q5_1": Codec(5, "token", group_size=BLOCK, grid="uint", rule="llamacpp"),
-    "q4_0": Codec(4, "token", group_size=BLOCK, symmetric=True, rule="llamacpp"),
-    "q4_1": Codec(4, "token", group_size=BLOCK, grid="uint", rule="llamacpp"),
-    "iq4_nl": Codec(4, "token", group_size=BLOCK, symmetric=True, grid="iq4nl", rule="llamacpp"),
+    "q8_0": Codec(8, "token", group_size=BLOCK, symmetric=True, param_dtype="fp16", rule="llamacpp"),
+    "q5_0": Codec(5, "token", group_size=BLOCK, symmetric=True, param_dtype="fp16", rule="llamacpp"),
+    "q5_1": Codec(5, "token", group_size=BLOCK, grid="uint", param_dtype="fp16", rule="llamacpp"),
+    "q4_0": Codec(4, "token", group_size=BLOCK, symmetric=True, param_dtype="fp16", rule="llamacpp"),
+    "q4_1": Codec(4, "token", group_size=BLOCK, grid="uint", param_dtype="fp16", rule="llamacpp"),
+    "iq4_nl": Codec(4, "token", group_size=BLOCK, symmetric=True, grid="iq4nl", param_dtype="fp16", rule="llamacpp"),
 }
 
 

@@ -97,11 +97,12 @@ def _fp8(grid: str) -> Codec:
 
 
 def _tq_key(bits: int) -> Codec:
-    return Codec(bits, "token", symmetric=True, grid="lloyd-max-vllm", rule="vllm-tq", rotate=True, norm_correction=True)
+    return Codec(bits, "token", symmetric=True, grid="lloyd-max-vllm", param_dtype="fp16", rule="vllm-tq", rotate=True,
+                 norm_correction=True)
 
 
 def _tq_value(bits: int) -> Codec:
-    return Codec(bits, "token", grid="uint", rule="vllm-tq")
+    return Codec(bits, "token", grid="uint", param_dtype="fp16", rule="vllm-tq")
 
 
 def _mode(flag: str, description: str, k: Codec, v: Codec, source: str, skip: int = 0) -> KVMode:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..codec import kv_float_dtype
 from ..config import BASELINE_MODE
 from ..errors import ConfigError
 from ..kernels import store_kv
@@ -115,18 +116,20 @@ class PagedKVCache(Cache):
         *,
         qparams: KVQParams | str | None = None,
         block_size: int | None = None,
-        fp_dtype: torch.dtype = torch.float16,
+        fp_dtype: torch.dtype | None = None,
         num_blocks: int = 0,
         growable: bool = True,
     ) -> "PagedKVCache":
-        """A cache shaped for ``model`` (a transformers model) in KV mode ``kv``."""
+        """A cache shaped for ``model`` (a transformers model) in KV mode ``kv``, its floats in ``fp_dtype``
+        (default: the model's 16-bit dtype, :func:`kvcache.codec.kv_float_dtype`)."""
         if isinstance(qparams, str):
             qparams = KVQParams.load(qparams)
         mode = get_mode(kv)
         mode.check_model(model.config)
         pool = BlockPool(
             mode, KVShape.from_config(model.config), block_size=block_size, num_blocks=num_blocks,
-            growable=growable, device=model.device, fp_dtype=fp_dtype, qparams=qparams if mode.reads_qparams else None,
+            growable=growable, device=model.device, fp_dtype=fp_dtype or kv_float_dtype(model.dtype),
+            qparams=qparams if mode.reads_qparams else None,
         )
         return cls(pool)
 

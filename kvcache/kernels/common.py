@@ -49,11 +49,13 @@ def unsupported(layer: LayerKV) -> str | None:
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         return f"head_dim {d} is not supported by the Triton kernels (supported: {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, e.g. 64 or 128)"
     for side in ("k", "v"):
-        c = layer.codec(side)
-        if c.quantized and (c.bits not in (8, 4) or c.grid != "int" or c.rule != "kvq" or c.tensor_scale
-                            or c.param_dtype not in ("fp16", "bf16")):
+        c, scale = layer.codec(side), layer.params(side)[0]
+        if c.quantized and (c.bits not in (8, 4) or c.grid != "int" or c.rule != "kvq" or c.tensor_scale):
             return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8- and 4-bit integer codes by our rule "
                     "(other widths, codebooks and engine rules run through the references)")
+        if c.scaling == "token" and scale is not None and scale.dtype not in PARAM_DTYPES:
+            return (f"{side}_scale must be {' or '.join(map(str, PARAM_DTYPES))} for the Triton kernels, got "
+                    f"{scale.dtype} (a pool of another dtype runs through the references)")
         g = group_channels(c, d)
         if c.bits == 4 and d < MIN_HEAD_DIM_4BIT:
             return f"4-bit codes need head_dim >= {MIN_HEAD_DIM_4BIT} in the Triton kernels, this layer's is {d}"
@@ -181,11 +183,13 @@ def sink_block(layer: LayerKV) -> int:
 
 
 def dot_dtype_for(codec: Codec, stored: torch.dtype, query: torch.dtype, fp32_dots: bool) -> torch.dtype:
-    """A side's ``tl.dot`` operand dtype: codes (and tiles dequantized in registers) in fp16; floats as stored
-    (decode) or as the query (prefill, ``stored`` = the query dtype); fp32 where the caller keeps fp32 accuracy."""
+    """A side's ``tl.dot`` operand dtype: codes (and tiles dequantized in registers) in fp16, in bf16 for a bf16
+    query (a bf16 model's values may exceed fp16's range); floats as stored (decode) or as the query (prefill,
+    ``stored`` = the query dtype); fp32 where the caller keeps fp32 accuracy."""
     if fp32_dots and (query == torch.float32 or stored == torch.float32):
         return runnable_dot_dtype(torch.float32)
-    return runnable_dot_dtype(torch.float16 if codec.quantized else stored)
+    codes = torch.bfloat16 if query == torch.bfloat16 else torch.float16
+    return runnable_dot_dtype(codes if codec.quantized else stored)
 
 
 def runnable_dot_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,7 +6,7 @@ tokens, and all query heads of the KV group share each tile load (GQA). Where on
 head's vector (static codes, per-token per-head codes) dequantization is folded into the math
 (:mod:`kvcache.kernels.folded`), so the inner loop only converts codes; 4-bit codes unpack in registers
 and per-group parameters are applied to the tile there (:mod:`kvcache.kernels.codes`). Sink tokens are
-one more tile of their fp16 copies, attended by split 0.
+one more tile of their 16-bit copies, attended by split 0.
 
 Softmax is online in fp32 (base 2). With several splits a second kernel merges the partial
 results through their log-sum-exp.
@@ -278,8 +278,8 @@ def decode_attention_triton(
     splits = num_splits or default_num_splits(b, kvh, max_len, block_n, query.device)
     splits = max(1, min(splits, triton.cdiv(max_len, block_n)))  # no split is empty for the longest row
 
-    # Dot operands: codes (and tiles dequantized in registers) in fp16, fp16/bf16 values as stored; fp32
-    # anywhere keeps ~fp32 accuracy through tf32x3 ("ieee" would spill registers).
+    # Dot operands: codes (and tiles dequantized in registers) in fp16 (bf16 for bf16 queries), fp16/bf16 values
+    # as stored; fp32 anywhere keeps ~fp32 accuracy through tf32x3 ("ieee" would spill registers).
     k, v = side_args(layer, "k"), side_args(layer, "v")
     k_dot = dot_dtype_for(layer.k_codec, layer.k.dtype, query.dtype, fp32_dots=True)
     v_dot = dot_dtype_for(layer.v_codec, layer.v.dtype, query.dtype, fp32_dots=True)

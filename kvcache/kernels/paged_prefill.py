@@ -5,8 +5,8 @@ history, then SDPA) without the dequantized copy: each program takes ``BLOCK_M``
 head and streams the KV head's tiles of ``BLOCK_N`` tokens through the block table. As in the
 decode kernel, K and V are each read per their codec: dequantization folded into the math where one
 parameter covers a head (:mod:`kvcache.kernels.folded`), so the tensor-core dots take the codes
-converted exactly to fp16; 4-bit codes unpacked and per-group parameters applied in registers
-(:mod:`kvcache.kernels.codes`); sink tokens one more tile of their fp16 copies.
+converted exactly to fp16 (bf16 for a bf16 model); 4-bit codes unpacked and per-group parameters applied in registers
+(:mod:`kvcache.kernels.codes`); sink tokens one more tile of their 16-bit copies.
 Softmax is online in fp32 (base 2), FlashAttention-style. Without a mask the chunk is causal
 (query ``i`` sits at position ``kv_len - q_len + i``); with one (transformers' boolean or additive
 ``[batch, 1 or heads, q_len, kv_len]`` mask: sliding windows, padding) the mask alone decides.
@@ -215,8 +215,8 @@ def prefill_attention_triton(
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    # Dot operands: codes (and tiles dequantized in registers) in fp16, scales applied around the dots or
-    # on the tile; float storage is cast to the query's dtype, as the reference does.
+    # Dot operands: codes (and tiles dequantized in registers) in fp16 (bf16 for bf16 queries), scales applied
+    # around the dots or on the tile; float storage is cast to the query's dtype, as the reference does.
     k_dot = dot_dtype_for(layer.k_codec, query.dtype, query.dtype, fp32_dots=False)
     v_dot = dot_dtype_for(layer.v_codec, query.dtype, query.dtype, fp32_dots=False)
     s_dot = dot_dtype_for(FP16, query.dtype, query.dtype, fp32_dots=False)

@@ -41,10 +41,21 @@ def _quantize(x, scale, zp, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _to_float(v, dt: tl.constexpr):
+    """fp32 ``v`` as the float dtype ``dt``, rounded to nearest, ties to even. For bf16 the rounding is done on the
+    fp32 bits first (then the cast is exact), so Triton's interpreter, whose bf16 cast truncates, agrees with the GPU."""
+    if dt == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # uint32: logical shifts
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dt)
+
+
+@triton.jit
 def _round_up(v, pdt: tl.constexpr):
     """``v`` (>= 0, fp32) in the 16-bit ``pdt``, never rounded down: where round-to-nearest went down,
     one ulp up (+1 on the bit pattern of a positive value)."""
-    r = v.to(pdt)
+    r = _to_float(v, pdt)
     bits = r.to(tl.int16, bitcast=True)
     return tl.where(r.to(tl.float32) < v, bits + 1, bits).to(pdt, bitcast=True)
 
@@ -75,8 +86,8 @@ def _token_params(a, b, mask, lane, QMIN: tl.constexpr, QMAX: tl.constexpr, SYM:
             amax_b, peak_b = _peak(b, mask, lane)
             peak = tl.where(amax >= amax_b, peak, peak_b)  # a tie goes to the earlier channel: a's
         signed = tl.math.div_rn(peak, QMIN)
-        mag = _round_up(tl.maximum(tl.abs(signed), SCALE_FLOOR), pdt)
-        scale = tl.where(signed < 0, -mag, mag)
+        mag = _round_up(tl.maximum(tl.abs(signed), SCALE_FLOOR), pdt).to(tl.float32)
+        scale = tl.where(signed < 0, -mag, mag).to(pdt)  # the sign in fp32: exact, and no bf16 arithmetic
         zp = 0.0
     else:
         x_min, x_max = _range(a, mask)
@@ -85,7 +96,7 @@ def _token_params(a, b, mask, lane, QMIN: tl.constexpr, QMAX: tl.constexpr, SYM:
             x_min, x_max = tl.minimum(x_min, b_min), tl.maximum(x_max, b_max)
         real = x_min <= x_max  # padded heads and groups: keep the arithmetic finite
         x_min, x_max = tl.where(real, x_min, 0.0), tl.where(real, x_max, 0.0)
-        zp = ((x_min + x_max) * 0.5).to(pdt).to(tl.float32)  # rounded to storage first, as dynamic_qparams
+        zp = _to_float((x_min + x_max) * 0.5, pdt).to(tl.float32)  # rounded to storage first, as dynamic_qparams
         scale = tl.math.div_rn(tl.maximum(x_max - zp, zp - x_min), (QMAX - QMIN) / 2)
         scale = _round_up(tl.maximum(scale, SCALE_FLOOR), pdt)
     return scale, zp
@@ -121,11 +132,11 @@ def _store_side(
         b = tl.load(x_row[:, None, None] + PART + lane, mask=mask, other=0.0).to(tl.float32)
     if SINKS > 0:  # the first tokens of a sequence's first block, in the pool's fp dtype as given
         sdt = sink_row.dtype.element_ty
-        tl.store(sink_row[:, None, None] + lane, a.to(sdt), mask=mask & keep_sink[:, None, None])
+        tl.store(sink_row[:, None, None] + lane, _to_float(a, sdt), mask=mask & keep_sink[:, None, None])
         if BITS == 4:
-            tl.store(sink_row[:, None, None] + PART + lane, b.to(sdt), mask=mask & keep_sink[:, None, None])
+            tl.store(sink_row[:, None, None] + PART + lane, _to_float(b, sdt), mask=mask & keep_sink[:, None, None])
     if QUANT == 0:
-        tl.store(dst_row[:, None, None] + lane, a.to(dst_row.dtype.element_ty), mask=mask)
+        tl.store(dst_row[:, None, None] + lane, _to_float(a, dst_row.dtype.element_ty), mask=mask)
     else:
         if QUANT == 1:  # static [kv_heads, head_dim] fp32 (any granularity, already expanded)
             s_a = tl.load(s_ptr + p_row[:, None, None] + lane, mask=mask, other=1.0)

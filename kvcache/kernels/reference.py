@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..codec import INT8_TOKEN, TOKEN_PARAM_DTYPE
+from ..codec import INT8_TOKEN
 from ..encoding import decode, encode, from_storage, to_storage
 from ..quant import dynamic_qparams, quantize
 from ..storage.layout import LayerKV
@@ -47,12 +47,12 @@ def _store_sinks(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, blk: to
 
 
 def store_kv_reference(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """Encode (per each side's codec) and write each token's K/V at its slot; sink tokens also in fp16."""
+    """Encode (per each side's codec) and write each token's K/V at its slot; sink tokens also as floats."""
     bs = layer.block_size
     blk, off = slots // bs, slots % bs
     if layer.k_codec == layer.v_codec == INT8_TOKEN:  # parameters per (token, head): K and V as one batch
         kv = torch.stack((key, value))
-        scale, zp = dynamic_qparams(kv, 8, TOKEN_PARAM_DTYPE)
+        scale, zp = dynamic_qparams(kv, 8, layer.k_scale.dtype)  # the pool's parameter dtype
         codes = quantize(kv, scale[..., None], zp[..., None], 8)
         for i, name in enumerate(("k", "v")):
             getattr(layer, name)[blk, :, off] = codes[i]

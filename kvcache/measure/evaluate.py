@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..codec import kv_float_dtype
 from ..config import BASELINE_MODE, BLOCK_SIZE, CHUNK_TOKENS, EVAL_DIR
 from ..engine.scheduler import BatchScheduler
 from ..errors import EvalError, MeasureCancelled
@@ -116,7 +117,7 @@ def _greedy(model: Any, kv: str, qparams: KVQParams | None, prompts: torch.Tenso
     """``tokens`` greedy tokens after each prompt, through the scheduler (the path chat replies take)."""
     mode = get_mode(kv)
     pool = BlockPool(mode, KVShape.from_config(model.config), device=model.device,
-                     qparams=qparams if mode.reads_qparams else None)
+                     fp_dtype=kv_float_dtype(model.dtype), qparams=qparams if mode.reads_qparams else None)
     sched = BatchScheduler(model, pool)
     ids = [sched.add(p.tolist(), tokens) for p in prompts]
     out = sched.run_until_done()
@@ -304,10 +305,12 @@ def evaluate(
             greedy[m] = _greedy(model, m, qparams, prompts, greedy_tokens)
             report_progress(progress, scoring_share + (1 - scoring_share) * (j + 1) / len(names),
                             f"greedy generation with {m}")
-    shape = KVShape.from_config(model.config)
-    results = [_mode_result(m, scores, greedy, seqlen, shape, qparams) for m in names]
+    shape, fp_dtype = KVShape.from_config(model.config), kv_float_dtype(model.dtype)
+    results = [_mode_result(m, scores, greedy, seqlen, shape, fp_dtype, qparams) for m in names]
     report = {
         "model": getattr(loaded, "name", "?"),
+        "dtype": str(model.dtype).removeprefix("torch."),  # what the model computed in
+        "kv_float_dtype": str(fp_dtype).removeprefix("torch."),  # the pools' 16-bit floats (the fp16 mode's)
         "seqlen": seqlen,
         "samples": n_win,
         "chunk_tokens": min(chunk_tokens, seqlen),
@@ -326,7 +329,7 @@ def evaluate(
 
 
 def _mode_result(m: str, scores: dict[str, PositionScores], greedy: dict, seqlen: int, shape: KVShape,
-                 qparams: KVQParams | None = None) -> ModeResult:
+                 fp_dtype: torch.dtype, qparams: KVQParams | None = None) -> ModeResult:
     """One mode's row of the report, against the fp16 reference."""
     mode = get_mode(m)
     tensor_scales = None
@@ -341,7 +344,7 @@ def _mode_result(m: str, scores: dict[str, PositionScores], greedy: dict, seqlen
         delta_ppl_ci95=ci,
         kl_vs_fp16=float(ours.kl.mean()), top1_match_pct=float(100 * ours.top1.double().mean()),
         first_divergence=div, first_divergence_median=float(statistics.median(div)) if div else None,
-        kv_bytes_per_token=get_mode(m).bytes_per_token(shape),
+        kv_bytes_per_token=get_mode(m).bytes_per_token(shape, fp_dtype),
         kv_ratio_to_fp16=get_mode(m).ratio_to_fp16(shape),
         by_position=by_position(ours, ref, seqlen), tensor_scales=tensor_scales,
     )

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ..codec import kv_float_dtype
 from ..config import BASELINE_MODE, BLOCK_SIZE
 from ..errors import ConfigError, EvalError
 from ..modes import KV_MODES, KVMode, get_mode
@@ -90,12 +91,17 @@ def _design_hash(design: NeedleDesign) -> str:
     return hashlib.sha256(json.dumps(asdict(design), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _model_key(model: Any) -> str:
+    """The model as its figures depend on it: its config hash and the dtype it computes in (``--dtype``)."""
+    return f"{config_hash(model.config)}/{str(model.dtype).removeprefix('torch.')}"
+
+
 def _needle_key(model_hash: str, context: int, mode: KVMode, qparams: KVQParams | None, design: NeedleDesign) -> dict:
     return dict(kind="needle", model=model_hash, context=context, mode=mode.name, codecs=mode_fingerprint(mode),
                 qparams=qparams_hash(qparams if mode.reads_qparams else None), design=_design_hash(design))
 
 
-def remember_needle(report: dict[str, Any], config: Any, qparams: KVQParams | None,
+def remember_needle(report: dict[str, Any], model: Any, qparams: KVQParams | None,
                     store: ResultsCache | None = None) -> None:
     """Keep a ``needle`` report's cells per mode and context, so ``recommend`` shows retrieval where measured."""
     store = store or ResultsCache()
@@ -105,7 +111,7 @@ def remember_needle(report: dict[str, Any], config: Any, qparams: KVQParams | No
         t = totals.setdefault((c["kv"], c["context"]), [0, 0])
         t[0], t[1] = t[0] + c["correct"], t[1] + c["trials"]
     for (kv, context), (correct, trials) in totals.items():
-        store.put(_needle_key(config_hash(config), context, get_mode(kv), qparams, design),
+        store.put(_needle_key(_model_key(model), context, get_mode(kv), qparams, design),
                   dict(correct=correct, trials=trials, depths=report["depths"]))
 
 
@@ -135,7 +141,7 @@ def recommend(
         raise EvalError(f"--context must be at least 2 and --windows at least 1, got {context} and {windows}")
     modes, notes = candidates(engine, qparams is not None, every_mode)
     store = store or ResultsCache()
-    shape, model_hash = KVShape.from_config(model.config), config_hash(model.config)
+    shape, model_hash = KVShape.from_config(model.config), _model_key(model)
     wins = make_windows(loaded.tokenizer, text, context, windows, max_positions)
     base = dict(kind="kl", model=model_hash, text=text_hash(text), context=context, windows=wins.shape[0])
     key = lambda m: dict(base, mode=m.name, codecs=mode_fingerprint(m),  # noqa: E731
@@ -165,11 +171,12 @@ def recommend(
             span = lambda f, msg: progress(needle_share + (1 - needle_share) * f, msg) if progress else None  # noqa: E731
             rep = needle(loaded, todo, qparams=qparams, lengths=[context], depths=list(NEEDLE_DEPTHS),
                          trials=needle_trials, design=design, progress=span)
-            remember_needle(rep, model.config, qparams, store)
+            remember_needle(rep, model, qparams, store)
             retrieval = {m.name: store.get(_needle_key(model_hash, context, m, qparams, design)) for m in modes}
     seconds = round(time.perf_counter() - t0, 1)
     budget = int(budget_mib * 2**20) if budget_mib else None
-    fits = {r["kv"]: r for r in plan(modes, shape, budget, block_size=BLOCK_SIZE, session_tokens=context)["results"]} \
+    fits = {r["kv"]: r for r in plan(modes, shape, budget, block_size=BLOCK_SIZE, session_tokens=context,
+                                     fp_dtype=kv_float_dtype(model.dtype))["results"]} \
         if budget else {}
     fp16_found = (retrieval.get(BASELINE_MODE) or {}).get("correct")
     options = []

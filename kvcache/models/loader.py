@@ -42,7 +42,7 @@ from transformers.models.auto.modeling_auto import (
 
 from kvcache.hf.attention import register_attention
 
-from ..config import cache_root
+from ..config import DTYPES, cache_root
 from ..errors import ModelLoadError
 from . import hub, internlm
 
@@ -130,7 +130,7 @@ def load_model(
     model: str = DEFAULT_MODEL,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     allow_download: bool = False,
@@ -139,8 +139,11 @@ def load_model(
 
     ``revision`` (a branch, tag or commit) applies to Hub ids only. ``allow_download``: fetch a Hub id missing from
     the cache (never while ``HF_HUB_OFFLINE`` is set); off by default, so a library call never downloads unasked.
+    ``dtype``: what the model computes in, a torch dtype or one of :data:`~kvcache.config.DTYPES`' names (None:
+    :func:`_default_dtype`).
     """
     dev = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, dev)
     path, name = resolve_model(model, revision=revision, allow_download=allow_download)
     if path.is_dir():
         return _load_dir(path, name, str(path), dev, dtype, trust_remote_code)
@@ -190,6 +193,18 @@ def _resolve_device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was asked for but is not available: use device 'cpu'")
     return dev
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """A ``--dtype`` name as a torch dtype; bf16 on a GPU without it becomes fp16, with a note (None stays None)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+        dtype = getattr(torch, dtype)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("this GPU has no bfloat16: computing in float16 instead (values beyond 65504 overflow)")
+        return torch.float16
+    return dtype
 
 
 def _default_dtype(config: PreTrainedConfig, device: torch.device) -> torch.dtype:

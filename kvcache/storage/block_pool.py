@@ -57,6 +57,8 @@ class BlockPool:
         fp_dtype: torch.dtype = torch.float16,
         qparams: KVQParams | None = None,
     ):
+        """``fp_dtype``: the float dtype of 16-bit sides, sinks and our per-token parameters; a model's pool takes
+        :func:`kvcache.codec.kv_float_dtype` of the model's dtype (bf16 for a bf16 model, else fp16)."""
         block_size = BLOCK_SIZE if block_size is None else block_size
         if block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {block_size}")
@@ -161,7 +163,7 @@ class BlockPool:
 
     @property
     def sink_bytes(self) -> int:
-        """Bytes of the sink slots the pool holds (one sequence's first tokens in fp16 each)."""
+        """Bytes of the sink slots the pool holds (one sequence's first tokens in the pool's float dtype each)."""
         return self.sinks.nbytes
 
     @property

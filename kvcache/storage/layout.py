@@ -6,20 +6,21 @@ so one (block, head) tile is contiguous; ``width`` is head_dim, or head_dim / 2 
 in its high one). A token's *slot* is ``block_id * block_size + offset``. K and V each follow their
 codec (:class:`kvcache.modes.Codec`):
 
-- floats: the pool's dtype, no parameters;
+- floats: the pool's float dtype, no parameters (a model's pool is 16-bit, :func:`kvcache.codec.kv_float_dtype`:
+  bf16 for a bf16 model, else fp16);
 - codes: int8 for 8-bit integer codes, else uint8 code indices, packed below 8 bits in bit planes
   (:func:`kvcache.quant.pack_codes`; ``width`` = head_dim * bits / 8);
 - static codes: ``{k,v}_scale``/``{k,v}_zp`` of shape ``[num_kv_heads, head_dim]`` fp32;
 - per-token codes: ``{k,v}_scale`` (and ``_zp`` unless symmetric) ``[num_blocks, num_kv_heads, block_size, groups]``
-  in the codec's ``param_dtype`` (fp16 by default), one per token, head and group of channels (one group: the
-  whole head);
+  in the codec's ``param_dtype`` (ours: the pool's dtype), one per token, head and group of channels (one group:
+  the whole head);
 - codebooks: ``{k,v}_grid`` ``[num_kv_heads, 2^bits]`` fp32 (a fixed one is one tensor shared by every layer,
   expanded over the heads); a per-tensor scale ``{k,v}_tscale`` ``[]`` fp32.
 
 Rotations and the query-aware key transform live here too (``k_map``, ``q_map``, ``v_map``; applied by
 the transformers glue, never by the kernels, which see only stored vectors). Sinks: with
-``sink_tokens`` N, the first N tokens of every sequence are also kept in fp16 in ``{k,v}_sink``
-``[sink_slots, num_kv_heads, N, head_dim]``; ``sink_slot`` maps a sequence's first block to its slot
+``sink_tokens`` N, the first N tokens of every sequence are also kept in the pool's float dtype in
+``{k,v}_sink`` ``[sink_slots, num_kv_heads, N, head_dim]``; ``sink_slot`` maps a sequence's first block to its slot
 (-1: none), and attention reads those tokens from there.
 """
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codec import Codec
+from ..codec import STATIC_PARAM_DTYPE, Codec
 from ..encoding import SideParams
 
 
@@ -81,7 +82,7 @@ class LayerKV:
         """What the layer holds once for ``side``, as :mod:`kvcache.encoding` takes it."""
         c = self.codec(side)
         scale, zp = self.params(side)
-        pdt = scale.dtype if c.scaling == "token" and scale is not None else c.param_torch_dtype
+        pdt = scale.dtype if c.scaling == "token" and scale is not None else STATIC_PARAM_DTYPE  # as stored
         static = (scale, zp) if c.scaling == "static" else (None, None)
         return SideParams(*static, getattr(self, f"{side}_grid"), getattr(self, f"{side}_tscale"), pdt)
 

@@ -1,7 +1,7 @@
-"""Attention sinks: the first tokens of every sequence, kept in fp16 beside its quantized blocks.
+"""Attention sinks: the first tokens of every sequence, kept in 16-bit floats beside its quantized blocks.
 
 A mode with ``sink_tokens`` N gives each sequence one *sink slot*: N tokens of K and V per layer and KV
-head in the pool's fp dtype, bound to the sequence's first block when that block is allocated
+head in the pool's float dtype, bound to the sequence's first block when that block is allocated
 (``sink_slot[block] = slot``, -1 for every other block) and freed with it. Attention reads positions
 below N from the slot. A growable pool adds slots as sequences arrive; a fixed one holds one slot per
 :data:`SINK_BLOCKS_PER_SLOT` blocks (a sequence of 256 tokens or more per slot), counted in its bytes.

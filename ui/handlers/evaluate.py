@@ -72,7 +72,7 @@ def needle_grid(
     with app.device_lock:  # chat steps wait until the grid is done
         report = needle(loaded, modes, qparams=qparams, lengths=[int(n) for n in lengths],
                         depths=[float(d) for d in depths], trials=int(trials), progress=_cancellable(sess, progress))
-    remember_needle(report, loaded.model.config, qparams)
+    remember_needle(report, loaded.model, qparams)
     sess.needle_report = report
     totals = {}
     for c in report["cells"]:

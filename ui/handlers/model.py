@@ -43,7 +43,7 @@ def load_model(app: AppState, path: str, cache_max_entry_count: float | int | No
     pool = parse_pool_setting(cache_max_entry_count)
     with app.load_lock:
         try:
-            loaded = _load(path, device=app.device, allow_download=True)  # never while HF_HUB_OFFLINE is set
+            loaded = _load(path, device=app.device, dtype=app.dtype, allow_download=True)  # never while HF_HUB_OFFLINE is set
         except ModelLoadError as exc:
             app.load_error = str(exc)
             raise UserError(f"Could not load {path}: {exc}. The previous model stays loaded.") from None
