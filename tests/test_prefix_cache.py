@@ -10,6 +10,7 @@ from kvcache.config import SYSTEM_PROMPT_FILE
 from kvcache.engine.chat import GenerationConfig
 from kvcache.engine.scheduler import BatchScheduler
 from kvcache.hf.compat import cache_kwargs
+from ui import charts
 
 BLOCK = 4
 KVS = ["fp16", "int8-dynamic", "int8-rot"]  # int8-rot: the first block carries a sink slot
@@ -67,7 +68,8 @@ def test_a_second_sequence_shares_the_full_prefix_blocks_and_prefills_only_the_r
     assert all(pool.refs(blk) == 2 for blk in sa.block_table[:3])
     assert not set(sa.block_table[3:]) & set(sb.block_table[3:])  # the partial block and after: each its own
     # counted once: the pool's use is the union of both tables, a conversation's view names what it shares
-    assert pool.num_used == len(set(sa.block_table) | set(sb.block_table)) == len(sa.block_table) + len(sb.block_table) - 3
+    assert pool.num_used == len(set(sa.block_table) | set(sb.block_table))
+    assert pool.num_used == len(sa.block_table) + len(sb.block_table) - 3
     assert pool.num_shared == 3 and pool.memory(sb.block_table, sb.num_cached).blocks_shared == 3
     if pool.sinks.tokens:  # the shared first block brings its sink slot: one slot for both
         assert pool.sinks.used_bytes == pool.sinks.slot_bytes
@@ -165,6 +167,9 @@ def test_a_second_chat_with_the_default_system_prompt_prefills_at_most_its_last_
     assert shared == common // block and status["blocks_shared"] == shared
     assert status["blocks_used"] == len(first.blocks) + len(second.blocks) - shared  # counted once
     assert second.memory().blocks_shared == shared
+    gauges = charts.gauges_html(dict(timestamp=0, gpus=[], torch_cuda=None, process_rss=None, system_total=None,
+                                     kv={}, kv_pools=engine.status()["pools"]))
+    assert f"{shared} blocks shared, counted once" in gauges
     first.reset()
     second.reset()
     alone = engine.chat("int8-dynamic", system_prompt=system)  # nothing registered now: no sharing

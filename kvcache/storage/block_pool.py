@@ -40,7 +40,7 @@ class KVMemory:
     param_bytes: int  # static parameters, held once
     bytes_used: int  # blocks in use + parameters
     bytes_held: int  # all storage this cache's pool holds, used or free
-    blocks_shared: int = 0  # of blocks_used, those other sequences hold too (a shared prefix: the pool counts them once)
+    blocks_shared: int = 0  # of blocks_used, those others hold too (a shared prefix: its pool counts them once)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
