@@ -176,11 +176,10 @@ class BatchScheduler:
     def _share_prefix(self, seq: Sequence) -> None:
         """A sequence with nothing stored takes the registered blocks of its first tokens (at least one token is
         left to feed: its logits give the next token)."""
-        prefix, bs = self.pool.prefix, self.pool.block_size
-        if prefix is None or seq.block_table or seq.num_cached:
+        if seq.block_table or seq.num_cached:
             return
-        blocks = prefix.match(seq.token_ids, (len(seq.token_ids) - 1) // bs)
-        self.pool.share(blocks)
+        bs = self.pool.block_size
+        blocks = self.pool.share_prefix(seq.token_ids, (len(seq.token_ids) - 1) // bs)
         seq.block_table.extend(blocks)
         seq.num_registered = len(blocks)
         seq.num_cached = seq.num_shared = len(blocks) * bs
@@ -263,9 +262,9 @@ class BatchScheduler:
             self.cache.end_step()
         for s in seqs:
             s.num_cached += n
-            if pool.prefix is not None:  # the prompt's blocks this forward filled can serve other sequences
-                s.num_registered = pool.prefix.register(s.block_table, s.token_ids, s.num_registered,
-                                                        min(s.num_cached, s.num_prompt_tokens))
+            # the prompt's blocks this forward filled can serve later sequences
+            s.num_registered = pool.register_prefix(s.block_table, s.token_ids, s.num_registered,
+                                                    min(s.num_cached, s.num_prompt_tokens))
         if not pick:
             return []
         logits = out.logits[:, -1].float()

@@ -10,6 +10,7 @@ block goes back to the free list when its last holder frees it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,6 +81,9 @@ class BlockPool:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks  # holders of each block (sequences sharing a prefix)
         self.prefix = PrefixCache(block_size) if mode.shares_prefix else None  # None: this mode shares nothing
+        # A chat session frees its blocks from its own thread while the worker allocates and shares: who holds
+        # which block changes under this lock only (a prefix matched and then freed before it is shared is lost).
+        self._lock = threading.RLock()
         self.sinks = SinkSlots(mode.sink_tokens, shape, self.device, fp_dtype, num_blocks, growable)
         self.layers = [self._layer(i) for i in range(shape.num_layers)]
 
@@ -127,6 +131,10 @@ class BlockPool:
 
         ``first``: they start a sequence, whose first block then gets a sink slot (modes with sinks).
         """
+        with self._lock:
+            return self._allocate(n, first)
+
+    def _allocate(self, n: int, first: bool) -> list[int]:
         if first and n and not self.sinks.can_take(1):
             raise KVCacheFull(f"KV cache full: all {self.sinks.num_slots} sink slots are in use (one per sequence); "
                               "end a session or raise cache_max_entry_count")
@@ -145,10 +153,24 @@ class BlockPool:
             self.sinks.take(blocks[0])
         return blocks
 
-    def share(self, blocks: list[int]) -> None:
-        """One more holder of ``blocks`` (a sequence whose prefix they store); each holder frees them once."""
-        for b in blocks:
-            self._refs[b] += 1
+    def share_prefix(self, token_ids: list[int], max_blocks: int) -> list[int]:
+        """The registered blocks storing the longest prefix of ``token_ids`` (at most ``max_blocks``), each with one
+        more holder, who frees them once (none for a mode that shares nothing)."""
+        if self.prefix is None:
+            return []
+        with self._lock:
+            blocks = self.prefix.match(token_ids, max_blocks)
+            for b in blocks:
+                self._refs[b] += 1
+        return blocks
+
+    def register_prefix(self, table: list[int], token_ids: list[int], start: int, num_tokens: int) -> int:
+        """Offer the full blocks of a sequence's first ``num_tokens`` to later sequences
+        (:meth:`PrefixCache.register`); the blocks checked so far."""
+        if self.prefix is None:
+            return start
+        with self._lock:
+            return self.prefix.register(table, token_ids, start, num_tokens)
 
     def refs(self, block: int) -> int:
         """Holders of ``block`` (0: free)."""
@@ -156,6 +178,10 @@ class BlockPool:
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each of ``blocks``; those nobody holds any more go back to the free list."""
+        with self._lock:
+            self._free_blocks(blocks)
+
+    def _free_blocks(self, blocks: list[int]) -> None:
         freed = []
         for b in blocks:
             self._refs[b] -= 1
@@ -171,6 +197,10 @@ class BlockPool:
         tokens it still stores. New tokens will be written after them, so a block kept in part must be the
         sequence's own: one that others share is given back whole (fewer tokens stay stored), one only it holds
         stops being a shared prefix."""
+        with self._lock:
+            return self._truncate(table, num_tokens)
+
+    def _truncate(self, table: list[int], num_tokens: int) -> int:
         keep = -(-num_tokens // self.block_size)
         if num_tokens % self.block_size and keep <= len(table):
             last = table[keep - 1]
@@ -179,7 +209,7 @@ class BlockPool:
                 num_tokens = keep * self.block_size
             elif self.prefix is not None:
                 self.prefix.forget(last)
-        self.free(table[keep:])
+        self._free_blocks(table[keep:])
         del table[keep:]
         return num_tokens
 
