@@ -300,6 +300,12 @@ class KVMode:
         """The pool holds decoded 16-bit values, re-quantized in place (transformers' residual window)."""
         return self.residual > 0
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Sequences that start with the same tokens may share the blocks storing them (prefix caching): a stored
+        token never changes. Not so for an emulated residual window, which re-quantizes old tokens in place."""
+        return not self.emulated
+
     def pool_bytes_per_token(self, shape: "KVShape", fp_dtype: torch.dtype = torch.float16) -> int:
         """Bytes per token a KVQ Studio pool of this mode allocates: :meth:`bytes_per_token`, except an emulated
         scheme, whose pool holds 16-bit values (the engine's own bytes stay :meth:`bytes_per_token`)."""

@@ -84,13 +84,16 @@ def gauges_html(fig: dict[str, Any]) -> str:
             f"this conversation: {kv['bytes_used']:,} B, {kv['tokens_stored']} tokens in {kv['blocks_used']} blocks · "
             f"{kv['bytes_per_token']:,} B/token · its pool holds {kv['capacity_tokens']:,} tokens"
         )
+        if kv.get("blocks_shared"):
+            detail += f" · {kv['blocks_shared']} of them shared with other sessions (a common prefix: its pool counts them once)"
         if kv.get("fits_tokens") is not None:
             detail += f" · room for {kv['fits_tokens']:,} more tokens in free memory"
         # KV bars compare the two conversations (longest = 100 %); the pools have their own bars below.
         rows.append(bar(f"KV {name}", kv["bytes_used"], scale or None, detail, kind="kv"))
     for pool in fig.get("kv_pools", []):  # shared by every session; a full preallocated one is a warning sign
         detail = (f"{pool['blocks_used'] * pool['block_size']:,} of {pool['blocks'] * pool['block_size']:,} tokens "
-                  f"in use, all sessions · {fmt_bytes(pool['bytes'])} " + ("held, grows on demand" if pool["growable"] else "preallocated"))
+                  f"in use, all sessions · {fmt_bytes(pool['bytes'])} " + ("held, grows on demand" if pool["growable"] else "preallocated")
+                  + (f" · {pool['blocks_shared']} blocks shared, counted once" if pool.get("blocks_shared") else ""))
         rows.append(bar(f"KV pool {pool['kv']}", pool["bytes_used"], pool["bytes"], detail,
                         kind="kv" if pool["growable"] else None))
     batching = fig.get("batching")

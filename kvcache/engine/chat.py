@@ -85,7 +85,7 @@ class ChatSession:
         """The blocks this conversation holds, live while a reply is generated."""
         request = self._request
         tokens = request.seq.num_cached if request is not None else len(self.cached_ids)
-        return self.pool.memory(len(self.blocks), tokens)
+        return self.pool.memory(self.blocks, tokens)
 
     def reset(self) -> None:
         """Forget the conversation and give its blocks back."""
@@ -106,12 +106,13 @@ class ChatSession:
             if a != b:
                 break
             common += 1
-        self._keep(common)
-        return common
+        return self._keep(common)
 
-    def _keep(self, num_tokens: int) -> None:
-        self.pool.truncate(self.blocks, num_tokens)
-        del self.cached_ids[num_tokens:]
+    def _keep(self, num_tokens: int) -> int:
+        """Keep the first ``num_tokens`` stored (fewer when they end inside a block other sessions share); how many."""
+        kept = self.pool.truncate(self.blocks, num_tokens)
+        del self.cached_ids[kept:]
+        return kept
 
     def _sampler(self, config: GenerationConfig) -> Sampler | None:
         """None for greedy (the scheduler picks every greedy row with one argmax), else seeded nucleus sampling."""
@@ -152,6 +153,7 @@ class ChatSession:
     def _stream(self, request: Any, ids: list[int], max_new: int, stop: threading.Event | None, stats: TurnStats,
                 t0: float) -> Iterator[str]:
         tok, eos, text = self.loaded.tokenizer, self.engine.eos_ids, ""
+        fed = stats.prompt_tokens  # less the first tokens found stored by other sessions (a shared system prompt)
         refused = False
         try:
             for t in request:
@@ -163,6 +165,7 @@ class ChatSession:
                 stats.token_ids.append(t)
                 stats.new_tokens += 1
                 stats.prefill_s, stats.decode_s = request.seq.prefill_s, request.seq.decode_s  # live for the page
+                stats.prompt_tokens = fed - request.seq.num_shared
                 new_text = tok.decode(stats.token_ids, skip_special_tokens=True)
                 if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
                     yield new_text[len(text):]
@@ -183,6 +186,7 @@ class ChatSession:
             request.cancel()  # a no-op when it ended by itself
             self._request = None
             stats.prefill_s, stats.decode_s = request.seq.prefill_s, request.seq.decode_s
+            stats.prompt_tokens = fed - request.seq.num_shared
             stored = ids + stats.token_ids
             self.cached_ids = stored[: request.seq.num_cached]
             self._keep(min(request.seq.num_cached, len(stored)))  # the worker may have run ahead of a Stop

@@ -130,7 +130,8 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         """Pools (size and use) and the worker's state, for the memory gauges."""
-        pools = [dict(kv=p.mode.name, blocks_used=p.num_used, blocks=p.num_blocks, block_size=p.block_size,
-                      bytes=p.capacity_bytes, bytes_used=p.used_bytes, growable=p.growable) for p in self.pools()]
+        pools = [dict(kv=p.mode.name, blocks_used=p.num_used, blocks_shared=p.num_shared, blocks=p.num_blocks,
+                      block_size=p.block_size, bytes=p.capacity_bytes, bytes_used=p.used_bytes, growable=p.growable)
+                 for p in self.pools()]
         return dict(pools=pools, kv_bytes=sum(p.capacity_bytes for p in self.pools()),
                     batching=self.worker.status() if self.worker is not None else None)

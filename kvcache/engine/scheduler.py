@@ -19,6 +19,10 @@ conversation's blocks between turns and hands them in with its next request, so 
 prefilled; preempted, that history is recomputed too). A request that cannot go on while none of the
 scheduler's own others run (the rest is held by others) is refused with ``Sequence.error``, or, when it
 has generated tokens already, ends there with ``Sequence.cut_short``.
+
+Prefix caching (:mod:`~kvcache.storage.prefix_cache`): the full blocks of every prompt are registered as
+they are stored, and a sequence admitted with nothing stored (a new conversation, or a preempted one)
+takes those that store its first tokens (every chat's system prompt) and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -161,10 +165,24 @@ class BatchScheduler:
     # --- internals -------------------------------------------------------------------------
     def _admit(self) -> None:
         """Start waiting requests, in order, while the pool can hold each one's next forward besides the others'."""
-        while self.waiting and self._fits(self.waiting[0]):
+        while self.waiting:
+            self._share_prefix(self.waiting[0])
+            if not self._fits(self.waiting[0]):
+                break
             self.running.append(self.waiting.popleft())
         if self.waiting and not self.running:  # nothing of ours will free blocks: others hold them
             self._refuse(self.waiting[0])
+
+    def _share_prefix(self, seq: Sequence) -> None:
+        """A sequence with nothing stored takes the registered blocks of its first tokens (at least one token is
+        left to feed: its logits give the next token)."""
+        if seq.block_table or seq.num_cached:
+            return
+        bs = self.pool.block_size
+        blocks = self.pool.share_prefix(seq.token_ids, (len(seq.token_ids) - 1) // bs)
+        seq.block_table.extend(blocks)
+        seq.num_registered = len(blocks)
+        seq.num_cached = seq.num_shared = len(blocks) * bs
 
     def _next_tokens(self, seq: Sequence) -> int:
         """Tokens its next forward feeds: one to decode, or its next prefill chunk."""
@@ -209,7 +227,7 @@ class BatchScheduler:
         """Recompute preemption: free its blocks (in place: a chat session's list) and queue it first again."""
         self.running.remove(seq)
         self.pool.truncate(seq.block_table, 0)
-        seq.num_cached = 0
+        seq.num_cached = seq.num_registered = 0
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -244,6 +262,9 @@ class BatchScheduler:
             self.cache.end_step()
         for s in seqs:
             s.num_cached += n
+            # the prompt's blocks this forward filled can serve later sequences
+            s.num_registered = pool.register_prefix(s.block_table, s.token_ids, s.num_registered,
+                                                    min(s.num_cached, s.num_prompt_tokens))
         if not pick:
             return []
         logits = out.logits[:, -1].float()

@@ -31,6 +31,8 @@ class Sequence:
     prefill_s: float = 0.0  # compute seconds of its prefill
     decode_s: float = 0.0  # compute seconds of the decode steps it was in (a batched step counts fully)
     preemptions: int = 0  # times its blocks were taken back (it prefilled its tokens so far again)
+    num_shared: int = 0  # first tokens found stored in blocks other sequences share (prefix caching): not prefilled
+    num_registered: int = 0  # its full blocks offered to the pool's prefix cache so far
     num_prompt_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:

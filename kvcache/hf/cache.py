@@ -198,5 +198,4 @@ class PagedKVCache(Cache):
         super().reset()
 
     def memory(self) -> KVMemory:
-        blocks = sum(len(t) for t in self.block_tables)
-        return self.pool.memory(blocks, self.num_tokens * len(self.block_tables))
+        return self.pool.memory([b for t in self.block_tables for b in t], self.num_tokens * len(self.block_tables))

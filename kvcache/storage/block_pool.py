@@ -3,11 +3,14 @@
 The pool hands out block ids; every layer stores a token at the same slot, so one block
 table per sequence serves all layers. A pool is either growable (the default for a single
 cache: it grows geometrically as sequences get longer) or fixed at a number of blocks
-(a memory budget), in which case running out raises :class:`KVCacheFull`.
+(a memory budget), in which case running out raises :class:`KVCacheFull`. Blocks are reference-counted:
+sequences that start with the same tokens share the full blocks storing them (:mod:`.prefix_cache`), and a
+block goes back to the free list when its last holder frees it.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +23,7 @@ from ..modes import KVMode, require_qparams
 from ..qparams import KVQParams
 from .layout import LayerKV, new_blocks
 from .maps import layer_maps
+from .prefix_cache import PrefixCache
 from .shape import KVShape
 from .sinks import SinkSlots
 from .tables import layer_grid, layer_tensor_scale
@@ -37,6 +41,7 @@ class KVMemory:
     param_bytes: int  # static parameters, held once
     bytes_used: int  # blocks in use + parameters
     bytes_held: int  # all storage this cache's pool holds, used or free
+    blocks_shared: int = 0  # of blocks_used, those others hold too (a shared prefix: its pool counts them once)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +81,11 @@ class BlockPool:
         self.growable, self.device, self.fp_dtype = growable, torch.device(device), fp_dtype
         self.num_blocks = num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks  # holders of each block (sequences sharing a prefix)
+        self.prefix = PrefixCache(block_size) if mode.shares_prefix else None  # None: this mode shares nothing
+        # A chat session frees its blocks from its own thread while the worker allocates and shares: who holds
+        # which block changes under this lock only (a prefix matched and then freed before it is shared is lost).
+        self._lock = threading.RLock()
         self.sinks = SinkSlots(mode.sink_tokens, shape, self.device, fp_dtype, num_blocks, growable)
         self.layers = [self._layer(i) for i in range(shape.num_layers)]
 
@@ -113,11 +123,20 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_shared(self) -> int:
+        """Blocks more than one sequence holds (a shared prefix), each counted once in :attr:`num_used`."""
+        return sum(r > 1 for r in self._refs)
+
     def allocate(self, n: int, first: bool = False) -> list[int]:
         """``n`` free block ids; grows the storage if allowed, else raises :class:`KVCacheFull`.
 
         ``first``: they start a sequence, whose first block then gets a sink slot (modes with sinks).
         """
+        with self._lock:
+            return self._allocate(n, first)
+
+    def _allocate(self, n: int, first: bool) -> list[int]:
         if first and n and not self.sinks.can_take(1):
             raise KVCacheFull(f"KV cache full: all {self.sinks.num_slots} sink slots are in use (one per sequence); "
                               "end a session or raise cache_max_entry_count")
@@ -130,19 +149,71 @@ class BlockPool:
                 )
             self._grow(max(n - len(self._free), self.num_blocks // 2, 1))
         blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
         if first and blocks:
             self.sinks.take(blocks[0])
         return blocks
 
-    def free(self, blocks: list[int]) -> None:
-        self.sinks.release(blocks)
-        self._free.extend(reversed(blocks))
+    def share_prefix(self, token_ids: list[int], max_blocks: int) -> list[int]:
+        """The registered blocks storing the longest prefix of ``token_ids`` (at most ``max_blocks``), each with one
+        more holder, who frees them once (none for a mode that shares nothing)."""
+        if self.prefix is None:
+            return []
+        with self._lock:
+            blocks = self.prefix.match(token_ids, max_blocks)
+            for b in blocks:
+                self._refs[b] += 1
+        return blocks
 
-    def truncate(self, table: list[int], num_tokens: int) -> None:
-        """Give back the blocks of ``table`` (a sequence's, changed in place) past its first ``num_tokens``."""
+    def register_prefix(self, table: list[int], token_ids: list[int], start: int, num_tokens: int) -> int:
+        """Offer the full blocks of a sequence's first ``num_tokens`` to later sequences
+        (:meth:`PrefixCache.register`); the blocks checked so far."""
+        if self.prefix is None:
+            return start
+        with self._lock:
+            return self.prefix.register(table, token_ids, start, num_tokens)
+
+    def refs(self, block: int) -> int:
+        """Holders of ``block`` (0: free)."""
+        return self._refs[block]
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each of ``blocks``; those nobody holds any more go back to the free list."""
+        with self._lock:
+            self._free_blocks(blocks)
+
+    def _free_blocks(self, blocks: list[int]) -> None:
+        freed = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                freed.append(b)
+                if self.prefix is not None:
+                    self.prefix.forget(b)
+        self.sinks.release(freed)
+        self._free.extend(reversed(freed))
+
+    def truncate(self, table: list[int], num_tokens: int) -> int:
+        """Give back the blocks of ``table`` (a sequence's, changed in place) past its first ``num_tokens``; the
+        tokens it still stores. New tokens will be written after them, so a block kept in part must be the
+        sequence's own: one that others share is given back whole (fewer tokens stay stored), one only it holds
+        stops being a shared prefix."""
+        with self._lock:
+            return self._truncate(table, num_tokens)
+
+    def _truncate(self, table: list[int], num_tokens: int) -> int:
         keep = -(-num_tokens // self.block_size)
-        self.free(table[keep:])
+        if num_tokens % self.block_size and keep <= len(table):
+            last = table[keep - 1]
+            if self._refs[last] > 1:
+                keep -= 1
+                num_tokens = keep * self.block_size
+            elif self.prefix is not None:
+                self.prefix.forget(last)
+        self._free_blocks(table[keep:])
         del table[keep:]
+        return num_tokens
 
     def _grow(self, extra: int) -> None:
         for i, layer in enumerate(self.layers):
@@ -152,6 +223,7 @@ class BlockPool:
             for name in layer.per_block_tensors():
                 setattr(layer, name, torch.cat([getattr(layer, name), more[name]]))
         self._free = list(range(self.num_blocks + extra - 1, self.num_blocks - 1, -1)) + self._free
+        self._refs += [0] * extra
         self.num_blocks += extra
         self.sinks.grow_blocks(extra, self.layers)
 
@@ -187,11 +259,13 @@ class BlockPool:
         """Bytes of the blocks and sink slots in use plus the static parameters."""
         return self.num_used * self.bytes_per_block + self.param_bytes + self.sinks.used_bytes
 
-    def memory(self, blocks_used: int, tokens_stored: int) -> KVMemory:
-        """The accounting of one cache or conversation holding ``blocks_used`` blocks of this pool."""
+    def memory(self, blocks: list[int], tokens_stored: int) -> KVMemory:
+        """The accounting of one cache or conversation holding ``blocks`` of this pool (a shared block counts in
+        full for each holder here, its bytes once in :attr:`used_bytes`)."""
+        n = len(blocks)
         return KVMemory(
-            kv=self.mode.name, tokens_stored=tokens_stored, blocks_used=blocks_used, block_size=self.block_size,
+            kv=self.mode.name, tokens_stored=tokens_stored, blocks_used=n, block_size=self.block_size,
             bytes_per_token=self.bytes_per_token, param_bytes=self.param_bytes,
-            bytes_used=blocks_used * self.bytes_per_block + self.param_bytes + (self.sinks.slot_bytes if blocks_used else 0),
-            bytes_held=self.capacity_bytes,
+            bytes_used=n * self.bytes_per_block + self.param_bytes + (self.sinks.slot_bytes if n else 0),
+            bytes_held=self.capacity_bytes, blocks_shared=sum(self._refs[b] > 1 for b in blocks),
         )
