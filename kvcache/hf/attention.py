@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..kernels import decode_attention, prefill_attention
-from ..storage.context import Phase
+from ..storage.context import Phase, StepContext
 from ..storage.maps import map_query, unmap_output
 from .cache import PagedView
 
@@ -61,15 +61,32 @@ def kvq_attention(
         if ctx.phase is Phase.PREFILL and ctx.start + ctx.num_new != ctx.end:
             raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
         return unmap_output(storage, residual_attention(query, storage, ctx, scale, attention_mask)), None
-    if ctx.phase is Phase.DECODE and attention_mask is None:
-        out = decode_attention(query[:, :, 0], storage, ctx.block_tables, ctx.seq_lens, scale)
-        return unmap_output(storage, out[:, None]), None
+    if ctx.phase is Phase.DECODE:
+        if attention_mask is None:
+            out = decode_attention(query[:, :, 0], storage, ctx.block_tables, ctx.seq_lens, scale)
+            return unmap_output(storage, out[:, None]), None
+        mask = _decode_mask(attention_mask, ctx, kwargs.get("sliding_window"))
+        return unmap_output(storage, prefill_attention(query, storage, ctx.block_tables, ctx.end, scale, mask)), None
     if ctx.start + ctx.num_new != ctx.end:
         raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : ctx.end]  # as transformers' SDPA path trims it
     out = prefill_attention(query, storage, ctx.block_tables, ctx.end, scale, attention_mask)
     return unmap_output(storage, out), None
+
+
+def _decode_mask(attention_mask: torch.Tensor, ctx: StepContext, window: int | None) -> torch.Tensor:
+    """The mask a decode step attends with. transformers builds its mask at the longest row's position; rows of
+    equal length keep it (it may carry padding), rows of unequal length (the scheduler's, which passes no padding)
+    each attend their own length, within ``window`` when the layer slides."""
+    if ctx.start + 1 == ctx.end:
+        return attention_mask[..., : ctx.end] if attention_mask.dim() == 4 else attention_mask
+    cols = torch.arange(ctx.end, device=attention_mask.device)
+    lens = ctx.seq_lens.to(attention_mask.device)[:, None]
+    own = cols < lens
+    if window:
+        own &= cols >= lens - window
+    return own[:, None, None]
 
 
 def register_attention() -> str:
