@@ -173,7 +173,7 @@ def needle(
     prompts = _Prompts(tok, design)
     lengths, depths = sorted(set(int(n) for n in lengths)), sorted(set(float(d) for d in depths))
     min_context = prompts.needle_at(0, 0) + len(prompts.suffix(0, 0, 99999)) + ANSWER_TOKENS + len(prompts.unit)
-    check_window(model.config, max(lengths, default=0), "--lengths")
+    check_window(model.config, max(lengths, default=0), "--lengths", loaded.name)
     check_grid(lengths, depths, trials, context_limit(model.config), min_context)
     grid = sorted(((prompts.needle_at(n, d), n, d) for n in lengths for d in depths))
     stream = prompts.stream(max(prompts.units(n) for n in lengths))

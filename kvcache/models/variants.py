@@ -20,6 +20,7 @@ _ONE_WINDOW = ("mistral", "qwen3_moe")
 REFUSED_ATTENTION = {
     "gemma2": "softcapped attention logits",
     "gemma3": "sliding-window layers between global ones, with its own masks",
+    "gemma3_text": "sliding-window layers between global ones, with its own masks",
     "gpt_oss": "learned attention sinks",
 }
 
