@@ -191,3 +191,16 @@ def test_decode_of_unequal_rows_at_the_window_edge(windowed):
     """The longest row reaches the window, so transformers passes a sliding mask built at its position."""
     lm, eager = windowed
     _unequal_decode(lm.model, (9, WINDOW), mask=False)
+
+
+def test_chat_beyond_the_window_is_refused_naming_it(windowed):
+    from kvcache import Engine
+
+    lm, _ = windowed
+    engine = Engine(lm)
+    try:
+        with pytest.raises(ContextTooLong) as err:
+            engine.chat("fp16").reply("Tell me a long story about a fox. " * 4)
+    finally:
+        engine.close()
+    _one_line(err, f"reads at most {WINDOW}", f"sliding window is {WINDOW} tokens", "clear the chat")
