@@ -204,3 +204,13 @@ def test_chat_beyond_the_window_is_refused_naming_it(windowed):
     finally:
         engine.close()
     _one_line(err, f"reads at most {WINDOW}", f"sliding window is {WINDOW} tokens", "clear the chat")
+
+
+def test_cli_evaluate_beyond_the_window_notes_it_and_refuses_in_one_line(windowed, capsys):
+    from kvcache.cli import main
+
+    lm, _ = windowed
+    assert main(["evaluate", "--model", lm.source, "--device", "cpu", "--seqlen", str(WINDOW + 1)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert f"note: {lm.notes[0]}" in lines
+    assert lines[-1].startswith("error: ") and f"--seqlen {WINDOW + 1} is too long" in lines[-1]
