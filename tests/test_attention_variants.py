@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from kvcache import BlockPool, KVShape, PagedKVCache, get_mode
-from kvcache.errors import ContextTooLong, ModelLoadError
+from kvcache.errors import ConfigError, ContextTooLong, ModelLoadError
 from kvcache.hf.compat import cache_kwargs
 from kvcache.hf.forward import forward_tokens
 from kvcache.measure.evaluate import evaluate
@@ -214,3 +214,42 @@ def test_cli_evaluate_beyond_the_window_notes_it_and_refuses_in_one_line(windowe
     lines = capsys.readouterr().err.strip().splitlines()
     assert f"note: {lm.notes[0]}" in lines
     assert lines[-1].startswith("error: ") and f"--seqlen {WINDOW + 1} is too long" in lines[-1]
+
+
+# --- past the window, through the cache directly (generate() users are not capped) ---------------
+
+
+def test_past_the_window_the_cache_attends_it_as_eager_does(windowed):
+    """The cache's attention honours the layer's window itself (transformers' eager slides, full attention differs)."""
+    lm, eager = windowed
+    n = 2 * WINDOW + 8
+    ids = torch.randint(0, len(lm.tokenizer), (2, n), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = eager(ids).logits.float()
+    cache = PagedKVCache.for_model(lm.model, "fp16", block_size=BLOCK, fp_dtype=torch.float32)
+    got = [forward_tokens(lm.model, cache, ids[:, :20], last_only=False),
+           forward_tokens(lm.model, cache, ids[:, 20:50], last_only=False)]
+    got += [forward_tokens(lm.model, cache, ids[:, t:t + 1], last_only=False) for t in range(50, n)]
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_of_unequal_rows_past_the_window(windowed):
+    """Rows shorter and longer than the window in one step: each attends its own window."""
+    lm, _ = windowed
+    _unequal_decode(lm.model, (9, 2 * WINDOW + 3, WINDOW + 5), mask=False)
+
+
+def test_residual_schemes_past_the_window_are_refused_in_one_line():
+    from kvcache.hf.attention import register_attention
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=8,
+                           max_position_embeddings=64, attn_implementation=register_attention())
+    model = AutoModelForCausalLM.from_config(config).eval()  # head_dim 64: the hf: schemes' groups
+    cache = PagedKVCache.for_model(model, "hf:quanto-int4", block_size=BLOCK, fp_dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
+    forward_tokens(model, cache, ids[:, :8])  # within the window: attended
+    with pytest.raises(ConfigError) as err:
+        forward_tokens(model, cache, ids[:, 8:])
+    _one_line(err, "sliding window is 8 tokens", "another KV mode")
