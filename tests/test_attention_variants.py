@@ -145,10 +145,11 @@ def test_softcapping_in_a_supported_family_is_refused_in_one_line(tmp_path, load
 # --- decode of rows of unequal length -----------------------------------------------------------
 
 
-def _prefilled(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[PagedKVCache, list[list[int]]]:
+def _prefilled(model: torch.nn.Module, prompts: list[list[int]], kv: str = "fp16",
+               fp_dtype: torch.dtype = torch.float32) -> tuple[PagedKVCache, list[list[int]]]:
     """Each prompt but its last token prefilled alone (as the scheduler does) into one shared pool."""
-    pool = BlockPool(get_mode("fp16"), KVShape.from_config(model.config), block_size=BLOCK, num_blocks=64,
-                     growable=False, fp_dtype=torch.float32)
+    pool = BlockPool(get_mode(kv), KVShape.from_config(model.config), block_size=BLOCK, num_blocks=64,
+                     growable=False, fp_dtype=fp_dtype)
     cache, tables = PagedKVCache(pool), []
     for p in prompts:
         tables.append(pool.allocate(-(-len(p) // BLOCK), first=True))
@@ -253,3 +254,24 @@ def test_residual_schemes_past_the_window_are_refused_in_one_line():
     with pytest.raises(ConfigError) as err:
         forward_tokens(model, cache, ids[:, 8:])
     _one_line(err, "sliding window is 8 tokens", "another KV mode")
+
+
+def test_the_kernels_attend_past_the_window_as_the_references_do(monkeypatch):
+    """Rows past the window take the prefill kernel with each row's window as its mask (Triton's interpreter here)."""
+    pytest.importorskip("triton")
+    import kvcache.kernels as kernels
+    from kvcache.hf.attention import register_attention
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, sliding_window=8, attn_implementation=register_attention(),
+                           **(SMALL | {"max_position_embeddings": 64}))
+    model = AutoModelForCausalLM.from_config(config).eval().half()  # the prefill kernel takes 16-bit queries
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 19, 11)]
+
+    def decode(triton: bool) -> torch.Tensor:
+        monkeypatch.setattr(kernels, "use_triton", lambda t: triton)
+        cache, tables = _prefilled(model, prompts, "int8-dynamic", torch.float16)
+        return _step(model, cache, tables, [len(p) - 1 for p in prompts], [[p[-1]] for p in prompts])
+
+    torch.testing.assert_close(decode(True), decode(False), atol=2e-3, rtol=0)
