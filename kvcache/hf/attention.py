@@ -4,7 +4,8 @@ When K/V come from a :class:`~kvcache.hf.cache.PagedKVCache` (a :class:`PagedVie
 the stored blocks: a decode step goes through ``kernels.decode_attention`` and a prefill chunk
 through ``kernels.prefill_attention`` (Triton on a GPU, reading int8 directly; on a CPU the
 references, which dequantize the history and call SDPA). Plain tensors (no cache, or another
-cache) go straight to transformers' SDPA.
+cache) go straight to transformers' SDPA. A sliding layer's window (transformers' ``sliding_window``
+argument) is applied here, per row, not left to the mask transformers may or may not pass.
 """
 
 from __future__ import annotations
