@@ -130,8 +130,11 @@ def _write_json(path: str | None, report: dict) -> None:
 def _load(args: argparse.Namespace):
     from .models.loader import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      revision=args.revision, allow_download=True)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        revision=args.revision, allow_download=True)
+    for note in loaded.notes:  # a sliding window that caps the context
+        print(f"note: {note}", file=sys.stderr)
+    return loaded
 
 
 def _qparams(args: argparse.Namespace):

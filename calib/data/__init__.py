@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kvcache.config import ASSETS
+from kvcache.models.variants import check_window, context_limit
 
 # CalibCancelled: raised by 'self' (in .self_written), importable from here as callers do.
 from ..errors import CalibCancelled, CalibDataError
@@ -112,8 +113,8 @@ def check_dataset(dataset: str, data_dir: str | Path | None = None) -> None:
 def check_seqlen(seqlen: int, model: Any) -> None:
     """Raise when ``seqlen`` is beyond the model's max positions."""
     config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    limit = getattr(config, "max_position_embeddings", None)
+    check_window(config, seqlen, "--calib-seqlen")
+    limit = context_limit(config)
     if isinstance(limit, int) and seqlen > limit:
         raise CalibDataError(
             f"seqlen {seqlen} is beyond the model's max positions ({limit}): use --calib-seqlen {limit} or less"

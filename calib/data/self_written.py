@@ -22,6 +22,7 @@ from kvcache.engine.sampling import eos_ids, next_token
 from kvcache.engine.scheduler import BatchScheduler
 from kvcache.engine.sequence import Sampler, num_blocks
 from kvcache.hf.attention import register_attention
+from kvcache.models.variants import context_limit
 from kvcache.modes import get_mode
 from kvcache.storage.block_pool import BlockPool
 from kvcache.storage.shape import KVShape
@@ -58,7 +59,7 @@ def self_written_windows(
     model = getattr(model, "model", model) if not hasattr(model, "generate") else model  # a LoadedModel's .model
     need = samples * seqlen
     prompts = [_prompt_ids(tokenizer, p) for p in SELF_PROMPTS]
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+    limit = context_limit(getattr(model, "config", None)) or 2048
     stops = eos_ids(tokenizer, model)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rng = random.Random(seed)  # one generator seed per answer

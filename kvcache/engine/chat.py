@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ContextTooLong, KVCacheFull, WorkerClosed
+from ..models.variants import context_limit, window_note
 from ..storage.block_pool import BlockPool, KVMemory
 from .sampling import next_token
 from .sequence import Sampler
@@ -70,7 +71,7 @@ class ChatSession:
         self.blocks: list[int] = []  # their blocks in the pool; changed in place only (the finalizer holds it)
         self.last = TurnStats()
         self._request: Any = None  # the reply being generated, read live by memory() and ``last``
-        self._context = getattr(self.loaded.model.config, "max_position_embeddings", None)
+        self._context = context_limit(self.loaded.model.config)  # capped at a sliding window (models/variants.py)
         weakref.finalize(self, pool.free, self.blocks)  # a dropped session gives its blocks back
 
     @property
@@ -134,8 +135,9 @@ class ChatSession:
         if self._context:
             if len(ids) >= self._context:
                 self.messages.pop()  # nothing was stored: the conversation stays as it was
+                why = window_note(self.loaded.model.config, self.loaded.name)
                 raise ContextTooLong(f"the conversation is {len(ids)} tokens and {self.loaded.name} reads at most "
-                                     f"{self._context}: clear the chat to start over")
+                                     f"{self._context}{f' ({why})' if why else ''}: clear the chat to start over")
             max_new = min(max_new, self._context - len(ids))  # the reply ends at the model's context window
         start = self._reuse_prefix(ids)
         stats = self.last = TurnStats(prompt_tokens=len(ids) - start)

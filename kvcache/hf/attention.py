@@ -4,7 +4,8 @@ When K/V come from a :class:`~kvcache.hf.cache.PagedKVCache` (a :class:`PagedVie
 the stored blocks: a decode step goes through ``kernels.decode_attention`` and a prefill chunk
 through ``kernels.prefill_attention`` (Triton on a GPU, reading int8 directly; on a CPU the
 references, which dequantize the history and call SDPA). Plain tensors (no cache, or another
-cache) go straight to transformers' SDPA.
+cache) go straight to transformers' SDPA. A sliding layer's window (transformers' ``sliding_window``
+argument) is applied here, per row, not left to the mask transformers may or may not pass.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..errors import ConfigError
 from ..kernels import decode_attention, prefill_attention
-from ..storage.context import Phase
+from ..storage.context import Phase, StepContext
 from ..storage.maps import map_query, unmap_output
 from .cache import PagedView
 
@@ -55,21 +57,41 @@ def kvq_attention(
     ctx, storage = key.context, key.storage
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     query = map_query(storage, query)  # rotated / transformed keys are read by the matching queries
+    window = kwargs.get("sliding_window") or None  # this layer's window (Mistral's, Qwen2's sliding layers)
     if storage.residual:  # an emulated transformers residual window: attended in segments, re-quantized between
         from .residual import residual_attention
 
         if ctx.phase is Phase.PREFILL and ctx.start + ctx.num_new != ctx.end:
             raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
+        if window and ctx.end > window:
+            raise ConfigError(f"the hf: residual schemes attend full windows only: this model's sliding window is "
+                              f"{window} tokens, so use at most {window} tokens or another KV mode")
         return unmap_output(storage, residual_attention(query, storage, ctx, scale, attention_mask)), None
-    if ctx.phase is Phase.DECODE and attention_mask is None:
+    if ctx.phase is Phase.PREFILL and ctx.start + ctx.num_new != ctx.end:
+        raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
+    mask = _step_mask(attention_mask, ctx, window, query.device)
+    if ctx.phase is Phase.DECODE and mask is None:
         out = decode_attention(query[:, :, 0], storage, ctx.block_tables, ctx.seq_lens, scale)
         return unmap_output(storage, out[:, None]), None
-    if ctx.start + ctx.num_new != ctx.end:
-        raise RuntimeError("a prefill step's rows must all be equally long (the scheduler prefills one row at a time)")
-    if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, :, :, : ctx.end]  # as transformers' SDPA path trims it
-    out = prefill_attention(query, storage, ctx.block_tables, ctx.end, scale, attention_mask)
+    out = prefill_attention(query, storage, ctx.block_tables, ctx.end, scale, mask)
     return unmap_output(storage, out), None
+
+
+def _step_mask(attention_mask: torch.Tensor | None, ctx: StepContext, window: int | None,
+               device: torch.device) -> torch.Tensor | None:
+    """What this step's queries attend: None when it is each row's own causal history (the kernels' default).
+
+    transformers builds its mask at the longest row's positions, and only when it cannot skip it. Rows of equal
+    length keep it (it may carry padding). Otherwise each row attends its own positions, within ``window`` when
+    the layer slides, whether or not transformers passed a mask (the scheduler's rows never carry padding).
+    """
+    if ctx.start + ctx.num_new == ctx.end and attention_mask is not None:
+        return attention_mask[..., : ctx.end] if attention_mask.dim() == 4 else attention_mask  # as SDPA trims it
+    if not window or ctx.end <= window:
+        return None
+    pos = ctx.positions.to(device)[:, :, None]  # [batch, q_len, 1]
+    cols = torch.arange(ctx.end, device=device)
+    return ((cols <= pos) & (cols > pos - window))[:, None]  # [batch, 1, q_len, kv_len]
 
 
 def register_attention() -> str:

@@ -39,6 +39,7 @@ from ..engine.scheduler import BatchScheduler
 from ..errors import EvalError, MeasureCancelled
 from ..hf.cache import PagedKVCache
 from ..hf.forward import output_logits, prefill_chunks
+from ..models.variants import check_window, context_limit
 from ..modes import get_mode, require_qparams
 from ..qparams import KVQParams
 from ..storage.block_pool import BlockPool
@@ -292,7 +293,8 @@ def evaluate(
         qparams.check_matches(KVShape.from_config(model.config))
     if greedy_prompts < 0 or greedy_tokens < 1:
         raise EvalError(f"--greedy-prompts must be >= 0 and --greedy-tokens >= 1, got {greedy_prompts} and {greedy_tokens}")
-    windows = make_windows(loaded.tokenizer, text, seqlen, samples, getattr(model.config, "max_position_embeddings", None))
+    check_window(model.config, seqlen, "--seqlen", loaded.name)
+    windows = make_windows(loaded.tokenizer, text, seqlen, samples, context_limit(model.config))
     n_win = windows.shape[0]
     scoring_share = 0.9 if greedy_prompts else 1.0  # of the progress bar
     scores = score_windows(model, windows, names, qparams, batch_size=batch_size, chunk_tokens=chunk_tokens,

@@ -30,6 +30,7 @@ from ..config import BASELINE_MODE, BLOCK_SIZE, CHUNK_TOKENS
 from ..errors import EvalError
 from ..hf.cache import PagedKVCache
 from ..hf.forward import forward_tokens, last_logits, prefill_chunks
+from ..models.variants import check_window, context_limit
 from ..modes import get_mode, require_qparams
 from ..qparams import KVQParams
 from ..storage.shape import KVShape
@@ -172,7 +173,8 @@ def needle(
     prompts = _Prompts(tok, design)
     lengths, depths = sorted(set(int(n) for n in lengths)), sorted(set(float(d) for d in depths))
     min_context = prompts.needle_at(0, 0) + len(prompts.suffix(0, 0, 99999)) + ANSWER_TOKENS + len(prompts.unit)
-    check_grid(lengths, depths, trials, getattr(model.config, "max_position_embeddings", None), min_context)
+    check_window(model.config, max(lengths, default=0), "--lengths", loaded.name)
+    check_grid(lengths, depths, trials, context_limit(model.config), min_context)
     grid = sorted(((prompts.needle_at(n, d), n, d) for n in lengths for d in depths))
     stream = prompts.stream(max(prompts.units(n) for n in lengths))
     prompt_tokens = sum(at + len(prompts.suffix(n, d, pass_key(n, d, t, seed))) for at, n, d in grid for t in range(trials))

@@ -24,6 +24,7 @@ from typing import Any
 from ..codec import kv_float_dtype
 from ..config import BASELINE_MODE, BLOCK_SIZE
 from ..errors import ConfigError, EvalError
+from ..models.variants import check_window, context_limit
 from ..modes import KV_MODES, KVMode, get_mode
 from ..qparams import KVQParams
 from ..storage.shape import KVShape, config_hash
@@ -134,7 +135,8 @@ def recommend(
 ) -> dict[str, Any]:
     """Rank ``engine``'s options (ours beside them) at ``context`` tokens; returns the JSON-ready report (``options``)."""
     model = loaded.model
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    check_window(model.config, context, "--context", loaded.name)
+    max_positions = context_limit(model.config)
     if max_positions and context > max_positions:
         raise EvalError(f"--context {context} is beyond the model's {max_positions}-token context; use {max_positions} or less")
     if context < 2 or windows < 1:

@@ -44,7 +44,7 @@ from kvcache.hf.attention import register_attention
 
 from ..config import DTYPES, cache_root
 from ..errors import ModelLoadError
-from . import hub, internlm
+from . import hub, internlm, variants
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class LoadedModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    notes: tuple[str, ...] = ()  # one line each, shown at load (a sliding window that caps the context)
 
     @property
     def config(self) -> PreTrainedConfig:
@@ -108,7 +109,8 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int:
-        return self.config.max_position_embeddings
+        """The most tokens a sequence may hold here: the model's context, capped at its sliding window."""
+        return variants.context_limit(self.config) or self.config.max_position_embeddings
 
 
 def default_model_file() -> Path:
@@ -229,6 +231,11 @@ def _check_model_type(
             f"(auto_map in config.json); KVQ Studio never runs it (its attention would bypass the kvq cache): "
             f"use a model of one of these types: {supported}"
         )
+    if model_type in variants.REFUSED_ATTENTION:
+        raise ModelLoadError(
+            f"{name} is a '{model_type}' model, whose attention ({variants.REFUSED_ATTENTION[model_type]}) the kvq "
+            f"cache cannot honour: use a model of one of these types: {supported}"
+        )
     if model_type in _FAMILIES:
         raise ModelLoadError(
             f"{name} is {_FAMILIES[model_type]}, which needs a transformers with built-in support "
@@ -266,6 +273,7 @@ def _load_dir(
     _check_model_type(raw.get("model_type"), raw.get("architectures"), name, raw.get("auto_map"))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        variants.check_attention(config, name)
         dtype = dtype or _default_dtype(config, device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -320,7 +328,10 @@ def _ready(
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, name, source, device, model.dtype)
+    notes = tuple(n for n in [variants.window_note(model.config, name)] if n)
+    for note in notes:
+        logger.warning("%s", note)
+    return LoadedModel(model, tokenizer, name, source, device, model.dtype, notes)
 
 
 def _load_gguf(

@@ -28,7 +28,8 @@ def model_status(app: AppState) -> str:
     )
     if app.load_error:
         text = f"⚠️ {app.load_error} — still serving the previous model.\n\n{text}"
-    return f"{text} · {pool_status(app)}"
+    notes = "".join(f"\n\nℹ️ {n}" for n in getattr(m, "notes", ()))  # a sliding window that caps the context
+    return f"{text} · {pool_status(app)}{notes}"
 
 
 def load_model(app: AppState, path: str, cache_max_entry_count: float | int | None = None) -> str:
