@@ -115,7 +115,7 @@ def test_bad_text_files(tmp_path, loaded_default):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("hello world " * 50)
     cases = [
-        (["evaluate", "--kv", "fp16,int3"], "our modes: fp16, int8, int8-dynamic, int8-rot"),
+        (["evaluate", "--kv", "fp16,int5"], "our modes: fp16, int8, int8-dynamic, int8-rot"),
         (["evaluate", "--kv", "fp16,int4"], "KV mode int4 needs calibrated parameters: pass --qparams"),
         (["evaluate", "--kv", "int8"], "needs calibrated parameters: pass --qparams"),
         (["evaluate", "--text", str(tmp_path / "missing.txt")], "text file not found"),
