@@ -51,7 +51,7 @@ def plan_bits(
         progress(0.9, "choosing the plan, verifying it on the held-out windows")
     plan = make_plan(Scorer(model, verify_on, use), sens, options, shape, budget_dppl_pct, name=name)
     facts = plan_facts(plan, shape, config_hash(model.config), getattr(loaded, "name", "?"),
-                       f"{dataset}, {choose_on.shape[0]} x {windows.shape[1]} to choose on, "
+                       f"{dataset}, {choose_on.shape[0]} x {windows.shape[1]} tokens to choose on, "
                        f"{verify_on.shape[0]} x {windows.shape[1]} held out to verify on")
     spec = plan_to_json(plan.mode, **facts, sensitivity_kl={s: v for s, v in sens.items()},
                         candidates={s: [c.label() for c in cs] for s, cs in options.items()},

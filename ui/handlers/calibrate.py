@@ -295,7 +295,7 @@ def plan_bits(
     source = (f"calibrated key transforms from {label}" if calibrated else
               "calibration-free candidates (calibrate or upload parameters for the query-aware keys)")
     summary = (
-        f"**Plan within Δppl ≤ {budget:g}%** on {spec.get('planning_text', '?')} tokens of planning text, "
+        f"**Plan within Δppl ≤ {budget:g}%** on planning text ({spec.get('planning_text', '?')}), "
         f"{source}: K {mode.k_bits:.1f} / V {mode.v_bits:.1f} bits on average.\n\n"
         f"KV bytes per token: **{per_token:,} B** vs fp16's {fp16_bytes:,} B ({per_token / fp16_bytes:.3f}); "
         f"a {SEQUENCE_TOKENS:,}-token sequence, its {mode.sink_tokens} fp16 sink tokens included: "
