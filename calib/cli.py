@@ -144,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plan", help="choose bits per layer for K and V that meet a Δppl budget at the fewest bytes",
-        description="Measure each layer's K and V sensitivity on a calibration text, choose 8 or 4 bits per layer "
-                    "and side for a Δppl budget, verify the plan, and write it as a spec file --kv accepts.",
+        description="Measure each layer's K and V sensitivity on half the windows of a calibration text, choose "
+                    "16, 8, 4, 3 or 2 bits per layer and side for a Δppl budget, verify the plan on the other half "
+                    "(the upper end of its Δppl's 95% interval within the budget), and write it as a spec file "
+                    "--kv accepts.",
     )
     pl.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     pl.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
@@ -154,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kv_qparams.safetensors (or its folder): keys then use the calibrated query-aware transform")
     pl.add_argument("--out", default="plan.json", help="the plan's spec file (default: plan.json)")
     pl.add_argument("--calib-dataset", dest="calib_dataset", default="builtin", help="planning text (default: builtin)")
-    pl.add_argument("--calib-samples", dest="calib_samples", type=_positive, default=4, help="windows (default: 4)")
+    pl.add_argument("--calib-samples", dest="calib_samples", type=_positive, default=8,
+                    help="windows, half to choose on and half held out (default: 8; at least 4)")
     pl.add_argument("--calib-seqlen", dest="calib_seqlen", type=_positive, default=256, help="tokens each (default: 256)")
     pl.add_argument("--calib-data-dir", dest="calib_data_dir", default=None, help="local folder with c4 & co.")
     pl.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

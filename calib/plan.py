@@ -1,19 +1,19 @@
 """The bit planner run on a calibration text: sensitivities, a plan for a Δppl budget, its spec file.
 
 The algorithm lives in :mod:`kvcache.measure.planner`; this module feeds it windows of a calibration
-dataset (by default the built-in corpus, never an evaluation text) and writes the plan as the
+dataset (by default the built-in corpus, never an evaluation text), half to choose the plan on and half,
+held out, to verify it on, and writes the plan as the
 ``.json`` spec every ``--kv`` accepts (``python -m kvcache evaluate --kv plan.json``, chat, the app).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from kvcache.measure.planner import (ProgressFn, Scorer, candidates, make_plan, plan_facts, plan_table,
-                                     sensitivity)
+                                     sensitivity, split_windows)
 from kvcache.modes import plan_to_json
 from kvcache.qparams import KVQParams
 from kvcache.storage.shape import KVShape, config_hash
@@ -21,7 +21,7 @@ from kvcache.storage.shape import KVShape, config_hash
 from .data import load_calib_windows
 from .errors import CalibError
 
-DEFAULT_DATASET, DEFAULT_SAMPLES, DEFAULT_SEQLEN = "builtin", 4, 256
+DEFAULT_DATASET, DEFAULT_SAMPLES, DEFAULT_SEQLEN = "builtin", 8, 256  # 4 windows to choose on, 4 held out
 
 
 def plan_bits(
@@ -40,17 +40,19 @@ def plan_bits(
     if qparams is not None:
         qparams.check_matches(shape, needs_transform=calibrated)
     windows = load_calib_windows(dataset, loaded.tokenizer, samples, seqlen, data_dir=data_dir, model=model)
+    choose_on, verify_on = split_windows(windows)
     report = (lambda f, m: progress(0.05 + 0.85 * f, m)) if progress else None
     if progress:
         progress(0.0, "fp16 reference on the planning windows")
-    scorer = Scorer(model, windows, qparams if calibrated else None)
+    use = qparams if calibrated else None
     options = candidates(calibrated)
-    sens = sensitivity(scorer, options, shape.num_layers, report)
+    sens = sensitivity(Scorer(model, choose_on, use), options, shape.num_layers, report)
     if progress:
-        progress(0.9, "choosing and verifying the plan")
-    plan = make_plan(scorer, sens, options, shape, budget_dppl_pct, name=name)
+        progress(0.9, "choosing the plan, verifying it on the held-out windows")
+    plan = make_plan(Scorer(model, verify_on, use), sens, options, shape, budget_dppl_pct, name=name)
     facts = plan_facts(plan, shape, config_hash(model.config), getattr(loaded, "name", "?"),
-                       f"{dataset}, {windows.shape[0]} x {windows.shape[1]}")
+                       f"{dataset}, {choose_on.shape[0]} x {windows.shape[1]} tokens to choose on, "
+                       f"{verify_on.shape[0]} x {windows.shape[1]} held out to verify on")
     spec = plan_to_json(plan.mode, **facts, sensitivity_kl={s: v for s, v in sens.items()},
                         candidates={s: [c.label() for c in cs] for s, cs in options.items()},
                         calibrated=calibrated)
@@ -76,13 +78,14 @@ def write_plan(spec: dict[str, Any], path: str | Path) -> Path:
 
 
 def summary(plan: Any) -> str:
-    """The plan in a few lines: bits per layer, bytes, predicted and verified Δppl."""
+    """The plan in a few lines: bits per layer (f: fp16), bytes, predicted and held-out Δppl."""
     rows = plan_table(plan.mode)
-    k = "".join("8" if r["k_bits"] == 8 else "4" if r["k_bits"] == 4 else "f" for r in rows)
-    v = "".join("8" if r["v_bits"] == 8 else "4" if r["v_bits"] == 4 else "f" for r in rows)
+    k, v = ("".join("f" if r[f"{s}_bits"] >= 16 else str(r[f"{s}_bits"]) for r in rows) for s in ("k", "v"))
     ver = plan.verified
+    lo, hi = ver.get("dppl_interval") or (ver["dppl_pct"], ver["dppl_pct"])
     return (f"K bits per layer: {k}\nV bits per layer: {v}\n"
             f"bytes: {plan.bytes_ratio:.3f} of fp16 (a 2,048-token sequence, sinks included); "
-            f"predicted Δppl {plan.predicted_dppl_pct:+.3f}%; verified through the cache on the planning text: "
-            f"KL {ver['kl']:.2e} (predicting {math.expm1(ver['kl']) * 100:+.3f}%), measured Δppl {ver['dppl_pct']:+.3f}%, "
-            f"top-1 {ver['top1_pct']:.2f}%; budget {plan.budget_dppl_pct}%")
+            f"predicted Δppl {plan.predicted_dppl_pct:+.3f}%; verified through the cache on held-out windows: "
+            f"Δppl {ver['dppl_pct']:+.3f}% (95% interval {lo:+.3f}% to {hi:+.3f}%, its upper end decides), "
+            f"KL {ver['kl']:.2e}, top-1 {ver['top1_pct']:.2f}%; budget {plan.budget_dppl_pct}%"
+            + (f"\n{plan.note}" if plan.note else ""))

@@ -36,6 +36,7 @@ def _sym(bits: int, group: int, qk: bool = False) -> Codec:
 
 
 INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
+INT3_G32, INT2_G32 = _sym(3, 32), _sym(2, 32)  # the best 3- and 2-bit codes (keys: with qk_transform), the planner's
 
 KVQ_MODES: dict[str, KVMode] = {  # ours
     m.name: m
@@ -63,7 +64,7 @@ KVQ_MODES: dict[str, KVMode] = {  # ours
               _sym(4, 0, qk=True), _sym(4, 32), sinks=4),
         _mode("int3", "K and V 3-bit in groups of 32 (symmetric, rotated), K through the calibrated query-aware "
                       "transform; first 4 tokens fp16 (--qparams; reference path only)",
-              _sym(3, 32, qk=True), _sym(3, 32), sinks=4),
+              replace(INT3_G32, qk_transform=True), INT3_G32, sinks=4),
         _mode("int3-compact", "K and V 3-bit per head (symmetric, rotated), K through the calibrated query-aware "
                               "transform; first 4 tokens fp16 (--qparams; reference path only)",
               _sym(3, 0, qk=True), _sym(3, 0), sinks=4),

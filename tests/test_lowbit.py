@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from kvcache.cli import main
 from kvcache.errors import ConfigError, KVQError, ModeError
 from kvcache.hf.cache import PagedKVCache
-from kvcache.measure.planner import choose
+from kvcache.measure.planner import candidates, choose, make_plan, split_windows
 from kvcache.modes import FP16, INT4_G16, INT8_ROT, KV_MODES, KVMode, get_mode, plan_to_json
 from kvcache.quant import (dequantize_groups, pack_int4, quantize_groups, sym_token_qparams, token_qparams,
                            unpack_int4)
@@ -247,22 +248,74 @@ def test_the_planner_picks_the_cheapest_choice_within_the_budget(seed):
     assert choose(sens, options, shape, 1e-9) is None  # nothing meets a budget below the all-8-bit loss
 
 
-def test_an_unmeetable_budget_names_the_closest_reached(monkeypatch):
-    from kvcache.measure import planner
+class _HeldOut:
+    """A fake held-out scorer: Δppl of a plan from its layers' codecs, the interval ``spread`` times as far up."""
 
-    class Scorer:  # 8 bits everywhere costs Δppl 2%: a 0.5% budget cannot be met
-        def score(self, mode):
-            return dict(kl=math.log(1.02), dppl_pct=2.0, top1_pct=97.0)
+    def __init__(self, cost_pct, spread=1.5):
+        self.cost_pct, self.spread, self.seen = cost_pct, spread, []
 
-    shape = KVShape(num_layers=2, num_kv_heads=1, head_dim=64, num_heads=2)
-    opts = {"k": [INT8_ROT, INT4_G16], "v": [INT8_ROT, INT4_G16]}
-    sens = {s: [[0.01, 0.05], [0.01, 0.05]] for s in "kv"}
+    def score(self, mode):
+        self.seen.append(mode)
+        pct = self.cost_pct(mode)
+        return dict(kl=math.log1p(pct / 100), dppl_pct=pct, top1_pct=97.0, dppl_interval=[pct / 2, pct * self.spread])
+
+
+_SHAPE = KVShape(num_layers=2, num_kv_heads=1, head_dim=64, num_heads=2)
+_OPTS = {"k": [FP16, INT8_ROT, INT4_G16], "v": [FP16, INT8_ROT, INT4_G16]}
+_SENS = {s: [[0.0, 1e-4, math.log1p(0.002)]] * 2 for s in "kv"}  # 4 bits predict +0.2% a side, 8 bits nearly 0
+
+
+def _four_bit_sides(mode):
+    return sum(c.bits == 4 for pair in mode.layers for c in pair)
+
+
+def test_an_unmeetable_budget_names_the_closest_reached():
+    held = _HeldOut(lambda mode: 2.0, spread=1.25)  # 8 bits everywhere costs Δppl 2%: a 0.5% budget cannot be met
     with pytest.raises(ConfigError) as err:
-        planner.make_plan(Scorer(), sens, opts, shape, 0.5)
+        make_plan(held, _SENS, _OPTS, _SHAPE, 0.5)
     msg = str(err.value)
-    assert "no plan meets Δppl <= 0.5%" in msg and "reached +2.000% (KL 1.98e-02, predicting +2.000%) at 0.5" in msg and "raise the budget" in msg
+    assert msg.startswith("no plan meets Δppl <= 0.5% on the held-out planning windows: the closest, 8 bits everywhere")
+    assert "reached +2.000% (95% interval +1.000% to +2.500%, KL 1.98e-02) at 0.5" in msg and "raise the budget" in msg
     with pytest.raises(ConfigError, match="must be positive"):
-        planner.make_plan(Scorer(), sens, opts, shape, 0)
+        make_plan(held, _SENS, _OPTS, _SHAPE, 0)
+
+
+def test_the_budget_is_checked_on_the_upper_end_of_the_held_out_interval():
+    # the held-out text agrees with the prediction (+0.2% a 4-bit side), its interval reaching 1.5x as high
+    held = _HeldOut(lambda mode: 0.2 * _four_bit_sides(mode))
+    plan = make_plan(held, _SENS, _OPTS, _SHAPE, 1.0)
+    # all four sides at 4 bits: +0.8% within the budget, its interval's +1.2% not; tightened to three
+    assert [_four_bit_sides(m) for m in held.seen] == [4, 3]
+    assert plan.met and plan.mode is held.seen[-1] and plan.verified["dppl_interval"][1] <= 1.0 and not plan.note
+    assert plan.predicted_dppl_pct == pytest.approx((1.002 ** 3 * 1.0001 - 1) * 100)
+
+
+def test_when_no_tightening_meets_the_budget_8_bits_everywhere_does():
+    # held-out text where any 4-bit side costs 2% (the sensitivities said 0.2%) and 8 bits 0.1%
+    held = _HeldOut(lambda mode: 2.0 if _four_bit_sides(mode) else 0.1)
+    plan = make_plan(held, _SENS, _OPTS, _SHAPE, 0.5)
+    assert plan.met and all(k.bits == v.bits == 8 for k, v in plan.mode.layers)
+    assert "8 bits everywhere does" in plan.note and plan.verified["dppl_pct"] == 0.1
+    assert all(_four_bit_sides(m) for m in held.seen[:-1])  # it tried cheaper plans first, never one over 8 bits' bytes
+    # int8 codes, fp16 scale and zero point per head, and the fp16 copies of 4 sink tokens, over a 2,048-token sequence
+    assert plan.bytes_ratio == pytest.approx(((64 + 4) * 2048 + 128 * 4) / 2048 / 128)
+
+
+def test_the_planning_windows_split_into_disjoint_halves():
+    windows = torch.arange(7 * 3).reshape(7, 3)
+    choose_on, verify_on = split_windows(windows)
+    assert choose_on.tolist() == windows[:3].tolist() and verify_on.tolist() == windows[3:].tolist()
+    with pytest.raises(ConfigError, match="needs at least 4 planning windows .* got 3: raise the samples"):
+        split_windows(windows[:3])
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_candidates_run_from_16_bits_down_to_2(calibrated):
+    opts = candidates(calibrated)
+    for side, want_qk in (("k", calibrated), ("v", False)):
+        assert [c.bits for c in opts[side]] == [16, 8, 4, 3, 2]
+        assert all(c.rotate and c.qk_transform == want_qk for c in opts[side][1:])
+    assert opts["k"][3] == replace(KV_MODES["int3"].k, qk_transform=calibrated) and opts["v"][3] == KV_MODES["int3"].v
 
 
 # --- listing -----------------------------------------------------------------------------------------

@@ -63,15 +63,16 @@ def build(app: AppState, sess: gr.State, chat: ChatTab, eval_modes: ModeChoice) 
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             budget = gr.Slider(0.1, 3.0, value=0.5, step=0.1, label="Δppl budget (%)", elem_id="plan-budget",
-                               info="the perplexity change vs fp16 the plan may cost, verified on the planning text")
+                               info="the perplexity change vs fp16 the plan may cost, verified on held-out windows")
             with gr.Row():
-                plan_samples = gr.Slider(1, 32, value=4, step=1, label="Planning samples", elem_id="plan-samples")
+                plan_samples = gr.Slider(4, 32, value=8, step=1, label="Planning samples", elem_id="plan-samples")
                 plan_seqlen = gr.Slider(32, 1024, value=256, step=32, label="Planning tokens per sample",
                                         elem_id="plan-seqlen")
             plan_run = gr.Button("Plan bits", variant="primary", elem_id="plan-run")
             dl_plan = gr.DownloadButton("plan (.json)", value=None, elem_id="dl-plan")
             gr.Markdown("Uses this session's parameters when they carry the calibrated key transforms (calibrate "
-                        "or upload first), else calibration-free candidates. Each layer's K and V take 8 or 4 bits.",
+                        "or upload first), else calibration-free candidates. Each layer's K and V take 16, 8, 4, 3 "
+                        "or 2 bits; half the samples choose the plan, the other half verify it.",
                         elem_classes="note")
         with gr.Column(scale=2):
             plan_status = gr.Markdown(label="plan", elem_id="plan-status", elem_classes="note")
