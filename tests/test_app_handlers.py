@@ -382,7 +382,7 @@ def test_pool_from_a_fraction_of_free_memory_and_bad_values(app, loaded_default)
 
 def test_capacity_both_views_against_block_arithmetic(app):
     sess = SessionState()
-    report, same_memory, same_conversation = handlers.capacity(app, sess, 10, 1000)
+    report, same_memory, same_conversation = handlers.capacity(app, sess, "10 blocks", 1000)
     by_kv = {r["kv"]: r for r in report["results"]}
     # SmolLM2-135M: 30 layers x 3 KV heads x head_dim 64. fp16: 23,040 B/token, 1,474,560 B per block of 64;
     # budget 10 such blocks. int8 (per channel): 11,520 B/token + 92,160 B of fp32 parameters;

@@ -139,7 +139,7 @@ def test_int8_needs_qparams_and_they_must_match(tiny_llama):
     with pytest.raises(QParamsError, match=r"qparams have 2 layers x \(3, 16\).*model needs 2 layers x \(2, 16\)"):
         PagedKVCache.for_model(tiny_llama, "int8", qparams=wrong)
     with pytest.raises(ModeError, match="our modes: fp16, int8, int8-dynamic"):
-        PagedKVCache.for_model(tiny_llama, "int3")
+        PagedKVCache.for_model(tiny_llama, "int5")
 
 
 def test_qparams_file_round_trip(tmp_path):

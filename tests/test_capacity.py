@@ -60,9 +60,14 @@ def test_the_engine_capacity_view_sizes_pools_as_the_engine_does(loaded_default)
         report = engine.capacity(0.01)
         assert report["budget_bytes"] == int(0.01 * engine.free_after_load) // 2 and report["pools_sharing"] == 2
         for row in report["results"]:
-            if not get_mode(row["kv"]).needs_qparams:  # a calibrated mode's pool needs parameters; same rule
+            mode = get_mode(row["kv"])
+            if not mode.needs_qparams:  # a calibrated mode's pool needs parameters; same rule
                 pool = engine.pool(row["kv"])
-                assert pool.num_blocks == row["blocks"] == engine.pool_size(row["kv"])
+                assert pool.num_blocks == engine.pool_size(row["kv"])
+                if mode.emulated:  # the view counts transformers' own storage; the emulation holds 16-bit values
+                    assert pool.num_blocks < row["blocks"]
+                    continue
+                assert pool.num_blocks == row["blocks"]
                 # what the pool really holds (blocks, sink slots, maps) fits the budget, and one block more would not
                 held = pool.capacity_bytes
                 assert held <= report["budget_bytes"] < held + row["block_bytes"] + pool.sinks.slot_bytes

@@ -141,7 +141,7 @@ def test_cli_writes_json(tmp_path, loaded_default, capsys):
     assert [r["kv"] for r in data["results"]] == ["fp16", "int8-dynamic"]
     assert set(data["results"][1]) == {"kv", "ppl", "delta_ppl_pct", "delta_ppl_ci95", "kl_vs_fp16", "top1_match_pct",
                                        "first_divergence", "first_divergence_median", "kv_bytes_per_token",
-                                       "kv_ratio_to_fp16", "by_position"}
+                                       "kv_ratio_to_fp16", "by_position", "tensor_scales"}
     assert data["results"][1]["by_position"][0] == {  # one bucket: the whole 64-token window, the mode's figures
         "start": 0, "end": 64, "positions": 2 * 63, "kl": pytest.approx(data["results"][1]["kl_vs_fp16"]),
         "dppl_pct": pytest.approx(data["results"][1]["delta_ppl_pct"]),

@@ -65,9 +65,9 @@ def test_cli_prints_the_reason_and_closest(capsys):
 
 
 def test_cli_unknown_mode(capsys):
-    rc, _, err = run(capsys, "lmdeploy", "--kv", "int3")
+    rc, _, err = run(capsys, "lmdeploy", "--kv", "int5")
     assert rc == 2
-    assert_one_line_error(err, "unknown KV mode 'int3'", "int8-dynamic")
+    assert_one_line_error(err, "unknown KV mode 'int5'", "int8-dynamic")
 
 
 def test_help_explains_the_old_quant_policy_4(capsys):

@@ -77,7 +77,7 @@ class Engine:
         budget = budget_bytes(count, self.shape, free_bytes=self.free_after_load,
                               pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
                               fp_dtype=self.fp_dtype)
-        blocks = pool_blocks(get_mode(mode), self.shape, budget, self.config.block_size, self.fp_dtype)
+        blocks = pool_blocks(get_mode(mode), self.shape, budget, self.config.block_size, self.fp_dtype, stored=True)
         if blocks < 1:
             raise ConfigError(f"a KV pool of cache_max_entry_count={count} holds no block of {self.config.block_size} "
                               f"{get_mode(mode).name} tokens: raise it (a fraction of free memory, or a number of blocks)")

@@ -50,11 +50,15 @@ def budget_bytes(
 
 
 def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLOCK_SIZE,
-                fp_dtype: torch.dtype = torch.float16) -> int:
+                fp_dtype: torch.dtype = torch.float16, stored: bool = False) -> int:
     """Blocks of ``mode`` that ``budget`` bytes hold, after the mode's static parameters and maps, counting the
-    sink slots a fixed pool of that many blocks holds (one per :data:`SINK_BLOCKS_PER_SLOT` blocks)."""
+    sink slots a fixed pool of that many blocks holds (one per :data:`SINK_BLOCKS_PER_SLOT` blocks).
+
+    By the scheme's own bytes (what its engine stores); ``stored``: by what this tool's pool allocates (an
+    emulated transformers scheme holds 16-bit values), as the engine sizes its pools."""
     room = budget - mode.static_param_bytes(shape)
-    block = mode.pool_bytes_per_token(shape, fp_dtype) * block_size  # what the pool allocates (emulated: 16-bit)
+    per_token = mode.pool_bytes_per_token(shape, fp_dtype) if stored else mode.bytes_per_token(shape, fp_dtype)
+    block = per_token * block_size
     slot = mode.sink_bytes(shape, fp_dtype)
 
     def cost(n: int) -> int:
@@ -89,12 +93,12 @@ def plan(
     fp_dtype: torch.dtype = torch.float16,
     **facts: Any,
 ) -> dict[str, Any]:
-    """Blocks, tokens and sessions per mode in the same ``budget`` bytes, as this tool's pools store them (an
-    emulated transformers scheme holds 16-bit values); ``facts`` are recorded in the report."""
+    """Blocks, tokens and sessions per mode in the same ``budget`` bytes, as each scheme stores them (a
+    transformers scheme: its codes, plus each session's 16-bit residual window); ``facts`` are recorded in the report."""
     rows = []
     per_session = -(-session_tokens // block_size)
     for mode in modes:
-        bpt = mode.pool_bytes_per_token(shape, fp_dtype)
+        bpt = mode.bytes_per_token(shape, fp_dtype)
         blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype)
         sessions = pool_sessions(mode, shape, blocks, per_session, block_size, fp_dtype)
         rows.append(dict(kv=mode.name, bytes_per_token=bpt, block_bytes=bpt * block_size, blocks=blocks,

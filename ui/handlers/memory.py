@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvcache.config import parse_cache_max_entry_count
+from kvcache.config import parse_pool_setting
 from kvcache.engine.chat import ChatSession
 from kvcache.measure.device_memory import free_memory_bytes, read_device_memory
 
@@ -84,9 +84,9 @@ def capacity(
     (or this session's own chat, when it is longer) takes.
     """
     engine = app.require_engine()
-    count = parse_cache_max_entry_count(str(cache_max_entry_count))
+    count = parse_pool_setting(str(cache_max_entry_count))
     if count is None:
-        raise UserError("Give cache_max_entry_count as a fraction of free memory (e.g. 0.5) or a number of blocks.")
+        raise UserError("Give cache_max_entry_count as a fraction of free memory (e.g. 0.5) or a number of blocks (e.g. 400 blocks).")
     held = len(sess.left.cached_ids) if sess.left is not None else 0
     report = engine.capacity(count, session_tokens=max(int(session_tokens), held, 1))
     same_memory, same_conversation = charts.capacity_tables(report)
