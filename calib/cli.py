@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Record per-layer K/V statistics (min, max, absmax per KV head and channel) into WORK_DIR.",
     )
     ca.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
-    ca.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)  # LMDeploy's old --model
+    ca.add_argument("--model", dest="model_opt", default=None, metavar="MODEL",
+                    help="the same as the positional MODEL (every kvcache command takes --model)")
     ca.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
     ca.add_argument("--calib-dataset", "--calib_dataset", dest="calib_dataset", default="c4",
                     help="calibration dataset (default: c4)")
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the upper end of its Δppl's 95% interval within the budget), and write it as a spec file "
                     "--kv accepts.",
     )
-    pl.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    pl.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    pl.add_argument("--model", dest="model_opt", default=None, metavar="MODEL", help="the same as the positional MODEL")
     pl.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
     pl.add_argument("--budget-dppl", type=float, default=0.5, help="the Δppl budget in percent (default: 0.5)")
     pl.add_argument("--qparams", default=None,
@@ -165,16 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_arg(args: argparse.Namespace, what: str) -> str:
+    """The model, given positionally (as LMDeploy users type it) or as ``--model`` (as every kvcache command takes it)."""
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise UsageError(f"two models given ({args.model} and --model {args.model_opt}): give one")
+    model = args.model or args.model_opt
+    if not model:
+        raise UsageError(f"give the MODEL to {what}: 'default', a local HF model dir, a .gguf file or a Hub id")
+    return model
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from kvcache.models.loader import load_model
 
     from .calibrate import calibrate, check_inputs
 
-    model = args.model or args.model_opt
-    if not model:
-        raise UsageError("give the MODEL to calibrate: 'default', a local HF model dir, a .gguf file or a Hub id")
-    if args.model and args.model_opt and args.model != args.model_opt:
-        raise UsageError(f"two models given ({args.model} and --model {args.model_opt}): give one")
+    model = _model_arg(args, "calibrate")
     # What needs no model is refused before one loads (that can take minutes).
     check_inputs(dataset=args.calib_dataset, samples=args.calib_samples, seqlen=args.calib_seqlen,
                  work_dir=args.work_dir, data_dir=args.calib_data_dir, device=args.device, batch_size=args.batch_size)
@@ -263,8 +271,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.budget_dppl <= 0:
         raise UsageError(f"--budget-dppl is a Δppl budget in percent and must be positive, got {args.budget_dppl}")
     check_dataset(args.calib_dataset, args.calib_data_dir)
+    model = _model_arg(args, "plan")
     qparams = KVQParams.load(args.qparams) if args.qparams else None
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision, allow_download=True)
+    loaded = load_model(model, device=args.device, dtype=args.dtype, revision=args.revision, allow_download=True)
     plan, spec = plan_bits(
         loaded, args.budget_dppl, qparams=qparams, dataset=args.calib_dataset, samples=args.calib_samples,
         seqlen=args.calib_seqlen, data_dir=args.calib_data_dir, name=str(Path(args.out).expanduser()),
