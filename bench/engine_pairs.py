@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from bench.common import add_json_flag, parser, write_json
+from bench.quality_table import README, replace_between
 from kvcache.measure.evaluate import BUILTIN_TEXTS, evaluate, read_text
 from kvcache.measure.pairs import engine_pairs, pairs_markdown
 from kvcache.models.loader import load_model
@@ -26,8 +26,6 @@ from kvcache.modes import KV_MODES
 from kvcache.qparams import KVQParams
 from kvcache.storage.shape import KVShape
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 MARKERS = ("<!-- engine-pairs:start -->", "<!-- engine-pairs:end -->")
 
 
@@ -58,12 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, dict(text=args.text, seqlen=args.seqlen, samples=args.samples, pairs=pairs),
                    report["results"], started)
     if args.update_readme:
-        start, end = MARKERS
-        readme = README.read_text(encoding="utf-8")
-        if start not in readme or end not in readme:
-            p.error(f"{README} has no {start} ... {end} markers to replace")
-        head, rest = readme.split(start, 1)
-        README.write_text(f"{head}{start}\n{table}\n\n{note}\n{end}{rest.split(end, 1)[1]}", encoding="utf-8")
+        README.write_text(replace_between(README.read_text(encoding="utf-8"), MARKERS, f"{table}\n\n{note}"),
+                          encoding="utf-8")
         print(f"updated {README}")
     return 0
 

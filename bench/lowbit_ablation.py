@@ -14,18 +14,14 @@ from __future__ import annotations
 import time
 
 from bench.common import add_json_flag, parser, write_json
-from kvcache.codec import Codec, KVMode
+from kvcache.codec import KVMode
 from kvcache.measure.evaluate import BUILTIN_TEXTS, evaluate, format_table, read_text
 from kvcache.models.loader import load_model
-from kvcache.modes import KV_MODES
+from kvcache.modes import KV_MODES, sym_rotated as _sym
 from kvcache.qparams import KVQParams
 
 ENGINES = ("lmdeploy:4,lmdeploy:42,llamacpp:q4_1,llamacpp:q4_0,vllm:turboquant_3bit_nc,vllm:turboquant_k3v4_nc,"
            "hf:quanto-int2,int4,k8v4")
-
-
-def _sym(bits: int, group: int, qk: bool = False) -> Codec:
-    return Codec(bits, "token", group_size=group, symmetric=True, rotate=True, qk_transform=qk)
 
 
 CANDIDATES = {  # name: (K codec, V codec, sink tokens)

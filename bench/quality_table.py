@@ -117,7 +117,7 @@ def run_long(loaded, qparams: KVQParams, args: argparse.Namespace) -> dict:
     return dict(long=long, needle=grid, long_s=round(t1 - t0), needle_s=round(time.perf_counter() - t1))
 
 
-def _replace(readme: str, markers: tuple[str, str], table: str) -> str:
+def replace_between(readme: str, markers: tuple[str, str], table: str) -> str:
     start, end = markers
     if start not in readme or end not in readme:
         raise SystemExit(f"error: {README} has no {start} ... {end} markers to replace")
@@ -235,13 +235,13 @@ def main() -> None:
         (out / "quality.json").write_text(json.dumps(dict(args=vars(args), reports=reports), indent=1) + "\n")
         (out / "quality.md").write_text(table + "\n")
         print(table)
-        readme = _replace(readme, (START, END), table)
+        readme = replace_between(readme, (START, END), table)
     if args.long:
         longs = run_long(loaded, qparams["channel"], args)
         tables = long_markdown(longs["long"]), needle_markdown(longs["needle"])
         (out / "long.json").write_text(json.dumps(longs, indent=1) + "\n")
         print(*tables, sep="\n\n")
-        readme = _replace(_replace(readme, LONG_MARKERS, tables[0]), NEEDLE_MARKERS, tables[1])
+        readme = replace_between(replace_between(readme, LONG_MARKERS, tables[0]), NEEDLE_MARKERS, tables[1])
     if args.update_readme:
         README.write_text(readme, encoding="utf-8")
         print(f"updated {README}" + (f"; drew {figure(reports, FIGURE)}" if not args.skip_short else ""))

@@ -30,13 +30,13 @@ INT4_G16 = Codec(4, "token", group_size=16, symmetric=True, rotate=True)
 INT8_ROT = Codec(8, "token", rotate=True)
 
 
-def _sym(bits: int, group: int, qk: bool = False) -> Codec:
+def sym_rotated(bits: int, group: int, qk: bool = False) -> Codec:
     """Symmetric codes per group of ``group`` channels after the Hadamard rotation (keys: the query-aware transform)."""
     return Codec(bits, "token", group_size=group, symmetric=True, rotate=True, qk_transform=qk)
 
 
 INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
-INT3_G32, INT2_G32 = _sym(3, 32), _sym(2, 32)  # the best 3- and 2-bit codes (keys: with qk_transform), the planner's
+INT3_G32, INT2_G32 = sym_rotated(3, 32), sym_rotated(2, 32)  # the best 3- and 2-bit codes (keys: with qk_transform), the planner's
 
 KVQ_MODES: dict[str, KVMode] = {  # ours
     m.name: m
@@ -61,13 +61,13 @@ KVQ_MODES: dict[str, KVMode] = {  # ours
         # measured on the embedded model it cuts 3-bit keys' KL 2.8x (README, "Below 4 bits").
         _mode("int4-compact", "K int4 per head, V int4 in groups of 32 (symmetric, rotated), K through the calibrated "
                               "query-aware transform; first 4 tokens fp16 (--qparams)",
-              _sym(4, 0, qk=True), _sym(4, 32), sinks=4),
+              sym_rotated(4, 0, qk=True), sym_rotated(4, 32), sinks=4),
         _mode("int3", "K and V 3-bit in groups of 32 (symmetric, rotated), K through the calibrated query-aware "
                       "transform; first 4 tokens fp16 (--qparams; reference path only)",
               replace(INT3_G32, qk_transform=True), INT3_G32, sinks=4),
         _mode("int3-compact", "K and V 3-bit per head (symmetric, rotated), K through the calibrated query-aware "
                               "transform; first 4 tokens fp16 (--qparams; reference path only)",
-              _sym(3, 0, qk=True), _sym(3, 0), sinks=4),
+              sym_rotated(3, 0, qk=True), sym_rotated(3, 0), sinks=4),
     )
 }
 

@@ -155,12 +155,3 @@ def mode_facts(modes: list[KVMode], config: Any, tokens: int = SEQUENCE_TOKENS) 
                  ratio_to_fp16=m.ratio_to_fp16(shape, tokens), codecs=m.describe_codecs(),
                  engine=m.engine, serve=m.serve, description=m.description)
             for m in modes]
-
-
-def format_modes(rows: list[dict[str, Any]]) -> str:
-    """:func:`mode_facts` as a table."""
-    table = [("mode", "K bits", "V bits", "calibration", "bytes/token", "x fp16", "codecs")]
-    for r in rows:
-        table.append((r["name"], f"{r['k_bits']:g}", f"{r['v_bits']:g}", "--qparams" if r["needs_calibration"] else "-",
-                      str(r["bytes_per_token"]), f"{r['ratio_to_fp16']:.3f}", r["codecs"]))
-    return _table(table)
