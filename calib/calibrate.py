@@ -21,6 +21,7 @@ import transformers
 from torch import nn
 
 from kvcache.measure.overlap import ngram_sketch
+from kvcache.models.variants import rope_inv_freq
 from kvcache.storage.shape import config_hash
 
 from .data import check_dataset, check_seqlen, load_calib_windows
@@ -170,12 +171,18 @@ def calibrate(
         KEY_STATS_FILE: run.stats["key"],
         VALUE_STATS_FILE: run.stats["value"],
         KEY_STATS_PRE_ROPE_FILE: run.stats["key_pre_rope"],
-        **({QK_MOMENTS_FILE: run.moments} if run.moments["key"] else {}),
+        **({QK_MOMENTS_FILE: _with_rope(run.moments, model)} if run.moments["key"] else {}),
         INPUTS_STATS_FILE: run.inputs_stats,
         OUTPUTS_STATS_FILE: run.outputs_stats,
         META_FILE: meta,
     })
     return work_dir
+
+
+def _with_rope(moments: dict, model: nn.Module) -> dict:
+    """The moments plus the model's RoPE frequencies: the export fits the key transform to a longer context with them."""
+    inv_freq = rope_inv_freq(model)
+    return {**moments, "rope_inv_freq": inv_freq} if inv_freq is not None else moments
 
 
 def _load_windows(loaded: Any, name: str, samples: int, seqlen: int, seed: int, data_dir: Any,

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "vllm: the HF model folder (or Hub id) to copy into OUT_DIR with the scales merged, "
                          "ready to serve")
     kq.add_argument("--revision", default=None, metavar="REV", help=REVISION_HELP)
+    kq.add_argument("--qk-context", dest="qk_context", type=_positive, default=None, metavar="N",
+                    help="kvq: fit the query-aware key transform to every position of an N-token context (the "
+                         "context you serve), not only the calibration windows' positions; past about 4x the "
+                         "calibration length its keys lose far less late in the context (default: the "
+                         "calibration length)")
 
     lm = sub.add_parser(
         "lmdeploy", help="the LMDeploy >= 0.4 command for a KV mode (or why there is none)",
@@ -210,7 +215,7 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
         check_model(stats, _model_config(args.model, args.revision))
     files = export(
         stats, args.out_dir, args.format, kv_sym=args.kv_sym, num_tp=args.num_tp, kv_bits=args.kv_bits,
-        granularity=args.granularity,
+        granularity=args.granularity, qk_context=args.qk_context,
     )
     kind = "symmetric" if args.kv_sym or args.format == "vllm" else "asymmetric"
     print(f"wrote {len(files)} files to {args.out_dir} ({args.format}, {kind}, {stats.shape_str()})")

@@ -130,6 +130,7 @@ class CalibStats:
     work_dir: Path | None = None
     key_moments: list[torch.Tensor] | None = None  # per layer [kv_heads, d, d] float64: E[k k^T] (after RoPE)
     query_moments: list[torch.Tensor] | None = None  # per layer: E[q q^T], a KV head's query heads averaged
+    rope_inv_freq: torch.Tensor | None = None  # [head_dim / 2] float64: the model's RoPE frequencies (with the moments)
 
     @property
     def has_meta(self) -> bool:
@@ -201,12 +202,18 @@ def load_work_dir(work_dir: str | Path) -> CalibStats:
     if meta:
         _check_meta_shape(stats, meta_file)
     if (path / QK_MOMENTS_FILE).is_file():
-        stats.key_moments, stats.query_moments = _load_moments(path / QK_MOMENTS_FILE, names, stats)
+        stats.key_moments, stats.query_moments, stats.rope_inv_freq = _load_moments(path / QK_MOMENTS_FILE, names, stats)
     return stats
 
 
-def _load_moments(file: Path, names: list[str], stats: CalibStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The per-layer second moments, in layer order, checked against the K/V stats' shape."""
+def _load_moments(
+    file: Path, names: list[str], stats: CalibStats
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """The per-layer second moments, in layer order, checked against the K/V stats' shape, and the RoPE frequencies.
+
+    Work dirs calibrated before the frequencies were recorded have none: their key transform fits the
+    calibration windows' positions only.
+    """
     raw = _load_pth(file)
     want = (stats.num_kv_heads, stats.head_dim, stats.head_dim)
     out = []
@@ -218,7 +225,12 @@ def _load_moments(file: Path, names: list[str], stats: CalibStats) -> tuple[list
         if any(tuple(m.shape) != want or not torch.isfinite(m).all() for m in moments):
             raise CalibStatsError(f"{file}: {which} moments are not finite {want} tensors per layer; recalibrate")
         out.append(moments)
-    return out[0], out[1]
+    inv_freq = raw.get("rope_inv_freq")
+    if inv_freq is not None:
+        inv_freq = torch.as_tensor(inv_freq).double()
+        if tuple(inv_freq.shape) != (stats.head_dim // 2,) or not torch.isfinite(inv_freq).all():
+            raise CalibStatsError(f"{file}: rope_inv_freq is not {stats.head_dim // 2} finite frequencies; recalibrate")
+    return out[0], out[1], inv_freq
 
 
 def check_model(stats: CalibStats, config: Any) -> None:

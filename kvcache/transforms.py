@@ -51,3 +51,41 @@ def qk_transform(key_cov: torch.Tensor, query_cov: torch.Tensor) -> torch.Tensor
     a = _sqrtm(m)
     a = a / torch.exp(torch.linalg.slogdet(a)[1] / a.shape[-1])[..., None, None]
     return a.transpose(-1, -2).float()  # row-vector convention: k' = k @ A
+
+
+def _mean_phase(omega: torch.Tensor, offsets: int) -> torch.Tensor:
+    """``mean(exp(i * omega * t) for t in 0..offsets-1)``, elementwise (a geometric series, in closed form)."""
+    half = torch.sin(omega / 2)
+    ratio = torch.sin(omega * offsets / 2) / torch.where(half.abs() < 1e-12, torch.ones_like(half), half) / offsets
+    mean = torch.polar(torch.ones_like(omega), omega * (offsets - 1) / 2) * ratio
+    return torch.where(half.abs() < 1e-12, torch.ones_like(mean), mean)
+
+
+def rope_averaged(cov: torch.Tensor, inv_freq: torch.Tensor, offsets: int) -> torch.Tensor:
+    """E[x x^T] of vectors that RoPE turns on by a further ``0..offsets-1`` positions, from their E[x x^T] ``[..., d, d]``.
+
+    Keys and queries are calibrated after RoPE at the positions of the calibration windows (say 0-511); at
+    position 6,000 the same vectors are turned by other angles, and the slow RoPE pairs have not turned at
+    all within 512 positions. A key transform fitted to the former misfits the latter (measured: its error
+    grows 5-12x over a long window). Averaging the moments over the positions a context spans fits all of
+    them. RoPE as transformers applies it (``rotate_half``: channel ``i`` pairs with ``i + d/2`` and turns by
+    ``inv_freq[i]`` per position), taken as complex channels ``z = x[:h] + i x[h:]`` turned by ``exp(i theta t)``:
+    ``E[z z^H]`` picks up the mean phase of ``theta_i - theta_j``, ``E[z z^T]`` that of ``theta_i + theta_j``.
+    """
+    d = cov.shape[-1]
+    h = d // 2
+    if inv_freq.shape != (h,):
+        raise ValueError(f"RoPE over {2 * inv_freq.numel()} of {d} channels: only full-width RoPE can be averaged")
+    if offsets <= 1:
+        return cov
+    c = cov.double()
+    uu, uw, wu, ww = c[..., :h, :h], c[..., :h, h:], c[..., h:, :h], c[..., h:, h:]
+    hermitian = torch.complex(uu + ww, wu - uw)  # E[z z^H]
+    plain = torch.complex(uu - ww, wu + uw)  # E[z z^T]
+    theta = inv_freq.double()
+    hermitian = hermitian * _mean_phase(theta[:, None] - theta[None, :], offsets)
+    plain = plain * _mean_phase(theta[:, None] + theta[None, :], offsets)
+    s, diff = plain + hermitian, plain - hermitian
+    top = torch.cat([s.real / 2, diff.imag / 2], -1)  # [E[u u^T], E[u w^T]]
+    bottom = torch.cat([s.imag / 2, -diff.real / 2], -1)  # [E[w u^T], E[w w^T]]
+    return torch.cat([top, bottom], -2).to(cov.dtype)

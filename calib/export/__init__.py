@@ -66,13 +66,19 @@ def export(
     kv_bits: int = 8,
     granularity: str | None = None,
     model_dir: str | Path | None = None,
+    qk_context: int | None = None,
 ) -> list[Path]:
     """Write ``stats`` as parameters in format ``fmt`` under ``out_dir``; returns the files written.
 
     ``model_dir`` (vllm only): build a copy of that model folder at ``out_dir`` that vLLM serves as is
     (:func:`export_vllm_model`); the files returned are the ones that differ from the model's.
+    ``qk_context`` (kvq only): fit the key transform to every position of a context of that many tokens.
     """
     granularity = check_options(fmt, num_tp=num_tp, kv_bits=kv_bits, granularity=granularity)
+    if qk_context is not None and fmt != "kvq":
+        raise ExportError(f"--qk-context fits our key transform, which only the kvq format holds, not {fmt}")
+    if qk_context is not None and qk_context < 1:
+        raise ExportError(f"--qk-context must be a positive number of tokens, got {qk_context}")
     if model_dir is not None and fmt != "vllm":
         raise ExportError(f"a model folder is built for the vllm format only, not {fmt}")
     if model_dir is not None:
@@ -81,5 +87,6 @@ def export(
         if fmt == "turbomind":
             return export_turbomind(stats, out_dir, kv_sym=kv_sym, num_tp=num_tp, kv_bits=kv_bits)
         if fmt == "kvq":
-            return export_kvq(stats, out_dir, granularity=granularity, kv_sym=kv_sym, kv_bits=kv_bits)
+            return export_kvq(stats, out_dir, granularity=granularity, kv_sym=kv_sym, kv_bits=kv_bits,
+                              qk_context=qk_context)
         return export_vllm(stats, out_dir, granularity=granularity)

@@ -88,3 +88,16 @@ def check_attention(config: Any, name: str) -> None:
             f"{name} softcaps its attention logits (attn_logit_softcapping {cap}), which the kvq cache's attention "
             "does not: use a model without it"
         )
+
+
+def rope_inv_freq(model: Any) -> Any:
+    """The RoPE frequencies (radians per position, ``[head_dim / 2]``) the model turns keys and queries by, or None.
+
+    Read from transformers' rotary embedding buffer, so scaled RoPE (Llama 3, linear, dynamic at its base
+    length) comes as the model applies it; the calibration keeps them so the key transform can be fitted to
+    the positions of a long context (:func:`kvcache.transforms.rope_averaged`).
+    """
+    for name, buf in model.named_buffers():
+        if name.endswith("rotary_emb.inv_freq"):
+            return buf.detach().double().cpu()
+    return None
