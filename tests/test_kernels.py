@@ -62,6 +62,14 @@ LOWBIT = [
     _layout("k4sym-v8g16sym", Codec(4, "token", 0, True), Codec(8, "token", 16, True)),
 ]
 LOWBIT_IDS = [m.name for m in LOWBIT]
+# 3- and 2-bit codes in bit planes: groups of 32 and per head, symmetric and not, with sinks, K and V mixed.
+PLANES = [
+    _layout("int3-g32-sym", Codec(3, "token", 32, True), Codec(3, "token", 32, True)),
+    _layout("int3-head-sym-sinks", Codec(3, "token", 0, True), Codec(3, "token", 0, True), 4),
+    _layout("int2-g32-sym", Codec(2, "token", 32, True), Codec(2, "token", 32, True)),
+    _layout("k3-v2g16-asym", Codec(3, "token"), Codec(2, "token", 16)),
+]
+PLANES_IDS = [m.name for m in PLANES]
 NAMED_LOWBIT = [INT4_HEAD_MODE, "int8-rot", "k8v4", "int4"]  # per-head int4 and the mode table's (rotations are outside the kernels)
 
 
@@ -171,6 +179,32 @@ def test_store_lowbit_matches_reference(kv, head_dim):
     assert_same_storage(layer, ref)
     if kv.sink_tokens:
         assert torch.equal(layer.k_sink[2, :, 3], key[1]) and not layer.k_sink[1].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", [32, 128])
+@pytest.mark.parametrize("kv", PLANES, ids=PLANES_IDS)
+def test_store_bit_planes_match_reference(kv, head_dim):
+    """3- and 2-bit codes packed in quant.pack_codes' planes, their parameters and sink copies: bit-identical,
+    in exactly head_dim * bits / 8 bytes per token and head."""
+    torch.manual_seed(2)
+    layer = make_layer(kv, 6, 3, 8, head_dim)
+    if kv.sink_tokens:
+        layer.sink_slot[torch.tensor([0, 3])] = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    n = 13
+    key = (torch.randn(n, 3, head_dim) * 2).half().to(DEVICE)
+    value = torch.randn(n, 3, head_dim).half().to(DEVICE)
+    key[0, 0] = 0.5  # zero range: the scale floor
+    key[1, 1, :5] = 40.0  # an outlier
+    slots = torch.cat([torch.tensor([0, 3, 24]), torch.tensor([5, 9, 12, 17, 30, 33, 38, 41, 44, 47])]).to(DEVICE)
+    ref = _store_both(layer, key, value, slots)
+    assert_same_storage(layer, ref)
+    if kv.sink_tokens:
+        assert torch.equal(layer.k_sink[2, :, 3], key[1])
+    for side, codec in (("k", kv.k), ("v", kv.v)):
+        assert getattr(layer, side).shape[-1] == head_dim * codec.bits // 8
+        params = 2 * codec.groups(head_dim) * codec.params_per_group()  # fp16 scales (and zero points)
+        assert codec.bytes_per_token_per_head(head_dim) == head_dim * codec.bits // 8 + params
 
 
 @needs_triton
