@@ -19,7 +19,7 @@ from kvcache.kernels.reference import (
     prefill_attention_reference,
     store_kv_reference,
 )
-from kvcache.modes import INT8_TOKEN, Codec, KVMode, get_mode
+from kvcache.modes import INT2_G32_MODE, INT8_TOKEN, Codec, KVMode, get_mode
 from kvcache.qparams import KVQParams
 from kvcache.storage.layout import LayerKV, new_blocks
 
@@ -383,6 +383,17 @@ def test_decode_lowbit_matches_reference(kv, group):
 
 
 @needs_triton
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("kv", PLANES, ids=PLANES_IDS)
+def test_decode_bit_planes_match_reference(kv, group):
+    """3- and 2-bit codes unpacked from their planes in registers (groups, per head, sinks on rows 0 and 2)."""
+    layer = make_layer(kv, 24, 2, 16, 64)
+    tables, lens = fill_rows(layer, [37, 5, 70], max_blocks=5)
+    check_decode(layer, tables, lens, 2 * group, block_n=32)
+    check_decode(layer, tables, lens, 2 * group, dtype=torch.float32, num_splits=1, seed=1)
+
+
+@needs_triton
 @pytest.mark.parametrize("kv,head_dim,dtype", [(INT4_HEAD_MODE, 128, torch.float16), ("k8v4", 128, torch.float16),
                                                ("int4", 128, torch.float16), (INT4_HEAD_MODE, 48, torch.bfloat16),
                                                (LOWBIT[7], 48, torch.bfloat16)], ids=lambda x: getattr(x, "name", x))
@@ -497,6 +508,29 @@ def test_prefill_lowbit_matches_reference(kv, group, q_len):
     layer = make_layer(kv, 12, 2, 16, 64)
     tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
     check_prefill(layer, tables, 37, q_len, 2 * group, block_m=16, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("q_len", [37, 9], ids=["whole-prompt", "new-turn"])
+@pytest.mark.parametrize("kv", PLANES, ids=PLANES_IDS)
+def test_prefill_bit_planes_match_reference(kv, q_len):
+    """3- and 2-bit codes over a cached history, GQA of 2; with sinks, row 0's first block has a slot."""
+    layer = make_layer(kv, 12, 2, 16, 64)
+    tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
+    check_prefill(layer, tables, 37, q_len, 4, block_m=16, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["int3", "int3-compact", INT2_G32_MODE], ids=lambda x: getattr(x, "name", x))
+def test_named_bit_plane_modes_at_head_dim_128(kv):
+    """The mode table's 3-bit modes and the 2-bit test mode through all three kernels (default tiles)."""
+    layer = make_layer(kv, 10, 2, 32, 128)
+    key, value = torch.randn(2, 5, 2, 128, device=DEVICE).half()
+    ref = _store_both(layer, key, value, torch.tensor([0, 1, 2, 40, 70], device=DEVICE))
+    assert_same_storage(layer, ref)
+    tables, lens = fill_rows(layer, [77, 19], max_blocks=4, seed=2)
+    check_decode(layer, tables, lens, 8)
+    check_prefill(layer, tables, 77, 9, 8)
 
 
 @needs_triton
@@ -681,6 +715,7 @@ def test_lowbit_storage_is_checked():
 
     assert "head_dim/2 (24) to be a multiple of the group size" in unsupported(make_layer("int4", 2, 2, 4, 48))
     assert "4-bit codes need head_dim >= 32" in unsupported(make_layer(INT4_HEAD_MODE, 2, 2, 4, 16))
+    assert "3- and 2-bit codes need a power-of-two head_dim" in unsupported(make_layer(PLANES[3], 2, 2, 4, 48))
     kv = torch.randn(1, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of the group size"):
         _store_triton(make_layer("int4", 2, 2, 4, 48), kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE))
