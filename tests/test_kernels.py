@@ -721,12 +721,14 @@ def test_lowbit_storage_is_checked():
         _store_triton(make_layer("int4", 2, 2, 4, 48), kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE))
 
 
-def test_dispatch_takes_the_reference_for_layouts_the_kernels_do_not_take(monkeypatch):
-    """On a GPU, a layer the kernels cannot read (4-bit groups straddling head_dim's halves) goes to the references."""
+@pytest.mark.parametrize("kv", ["int4", PLANES[3]], ids=["int4", "3-2-bit"])
+def test_dispatch_takes_the_reference_for_layouts_the_kernels_do_not_take(monkeypatch, kv):
+    """On a GPU, a layer the kernels cannot read (4-bit groups straddling head_dim's halves; 3- and 2-bit codes at
+    a head_dim that is not a power of two) goes to the references."""
     import kvcache.kernels as kernels
 
     monkeypatch.setattr(kernels, "use_triton", lambda t: True)
-    layer = make_layer("int4", 6, 2, 8, 48)
+    layer = make_layer(kv, 6, 2, 8, 48)
     want = clone_layer(layer)
     tables, lens = fill_rows(layer, [20, 9], max_blocks=3)
     fill_rows(want, [20, 9], max_blocks=3)
