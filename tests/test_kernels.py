@@ -158,9 +158,10 @@ def _store_both(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: t
 
 @needs_triton
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+@pytest.mark.parametrize("kv", LOWBIT + PLANES, ids=LOWBIT_IDS + PLANES_IDS)
 def test_store_lowbit_matches_reference(kv, head_dim):
-    """4-bit packing, groups, symmetric scales and the sink copies: codes and parameters bit-identical."""
+    """4-bit packing, 3- and 2-bit bit planes, groups, symmetric scales and the sink copies: codes and parameters
+    bit-identical, in exactly head_dim * bits / 8 bytes of codes per token and head."""
     torch.manual_seed(1)
     layer = make_layer(kv, 6, 3, 8, head_dim)
     if kv.sink_tokens:
@@ -179,28 +180,6 @@ def test_store_lowbit_matches_reference(kv, head_dim):
     assert_same_storage(layer, ref)
     if kv.sink_tokens:
         assert torch.equal(layer.k_sink[2, :, 3], key[1]) and not layer.k_sink[1].any()
-
-
-@needs_triton
-@pytest.mark.parametrize("head_dim", [32, 128])
-@pytest.mark.parametrize("kv", PLANES, ids=PLANES_IDS)
-def test_store_bit_planes_match_reference(kv, head_dim):
-    """3- and 2-bit codes packed in quant.pack_codes' planes, their parameters and sink copies: bit-identical,
-    in exactly head_dim * bits / 8 bytes per token and head."""
-    torch.manual_seed(2)
-    layer = make_layer(kv, 6, 3, 8, head_dim)
-    if kv.sink_tokens:
-        layer.sink_slot[torch.tensor([0, 3])] = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
-    n = 13
-    key = (torch.randn(n, 3, head_dim) * 2).half().to(DEVICE)
-    value = torch.randn(n, 3, head_dim).half().to(DEVICE)
-    key[0, 0] = 0.5  # zero range: the scale floor
-    key[1, 1, :5] = 40.0  # an outlier
-    slots = torch.cat([torch.tensor([0, 3, 24]), torch.tensor([5, 9, 12, 17, 30, 33, 38, 41, 44, 47])]).to(DEVICE)
-    ref = _store_both(layer, key, value, slots)
-    assert_same_storage(layer, ref)
-    if kv.sink_tokens:
-        assert torch.equal(layer.k_sink[2, :, 3], key[1])
     for side, codec in (("k", kv.k), ("v", kv.v)):
         assert getattr(layer, side).shape[-1] == head_dim * codec.bits // 8
         params = 2 * codec.groups(head_dim) * codec.params_per_group()  # fp16 scales (and zero points)
@@ -373,20 +352,9 @@ def test_decode_matches_reference(kv, granularity, symmetric, group):
 
 @needs_triton
 @pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+@pytest.mark.parametrize("kv", LOWBIT + PLANES, ids=LOWBIT_IDS + PLANES_IDS)
 def test_decode_lowbit_matches_reference(kv, group):
-    """K and V each per its codec (4-bit unpacked in registers, groups, symmetric, sinks on rows 0 and 2)."""
-    layer = make_layer(kv, 24, 2, 16, 64)
-    tables, lens = fill_rows(layer, [37, 5, 70], max_blocks=5)
-    check_decode(layer, tables, lens, 2 * group, block_n=32)
-    check_decode(layer, tables, lens, 2 * group, dtype=torch.float32, num_splits=1, seed=1)
-
-
-@needs_triton
-@pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("kv", PLANES, ids=PLANES_IDS)
-def test_decode_bit_planes_match_reference(kv, group):
-    """3- and 2-bit codes unpacked from their planes in registers (groups, per head, sinks on rows 0 and 2)."""
+    """K and V each per its codec (4-bit and bit planes unpacked in registers, groups, symmetric, sinks on rows 0 and 2)."""
     layer = make_layer(kv, 24, 2, 16, 64)
     tables, lens = fill_rows(layer, [37, 5, 70], max_blocks=5)
     check_decode(layer, tables, lens, 2 * group, block_n=32)
@@ -502,22 +470,12 @@ def test_prefill_matches_reference(kv, granularity, symmetric, group, q_len):
 @needs_triton
 @pytest.mark.parametrize("q_len", [37, 9], ids=["whole-prompt", "new-turn"])
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+@pytest.mark.parametrize("kv", LOWBIT + PLANES, ids=LOWBIT_IDS + PLANES_IDS)
 def test_prefill_lowbit_matches_reference(kv, group, q_len):
-    """As above, K and V each per its codec; with sinks, row 0's first block has a slot and row 1's none."""
+    """As above, K and V each per its codec (3- and 2-bit too); with sinks, row 0's first block has a slot and row 1's none."""
     layer = make_layer(kv, 12, 2, 16, 64)
     tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
     check_prefill(layer, tables, 37, q_len, 2 * group, block_m=16, block_n=16)
-
-
-@needs_triton
-@pytest.mark.parametrize("q_len", [37, 9], ids=["whole-prompt", "new-turn"])
-@pytest.mark.parametrize("kv", PLANES, ids=PLANES_IDS)
-def test_prefill_bit_planes_match_reference(kv, q_len):
-    """3- and 2-bit codes over a cached history, GQA of 2; with sinks, row 0's first block has a slot."""
-    layer = make_layer(kv, 12, 2, 16, 64)
-    tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
-    check_prefill(layer, tables, 37, q_len, 4, block_m=16, block_n=16)
 
 
 @needs_triton
