@@ -27,7 +27,7 @@ import torch
 
 from kvcache.errors import KVQError
 from kvcache.measure.device_memory import read_device_memory
-from kvcache.modes import INT4_HEAD_MODE, KVMode, get_mode, parse_modes
+from kvcache.modes import INT2_G32_MODE, INT4_HEAD_MODE, KVMode, get_mode, parse_modes
 from kvcache.storage.layout import LayerKV, new_blocks
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -261,9 +261,13 @@ SHAPES = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # (query heads, KV heads, 
 QUANT_MODES = ("int8", "int8-dynamic", "int4-head", "k8v4", "int4")  # the 4-bit ones: per head; K8/V4 g16 sym; g16 sym
 
 
+UNLISTED_MODES = {m.name: m for m in (INT4_HEAD_MODE, INT2_G32_MODE)}  # the kernels' test layouts, by name
+
+
 def bench_mode(kv: str | KVMode) -> KVMode:
-    """A listed mode, or ``int4-head`` (the per-head 4-bit layout the kernels take, :data:`kvcache.modes.INT4_HEAD_MODE`)."""
-    return INT4_HEAD_MODE if kv == INT4_HEAD_MODE.name else get_mode(kv)
+    """A listed mode, or an unlisted layout the kernels take: ``int4-head`` (:data:`kvcache.modes.INT4_HEAD_MODE`),
+    ``int2-g32`` (:data:`kvcache.modes.INT2_G32_MODE`)."""
+    return UNLISTED_MODES[kv] if isinstance(kv, str) and kv in UNLISTED_MODES else get_mode(kv)
 
 
 def stand_in_layer(kv: str | KVMode, num_blocks: int, kvh: int, bs: int, d: int, device: str = "cuda",

@@ -55,7 +55,8 @@ ARCHS = {
     89: SMLimits("L40S / RTX 4090", 100 * 1024, 99 * 1024, 48, 24),
     90: SMLimits("H100 / H200", 228 * 1024, 227 * 1024, 64, 32),
 }
-MODES = ("fp16", "int8", "int8-dynamic", "int4-head", "int8-rot", "k8v4", "int4")  # every codec kind, sinks
+MODES = ("fp16", "int8", "int8-dynamic", "int4-head", "int8-rot", "k8v4", "int4",  # every codec kind, sinks,
+         "int3", "int3-compact", "int2-g32")  # and bit planes: 3-bit in groups and per head, 2-bit in groups
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's; its pools': kv_float_dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default

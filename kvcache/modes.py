@@ -37,6 +37,9 @@ def sym_rotated(bits: int, group: int, qk: bool = False) -> Codec:
 
 INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
 INT3_G32, INT2_G32 = sym_rotated(3, 32), sym_rotated(2, 32)  # the best 3- and 2-bit codes (keys: with qk_transform), the planner's
+# Not a listed mode: 2-bit codes in groups of 32 (symmetric, rotated) for K and V, no calibration; the 2-bit bit-plane
+# layout the kernels take, for their tests and benchmarks (the planner gives layers 2 bits; no named mode does).
+INT2_G32_MODE = KVMode("int2-g32", "K and V 2-bit in groups of 32 (symmetric, rotated; our rule)", INT2_G32, INT2_G32)
 
 KVQ_MODES: dict[str, KVMode] = {  # ours
     m.name: m
@@ -63,10 +66,10 @@ KVQ_MODES: dict[str, KVMode] = {  # ours
                               "query-aware transform; first 4 tokens fp16 (--qparams)",
               sym_rotated(4, 0, qk=True), sym_rotated(4, 32), sinks=4),
         _mode("int3", "K and V 3-bit in groups of 32 (symmetric, rotated), K through the calibrated query-aware "
-                      "transform; first 4 tokens fp16 (--qparams; reference path only)",
+                      "transform; first 4 tokens fp16 (--qparams)",
               replace(INT3_G32, qk_transform=True), INT3_G32, sinks=4),
         _mode("int3-compact", "K and V 3-bit per head (symmetric, rotated), K through the calibrated query-aware "
-                              "transform; first 4 tokens fp16 (--qparams; reference path only)",
+                              "transform; first 4 tokens fp16 (--qparams)",
               sym_rotated(3, 0, qk=True), sym_rotated(3, 0), sinks=4),
     )
 }

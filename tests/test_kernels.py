@@ -19,7 +19,7 @@ from kvcache.kernels.reference import (
     prefill_attention_reference,
     store_kv_reference,
 )
-from kvcache.modes import INT8_TOKEN, Codec, KVMode, get_mode
+from kvcache.modes import INT2_G32_MODE, INT8_TOKEN, Codec, KVMode, get_mode
 from kvcache.qparams import KVQParams
 from kvcache.storage.layout import LayerKV, new_blocks
 
@@ -62,6 +62,14 @@ LOWBIT = [
     _layout("k4sym-v8g16sym", Codec(4, "token", 0, True), Codec(8, "token", 16, True)),
 ]
 LOWBIT_IDS = [m.name for m in LOWBIT]
+# 3- and 2-bit codes in bit planes: groups of 32 and per head, symmetric and not, with sinks, K and V mixed.
+PLANES = [
+    _layout("int3-g32-sym", Codec(3, "token", 32, True), Codec(3, "token", 32, True)),
+    _layout("int3-head-sym-sinks", Codec(3, "token", 0, True), Codec(3, "token", 0, True), 4),
+    _layout("int2-g32-sym", Codec(2, "token", 32, True), Codec(2, "token", 32, True)),
+    _layout("k3-v2g16-asym", Codec(3, "token"), Codec(2, "token", 16)),
+]
+PLANES_IDS = [m.name for m in PLANES]
 NAMED_LOWBIT = [INT4_HEAD_MODE, "int8-rot", "k8v4", "int4"]  # per-head int4 and the mode table's (rotations are outside the kernels)
 
 
@@ -150,9 +158,10 @@ def _store_both(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: t
 
 @needs_triton
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+@pytest.mark.parametrize("kv", LOWBIT + PLANES, ids=LOWBIT_IDS + PLANES_IDS)
 def test_store_lowbit_matches_reference(kv, head_dim):
-    """4-bit packing, groups, symmetric scales and the sink copies: codes and parameters bit-identical."""
+    """4-bit packing, 3- and 2-bit bit planes, groups, symmetric scales and the sink copies: codes and parameters
+    bit-identical, in exactly head_dim * bits / 8 bytes of codes per token and head."""
     torch.manual_seed(1)
     layer = make_layer(kv, 6, 3, 8, head_dim)
     if kv.sink_tokens:
@@ -171,6 +180,10 @@ def test_store_lowbit_matches_reference(kv, head_dim):
     assert_same_storage(layer, ref)
     if kv.sink_tokens:
         assert torch.equal(layer.k_sink[2, :, 3], key[1]) and not layer.k_sink[1].any()
+    for side, codec in (("k", kv.k), ("v", kv.v)):
+        assert getattr(layer, side).shape[-1] == head_dim * codec.bits // 8
+        params = 2 * codec.groups(head_dim) * codec.params_per_group()  # fp16 scales (and zero points)
+        assert codec.bytes_per_token_per_head(head_dim) == head_dim * codec.bits // 8 + params
 
 
 @needs_triton
@@ -339,9 +352,9 @@ def test_decode_matches_reference(kv, granularity, symmetric, group):
 
 @needs_triton
 @pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+@pytest.mark.parametrize("kv", LOWBIT + PLANES, ids=LOWBIT_IDS + PLANES_IDS)
 def test_decode_lowbit_matches_reference(kv, group):
-    """K and V each per its codec (4-bit unpacked in registers, groups, symmetric, sinks on rows 0 and 2)."""
+    """K and V each per its codec (4-bit and bit planes unpacked in registers, groups, symmetric, sinks on rows 0 and 2)."""
     layer = make_layer(kv, 24, 2, 16, 64)
     tables, lens = fill_rows(layer, [37, 5, 70], max_blocks=5)
     check_decode(layer, tables, lens, 2 * group, block_n=32)
@@ -457,12 +470,25 @@ def test_prefill_matches_reference(kv, granularity, symmetric, group, q_len):
 @needs_triton
 @pytest.mark.parametrize("q_len", [37, 9], ids=["whole-prompt", "new-turn"])
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("kv", LOWBIT, ids=LOWBIT_IDS)
+@pytest.mark.parametrize("kv", LOWBIT + PLANES, ids=LOWBIT_IDS + PLANES_IDS)
 def test_prefill_lowbit_matches_reference(kv, group, q_len):
-    """As above, K and V each per its codec; with sinks, row 0's first block has a slot and row 1's none."""
+    """As above, K and V each per its codec (3- and 2-bit too); with sinks, row 0's first block has a slot and row 1's none."""
     layer = make_layer(kv, 12, 2, 16, 64)
     tables, _ = fill_rows(layer, [37, 37], max_blocks=3)
     check_prefill(layer, tables, 37, q_len, 2 * group, block_m=16, block_n=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["int3", "int3-compact", INT2_G32_MODE], ids=lambda x: getattr(x, "name", x))
+def test_named_bit_plane_modes_at_head_dim_128(kv):
+    """The mode table's 3-bit modes and the 2-bit test mode through all three kernels (default tiles)."""
+    layer = make_layer(kv, 10, 2, 32, 128)
+    key, value = torch.randn(2, 5, 2, 128, device=DEVICE).half()
+    ref = _store_both(layer, key, value, torch.tensor([0, 1, 2, 40, 70], device=DEVICE))
+    assert_same_storage(layer, ref)
+    tables, lens = fill_rows(layer, [77, 19], max_blocks=4, seed=2)
+    check_decode(layer, tables, lens, 8)
+    check_prefill(layer, tables, 77, 9, 8)
 
 
 @needs_triton
@@ -647,17 +673,20 @@ def test_lowbit_storage_is_checked():
 
     assert "head_dim/2 (24) to be a multiple of the group size" in unsupported(make_layer("int4", 2, 2, 4, 48))
     assert "4-bit codes need head_dim >= 32" in unsupported(make_layer(INT4_HEAD_MODE, 2, 2, 4, 16))
+    assert "3- and 2-bit codes need a power-of-two head_dim" in unsupported(make_layer(PLANES[3], 2, 2, 4, 48))
     kv = torch.randn(1, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of the group size"):
         _store_triton(make_layer("int4", 2, 2, 4, 48), kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE))
 
 
-def test_dispatch_takes_the_reference_for_layouts_the_kernels_do_not_take(monkeypatch):
-    """On a GPU, a layer the kernels cannot read (4-bit groups straddling head_dim's halves) goes to the references."""
+@pytest.mark.parametrize("kv", ["int4", PLANES[3]], ids=["int4", "3-2-bit"])
+def test_dispatch_takes_the_reference_for_layouts_the_kernels_do_not_take(monkeypatch, kv):
+    """On a GPU, a layer the kernels cannot read (4-bit groups straddling head_dim's halves; 3- and 2-bit codes at
+    a head_dim that is not a power of two) goes to the references."""
     import kvcache.kernels as kernels
 
     monkeypatch.setattr(kernels, "use_triton", lambda t: True)
-    layer = make_layer("int4", 6, 2, 8, 48)
+    layer = make_layer(kv, 6, 2, 8, 48)
     want = clone_layer(layer)
     tables, lens = fill_rows(layer, [20, 9], max_blocks=3)
     fill_rows(want, [20, 9], max_blocks=3)

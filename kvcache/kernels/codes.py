@@ -4,6 +4,8 @@ A side (K or V) is read in *parts* (:mod:`kvcache.kernels.common`): one part of 
 4-bit codes two parts of head_dim/2 lanes, the low and high nibbles of the same bytes
 (:func:`kvcache.quant.pack_int4` splits head_dim in halves, so a ``[BLOCK_N, head_dim/2]`` byte tile
 unpacks with a mask and a shift into two tiles that each dot against the matching half of the query).
+Codes of 3 and 2 bits are stored in bit planes (:func:`kvcache.quant.pack_codes`) and read in one part of
+head_dim lanes: :func:`unpack_planes` loads each plane's bytes once and spreads them over the channels.
 Parameters per group of channels are applied to the tile in registers (one fp32 multiply-add per
 element; the ``[BLOCK_N, groups]`` parameters are broadcast over each group's lanes); per-head and
 static parameters are folded around the dots instead (:mod:`kvcache.kernels.folded`).
@@ -60,6 +62,31 @@ def _dequant_part(c, s_ptr, z_ptr, p_row, valid, FIRST: tl.constexpr, GROUP: tl.
 
 
 @triton.jit
+def _plane(data_ptr, row, valid, AT: tl.constexpr, W: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One ``W``-bit plane (starting at byte ``AT``) of a tile's codes, per channel: ``[BLOCK_N, HEAD_D]`` int32.
+
+    Byte ``j`` holds channel ``j + k * HEAD_D * W / 8`` at bit ``k * W``, so the bytes broadcast over ``k`` and
+    shifted, in row-major order, are the channels in order (HEAD_D a power of two)."""
+    j = tl.arange(0, HEAD_D * W // 8)
+    x = tl.load(data_ptr + row[:, None] + AT + j[None, :], mask=valid[:, None], other=0).to(tl.int32)
+    k = tl.arange(0, 8 // W)
+    f = (x[:, None, :] >> (k[None, :, None] * W)) & ((1 << W) - 1)
+    return tl.reshape(f, (BLOCK_N, HEAD_D))
+
+
+@triton.jit
+def unpack_planes(data_ptr, row, valid, BITS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Signed codes ``[BLOCK_N, HEAD_D]`` (int8) of 3-, 2- or 1-bit codes stored as :func:`kvcache.quant.pack_codes`:
+    a 2-bit plane (the low bits) then a 1-bit plane, each present when ``BITS`` has that bit; index minus 2^(b-1)."""
+    u = 0
+    if BITS & 2:
+        u = _plane(data_ptr, row, valid, 0, 2, HEAD_D, BLOCK_N)
+    if BITS & 1:
+        u = u | (_plane(data_ptr, row, valid, (BITS & 2) * HEAD_D // 8, 1, HEAD_D, BLOCK_N) << (BITS & 2))
+    return (u - (1 << (BITS - 1))).to(tl.int8)
+
+
+@triton.jit
 def read_side(
     data_ptr, s_ptr, z_ptr, row, p_row, valid, lanes, lmask,
     HEAD_D: tl.constexpr, QUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
@@ -71,9 +98,12 @@ def read_side(
     groups (dequantized here), and the per-token, per-head scale and zero point ``[BLOCK_N]`` the folded
     paths apply around the dots (0 where none).
     """
-    x = tl.load(data_ptr + row[:, None] + lanes[None, :], mask=valid[:, None] & lmask[None, :], other=0)
-    a = x
     b = 0.0
+    if BITS < 4:  # bit planes: one part of head_dim lanes (a power of two, :func:`kvcache.kernels.common.unsupported`)
+        a = unpack_planes(data_ptr, row, valid, BITS, HEAD_D, BLOCK_N)
+    else:
+        x = tl.load(data_ptr + row[:, None] + lanes[None, :], mask=valid[:, None] & lmask[None, :], other=0)
+        a = x
     if BITS == 4:  # pack_int4: low nibble channel j, high nibble channel j + head_dim/2, both offset by 8
         a = (x & 15).to(tl.int8) - 8
         b = (x >> 4).to(tl.int8) - 8

@@ -2,10 +2,11 @@
 
 Every wrapper (store, decode, prefill) checks its inputs with these before launching, and derives the
 kernels' compile-time switches from the layer the same way, for K and for V separately
-(:func:`side_args`): ``QUANT`` 0 floats, 1 static codes, 2 per-token codes; ``BITS`` 16, 8 or 4;
+(:func:`side_args`): ``QUANT`` 0 floats, 1 static codes, 2 per-token codes; ``BITS`` 16, 8, 4, 3 or 2;
 ``GROUP`` channels per per-token parameter group (head_dim: one group per head); ``SYM`` no zero point.
 A 4-bit side is read in two *parts* of head_dim/2 lanes (the low and high nibbles of each byte,
-:func:`kvcache.quant.pack_int4`), every other side in one part of head_dim lanes.
+:func:`kvcache.quant.pack_int4`), every other side in one part of head_dim lanes (3- and 2-bit codes: bit planes, :func:`kvcache.quant.pack_codes`,
+unpacked by :func:`kvcache.kernels.codes.unpack_planes`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 PARAM_DTYPES = (torch.float16, torch.bfloat16)  # per-token parameters; the round-up below works on 16-bit floats
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MIN_HEAD_DIM_4BIT = 32  # a part of head_dim/2 lanes must be a tensor-core dot's K (>= 16)
+KERNEL_BITS = (8, 4, 3, 2)  # code widths the kernels read and write (3 and 2: bit planes)
 MAX_SINKS = 64  # sink tokens one tile of the attention kernels holds
 # Fused multiply-adds, pinned: Triton's default flips to off in 3.10 (3.9 warns about it), and the
 # kernels should compile the same on the GPU image's 3.6 and anything newer. The quantizing paths
@@ -50,9 +52,12 @@ def unsupported(layer: LayerKV) -> str | None:
         return f"head_dim {d} is not supported by the Triton kernels (supported: {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, e.g. 64 or 128)"
     for side in ("k", "v"):
         c, scale = layer.codec(side), layer.params(side)[0]
-        if c.quantized and (c.bits not in (8, 4) or c.grid != "int" or c.rule != "kvq" or c.tensor_scale):
-            return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8- and 4-bit integer codes by our rule "
-                    "(other widths, codebooks and engine rules run through the references)")
+        if c.quantized and (c.bits not in KERNEL_BITS or c.grid != "int" or c.rule != "kvq" or c.tensor_scale):
+            return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8-, 4-, 3- and 2-bit integer codes by "
+                    "our rule (other widths, codebooks and engine rules run through the references)")
+        if c.bits < 4 and d & (d - 1):
+            return (f"{side.upper()} codec {c.label()}: 3- and 2-bit codes need a power-of-two head_dim in the Triton "
+                    f"kernels (their bit planes unpack in power-of-two tiles), this layer's is {d}")
         if c.scaling == "token" and scale is not None and scale.dtype not in PARAM_DTYPES:
             return (f"{side}_scale must be {' or '.join(map(str, PARAM_DTYPES))} for the Triton kernels, got "
                     f"{scale.dtype} (a pool of another dtype runs through the references)")
@@ -99,7 +104,7 @@ def check_storage(layer: LayerKV) -> None:
         c = layer.codec(side)
         if data.shape[3] != c.code_width(d):
             raise ValueError(f"{side.upper()} storage is {data.shape[3]} wide; {c.label()} at head_dim {d} needs {c.code_width(d)}")
-        want = {8: (torch.int8,), 4: (torch.uint8,)}.get(c.bits, FLOAT_DTYPES)
+        want = (c.storage_dtype(torch.float16),) if c.quantized else FLOAT_DTYPES
         if data.dtype not in want:
             raise ValueError(f"{side.upper()} codec {c.label()} stores {' or '.join(map(str, want))}, got {data.dtype}")
         if c.scaling == "static":

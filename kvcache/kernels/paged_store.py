@@ -4,7 +4,8 @@ Computes exactly what :func:`kvcache.kernels.reference.store_kv_reference` does,
 codec: codes and per-token parameters bit-identical to :func:`kvcache.quant.token_qparams` and
 :func:`kvcache.quant.quantize_groups` (IEEE division, round-half-even, parameters rounded to fp16 with
 scales rounded up, the symmetric peak at the first channel of largest magnitude), 4-bit codes packed as
-:func:`kvcache.quant.pack_int4`, and the fp16 copy of sink tokens. One program handles one token and a
+:func:`kvcache.quant.pack_int4`, 3- and 2-bit codes in bit planes as :func:`kvcache.quant.pack_codes`
+(:func:`pack_planes`), and the fp16 copy of sink tokens. One program handles one token and a
 tile of its heads, K and V together.
 
 A side's tile is ``[BLOCK_H, groups, lanes per group]`` (one group of all lanes when parameters are per
@@ -112,11 +113,34 @@ def _store_params(s_ptr, z_ptr, p_row, first, gi, gmask, scale, zp, SYM: tl.cons
 
 
 @triton.jit
+def _pack_plane(u, dst_row, hmask, AT: tl.constexpr, SHIFT: tl.constexpr, W: tl.constexpr, HEAD_D: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """Bits ``SHIFT .. SHIFT + W - 1`` of code indices ``u`` (``HEAD_D`` per head, in order) as one plane of
+    ``HEAD_D * W / 8`` bytes at byte ``AT``: byte ``j`` holds channel ``j + k * HEAD_D * W / 8`` at bit ``k * W``."""
+    width: tl.constexpr = HEAD_D * W // 8
+    f = (tl.reshape(u, (BLOCK_H, 8 // W, width)) >> SHIFT) & ((1 << W) - 1)
+    k = tl.arange(0, 8 // W)
+    byte = tl.sum(f << (k[None, :, None] * W), axis=1)  # disjoint bits: the sum is the OR
+    tl.store(dst_row[:, None] + AT + tl.arange(0, width)[None, :], byte.to(tl.uint8), mask=hmask[:, None])
+
+
+@triton.jit
+def pack_planes(codes, dst_row, hmask, BITS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Signed codes (fp32, ``[BLOCK_H, ...]`` holding each head's ``HEAD_D`` channels in order) as
+    :func:`kvcache.quant.pack_codes` stores them: index ``c + 2^(b-1)``, a 2-bit plane then a 1-bit plane."""
+    u = (codes + (1 << (BITS - 1))).to(tl.int32)
+    if BITS & 2:
+        _pack_plane(u, dst_row, hmask, 0, 0, 2, HEAD_D, BLOCK_H)
+    if BITS & 1:
+        _pack_plane(u, dst_row, hmask, (BITS & 2) * HEAD_D // 8, BITS & 2, 1, HEAD_D, BLOCK_H)
+
+
+@triton.jit
 def _store_side(
     x_row, dst_row, s_ptr, z_ptr, p_row, sink_row, keep_sink, hmask,
     QUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, PART: tl.constexpr,
     LANES: tl.constexpr, GP: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SINKS: tl.constexpr,
-    SCALE_FLOOR: tl.constexpr,
+    SCALE_FLOOR: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Encode one token's K or V (heads ``[BLOCK_H]``) per the side's codec; rows are per-head base pointers/offsets.
 
@@ -167,6 +191,8 @@ def _store_side(
             high = _quantize(b, s_b, z_b, QMIN, QMAX)
             byte = (codes + 8.0).to(tl.uint8) | ((high + 8.0).to(tl.uint8) << 4)
             tl.store(dst_row[:, None, None] + lane, byte, mask=mask)
+        elif BITS < 4:  # bit planes over all of head_dim (a power of two: PART == LANES)
+            pack_planes(codes, dst_row, hmask, BITS, PART, BLOCK_H)
         else:
             tl.store(dst_row[:, None, None] + lane, codes.to(tl.int8), mask=mask)
 
@@ -206,11 +232,11 @@ def _store_kv_kernel(
     _store_side(key_ptr + tok * stride_kt + offs_h * stride_kh, k_ptr + blk * stride_kb + offs_h * stride_kch + off * stride_kct,
                 ks_ptr, kz_ptr, k_static if K_QUANT == 1 else blk * stride_kpb + k_static + off * stride_kpt,
                 k_sink_row, keep_sink, hmask,
-                K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, K_GP, K_QMIN, K_QMAX, SINKS, SCALE_FLOOR)
+                K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, K_GP, K_QMIN, K_QMAX, SINKS, SCALE_FLOOR, BLOCK_H)
     _store_side(value_ptr + tok * stride_vt + offs_h * stride_vh, v_ptr + blk * stride_vb + offs_h * stride_vch + off * stride_vct,
                 vs_ptr, vz_ptr, v_static if V_QUANT == 1 else blk * stride_vpb + v_static + off * stride_vpt,
                 v_sink_row, keep_sink, hmask,
-                V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, V_GP, V_QMIN, V_QMAX, SINKS, SCALE_FLOOR)
+                V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, V_GP, V_QMIN, V_QMAX, SINKS, SCALE_FLOOR, BLOCK_H)
 
 
 def store_kv_triton(
