@@ -296,7 +296,8 @@ def decode_attention_triton(
 
     if num_warps is None:
         fp32_dot = use_dot and torch.float32 in (k_dot, v_dot)
-        num_warps = 8 if block_n * block_d > 8192 or fp32_dot else 4
+        planes = min(layer.k_codec.bits, layer.v_codec.bits) < 4  # bit-plane unpacking: 4 warps spill at head_dim 128
+        num_warps = 8 if block_n * block_d > 8192 or fp32_dot or planes else 4
     _decode_partial_kernel[(b, kvh, splits)](
         query, k.data, v.data, k.scale, k.zp, v.scale, v.zp, block_tables, seq_lens, o_part, lse,
         slot_map, k_sink, v_sink,
