@@ -119,7 +119,7 @@ def test_page_lists_are_labelled_pairs(tmp_path):
 
 
 def test_modes_listing_grouped_by_engine_with_every_per_sequence_cost():
-    from kvcache.cli import format_modes_by_engine
+    from kvcache.measure.modes_listing import format_modes_by_engine
 
     picked = [KV_MODES[n] for n in ("hf:quanto-int4", "vllm:turboquant_k8v4", "int4", "fp16", "llamacpp:q4_0")]
     lines = format_modes_by_engine(picked, SMOL).splitlines()
