@@ -61,11 +61,14 @@ def _bits(x: float) -> int | float:
 def mode_facts(modes: list[KVMode], config: Any, tokens: int = SEQUENCE_TOKENS) -> list[dict[str, Any]]:
     """What ``python -m kvcache modes --json`` prints, one object per mode, for the model of ``config``.
 
+    ``k_bits`` / ``v_bits``: mean bits over the model's layers, as in the text listing (layers a mode leaves in
+    16 bits counted);
     ``bytes_per_token``: codes and per-token parameters of one token, all layers and KV heads;
     ``ratio_to_fp16``: a ``tokens``-long sequence's bytes (its fp16 sink tokens included) over fp16's.
     """
     shape = KVShape.from_config(config)
-    return [dict(name=m.name, k_bits=_bits(m.k_bits), v_bits=_bits(m.v_bits), needs_calibration=m.needs_qparams,
+    return [dict(name=m.name, **dict(zip(("k_bits", "v_bits"), map(_bits, m.bits_for(shape.num_layers)))),
+                 needs_calibration=m.needs_qparams,
                  bytes_per_token=m.bytes_per_token(shape), sink_tokens=m.sink_tokens,
                  sink_bytes_per_sequence=m.sink_bytes(shape), pool_bytes=m.static_param_bytes(shape),
                  ratio_to_fp16=m.ratio_to_fp16(shape, tokens), codecs=m.describe_codecs(),
