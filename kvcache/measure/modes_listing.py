@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..codec import SEQUENCE_TOKENS, KVMode
+from ..codec import OUR_ENGINE, SEQUENCE_TOKENS, KVMode
+from ..engines import engine_order
 from ..errors import ModeError, one_line
 from ..storage.shape import KVShape
 from .text_table import text_table
@@ -39,16 +40,14 @@ def mode_row(mode: KVMode, shape: KVShape) -> tuple[str, ...]:
 
 def format_modes_by_engine(modes: list[KVMode], shape: KVShape) -> str:
     """The modes as one table, grouped by engine: ours first, then the serving engines in their package's order."""
-    from ..engines import ENGINES
-
-    groups = list(dict.fromkeys(["kvq", *ENGINES, *(m.engine for m in modes)]))
+    groups = engine_order(m.engine for m in modes)
     ordered = [m for engine in groups for m in modes if m.engine == engine]
     lines = text_table([MODES_COLUMNS, *(mode_row(m, shape) for m in ordered)]).splitlines()
     out, previous = lines[:1], None
     for mode, line in zip(ordered, lines[1:]):
         if mode.engine != previous:
             count = sum(m.engine == mode.engine for m in ordered)
-            out += ["", f"{'kvq (ours)' if mode.engine == 'kvq' else mode.engine}: {count} mode{'s' * (count > 1)}"]
+            out += ["", f"{mode.engine + ' (ours)' if mode.engine == OUR_ENGINE else mode.engine}: {count} mode{'s' * (count > 1)}"]
             previous = mode.engine
         out.append(line)
     return "\n".join(out)
