@@ -25,7 +25,7 @@ from kvcache.measure.pairs import engine_pairs, pairs_markdown
 from kvcache.models.loader import load_model
 from kvcache.modes import KV_MODES
 from kvcache.qparams import KVQParams
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 MARKERS = ("<!-- engine-pairs:start -->", "<!-- engine-pairs:end -->")
 

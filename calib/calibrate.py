@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 
 from kvcache.measure.overlap import ngram_sketch
-from kvcache.storage.shape import config_hash
+from kvcache.shape import config_hash
 
 from .data import check_dataset, check_seqlen, load_calib_windows
 from .errors import (

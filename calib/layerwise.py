@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache
 
 from kvcache.hf.attention import observing_queries
 from kvcache.hf.compat import cache_kwargs
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 from .errors import CalibError, CalibNaNError
 from .memory import MemoryModel

@@ -275,7 +275,7 @@ def _turn_line(session, mode: str) -> str:
 def cmd_modes(args: argparse.Namespace) -> int:
     from .measure.modes_listing import format_modes_by_engine, mode_facts
     from .modes import parse_modes
-    from .storage.shape import KVShape
+    from .shape import KVShape
 
     modes = parse_modes(args.kv)
     loaded = _load(args)
@@ -297,7 +297,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from .measure.capacity import budget_bytes, format_plan, plan
     from .measure.device_memory import free_memory_bytes
     from .modes import kv_float_dtype, parse_modes
-    from .storage.shape import KVShape
+    from .shape import KVShape
 
     modes = parse_modes(args.kv)
     count = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)

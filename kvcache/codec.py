@@ -31,7 +31,7 @@ import torch
 from .errors import ModeError
 
 if TYPE_CHECKING:
-    from .storage.shape import KVShape
+    from .shape import KVShape
 
 STATIC_PARAM_DTYPE = torch.float32  # static parameters are fp32 so they add no error of their own
 OUR_ENGINE = "kvq"  # the engine name of this tool's own schemes (KVMode.engine), listed before the others
@@ -201,7 +201,7 @@ class KVMode:
 
     def check_model(self, config: object) -> None:
         """A plan made for another model is refused in one line (a named mode fits every model)."""
-        from .storage.shape import config_hash
+        from .shape import config_hash
 
         if self.model_hash is not None and self.model_hash != config_hash(config):
             raise ModeError(f"KV plan {self.name} was made for another model (config hash {self.model_hash}, this "

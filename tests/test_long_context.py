@@ -169,7 +169,7 @@ def test_recommend_ranks_caches_and_reports(tiny, tmp_path, monkeypatch, one_tor
     assert opts["fp16"]["kl"] == 0 and opts["lmdeploy:4"]["kl"] > opts["int8-rot"]["kl"] > 0
     assert opts["lmdeploy:4"]["command"] == "lmdeploy serve api_server MODEL --quant-policy 4"
     assert opts["int8-rot"]["command"] == "--kv int8-rot"
-    from kvcache.storage.shape import KVShape
+    from kvcache.shape import KVShape
 
     shape = KVShape.from_config(tiny.model.config)
     assert opts["int8-rot"]["bytes_per_token"] == round(KV_MODES["int8-rot"].bytes_per_token_at(shape, 256), 1)

@@ -7,7 +7,7 @@ import pytest
 
 from kvcache.codec import INT8_TOKEN, KVMode
 from kvcache.modes import KV_MODES, plan_to_json
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 from ui import charts, modes
 from ui.state import AppState, SessionState, UserError
 

@@ -15,7 +15,7 @@ from kvcache.codec import OUR_ENGINE
 from kvcache.engines import engine_order as order_engines
 from kvcache.errors import ModeError
 from kvcache.modes import KV_MODES, KVMode, get_mode
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 from .state import LEFT_MODE, AppState, SessionState, UserError, kv_label
 

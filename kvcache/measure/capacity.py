@@ -15,7 +15,7 @@ import torch
 
 from ..config import BASELINE_MODE, BLOCK_SIZE
 from ..modes import KVMode, get_mode
-from ..storage.shape import KVShape
+from ..shape import KVShape
 from ..storage.sinks import SINK_BLOCKS_PER_SLOT, fixed_pool_slots
 from .text_table import text_table
 

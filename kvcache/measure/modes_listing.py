@@ -11,7 +11,7 @@ from typing import Any
 from ..codec import OUR_ENGINE, SEQUENCE_TOKENS, KVMode
 from ..engines import engine_order
 from ..errors import ModeError, one_line
-from ..storage.shape import KVShape
+from ..shape import KVShape
 from .text_table import text_table
 
 MODES_COLUMNS = ("mode", "K bits", "V bits", "calibration", "bytes/token", "+ per sequence", "+ per pool",

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..codec import OUR_ENGINE, SEQUENCE_TOKENS, KVMode
 from ..config import BASELINE_MODE
-from ..storage.shape import KVShape
+from ..shape import KVShape
 
 
 def engine_pairs(results: list[dict[str, Any]], modes: dict[str, KVMode], shape: KVShape,

@@ -28,7 +28,7 @@ from ..errors import ConfigError, EvalError
 from ..models.variants import check_window, context_limit
 from ..modes import KV_MODES, KVMode, get_mode
 from ..qparams import KVQParams
-from ..storage.shape import KVShape, config_hash
+from ..shape import KVShape, config_hash
 from .capacity import plan
 from .evaluate import ProgressFn, by_position, make_windows, score_windows
 from .needle import NeedleDesign, needle
