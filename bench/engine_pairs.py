@@ -19,12 +19,13 @@ import time
 
 from bench.common import add_json_flag, parser, write_json
 from bench.quality_table import README, replace_between
+from kvcache.codec import OUR_ENGINE
 from kvcache.measure.evaluate import BUILTIN_TEXTS, evaluate, read_text
 from kvcache.measure.pairs import engine_pairs, pairs_markdown
 from kvcache.models.loader import load_model
 from kvcache.modes import KV_MODES
 from kvcache.qparams import KVQParams
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 MARKERS = ("<!-- engine-pairs:start -->", "<!-- engine-pairs:end -->")
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = KVShape.from_config(loaded.model.config)
     pairs = engine_pairs(report["results"], KV_MODES, shape)
     table = pairs_markdown(pairs)
-    wins = sum(p["winner"] == "kvq" for p in pairs)
+    wins = sum(p["winner"] == OUR_ENGINE for p in pairs)
     note = (f"{args.text}, {args.samples} x {args.seqlen} tokens ({report['tokens_scored']:,} positions), "
             f"{time.time() - started:.0f} s: ours has the lower KL in {wins} of {len(pairs)} pairs")
     print(table + "\n\n" + note)

@@ -62,7 +62,7 @@ from kvcache.engine.sampling import next_token
 from kvcache.hf.forward import forward_tokens
 from kvcache.measure.device_memory import free_memory_bytes
 from kvcache.modes import KVMode
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -38,7 +38,8 @@ from kvcache.measure.evaluate import (
 from kvcache.measure.needle import needle
 from kvcache.models.loader import load_model
 from kvcache.config import BASELINE_MODE
-from kvcache.engines import ENGINES
+from kvcache.codec import OUR_ENGINE
+from kvcache.engines import engine_order
 from kvcache.modes import KV_MODES
 from kvcache.qparams import KVQParams
 
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, loaded, qparams: dict[str, KVQParams]) -> list
 
 def _engine(row: dict) -> str:
     """Whose scheme a row is: a named mode's engine; the planner's plan is ours."""
-    return KV_MODES[row["kv"]].engine if row["kv"] in KV_MODES else "kvq"
+    return KV_MODES[row["kv"]].engine if row["kv"] in KV_MODES else OUR_ENGINE
 
 
 def figure(reports: list[dict], path: Path) -> Path:
@@ -183,7 +184,7 @@ def figure(reports: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(reports), figsize=(6 * len(reports), 8), squeeze=False)
-    engines = list(dict.fromkeys(["kvq", *ENGINES, *(_engine(r) for rep in reports for r in rep["rows"])]))
+    engines = engine_order(_engine(r) for rep in reports for r in rep["rows"])
     for col, rep in enumerate(reports):
         rows = [r for r in rep["rows"] if r["label"] != BASELINE_MODE]
         for row_i, (key, name) in enumerate((("delta_ppl_pct", "Δppl vs fp16 (%)"), ("top1_match_pct", "top-1 agreement (%)"))):
@@ -193,7 +194,7 @@ def figure(reports: list[dict], path: Path) -> Path:
                 if group:
                     ax.scatter([r["kv_ratio_to_fp16"] for r in group], [r[key] for r in group], s=30,
                                marker="osD^vP*X"[i % 8], color=f"C{i % 10}",
-                               label="kvq (ours)" if engine == "kvq" else engine)
+                               label=f"{engine} (ours)" if engine == OUR_ENGINE else engine)
             for r in rows:
                 ax.annotate(r["label"].replace(" static", "").replace("planner, Δppl ≤ ", "plan ≤ ").replace(" budget", ""), (r["kv_ratio_to_fp16"], r[key]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")

@@ -22,7 +22,7 @@ from torch import nn
 
 from kvcache.measure.overlap import ngram_sketch
 from kvcache.models.variants import rope_inv_freq
-from kvcache.storage.shape import config_hash
+from kvcache.shape import config_hash
 
 from .data import check_dataset, check_seqlen, load_calib_windows
 from .errors import (

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache
 
 from kvcache.hf.attention import observing_queries
 from kvcache.hf.compat import cache_kwargs
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 from .errors import CalibError, CalibNaNError
 from .memory import MemoryModel
@@ -132,7 +132,7 @@ class _LayerObservers:
         self.value.update(v.transpose(1, 2))
         self.key_moment.update(k)
 
-    def on_query(self, layer_idx: int, q: torch.Tensor) -> None:
+    def on_query(self, q: torch.Tensor) -> None:
         self.query_moment.update(q)
 
 
@@ -269,7 +269,7 @@ def _observe_layer(run: LayerwiseRun, i: int, hidden: list[torch.Tensor], dev_kw
             if measure:
                 torch.cuda.reset_peak_memory_stats(compute)
                 base = torch.cuda.memory_allocated(compute)
-            with observing_queries(obs.on_query):
+            with observing_queries(struct.attns[i], obs.on_query):
                 out = layer(h.to(compute), **dev_kwargs[h.shape[0]], **cache_kwargs(cache))
             out = out[0] if isinstance(out, tuple) else out
             if measure:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kvcache.measure.device_memory import free_memory_bytes
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 from .errors import CalibOOMError
 

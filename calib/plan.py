@@ -16,7 +16,7 @@ from kvcache.measure.planner import (ProgressFn, Scorer, candidates, make_plan, 
                                      sensitivity, split_windows)
 from kvcache.modes import plan_to_json
 from kvcache.qparams import KVQParams
-from kvcache.storage.shape import KVShape, config_hash
+from kvcache.shape import KVShape, config_hash
 
 from .data import load_calib_windows
 from .errors import CalibError

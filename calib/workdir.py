@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kvcache.measure.overlap import sketch_to_text
-from kvcache.storage.shape import KVShape, config_hash
+from kvcache.shape import KVShape, config_hash
 
 from .errors import CalibError, CalibStatsError
 

@@ -18,7 +18,7 @@ from .models.loader import LoadedModel, load_model
 from .modes import KV_MODES, KVMode, get_mode, parse_modes
 from .qparams import KVQParams
 from .storage.block_pool import BlockPool, KVMemory
-from .storage.shape import KVShape, config_hash
+from .shape import KVShape, config_hash
 
 __all__ = [
     "EngineConfig", "ChatSession", "GenerationConfig", "Engine", "ConfigError", "ContextTooLong", "EvalError",

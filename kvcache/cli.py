@@ -12,15 +12,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import CHUNK_TOKENS, DTYPE_HELP, DTYPES, SYSTEM_PROMPT_FILE
 from .errors import KVQError, one_line
 from .modes import KV_MODES, KVQ_MODES
-
-if TYPE_CHECKING:
-    from .codec import KVMode
-    from .storage.shape import KVShape
 
 QPARAMS_HELP = ("kv_qparams.safetensors for the calibrated modes, or the folder "
                 "`python -m calib kv_qparams WORK_DIR OUT --format kvq` wrote")
@@ -277,55 +272,10 @@ def _turn_line(session, mode: str) -> str:
             f"tokens in {s.prefill_s:.2f} s, KV {mode}: {held}]")
 
 
-MODES_COLUMNS = ("mode", "K bits", "V bits", "calibration", "bytes/token", "+ per sequence", "+ per pool",
-                 "B/token at 2,048", "x fp16", "codecs", "turn it on")
-
-
-def _mode_row(mode: KVMode, shape: KVShape) -> tuple[str, ...]:
-    """One mode of the listing: mean bits over the model's layers (16-bit boundary layers counted), the marginal
-    bytes, what a sequence costs once (fp16 sinks, a 16-bit residual window) and a pool once (static parameters,
-    maps, codebooks), and a 2,048-token sequence's bytes per token (its own costs spread over it) and ratio to fp16."""
-    from .codec import SEQUENCE_TOKENS
-    from .errors import ModeError
-
-    try:
-        mode.check_shape(shape)
-    except ModeError as exc:
-        return (mode.name, *["-"] * 8, one_line(exc), mode.serve)
-    k, v = mode.bits_for(shape.num_layers)
-    once, pool = mode.sink_bytes(shape) + mode.residual_bytes(shape), mode.static_param_bytes(shape)
-    why = ", ".join(w for w in (f"{mode.sink_tokens} sinks" if mode.sink_tokens else "",
-                                f"{mode.residual}-token window" if mode.residual else "") if w)
-    return (mode.name, f"{k:.3g}", f"{v:.3g}", "--qparams" if mode.needs_qparams else "-",
-            f"{mode.bytes_per_token(shape):,}", f"{once:,} ({why})" if once else "-",
-            f"{pool:,}" if pool else "-",
-            f"{mode.bytes_per_token_at(shape, SEQUENCE_TOKENS):,.0f}",
-            f"{mode.ratio_to_fp16(shape, SEQUENCE_TOKENS):.3f}",
-            mode.describe_codecs(), mode.serve)
-
-
-def format_modes_by_engine(modes: list[KVMode], shape: KVShape) -> str:
-    """The modes as one table, grouped by engine: ours first, then the serving engines in their package's order."""
-    from .engines import ENGINES
-    from .measure.capacity import _table  # the listing's column layout, shared with the capacity tables
-
-    groups = list(dict.fromkeys(["kvq", *ENGINES, *(m.engine for m in modes)]))
-    ordered = [m for engine in groups for m in modes if m.engine == engine]
-    lines = _table([MODES_COLUMNS, *(_mode_row(m, shape) for m in ordered)]).splitlines()
-    out, previous = lines[:1], None
-    for mode, line in zip(ordered, lines[1:]):
-        if mode.engine != previous:
-            count = sum(m.engine == mode.engine for m in ordered)
-            out += ["", f"{'kvq (ours)' if mode.engine == 'kvq' else mode.engine}: {count} mode{'s' * (count > 1)}"]
-            previous = mode.engine
-        out.append(line)
-    return "\n".join(out)
-
-
 def cmd_modes(args: argparse.Namespace) -> int:
-    from .measure.capacity import mode_facts
+    from .measure.modes_listing import format_modes_by_engine, mode_facts
     from .modes import parse_modes
-    from .storage.shape import KVShape
+    from .shape import KVShape
 
     modes = parse_modes(args.kv)
     loaded = _load(args)
@@ -347,7 +297,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from .measure.capacity import budget_bytes, format_plan, plan
     from .measure.device_memory import free_memory_bytes
     from .modes import kv_float_dtype, parse_modes
-    from .storage.shape import KVShape
+    from .shape import KVShape
 
     modes = parse_modes(args.kv)
     count = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)

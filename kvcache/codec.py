@@ -31,9 +31,10 @@ import torch
 from .errors import ModeError
 
 if TYPE_CHECKING:
-    from .storage.shape import KVShape
+    from .shape import KVShape
 
 STATIC_PARAM_DTYPE = torch.float32  # static parameters are fp32 so they add no error of their own
+OUR_ENGINE = "kvq"  # the engine name of this tool's own schemes (KVMode.engine), listed before the others
 SEQUENCE_TOKENS = 2048  # the sequence length per-sequence costs (sinks) are spread over in ratios
 
 GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "lloyd-max-vllm": None, "table": None, "e4m3": 8, "e5m2": 8,
@@ -191,7 +192,7 @@ class KVMode:
     v: Codec = FP16
     sink_tokens: int = 0
     layers: tuple[tuple[Codec, Codec], ...] | None = None  # a plan: (K, V) per layer; None: ``k``/``v`` in all
-    engine: str = "kvq"  # whose scheme it is: "kvq" (ours), "vllm", "sglang", "lmdeploy", "llamacpp", "hf"
+    engine: str = OUR_ENGINE  # whose scheme it is: "kvq" (ours), "vllm", "sglang", "lmdeploy", "llamacpp", "hf"
     serve: str = ""  # what a user pastes to turn it on in that engine (a flag, an environment, a constructor)
     model_hash: str | None = None  # a plan: the config hash of the model it was made for
     skip_layers: int = 0  # the first and last N layers stay in 16 bits (vLLM TurboQuant's boundary layers)
@@ -200,7 +201,7 @@ class KVMode:
 
     def check_model(self, config: object) -> None:
         """A plan made for another model is refused in one line (a named mode fits every model)."""
-        from .storage.shape import config_hash
+        from .shape import config_hash
 
         if self.model_hash is not None and self.model_hash != config_hash(config):
             raise ModeError(f"KV plan {self.name} was made for another model (config hash {self.model_hash}, this "

@@ -12,12 +12,12 @@ import functools
 from dataclasses import replace
 from pathlib import Path
 
-from .codec import (FP16, INT8_STATIC, INT8_TOKEN, SEQUENCE_TOKENS, STATIC_PARAM_DTYPE, Codec, KVMode,  # noqa: F401
+from .codec import (FP16, INT8_STATIC, INT8_TOKEN, OUR_ENGINE, SEQUENCE_TOKENS, STATIC_PARAM_DTYPE, Codec, KVMode,  # noqa: F401
                     kv_float_dtype)
 from .errors import ModeError
 
 
-def _mode(name: str, description: str, k: Codec, v: Codec, sinks: int = 0, engine: str = "kvq",
+def _mode(name: str, description: str, k: Codec, v: Codec, sinks: int = 0, engine: str = OUR_ENGINE,
           serve: str = "") -> KVMode:
     return KVMode(name, description, k, v, sinks, engine=engine, serve=serve or f"--kv {name}")
 

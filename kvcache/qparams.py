@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import QParamsError
 from .quant import asym_qparams, granularity_shape, reduce_to_granularity, sym_qparams
-from .storage.shape import KVShape
+from .shape import KVShape
 
 FORMAT = "kvq-qparams"
 FILE_NAME = "kv_qparams.safetensors"  # what `python -m calib kv_qparams ... --format kvq` writes in OUT_DIR

@@ -40,7 +40,7 @@ def static_qparams(shape, granularity="channel", symmetric=False, lim=4.0, cente
 def random_qparams(config, seed: int = 7):
     """Calibrated-looking parameters for a (tiny) model: static int8 ranges of +-4 and a random, well-conditioned
     query-aware key transform per layer (determinant 1), enough for every calibrated mode to run."""
-    from kvcache.storage.shape import KVShape
+    from kvcache.shape import KVShape
 
     shape = KVShape.from_config(config)
     g = torch.Generator().manual_seed(seed)

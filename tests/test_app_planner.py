@@ -12,7 +12,7 @@ import torch
 from kvcache.config import BASELINE_MODE
 from kvcache.errors import KVQError
 from kvcache.modes import KV_MODES, get_mode
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 from ui import build_demo, charts, handlers
 from ui.errors import shown_in_page
 from ui.state import AppState, SessionState

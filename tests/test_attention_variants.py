@@ -71,6 +71,13 @@ def _save(config: PreTrainedConfig, folder: Path, tokenizer) -> Path:
     return folder
 
 
+def _refused_at_load(folder: Path) -> pytest.ExceptionInfo:
+    """The ModelLoadError ``load_model`` raises for the model saved in ``folder`` (refused before it runs)."""
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder), device="cpu")
+    return err
+
+
 @pytest.fixture(scope="module", params=["mistral", "qwen2"])
 def windowed(request, tmp_path_factory, loaded_default: LoadedModel) -> tuple[LoadedModel, torch.nn.Module]:
     """A random windowed model loaded with kvq, and the same weights under transformers' eager attention."""
@@ -128,18 +135,14 @@ def test_families_the_cache_cannot_honour_are_refused_in_one_line(model_type, wh
     from transformers import AutoConfig
 
     AutoConfig.for_model(model_type).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError) as err:
-        load_model(str(tmp_path), device="cpu")
-    _one_line(err, f"'{model_type}'", "llama", why)
+    _one_line(_refused_at_load(tmp_path), f"'{model_type}'", "llama", why)
 
 
 def test_softcapping_in_a_supported_family_is_refused_in_one_line(tmp_path, loaded_default: LoadedModel):
     config = MistralConfig(vocab_size=len(loaded_default.tokenizer), **SMALL)
     config.attn_logit_softcapping = Gemma2Config().attn_logit_softcapping
-    _save(config, tmp_path / "capped", loaded_default.tokenizer)
-    with pytest.raises(ModelLoadError) as err:
-        load_model(str(tmp_path / "capped"), device="cpu")
-    _one_line(err, "capped", "attn_logit_softcapping 50")
+    _one_line(_refused_at_load(_save(config, tmp_path / "capped", loaded_default.tokenizer)), "capped",
+              "attn_logit_softcapping 50")
 
 
 # --- decode of rows of unequal length -----------------------------------------------------------
@@ -240,14 +243,18 @@ def test_decode_of_unequal_rows_past_the_window(windowed):
     _unequal_decode(lm.model, (9, 2 * WINDOW + 3, WINDOW + 5), mask=False)
 
 
-def test_residual_schemes_past_the_window_are_refused_in_one_line():
+def _random_mistral(**config) -> torch.nn.Module:
+    """A seeded random Mistral with the kvq attention (sliding window 8, vocabulary 128), built without saving."""
     from kvcache.hf.attention import register_attention
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=8,
-                           max_position_embeddings=64, attn_implementation=register_attention())
-    model = AutoModelForCausalLM.from_config(config).eval()  # head_dim 64: the hf: schemes' groups
+    config = MistralConfig(vocab_size=128, sliding_window=8, attn_implementation=register_attention(), **config)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_residual_schemes_past_the_window_are_refused_in_one_line():
+    model = _random_mistral(hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=64, max_position_embeddings=64)  # the hf: schemes' groups
     cache = PagedKVCache.for_model(model, "hf:quanto-int4", block_size=BLOCK, fp_dtype=torch.float32)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(6))
     forward_tokens(model, cache, ids[:, :8])  # within the window: attended
@@ -260,12 +267,8 @@ def test_the_kernels_attend_past_the_window_as_the_references_do(monkeypatch):
     """Rows past the window take the prefill kernel with each row's window as its mask (Triton's interpreter here)."""
     pytest.importorskip("triton")
     import kvcache.kernels as kernels
-    from kvcache.hf.attention import register_attention
 
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=128, sliding_window=8, attn_implementation=register_attention(),
-                           **(SMALL | {"max_position_embeddings": 64}))
-    model = AutoModelForCausalLM.from_config(config).eval().half()  # the prefill kernel takes 16-bit queries
+    model = _random_mistral(**(SMALL | {"max_position_embeddings": 64})).half()  # the prefill kernel takes 16-bit queries
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 19, 11)]
 

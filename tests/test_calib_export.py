@@ -20,7 +20,7 @@ from calib.export import export, export_kvq, export_turbomind, export_vllm
 from calib.workdir import check_model, load_work_dir
 from kvcache.qparams import KVQParams
 from kvcache.quant import SCALE_EPS
-from kvcache.storage.shape import KVShape, config_hash
+from kvcache.shape import KVShape, config_hash
 
 C = 226695 / 2**17  # 255 * 127 * 7 / 2^17, exact in float32
 

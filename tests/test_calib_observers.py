@@ -149,3 +149,22 @@ def test_batch_size_does_not_change_the_stats(tiny_run, tmp_path):
         for s in a:
             for name in a[s]:
                 _close(a[s][name], b[s][name])
+
+
+def test_a_query_observer_sees_only_its_own_attention_module():
+    from kvcache.hf.attention import QUERY_OBSERVER, observing_queries
+
+    model = make_tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab=64)
+    attn0, attn1 = (layer.self_attn for layer in model.model.layers)
+    seen = []
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with observing_queries(attn1, seen.append), torch.no_grad():
+        with pytest.raises(RuntimeError, match="already has a query observer"):
+            with observing_queries(attn1, print):
+                pass
+        model(ids, use_cache=False)
+    # layer 1's queries only, one call per forward: [batch, heads, tokens, head_dim]
+    assert len(seen) == 1 and seen[0].shape == (2, 4, 7, 16)
+    assert not hasattr(attn0, QUERY_OBSERVER) and not hasattr(attn1, QUERY_OBSERVER)
+    model(ids, use_cache=False)  # no observer left behind
+    assert len(seen) == 1

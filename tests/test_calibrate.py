@@ -19,7 +19,7 @@ from calib.errors import (
 )
 from calib.workdir import WORK_DIR_FILES, check_model, load_work_dir
 from kvcache.qparams import KVQParams
-from kvcache.storage.shape import config_hash
+from kvcache.shape import config_hash
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3, 4, 2, 16, 64
 

@@ -17,7 +17,7 @@ from kvcache.encoding import SideParams, decode, encode
 from kvcache.errors import ModeError
 from kvcache.modes import KV_MODES, get_mode
 from kvcache.storage.maps import layer_maps
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 from kvcache.storage.tables import layer_grid, layer_tensor_scale
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -389,7 +389,7 @@ def test_each_engine_scheme_is_paired_with_our_best_mode_at_no_more_bytes():
     """The README's pairs: our lowest-KL mode among those at no more bytes of a 2,048-token sequence (sinks counted)."""
     from kvcache.measure.pairs import engine_pairs, pairs_markdown
     from kvcache.modes import KV_MODES
-    from kvcache.storage.shape import KVShape
+    from kvcache.shape import KVShape
 
     shape = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)  # the embedded model's
     row = lambda kv, kl: dict(kv=kv, kl_vs_fp16=kl, top1_match_pct=90.0, delta_ppl_pct=1.0)  # noqa: E731

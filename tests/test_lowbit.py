@@ -23,7 +23,7 @@ from kvcache.quant import (dequantize_groups, pack_int4, quantize_groups, sym_to
                            unpack_int4)
 from kvcache.storage.layout import LayerKV
 from kvcache.storage.maps import layer_maps, map_kv, map_query, unmap_output
-from kvcache.storage.shape import KVShape, config_hash
+from kvcache.shape import KVShape, config_hash
 from kvcache.transforms import hadamard, qk_transform
 
 from conftest import make_tiny_llama, random_qparams

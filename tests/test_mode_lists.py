@@ -7,7 +7,7 @@ import pytest
 
 from kvcache.codec import INT8_TOKEN, KVMode
 from kvcache.modes import KV_MODES, plan_to_json
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 from ui import charts, modes
 from ui.state import AppState, SessionState, UserError
 
@@ -119,7 +119,7 @@ def test_page_lists_are_labelled_pairs(tmp_path):
 
 
 def test_modes_listing_grouped_by_engine_with_every_per_sequence_cost():
-    from kvcache.cli import format_modes_by_engine
+    from kvcache.measure.modes_listing import format_modes_by_engine
 
     picked = [KV_MODES[n] for n in ("hf:quanto-int4", "vllm:turboquant_k8v4", "int4", "fp16", "llamacpp:q4_0")]
     lines = format_modes_by_engine(picked, SMOL).splitlines()
@@ -134,3 +134,19 @@ def test_modes_listing_grouped_by_engine_with_every_per_sequence_cost():
     assert rows["hf:quanto-int4"][4:6] == ["6,480", "2,119,680"] and "7,515" in rows["hf:quanto-int4"]
     assert lines[-1].endswith('QuantizedCache(backend="quanto", config=model.config, nbits=4)')
     assert rows["fp16"][-2:] == ["--kv", "fp16"]
+
+
+def test_modes_json_counts_the_layers_a_mode_leaves_in_16_bits():
+    from kvcache.measure.modes_listing import format_modes_by_engine, mode_facts
+
+    picked = [KV_MODES[n] for n in ("vllm:turboquant_k8v4", "k8v4")]
+    config = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                             hidden_size=576)
+    facts = {f["name"]: f for f in mode_facts(picked, config)}
+    # TurboQuant k8v4 keeps the first and last 2 of 30 layers in 16 bits: K (26 * 8 + 4 * 16) / 30, V (26 * 4 + 64) / 30
+    assert (facts["vllm:turboquant_k8v4"]["k_bits"], facts["vllm:turboquant_k8v4"]["v_bits"]) == (9.067, 5.6)
+    assert (facts["k8v4"]["k_bits"], facts["k8v4"]["v_bits"]) == (8, 4)
+    lines = format_modes_by_engine(picked, KVShape.from_config(config)).splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line and not line.endswith(("mode", "modes"))}
+    for name, f in facts.items():
+        assert rows[name][1:3] == [f"{f['k_bits']:.3g}", f"{f['v_bits']:.3g}"]  # the JSON and the table agree

@@ -1,5 +1,5 @@
 """The KV-mode lists every tab shows, built here once: ours first, then each serving engine's schemes in
-:data:`kvcache.engines.ENGINES`' order, each labelled with its engine and its bytes for the loaded model.
+:func:`kvcache.engines.engine_order`, each labelled with its engine and its bytes for the loaded model.
 
 A dropdown option has no hover of its own, so the line under a list (:func:`mode_info`) says what the selected
 modes are and what turns each on in its engine (``KVMode.serve``). Values stay mode names (a plan: its label),
@@ -11,23 +11,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kvcache.config import BASELINE_MODE
-from kvcache.engines import ENGINES
+from kvcache.codec import OUR_ENGINE
+from kvcache.engines import engine_order as order_engines
 from kvcache.errors import ModeError
 from kvcache.modes import KV_MODES, KVMode, get_mode
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 from .state import LEFT_MODE, AppState, SessionState, UserError, kv_label
 
-OURS = "kvq"
 ALL_ENGINES = "all"  # the engine filter's "no filter"
-ENGINE_TITLES = {OURS: "ours", "vllm": "vLLM", "sglang": "SGLang", "lmdeploy": "LMDeploy", "llamacpp": "llama.cpp",
+ENGINE_TITLES = {OUR_ENGINE: "ours", "vllm": "vLLM", "sglang": "SGLang", "lmdeploy": "LMDeploy", "llamacpp": "llama.cpp",
                  "hf": "transformers"}
 BASELINE_TITLE = "fp16 baseline"  # the reference point of the pictures, apart from our modes
 
 
 def engine_order() -> list[str]:
-    """Ours first, then the serving engines in :data:`kvcache.engines.ENGINES`' order (and any other a mode names)."""
-    return list(dict.fromkeys([OURS, *ENGINES, *(m.engine for m in KV_MODES.values())]))
+    """The engines the mode table names, in :func:`kvcache.engines.engine_order` (ours first)."""
+    return order_engines(m.engine for m in KV_MODES.values())
 
 
 def engine_title(engine: str) -> str:

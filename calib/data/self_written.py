@@ -25,7 +25,7 @@ from kvcache.hf.attention import register_attention
 from kvcache.models.variants import context_limit
 from kvcache.modes import get_mode
 from kvcache.storage.block_pool import BlockPool
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 from ..errors import CalibCancelled, CalibDataError
 

@@ -24,7 +24,7 @@ from ..measure.device_memory import free_memory_bytes
 from ..modes import KV_MODES, KVMode, get_mode, require_qparams
 from ..qparams import KVQParams
 from ..storage.block_pool import BlockPool
-from ..storage.shape import KVShape
+from ..shape import KVShape
 from .chat import ChatSession
 from .sampling import eos_ids
 from .worker import BatchWorker

@@ -25,18 +25,21 @@ from ..storage.maps import map_query, unmap_output
 from .cache import PagedView
 
 ATTN_IMPLEMENTATION = "kvq"
-_query_observer: Callable[[int, torch.Tensor], None] | None = None
+QUERY_OBSERVER = "kvq_query_observer"  # the attention module's attribute that, while set, sees its queries
 
 
 @contextlib.contextmanager
-def observing_queries(observer: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """While active, ``observer(layer_idx, query)`` sees every post-RoPE query ``kvq`` attention gets (calibration)."""
-    global _query_observer
-    _query_observer = observer
+def observing_queries(attention: torch.nn.Module, observer: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """While active, ``observer(query)`` sees every post-RoPE query ``kvq`` attention gets in the ``attention``
+    module (calibration). The observer is that module's own state, not the process's: two models (or two layers)
+    observed at once never feed each other's statistics."""
+    if getattr(attention, QUERY_OBSERVER, None) is not None:
+        raise RuntimeError(f"{type(attention).__name__} already has a query observer")
+    setattr(attention, QUERY_OBSERVER, observer)
     try:
         yield
     finally:
-        _query_observer = None
+        delattr(attention, QUERY_OBSERVER)
 
 
 def kvq_attention(
@@ -51,8 +54,9 @@ def kvq_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention over a paged, possibly quantized, cache (``query`` is ``[batch, heads, q_len, head_dim]``)."""
     if not isinstance(key, PagedView):
-        if _query_observer is not None:
-            _query_observer(module.layer_idx, query)
+        observer = getattr(module, QUERY_OBSERVER, None)
+        if observer is not None:
+            observer(query)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     ctx, storage = key.context, key.storage
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -30,7 +30,7 @@ from ..storage.block_pool import BlockPool, KVMemory
 from ..storage.context import StepContext
 from ..storage.layout import LayerKV
 from ..storage.maps import map_kv
-from ..storage.shape import KVShape
+from ..shape import KVShape
 
 
 @dataclass

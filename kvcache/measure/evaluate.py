@@ -43,7 +43,7 @@ from ..models.variants import check_window, context_limit
 from ..modes import get_mode, require_qparams
 from ..qparams import KVQParams
 from ..storage.block_pool import BlockPool
-from ..storage.shape import KVShape
+from ..shape import KVShape
 from .overlap import containment, sketch_from_text
 
 ProgressFn = Callable[[float, str], Any]  # returning False cancels (MeasureCancelled)

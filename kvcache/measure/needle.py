@@ -33,7 +33,7 @@ from ..hf.forward import forward_tokens, last_logits, prefill_chunks
 from ..models.variants import check_window, context_limit
 from ..modes import get_mode, require_qparams
 from ..qparams import KVQParams
-from ..storage.shape import KVShape
+from ..shape import KVShape
 from .evaluate import ProgressFn, report_progress
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..codec import SEQUENCE_TOKENS, KVMode
+from ..codec import OUR_ENGINE, SEQUENCE_TOKENS, KVMode
 from ..config import BASELINE_MODE
-from ..storage.shape import KVShape
+from ..shape import KVShape
 
 
 def engine_pairs(results: list[dict[str, Any]], modes: dict[str, KVMode], shape: KVShape,
@@ -23,11 +23,11 @@ def engine_pairs(results: list[dict[str, Any]], modes: dict[str, KVMode], shape:
     ``results`` are evaluation rows (``kv``, ``kl_vs_fp16``, ``top1_match_pct``, ``delta_ppl_pct``); ``modes``
     maps each row's ``kv`` to its mode."""
     rows = [dict(r, bytes=modes[r["kv"]].bytes_per_token_at(shape, tokens)) for r in results if r["kv"] in modes]
-    ours = [r for r in rows if modes[r["kv"]].engine == "kvq" and r["kv"] != BASELINE_MODE]
+    ours = [r for r in rows if modes[r["kv"]].engine == OUR_ENGINE and r["kv"] != BASELINE_MODE]
     fp16 = modes[BASELINE_MODE].bytes_per_token_at(shape, tokens) if BASELINE_MODE in modes else None
     pairs = []
     for r in rows:
-        if modes[r["kv"]].engine == "kvq":
+        if modes[r["kv"]].engine == OUR_ENGINE:
             continue
         fits = [o for o in ours if o["bytes"] <= r["bytes"]]
         best = min(fits, key=lambda o: o["kl_vs_fp16"]) if fits else None
@@ -39,7 +39,7 @@ def engine_pairs(results: list[dict[str, Any]], modes: dict[str, KVMode], shape:
             pair.update(ours=best["kv"], ours_bytes_per_token=best["bytes"], ours_kl=best["kl_vs_fp16"],
                         ours_top1_match_pct=best["top1_match_pct"], ours_delta_ppl_pct=best["delta_ppl_pct"],
                         kl_ratio=r["kl_vs_fp16"] / best["kl_vs_fp16"] if best["kl_vs_fp16"] > 0 else float("inf"),
-                        winner="kvq" if best["kl_vs_fp16"] < r["kl_vs_fp16"] else modes[r["kv"]].engine)
+                        winner=OUR_ENGINE if best["kl_vs_fp16"] < r["kl_vs_fp16"] else modes[r["kv"]].engine)
         pairs.append(pair)
     return pairs
 
@@ -55,5 +55,5 @@ def pairs_markdown(pairs: list[dict[str, Any]]) -> str:
             continue
         ours_x = p["ours_bytes_per_token"] / p["bytes_per_token"] * p["x_fp16"]
         lines.append(head + f" {p['ours']} | {ours_x:.3f} | {p['ours_kl']:.1e} | {p['ours_top1_match_pct']:.2f} | "
-                     f"{p['kl_ratio']:.1f}x | {'ours' if p['winner'] == 'kvq' else p['winner']} |")
+                     f"{p['kl_ratio']:.1f}x | {'ours' if p['winner'] == OUR_ENGINE else p['winner']} |")
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from ..hf.cache import PagedKVCache
 from ..hf.forward import forward_tokens
 from ..modes import FP16, INT2_G32, INT3_G32, INT4_G16, INT8_ROT, SEQUENCE_TOKENS, Codec, KVMode, get_mode
 from ..qparams import KVQParams
-from ..storage.shape import KVShape
+from ..shape import KVShape
 from .evaluate import delta_ppl_interval
 
 ProgressFn = Callable[[float, str], Any]

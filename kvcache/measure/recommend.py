@@ -21,20 +21,19 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from ..codec import kv_float_dtype
+from ..codec import OUR_ENGINE, kv_float_dtype
 from ..config import BASELINE_MODE, BLOCK_SIZE
+from ..engines import engine_order
 from ..errors import ConfigError, EvalError
 from ..models.variants import check_window, context_limit
 from ..modes import KV_MODES, KVMode, get_mode
 from ..qparams import KVQParams
-from ..storage.shape import KVShape, config_hash
+from ..shape import KVShape, config_hash
 from .capacity import plan
 from .evaluate import ProgressFn, by_position, make_windows, score_windows
 from .needle import NeedleDesign, needle
 from .results_cache import ResultsCache, mode_fingerprint, qparams_hash, text_hash
 
-KNOWN_ENGINES = ("vllm", "sglang", "lmdeploy", "llamacpp", "hf", "kvq")
-OURS = "kvq"
 # Our modes per byte class, best first (KL on both texts of the README's quality table): the first whose
 # needs are met stands for its class. Without --qparams, int8-qk gives way to int8-rot (KL 1.4e-4 vs int8-dynamic's
 # 4.0e-4 at the same bytes); k8v4 and int4 need calibrated parameters and are skipped with a note.
@@ -48,8 +47,8 @@ NEEDLE_DEPTHS = (0.0, 0.5, 1.0)  # recommend --needle-trials: retrieval at the c
 
 
 def engines() -> list[str]:
-    """The engines ``--engine`` takes: the known ones and any a mode of the table names."""
-    return list(dict.fromkeys([*KNOWN_ENGINES, *(m.engine for m in KV_MODES.values())]))
+    """The engines ``--engine`` takes: ours and the serving engines in their listing order, and any a mode of the table names."""
+    return engine_order(m.engine for m in KV_MODES.values())
 
 
 def check_engine(engine: str) -> None:
@@ -61,10 +60,10 @@ def candidates(engine: str, has_qparams: bool, every_mode: bool = False) -> tupl
     """The options to measure for ``engine`` (fp16 first) and notes on those skipped."""
     check_engine(engine)
     notes: list[str] = []
-    theirs = [m for m in KV_MODES.values() if m.engine == engine and m.engine != OURS]
+    theirs = [m for m in KV_MODES.values() if m.engine == engine and m.engine != OUR_ENGINE]
     ours: list[KVMode] = []
-    if engine == OURS or every_mode:
-        ours = [m for m in KV_MODES.values() if m.engine == OURS]
+    if engine == OUR_ENGINE or every_mode:
+        ours = [m for m in KV_MODES.values() if m.engine == OUR_ENGINE]
     else:
         for label, names in OUR_BEST:
             usable = [n for n in names if n in KV_MODES and (has_qparams or not KV_MODES[n].needs_qparams)]
@@ -78,12 +77,12 @@ def candidates(engine: str, has_qparams: bool, every_mode: bool = False) -> tupl
     keep = []
     for m in theirs + ours:
         if m.needs_qparams and not has_qparams:
-            if m.engine != OURS or engine == OURS or every_mode:
+            if m.engine != OUR_ENGINE or engine == OUR_ENGINE or every_mode:
                 notes.append(f"{m.name} needs --qparams: skipped")
             continue
         keep.append(m)
     keep = list({m.name: m for m in [KV_MODES[BASELINE_MODE], *keep]}.values())
-    if not theirs and engine != OURS:
+    if not theirs and engine != OUR_ENGINE:
         notes.append(f"no {engine} schemes are in the mode table of this build: only ours are ranked")
     return keep, notes
 
@@ -185,9 +184,9 @@ def recommend(
     for m in modes:
         fig, ret = figures[m.name], retrieval[m.name]
         lost = max(0, fp16_found - ret["correct"]) if ret and fp16_found is not None else 0
-        command = m.serve + (f" --qparams {qparams_path or 'QPARAMS'}" if m.engine == OURS and m.needs_qparams else "")
+        command = m.serve + (f" --qparams {qparams_path or 'QPARAMS'}" if m.engine == OUR_ENGINE and m.needs_qparams else "")
         options.append(dict(
-            name=m.name, engine=m.engine, ours=m.engine == OURS, command=command, description=m.description,
+            name=m.name, engine=m.engine, ours=m.engine == OUR_ENGINE, command=command, description=m.description,
             kl=fig["kl"], top1_match_pct=fig["top1_match_pct"], delta_ppl_pct=fig["delta_ppl_pct"],
             by_position=fig["by_position"],
             retrieval=None if ret is None else dict(correct=ret["correct"], trials=ret["trials"], lost_vs_fp16=lost),

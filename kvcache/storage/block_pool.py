@@ -24,7 +24,7 @@ from ..qparams import KVQParams
 from .layout import LayerKV, new_blocks
 from .maps import layer_maps
 from .prefix_cache import PrefixCache
-from .shape import KVShape
+from ..shape import KVShape
 from .sinks import SinkSlots
 from .tables import layer_grid, layer_tensor_scale
 

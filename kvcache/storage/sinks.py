@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .layout import LayerKV
-from .shape import KVShape
+from ..shape import KVShape
 
 SINK_BLOCKS_PER_SLOT = 4
 

@@ -13,7 +13,7 @@ import torch
 from kvcache.errors import one_line
 from kvcache.modes import KV_MODES, best_calibrated_mode
 from kvcache.qparams import KVQParams
-from kvcache.storage.shape import KVShape
+from kvcache.shape import KVShape
 
 from .. import charts
 from ..state import AppState, SessionState, UserError, kv_label
