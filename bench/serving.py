@@ -86,8 +86,8 @@ from kvcache.config import PREFILL_CHUNK, parse_cache_max_entry_count
 from kvcache.engine.sequence import Sequence
 from kvcache.engine.worker import Request as Reply
 from kvcache.errors import ConfigError
-from kvcache.measure.device_memory import free_memory_bytes
 from kvcache.storage.block_pool import BlockPool
+from kvcache.storage.sizing import free_memory_bytes
 
 PARTS = ("capacity", "throughput", "memory")
 Request = tuple[list[int], int]  # prompt token ids, max_new_tokens

@@ -344,10 +344,10 @@ def cmd_modes(args: argparse.Namespace) -> int:
 
 def cmd_capacity(args: argparse.Namespace) -> int:
     from .config import BLOCK_SIZE, EngineConfig, parse_cache_blocks, parse_cache_max_entry_count
-    from .measure.capacity import budget_bytes, format_plan, plan
-    from .measure.device_memory import free_memory_bytes
+    from .measure.capacity import format_capacity
     from .modes import kv_float_dtype, parse_modes
     from .storage.shape import KVShape
+    from .storage.sizing import budget_bytes, capacity_report, free_memory_bytes
 
     modes = parse_modes(args.kv)
     count = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)
@@ -363,11 +363,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     free = free_memory_bytes(loaded.device) if isinstance(count, float) else None
     budget = (int(args.budget_mib * 1024 * 1024) if args.budget_mib is not None else
               budget_bytes(count, shape, free_bytes=free, block_size=config.block_size, fp_dtype=fp_dtype))
-    report = plan(modes, shape, budget, block_size=config.block_size, session_tokens=args.session_tokens,
-                  fp_dtype=fp_dtype, cache_max_entry_count=count, free_bytes=free)
+    report = capacity_report(modes, shape, budget, block_size=config.block_size, session_tokens=args.session_tokens,
+                             fp_dtype=fp_dtype, cache_max_entry_count=count, free_bytes=free)
     report.update(model=loaded.name, device=str(loaded.device))
     print(f"{loaded.name} on {loaded.device}")
-    print(format_plan(report))
+    print(format_capacity(report))
     _write_json(args.json, report)
     return 0
 

@@ -8,14 +8,14 @@ from conftest import stored_tensors
 from kvcache import ConfigError, Engine, EngineConfig, KVShape, get_mode
 from kvcache.cli import main
 from kvcache.config import parse_cache_blocks, parse_cache_max_entry_count, parse_pool_setting
-from kvcache.measure.capacity import budget_bytes, plan
+from kvcache.storage.sizing import budget_bytes, capacity_report
 
 SMOL = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)
 MODES = [get_mode(m) for m in ("fp16", "int8", "int8-dynamic")]
 
 
 def test_same_memory_int8_holds_twice_the_tokens():
-    rep = plan(MODES, SMOL, 256 * 2**20, block_size=64, session_tokens=2048)
+    rep = capacity_report(MODES, SMOL, 256 * 2**20, block_size=64, session_tokens=2048)
     fp16, int8, dyn = rep["results"]
     # fp16: 23040 B/token -> 1,474,560 B/block; 268,435,456 // 1,474,560 = 182 blocks
     assert (fp16["block_bytes"], fp16["blocks"], fp16["tokens"]) == (1474560, 182, 11648)
@@ -32,9 +32,9 @@ def test_fraction_of_free_memory_and_block_counts():
     fake_free = 10 * 2**30
     budget = budget_bytes(0.5, SMOL, free_bytes=fake_free)
     assert budget == 5 * 2**30 and budget_bytes(0.5, SMOL, free_bytes=fake_free, pools_sharing=2) == 5 * 2**30 // 2
-    rep = plan(MODES[:1], SMOL, budget)
+    rep = capacity_report(MODES[:1], SMOL, budget)
     assert rep["results"][0]["blocks"] == 5 * 2**30 // 1474560
-    rep = plan(MODES, SMOL, budget_bytes(100, SMOL))  # an integer: blocks, counted in fp16 block memory
+    rep = capacity_report(MODES, SMOL, budget_bytes(100, SMOL))  # an integer: blocks, counted in fp16 block memory
     assert rep["results"][0]["blocks"] == 100
     assert rep["results"][1]["blocks"] == (100 * 1474560 - 92160) // 737280
 
@@ -103,7 +103,7 @@ def test_the_session_count_is_what_a_pool_of_that_many_blocks_holds(kv, session_
     from kvcache import BlockPool, KVCacheFull
 
     shape, mode = KVShape(num_layers=2, num_kv_heads=2, head_dim=16, num_heads=4), get_mode(kv)
-    row = plan([mode], shape, budget_bytes(40, shape, block_size=16), block_size=16,
+    row = capacity_report([mode], shape, budget_bytes(40, shape, block_size=16), block_size=16,
                session_tokens=session_tokens)["results"][0]
     pool = BlockPool(mode, shape, block_size=16, num_blocks=row["blocks"], growable=False)
     held = 0
@@ -120,7 +120,7 @@ def test_the_session_count_is_what_a_pool_of_that_many_blocks_holds(kv, session_
 
 def test_a_residual_window_counts_in_a_sessions_bytes():
     mode = get_mode("hf:quanto-int4")
-    row = plan([mode], SMOL, 256 * 2**20, block_size=64, session_tokens=2048)["results"][0]
+    row = capacity_report([mode], SMOL, 256 * 2**20, block_size=64, session_tokens=2048)["results"][0]
     block = mode.bytes_per_token(SMOL) * 64
     assert mode.residual_bytes(SMOL) > 0
     assert row["session_bytes"] == 32 * block + mode.residual_bytes(SMOL) + mode.static_param_bytes(SMOL)

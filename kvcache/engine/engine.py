@@ -19,12 +19,11 @@ import torch
 from ..codec import kv_float_dtype
 from ..config import BASELINE_MODE, EngineConfig
 from ..errors import ConfigError
-from ..measure.capacity import budget_bytes, plan, pool_blocks
-from ..measure.device_memory import free_memory_bytes
 from ..modes import KV_MODES, KVMode, get_mode, require_qparams
 from ..qparams import KVQParams
 from ..storage.block_pool import BlockPool
 from ..storage.shape import KVShape
+from ..storage.sizing import budget_bytes, capacity_report, free_memory_bytes, pool_blocks
 from .chat import ChatSession
 from .sampling import eos_ids
 from .worker import BatchWorker
@@ -124,9 +123,10 @@ class Engine:
         budget = budget_bytes(cache_max_entry_count, self.shape, free_bytes=self.free_after_load,
                               pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
                               fp_dtype=self.fp_dtype)
-        return plan(modes or list(KV_MODES.values()), self.shape, budget, block_size=self.config.block_size,
-                    session_tokens=session_tokens, fp_dtype=self.fp_dtype, cache_max_entry_count=cache_max_entry_count,
-                    free_bytes=self.free_after_load, pools_sharing=self.config.pools_sharing)
+        return capacity_report(modes or list(KV_MODES.values()), self.shape, budget, block_size=self.config.block_size,
+                               session_tokens=session_tokens, fp_dtype=self.fp_dtype,
+                               cache_max_entry_count=cache_max_entry_count, free_bytes=self.free_after_load,
+                               pools_sharing=self.config.pools_sharing)
 
     def status(self) -> dict[str, Any]:
         """Pools (size and use) and the worker's state, for the memory gauges."""

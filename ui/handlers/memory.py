@@ -6,7 +6,8 @@ from typing import Any
 
 from kvcache.config import parse_pool_setting
 from kvcache.engine.chat import ChatSession
-from kvcache.measure.device_memory import free_memory_bytes, read_device_memory
+from kvcache.measure.device_memory import read_device_memory
+from kvcache.storage.sizing import free_memory_bytes
 
 from .. import charts
 from ..state import (
