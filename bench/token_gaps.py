@@ -47,7 +47,7 @@ class TokenStream:
 
 def measure_gaps(loaded: LoadedModel, mode: KVMode, session_prompts: list[list[int]], long_prompt: list[int], *,
                  prefill_chunk: int | None, block_size: int, lead: int,
-                 cache_max_entry_count: float | int | None = None) -> dict[str, Any]:
+                 cache_max_entry_count: float | None = None) -> dict[str, Any]:
     """One run on a fresh engine (``loaded`` must have no EOS: sessions decode until cancelled): its gaps, in ms."""
     engine = Engine(loaded, EngineConfig(block_size=block_size, cache_max_entry_count=cache_max_entry_count,
                                          prefill_chunk=prefill_chunk))

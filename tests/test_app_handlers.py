@@ -8,6 +8,7 @@ import gradio as gr
 import pytest
 import torch
 
+from kvcache.config import PoolSize
 from kvcache.engine.chat import ChatSession
 from kvcache.errors import ConfigError, KVQError, ModelLoadError, WorkerClosed
 from kvcache.modes import KV_MODES
@@ -333,7 +334,7 @@ LONG_MESSAGE = "Explain, step by step and with examples, how a key-value cache s
 
 
 def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, loaded_default):
-    app.replace_model(loaded_default, 4)  # each pool gets the memory of 4 fp16 blocks (256 fp16 tokens)
+    app.replace_model(loaded_default, PoolSize(cache_blocks=4))  # each pool gets the memory of 4 fp16 blocks (256 fp16 tokens)
     a, b = SessionState(), SessionState()
     _run_chat(app, a)
     _run_chat(app, b)
@@ -367,7 +368,7 @@ def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, load
 def test_pool_from_a_fraction_of_free_memory_and_bad_values(app, loaded_default):
     with pytest.raises(ConfigError, match="not a fraction"):
         handlers.load_model(app, "default", "1.5")
-    app.replace_model(loaded_default, 0.5)
+    app.replace_model(loaded_default, PoolSize(0.5))
     app.engine.free_after_load = 100 * 2**20  # as if 100 MiB were free after the weights loaded
     left, right = SessionState().engines(app, "int8-dynamic")
     # half of it, split evenly between the two panes: 25 MiB each

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..codec import kv_float_dtype
-from ..config import BASELINE_MODE, EngineConfig
+from ..config import BASELINE_MODE, EngineConfig, PoolSize, check_pool_size
 from ..errors import ConfigError
 from ..modes import KV_MODES, KVMode, get_mode, require_qparams
 from ..qparams import KVQParams
@@ -70,15 +70,15 @@ class Engine:
     # --- pools ------------------------------------------------------------------------------------
     def pool_size(self, mode: str | KVMode) -> int:
         """Blocks a fixed pool of ``mode`` gets (0: it grows on demand)."""
-        count = self.config.cache_max_entry_count
-        if count is None:
+        size = self.config.pool_size
+        if size == PoolSize():
             return 0
-        budget = budget_bytes(count, self.shape, free_bytes=self.free_after_load,
-                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
-                              fp_dtype=self.fp_dtype)
-        blocks = pool_blocks(get_mode(mode), self.shape, budget, self.config.block_size, self.fp_dtype, stored=True)
+        blocks = pool_blocks(get_mode(mode), self.shape, self._budget(size), self.config.block_size, self.fp_dtype,
+                             stored=True)
         if blocks < 1:
-            raise ConfigError(f"a KV pool of cache_max_entry_count={count} holds no block of {self.config.block_size} "
+            setting = (f"cache_blocks={size.cache_blocks}" if size.cache_blocks is not None
+                       else f"cache_max_entry_count={size.cache_max_entry_count}")
+            raise ConfigError(f"a KV pool of {setting} holds no block of {self.config.block_size} "
                               f"{get_mode(mode).name} tokens: raise it (a fraction of free memory, or a number of blocks)")
         return blocks
 
@@ -117,16 +117,20 @@ class Engine:
         return session
 
     # --- what the pages show ------------------------------------------------------------------------
-    def capacity(self, cache_max_entry_count: float | int, session_tokens: int = 2048,
-                 modes: list[KVMode] | None = None) -> dict[str, Any]:
-        """Both capacity views for ``cache_max_entry_count``, sized exactly as this engine sizes its pools."""
-        budget = budget_bytes(cache_max_entry_count, self.shape, free_bytes=self.free_after_load,
-                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
-                              fp_dtype=self.fp_dtype)
-        return capacity_report(modes or list(KV_MODES.values()), self.shape, budget, block_size=self.config.block_size,
-                               session_tokens=session_tokens, fp_dtype=self.fp_dtype,
-                               cache_max_entry_count=cache_max_entry_count, free_bytes=self.free_after_load,
-                               pools_sharing=self.config.pools_sharing)
+    def _budget(self, size: PoolSize) -> int:
+        return budget_bytes(self.shape, **size._asdict(), free_bytes=self.free_after_load,
+                            pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
+                            fp_dtype=self.fp_dtype)
+
+    def capacity(self, cache_max_entry_count: float | None = None, session_tokens: int = 2048,
+                 modes: list[KVMode] | None = None, *, cache_blocks: int | None = None) -> dict[str, Any]:
+        """Both capacity views for a pool of ``cache_max_entry_count`` or ``cache_blocks``, sized exactly as this
+        engine sizes its pools."""
+        size = PoolSize(cache_max_entry_count, cache_blocks)
+        check_pool_size(*size)
+        return capacity_report(modes or list(KV_MODES.values()), self.shape, self._budget(size),
+                               block_size=self.config.block_size, session_tokens=session_tokens, fp_dtype=self.fp_dtype,
+                               **size._asdict(), free_bytes=self.free_after_load, pools_sharing=self.config.pools_sharing)
 
     def status(self) -> dict[str, Any]:
         """Pools (size and use) and the worker's state, for the memory gauges."""

@@ -45,17 +45,20 @@ class ModeCapacity:
 
 
 def budget_bytes(
-    cache_max_entry_count: float | int,
     shape: KVShape,
     *,
+    cache_max_entry_count: float | None = None,
+    cache_blocks: int | None = None,
     free_bytes: int | None = None,
     pools_sharing: int = 1,
     block_size: int = BLOCK_SIZE,
     fp_dtype: torch.dtype = torch.float16,
 ) -> int:
     """The memory one pool gets: a fraction of ``free_bytes`` split over ``pools_sharing`` pools, or N fp16 blocks."""
-    if isinstance(cache_max_entry_count, int):
-        return cache_max_entry_count * block_size * get_mode(BASELINE_MODE).bytes_per_token(shape, fp_dtype)
+    if cache_blocks is not None:
+        return cache_blocks * block_size * get_mode(BASELINE_MODE).bytes_per_token(shape, fp_dtype)
+    if cache_max_entry_count is None:
+        raise ValueError("a pool that grows on demand has no budget: give cache_max_entry_count or cache_blocks")
     if free_bytes is None:
         raise ValueError("a fractional cache_max_entry_count needs the free memory after the weights load")
     return int(cache_max_entry_count * free_bytes) // pools_sharing
