@@ -30,6 +30,7 @@ DTYPE_HELP = ("the dtype the model computes in (default: float32 on the CPU; on 
 BASELINE_MODE = "fp16"  # what every quantized mode is compared with (the left pane, the evaluation's reference)
 BLOCK_SIZE = 64  # tokens per block of the paged cache
 PREFILL_CHUNK = 512  # prompt tokens the engine prefills per step: a long prompt stalls other sessions one chunk at a time
+MAX_NUM_SEQS = 128  # sequences a scheduler runs at once (vLLM's max_num_seqs, LMDeploy's max_batch_size): one sink slot each
 CHUNK_TOKENS = 1024  # tokens per prefill forward of a measurement: long windows fit a small machine chunk by chunk
 
 
@@ -40,7 +41,8 @@ class EngineConfig:
     ``cache_max_entry_count``: a fraction in (0, 1] preallocates that share of the memory free after the
     weights load (LMDeploy's meaning since 0.2.2), split evenly between the ``pools_sharing`` pools (the app's
     fp16 and quantized panes: 2); ``cache_blocks`` N (``--cache-blocks N``) gives each pool the memory of N
-    fp16 blocks; neither grows each pool on demand. ``prefill_chunk``: prompt tokens prefilled per step between decode
+    fp16 blocks; neither grows each pool on demand. ``max_num_seqs``: sequences each pool's scheduler runs at
+    once (a fixed pool holds a sink slot for each, or one per block if it has fewer). ``prefill_chunk``: prompt tokens prefilled per step between decode
     steps (None: every prompt whole, stalling the other sessions for its length).
     """
 
@@ -48,11 +50,14 @@ class EngineConfig:
     cache_max_entry_count: float | None = None
     cache_blocks: int | None = None
     pools_sharing: int = 1
+    max_num_seqs: int = MAX_NUM_SEQS
     prefill_chunk: int | None = PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ConfigError(f"block_size must be at least 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be at least 1 sequence, got {self.max_num_seqs}")
         if self.pools_sharing < 1:
             raise ConfigError(f"pools_sharing must be at least 1, got {self.pools_sharing}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:

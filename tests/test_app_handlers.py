@@ -398,8 +398,10 @@ def test_capacity_both_views_against_block_arithmetic(app):
     assert list(same_memory["kv"]) == list(KV_MODES) and list(same_memory["tokens"])[:3] == [640, 1216, 1152]
     # int4 (K and V in 4-bit groups of 16 with an fp16 scale each: 40 B per token and head and side, 7,200 B/token)
     # holds its maps (K: key map and query map per head and layer, 2,949,120 B; V: one shared Hadamard, 16,384 B)
-    # and one 92,160 B sink slot per 4 blocks: 24 blocks of 460,800 B + 6 slots fit the 14,745,600 B, 25 do not.
-    assert (by_kv["int4"]["bytes_per_token"], by_kv["int4"]["blocks"]) == (7_200, 24)
+    # and a 92,160 B sink slot per sequence it runs (min(blocks, max_num_seqs)): 21 blocks of 460,800 B + 21 slots
+    # fit the 14,745,600 B, 22 do not.
+    assert (by_kv["int4"]["bytes_per_token"], by_kv["int4"]["blocks"]) == (7_200, 21)
+    assert 2_965_504 + 21 * (460_800 + 92_160) <= 14_745_600 < 2_965_504 + 22 * (460_800 + 92_160)
     assert by_kv["k8v4"]["bytes_per_token"] == 30 * 3 * (64 + 2 + 32 + 4 * 2)
     assert "bytes for 1000 tokens" in same_conversation.columns
     engine = dict(zip(same_memory["kv"], same_memory["engine"]))

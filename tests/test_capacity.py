@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import stored_tensors
 
-from kvcache import ConfigError, Engine, EngineConfig, KVShape, get_mode
+from kvcache import BlockPool, ConfigError, Engine, EngineConfig, KVShape, get_mode
 from kvcache.cli import main
-from kvcache.config import PoolSize, parse_cache_blocks, parse_cache_max_entry_count, parse_pool_setting, parse_pool_size
+from kvcache.config import MAX_NUM_SEQS, PoolSize, parse_cache_blocks, parse_cache_max_entry_count, parse_pool_setting, parse_pool_size
 from kvcache.storage.sizing import budget_bytes, capacity_report
 
 SMOL = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9)
@@ -126,8 +126,20 @@ def test_the_session_count_is_what_a_pool_of_that_many_blocks_holds(kv, session_
     except KVCacheFull:
         pass
     assert row["sessions"] == held
-    if kv == "int8-rot" and session_tokens == 16:  # one block each, a sink slot per 4 blocks
-        assert held == -(-row["blocks"] // 4) and pool.num_free > 0
+    if kv == "int8-rot" and session_tokens == 16:  # one block each: a sink slot for each, none runs out first
+        assert held == row["blocks"] < MAX_NUM_SEQS and pool.num_free == 0
+
+
+def test_sessions_are_at_most_max_num_seqs_and_the_slots_bytes_count():
+    """Past ``max_num_seqs`` blocks a fixed pool holds max_num_seqs sink slots, no more: their bytes leave room for
+    the blocks, and the sessions a pool runs at once are at most max_num_seqs, whatever its free blocks."""
+    mode = get_mode("int8-rot")
+    budget = 1000 * 64 * mode.bytes_per_token(SMOL)
+    row = capacity_report([mode], SMOL, budget, block_size=64, session_tokens=64, max_num_seqs=8)["results"][0]
+    room = budget - mode.static_param_bytes(SMOL)
+    assert row["blocks"] == (room - 8 * mode.sink_bytes(SMOL)) // (64 * mode.bytes_per_token(SMOL)) and row["sessions"] == 8
+    pool = BlockPool(mode, SMOL, block_size=64, num_blocks=row["blocks"], growable=False, max_num_seqs=8)
+    assert pool.sinks.num_slots == 8 and pool.capacity_bytes <= budget
 
 
 def test_a_residual_window_counts_in_a_sessions_bytes():

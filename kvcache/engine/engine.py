@@ -46,7 +46,7 @@ class Engine:
         self._pools: dict[tuple[str, int], BlockPool] = {}
         self._sessions: dict[tuple[str, int], weakref.WeakSet[ChatSession]] = {}
         self.worker = BatchWorker(loaded.model, eos_ids=self.eos_ids, device_lock=self.device_lock,
-                                  prefill_chunk=config.prefill_chunk)
+                                  prefill_chunk=config.prefill_chunk, max_num_seqs=config.max_num_seqs)
         self.free_after_load = free_memory_bytes(loaded.device)  # what a pool fraction applies to
 
     def replace_model(self, loaded: Any, config: EngineConfig | None = None) -> None:
@@ -74,7 +74,7 @@ class Engine:
         if size == PoolSize():
             return 0
         blocks = pool_blocks(get_mode(mode), self.shape, self._budget(size), self.config.block_size, self.fp_dtype,
-                             stored=True)
+                             stored=True, max_num_seqs=self.config.max_num_seqs)
         if blocks < 1:
             setting = (f"cache_blocks={size.cache_blocks}" if size.cache_blocks is not None
                        else f"cache_max_entry_count={size.cache_max_entry_count}")
@@ -95,7 +95,8 @@ class Engine:
             blocks = self.pool_size(kv)
             model = self.loaded.model
             pool = BlockPool(kv, self.shape, block_size=self.config.block_size, num_blocks=blocks,
-                             growable=blocks == 0, device=model.device, fp_dtype=self.fp_dtype, qparams=qparams)
+                             growable=blocks == 0, device=model.device, fp_dtype=self.fp_dtype, qparams=qparams,
+                             max_num_seqs=self.config.max_num_seqs)
             self._pools[key], self._sessions[key] = pool, weakref.WeakSet()
         return pool
 
@@ -130,6 +131,7 @@ class Engine:
         check_pool_size(*size)
         return capacity_report(modes or list(KV_MODES.values()), self.shape, self._budget(size),
                                block_size=self.config.block_size, session_tokens=session_tokens, fp_dtype=self.fp_dtype,
+                               max_num_seqs=self.config.max_num_seqs,
                                **size._asdict(), free_bytes=self.free_after_load, pools_sharing=self.config.pools_sharing)
 
     def status(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import BLOCK_SIZE
+from ..config import BLOCK_SIZE, MAX_NUM_SEQS
 from ..errors import ConfigError
 from ..modes import KVMode, require_qparams
 from ..qparams import KVQParams
@@ -53,9 +53,11 @@ class BlockPool:
         device: torch.device | str = "cpu",
         fp_dtype: torch.dtype = torch.float16,
         qparams: KVQParams | None = None,
+        max_num_seqs: int = MAX_NUM_SEQS,
     ):
         """``fp_dtype``: the float dtype of 16-bit sides, sinks and our per-token parameters; a model's pool takes
-        :func:`kvcache.codec.kv_float_dtype` of the model's dtype (bf16 for a bf16 model, else fp16)."""
+        :func:`kvcache.codec.kv_float_dtype` of the model's dtype (bf16 for a bf16 model, else fp16).
+        ``max_num_seqs``: sequences run at once, each with a sink slot (a fixed pool of a mode with sinks)."""
         block_size = BLOCK_SIZE if block_size is None else block_size
         if block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {block_size}")
@@ -66,7 +68,7 @@ class BlockPool:
         self.mode, self.shape, self.block_size = mode, shape, block_size
         self.qparams = qparams  # the parameters its blocks are coded with (held, so an id(qparams) key stays unique)
         self.growable, self.device, self.fp_dtype = growable, torch.device(device), fp_dtype
-        self.sinks = SinkSlots(mode.sink_tokens, shape, self.device, fp_dtype, num_blocks, growable)
+        self.sinks = SinkSlots(mode.sink_tokens, shape, self.device, fp_dtype, num_blocks, growable, max_num_seqs)
         self.storage = KVStorage(mode, shape, block_size=block_size, num_blocks=num_blocks, device=self.device,
                                  fp_dtype=fp_dtype, qparams=qparams, sinks=self.sinks)
         self.allocator = BlockAllocator(num_blocks, block_size, self.sinks, growable=growable,

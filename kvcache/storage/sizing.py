@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..config import BASELINE_MODE, BLOCK_SIZE
+from ..config import BASELINE_MODE, BLOCK_SIZE, MAX_NUM_SEQS
 from ..modes import KVMode, get_mode
 from .shape import KVShape
-from .sinks import SINK_BLOCKS_PER_SLOT, fixed_pool_slots
+from .sinks import fixed_pool_slots
 
 
 def free_memory_bytes(device: Any) -> int:
@@ -65,9 +65,9 @@ def budget_bytes(
 
 
 def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLOCK_SIZE,
-                fp_dtype: torch.dtype = torch.float16, stored: bool = False) -> int:
+                fp_dtype: torch.dtype = torch.float16, stored: bool = False, max_num_seqs: int = MAX_NUM_SEQS) -> int:
     """Blocks of ``mode`` that ``budget`` bytes hold, after the mode's static parameters and maps, counting the
-    sink slots a fixed pool of that many blocks holds (one per :data:`SINK_BLOCKS_PER_SLOT` blocks).
+    sink slots a fixed pool of that many blocks holds (:func:`fixed_pool_slots`: one per sequence run at once).
 
     By the scheme's own bytes (what its engine stores); ``stored``: by what this tool's pool allocates (an
     emulated transformers scheme holds 16-bit values), as the engine sizes its pools."""
@@ -75,27 +75,21 @@ def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLO
     per_token = mode.pool_bytes_per_token(shape, fp_dtype) if stored else mode.bytes_per_token(shape, fp_dtype)
     block = per_token * block_size
     slot = mode.sink_bytes(shape, fp_dtype)
-
-    def cost(n: int) -> int:
-        return n * block + fixed_pool_slots(n) * slot
-
-    n = max(0, int(room // (block + slot / SINK_BLOCKS_PER_SLOT)))
-    while n and cost(n) > room:
-        n -= 1
-    while cost(n + 1) <= room:
-        n += 1
-    return n
+    n = room // (block + slot)  # up to max_num_seqs blocks, each brings a slot; past it, slots are all there
+    if n >= max_num_seqs:
+        n = (room - max_num_seqs * slot) // block
+    return max(0, int(n))
 
 
 def pool_sessions(mode: KVMode, shape: KVShape, blocks: int, session_blocks: int, block_size: int = BLOCK_SIZE,
-                  fp_dtype: torch.dtype = torch.float16) -> int:
-    """Sessions of ``session_blocks`` blocks a fixed pool of ``blocks`` holds at once: each also takes a sink slot
-    (the pool holds :func:`fixed_pool_slots`) and, with a residual window, that window's 16-bit bytes out of the
-    blocks' bytes."""
+                  fp_dtype: torch.dtype = torch.float16, max_num_seqs: int = MAX_NUM_SEQS) -> int:
+    """Sessions of ``session_blocks`` blocks a fixed pool of ``blocks`` holds at once: at most ``max_num_seqs``
+    (what its scheduler runs; each takes one of the pool's sink slots, counted in :func:`pool_blocks`) and,
+    with a residual window, each takes that window's 16-bit bytes out of the blocks' bytes."""
     block = mode.bytes_per_token(shape, fp_dtype) * block_size
     sessions = min(blocks // session_blocks,
                    blocks * block // (session_blocks * block + mode.residual_bytes(shape, fp_dtype)))
-    return min(sessions, fixed_pool_slots(blocks)) if mode.sink_tokens else sessions
+    return min(sessions, max_num_seqs)
 
 
 def capacity_report(
@@ -106,6 +100,7 @@ def capacity_report(
     block_size: int = BLOCK_SIZE,
     session_tokens: int = 2048,
     fp_dtype: torch.dtype = torch.float16,
+    max_num_seqs: int = MAX_NUM_SEQS,
     **facts: Any,
 ) -> dict[str, Any]:
     """Blocks, tokens and sessions per mode in the same ``budget`` bytes, as each scheme stores them (a
@@ -114,8 +109,8 @@ def capacity_report(
     per_session = -(-session_tokens // block_size)
     for mode in modes:
         bpt = mode.bytes_per_token(shape, fp_dtype)
-        blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype)
-        sessions = pool_sessions(mode, shape, blocks, per_session, block_size, fp_dtype)
+        blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype, max_num_seqs=max_num_seqs)
+        sessions = pool_sessions(mode, shape, blocks, per_session, block_size, fp_dtype, max_num_seqs)
         rows.append(dict(kv=mode.name, bytes_per_token=bpt, block_bytes=bpt * block_size, blocks=blocks,
                          tokens=blocks * block_size, sessions=sessions,
                          session_bytes=per_session * bpt * block_size + mode.sequence_bytes(shape, fp_dtype)
@@ -132,5 +127,6 @@ def capacity_report(
         "budget_bytes": budget,
         **facts,
         "session_tokens": session_tokens,
+        "max_num_seqs": max_num_seqs,
         "results": [asdict(r) for r in results],
     }
