@@ -301,7 +301,7 @@ def serve(engine: Engine, pool: BlockPool, requests: list[Request], meter: StepM
     with meter.held():  # all queued at once: the worker's first step sees every request
         for prompt, new in requests:
             try:
-                replies.append(engine.worker.submit(pool, prompt, new))  # no eos: every request generates max_new_tokens
+                replies.append(engine.submit(pool, prompt, new))  # no eos: every request generates max_new_tokens
             except KVCacheFull as e:  # a request longer than the whole pool
                 refusal = str(e)
                 break

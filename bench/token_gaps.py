@@ -53,14 +53,14 @@ def measure_gaps(loaded: LoadedModel, mode: KVMode, session_prompts: list[list[i
                                          prefill_chunk=prefill_chunk))
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
     try:
-        pool, worker = engine.pool(mode), engine.worker
-        warm = TokenStream(worker.submit(pool, session_prompts[0], 3))  # first forwards are slower: not timed
+        pool = engine.pool(mode)
+        warm = TokenStream(engine.submit(pool, session_prompts[0], 3))  # first forwards are slower: not timed
         warm.wait_for(3)
-        sessions = [TokenStream(worker.submit(pool, p, context - len(p) - 1)) for p in session_prompts]
+        sessions = [TokenStream(engine.submit(pool, p, context - len(p) - 1)) for p in session_prompts]
         for s in sessions:
             s.wait_for(lead)
         submitted = time.perf_counter()
-        long = TokenStream(worker.submit(pool, long_prompt, 2))
+        long = TokenStream(engine.submit(pool, long_prompt, 2))
         long.wait_for(1)
         marks = [len(s.times) for s in sessions]
         for s, mark in zip(sessions, marks):

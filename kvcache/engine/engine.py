@@ -18,7 +18,7 @@ import torch
 
 from ..codec import kv_float_dtype
 from ..config import BASELINE_MODE, EngineConfig, PoolSize, check_pool_size
-from ..errors import ConfigError
+from ..errors import ConfigError, WorkerClosed
 from ..modes import KV_MODES, KVMode, get_mode, require_qparams
 from ..qparams import KVQParams
 from ..storage.block_pool import BlockPool
@@ -26,7 +26,7 @@ from ..storage.shape import KVShape
 from ..storage.sizing import budget_bytes, capacity_report, free_memory_bytes, pool_blocks
 from .chat import ChatSession
 from .sampling import eos_ids
-from .worker import BatchWorker
+from .worker import BatchWorker, Request
 
 
 class Engine:
@@ -116,6 +116,13 @@ class Engine:
         session = ChatSession(self, pool, system_prompt=system_prompt)
         self._sessions[(pool.mode.name, id(pool.qparams))].add(session)
         return session
+
+    def submit(self, pool: BlockPool, prompt_ids: list[int], max_new_tokens: int, **options: Any) -> Request:
+        """Queue a reply over ``pool`` (the worker batches it with the others of that pool): its token stream.
+        ``options``: as :meth:`BatchWorker.submit` (block_table, num_cached, sampler, stop, cut_to_pool)."""
+        if self.worker is None:
+            raise WorkerClosed("the engine is between models: send the message again")
+        return self.worker.submit(pool, prompt_ids, max_new_tokens, **options)
 
     # --- what the pages show ------------------------------------------------------------------------
     def _budget(self, size: PoolSize) -> int:
