@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --max-upload-mb must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from kvcache.config import parse_cache_blocks, parse_cache_max_entry_count
+    from kvcache.config import parse_pool_size
     from kvcache.errors import KVQError, one_line
     from kvcache.models.loader import load_model
     from kvcache.qparams import KVQParams
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         login = read_auth(args.auth, args.auth_file)
         check_exposure(args.host, login, args.allow_no_auth)
         roots = model_roots(args.host, args.model_root)
-        pool = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)
+        pool = parse_pool_size(args.cache_max_entry_count, args.cache_blocks)
         qparams = KVQParams.load(args.qparams) if args.qparams else None
     except KVQError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)

@@ -45,8 +45,8 @@ from bench.common import (
     require_triton_interpreter,
     write_json,
 )
-from kvcache.measure.device_memory import free_memory_bytes
 from kvcache.storage.layout import LayerKV
+from kvcache.storage.sizing import free_memory_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

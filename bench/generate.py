@@ -60,9 +60,9 @@ from bench.common import (
 from kvcache import PagedKVCache
 from kvcache.engine.sampling import next_token
 from kvcache.hf.forward import forward_tokens
-from kvcache.measure.device_memory import free_memory_bytes
 from kvcache.modes import KVMode
 from kvcache.shape import KVShape
+from kvcache.storage.sizing import free_memory_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -86,8 +86,8 @@ from kvcache.config import PREFILL_CHUNK, parse_cache_max_entry_count
 from kvcache.engine.sequence import Sequence
 from kvcache.engine.worker import Request as Reply
 from kvcache.errors import ConfigError
-from kvcache.measure.device_memory import free_memory_bytes
 from kvcache.storage.block_pool import BlockPool
+from kvcache.storage.sizing import free_memory_bytes
 
 PARTS = ("capacity", "throughput", "memory")
 Request = tuple[list[int], int]  # prompt token ids, max_new_tokens
@@ -301,7 +301,7 @@ def serve(engine: Engine, pool: BlockPool, requests: list[Request], meter: StepM
     with meter.held():  # all queued at once: the worker's first step sees every request
         for prompt, new in requests:
             try:
-                replies.append(engine.worker.submit(pool, prompt, new))  # no eos: every request generates max_new_tokens
+                replies.append(engine.submit(pool, prompt, new))  # no eos: every request generates max_new_tokens
             except KVCacheFull as e:  # a request longer than the whole pool
                 refusal = str(e)
                 break

@@ -47,20 +47,20 @@ class TokenStream:
 
 def measure_gaps(loaded: LoadedModel, mode: KVMode, session_prompts: list[list[int]], long_prompt: list[int], *,
                  prefill_chunk: int | None, block_size: int, lead: int,
-                 cache_max_entry_count: float | int | None = None) -> dict[str, Any]:
+                 cache_max_entry_count: float | None = None) -> dict[str, Any]:
     """One run on a fresh engine (``loaded`` must have no EOS: sessions decode until cancelled): its gaps, in ms."""
     engine = Engine(loaded, EngineConfig(block_size=block_size, cache_max_entry_count=cache_max_entry_count,
                                          prefill_chunk=prefill_chunk))
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
     try:
-        pool, worker = engine.pool(mode), engine.worker
-        warm = TokenStream(worker.submit(pool, session_prompts[0], 3))  # first forwards are slower: not timed
+        pool = engine.pool(mode)
+        warm = TokenStream(engine.submit(pool, session_prompts[0], 3))  # first forwards are slower: not timed
         warm.wait_for(3)
-        sessions = [TokenStream(worker.submit(pool, p, context - len(p) - 1)) for p in session_prompts]
+        sessions = [TokenStream(engine.submit(pool, p, context - len(p) - 1)) for p in session_prompts]
         for s in sessions:
             s.wait_for(lead)
         submitted = time.perf_counter()
-        long = TokenStream(worker.submit(pool, long_prompt, 2))
+        long = TokenStream(engine.submit(pool, long_prompt, 2))
         long.wait_for(1)
         marks = [len(s.times) for s in sessions]
         for s, mark in zip(sessions, marks):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvcache.measure.device_memory import free_memory_bytes
 from kvcache.shape import KVShape
+from kvcache.storage.sizing import free_memory_bytes
 
 from .errors import CalibOOMError
 

@@ -215,7 +215,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .config import EngineConfig, parse_cache_blocks, parse_cache_max_entry_count
+    from .config import EngineConfig, PoolSize, parse_pool_size
     from .engine.chat import GenerationConfig
     from .engine.engine import Engine
     from .errors import ContextTooLong, KVCacheFull
@@ -224,12 +224,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     mode = get_mode(args.kv)
     qparams = _qparams(args)
     require_qparams(mode, qparams)
-    count = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)
+    size = parse_pool_size(args.cache_max_entry_count, args.cache_blocks)
     system = args.meta_instruction if args.meta_instruction is not None else SYSTEM_PROMPT_FILE.read_text(encoding="utf-8").strip()
-    engine = Engine(_load(args), EngineConfig(cache_max_entry_count=count))
+    engine = Engine(_load(args), EngineConfig(**size._asdict()))
     try:
         session = engine.chat(mode, qparams=qparams, system_prompt=system or None)
-        if count is not None:
+        if size != PoolSize():
             pool = session.pool
             print(f"KV pool: {pool.num_blocks} blocks of {pool.block_size} tokens ({pool.num_blocks * pool.block_size} tokens)")
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
@@ -293,31 +293,31 @@ def cmd_modes(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from .config import BLOCK_SIZE, EngineConfig, parse_cache_blocks, parse_cache_max_entry_count
-    from .measure.capacity import budget_bytes, format_plan, plan
-    from .measure.device_memory import free_memory_bytes
+    from .config import BLOCK_SIZE, PoolSize, parse_pool_size
+    from .measure.capacity import format_capacity
     from .modes import kv_float_dtype, parse_modes
     from .shape import KVShape
+    from .storage.sizing import budget_bytes, capacity_report, free_memory_bytes
 
     modes = parse_modes(args.kv)
-    count = parse_cache_blocks(args.cache_blocks) or parse_cache_max_entry_count(args.cache_max_entry_count)
+    size = parse_pool_size(args.cache_max_entry_count, args.cache_blocks)
     if args.budget_mib is not None and args.budget_mib <= 0:
         raise CLIError(f"--budget-mib must be positive, got {args.budget_mib}")
-    if args.cache_max_entry_count is not None and count is None:
+    if args.cache_max_entry_count is not None and size == PoolSize():
         raise CLIError("--cache-max-entry-count 0 means no fixed pool; give a fraction in (0, 1], or --cache-blocks N")
     if args.session_tokens < 1:
         raise CLIError("--session-tokens must be at least 1")
-    config = EngineConfig(block_size=args.block_size or BLOCK_SIZE, cache_max_entry_count=count)
+    block_size = args.block_size or BLOCK_SIZE
     loaded = _load(args)
     shape, fp_dtype = KVShape.from_config(loaded.model.config), kv_float_dtype(loaded.dtype)
-    free = free_memory_bytes(loaded.device) if isinstance(count, float) else None
+    free = free_memory_bytes(loaded.device) if size.cache_max_entry_count is not None else None
     budget = (int(args.budget_mib * 1024 * 1024) if args.budget_mib is not None else
-              budget_bytes(count, shape, free_bytes=free, block_size=config.block_size, fp_dtype=fp_dtype))
-    report = plan(modes, shape, budget, block_size=config.block_size, session_tokens=args.session_tokens,
-                  fp_dtype=fp_dtype, cache_max_entry_count=count, free_bytes=free)
+              budget_bytes(shape, **size._asdict(), free_bytes=free, block_size=block_size, fp_dtype=fp_dtype))
+    report = capacity_report(modes, shape, budget, block_size=block_size, session_tokens=args.session_tokens,
+                             fp_dtype=fp_dtype, **size._asdict(), free_bytes=free)
     report.update(model=loaded.name, device=str(loaded.device))
     print(f"{loaded.name} on {loaded.device}")
-    print(format_plan(report))
+    print(format_capacity(report))
     _write_json(args.json, report)
     return 0
 

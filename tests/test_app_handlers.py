@@ -8,6 +8,7 @@ import gradio as gr
 import pytest
 import torch
 
+from kvcache.config import PoolSize
 from kvcache.engine.chat import ChatSession
 from kvcache.errors import ConfigError, KVQError, ModelLoadError, WorkerClosed
 from kvcache.modes import KV_MODES
@@ -333,7 +334,7 @@ LONG_MESSAGE = "Explain, step by step and with examples, how a key-value cache s
 
 
 def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, loaded_default):
-    app.replace_model(loaded_default, 4)  # each pool gets the memory of 4 fp16 blocks (256 fp16 tokens)
+    app.replace_model(loaded_default, PoolSize(cache_blocks=4))  # each pool gets the memory of 4 fp16 blocks (256 fp16 tokens)
     a, b = SessionState(), SessionState()
     _run_chat(app, a)
     _run_chat(app, b)
@@ -367,7 +368,7 @@ def test_shared_pool_serves_every_session_and_a_full_pool_is_a_message(app, load
 def test_pool_from_a_fraction_of_free_memory_and_bad_values(app, loaded_default):
     with pytest.raises(ConfigError, match="not a fraction"):
         handlers.load_model(app, "default", "1.5")
-    app.replace_model(loaded_default, 0.5)
+    app.replace_model(loaded_default, PoolSize(0.5))
     app.engine.free_after_load = 100 * 2**20  # as if 100 MiB were free after the weights loaded
     left, right = SessionState().engines(app, "int8-dynamic")
     # half of it, split evenly between the two panes: 25 MiB each
@@ -397,8 +398,10 @@ def test_capacity_both_views_against_block_arithmetic(app):
     assert list(same_memory["kv"]) == list(KV_MODES) and list(same_memory["tokens"])[:3] == [640, 1216, 1152]
     # int4 (K and V in 4-bit groups of 16 with an fp16 scale each: 40 B per token and head and side, 7,200 B/token)
     # holds its maps (K: key map and query map per head and layer, 2,949,120 B; V: one shared Hadamard, 16,384 B)
-    # and one 92,160 B sink slot per 4 blocks: 24 blocks of 460,800 B + 6 slots fit the 14,745,600 B, 25 do not.
-    assert (by_kv["int4"]["bytes_per_token"], by_kv["int4"]["blocks"]) == (7_200, 24)
+    # and a 92,160 B sink slot per sequence it runs (min(blocks, max_num_seqs)): 21 blocks of 460,800 B + 21 slots
+    # fit the 14,745,600 B, 22 do not.
+    assert (by_kv["int4"]["bytes_per_token"], by_kv["int4"]["blocks"]) == (7_200, 21)
+    assert 2_965_504 + 21 * (460_800 + 92_160) <= 14_745_600 < 2_965_504 + 22 * (460_800 + 92_160)
     assert by_kv["k8v4"]["bytes_per_token"] == 30 * 3 * (64 + 2 + 32 + 4 * 2)
     assert "bytes for 1000 tokens" in same_conversation.columns
     engine = dict(zip(same_memory["kv"], same_memory["engine"]))

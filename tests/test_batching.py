@@ -5,6 +5,7 @@ import torch
 from conftest import INT4_HEAD_MODE, make_tiny_llama
 
 from kvcache import BlockPool, KVCacheFull, KVShape, PagedKVCache, get_mode
+from kvcache.config import MAX_NUM_SEQS
 from kvcache.errors import ConfigError
 from kvcache.engine.scheduler import BatchScheduler
 from kvcache.engine.sequence import Sequence
@@ -25,9 +26,9 @@ def _prompts(seed: int = 1) -> list[list[int]]:
     return [torch.randint(0, 128, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def _pool(model, kv: str, num_blocks: int) -> BlockPool:
+def _pool(model, kv: str, num_blocks: int, max_num_seqs: int = MAX_NUM_SEQS) -> BlockPool:
     return BlockPool(get_mode(kv), KVShape.from_config(model.config), block_size=BLOCK, num_blocks=num_blocks,
-                     growable=False, fp_dtype=torch.float32)
+                     growable=False, fp_dtype=torch.float32, max_num_seqs=max_num_seqs)
 
 
 def _alone(model, kv: str, prompt: list[int], max_new: int, eos: set[int] = frozenset()) -> list[int]:
@@ -291,22 +292,38 @@ def test_a_preempted_conversation_recomputes_its_history_in_its_own_list(model):
     assert len(table) == -(-seq.num_cached // BLOCK) and pool.num_used == len(table)
 
 
-def test_requests_wait_for_a_sink_slot_rather_than_fail(model):
-    """A fixed pool holds a sink slot per 4 blocks: short sequences of a mode with sinks run out of slots while
-    blocks are free. They wait for one (no error), and get the tokens they get alone."""
-    prompts = [p[:3] for p in _prompts()]  # one block each, to their end
-    pool = _pool(model, "int8-rot", num_blocks=8)  # 2 sink slots
+def test_short_sequences_of_a_mode_with_sinks_get_every_free_block(model):
+    """A fixed pool holds a sink slot for each sequence it runs (min(blocks, max_num_seqs)): short sequences of a
+    mode with sinks never run out of slots while blocks are free (one slot per 4 blocks, the old rule, ran 2 here)."""
+    prompts = [p[:3] for p in _prompts()] * 2  # one block each, to their end
+    pool = _pool(model, "int8-rot", num_blocks=len(prompts))
+    assert pool.sinks.num_slots == len(prompts) > -(-pool.num_blocks // 4)
     sched = BatchScheduler(model, pool)
     ids = [sched.add(p, 2) for p in prompts]
     sched.step()
-    assert len(sched.running) == 2 and pool.num_free == 6 and not pool.sinks.can_take(1)
+    assert len(sched.running) == len(prompts) and pool.num_free == 0
+    sched.run_until_done()
+    for i, p in zip(ids, prompts):
+        assert sched.sequences[i].error is None and sched.sequences[i].generated_ids == _alone(model, "int8-rot", p, 2)
+
+
+def test_requests_past_max_num_seqs_wait_rather_than_fail(model):
+    """At most ``max_num_seqs`` sequences run at once, however many blocks are free; the others wait (no error)
+    and get the tokens they get alone."""
+    prompts = [p[:3] for p in _prompts()]
+    pool = _pool(model, "int8-rot", num_blocks=8, max_num_seqs=2)
+    assert pool.sinks.num_slots == 2
+    sched = BatchScheduler(model, pool, max_num_seqs=2)
+    ids = [sched.add(p, 2) for p in prompts]
+    sched.step()
+    assert len(sched.running) == 2 and len(sched.waiting) == len(prompts) - 2 and pool.num_free == 6
     sched.run_until_done()
     for i, p in zip(ids, prompts):
         assert sched.sequences[i].error is None and sched.sequences[i].generated_ids == _alone(model, "int8-rot", p, 2)
 
 
 def test_a_request_whose_sink_slot_others_hold_is_refused_in_one_line(model):
-    pool = _pool(model, "int8-rot", num_blocks=8)  # 2 sink slots
+    pool = _pool(model, "int8-rot", num_blocks=8, max_num_seqs=2)  # 2 sink slots
     held = [pool.allocate(1, first=True) for _ in range(2)]  # two other conversations
     sched = BatchScheduler(model, pool)
     i = sched.add(_prompts()[0][:3], 2)

@@ -64,8 +64,8 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def _small_engine(loaded, blocks: int) -> Engine:
-    """fp16 pools of ``blocks`` blocks of 16 tokens (cache_max_entry_count counts fp16 blocks)."""
-    return Engine(loaded, EngineConfig(block_size=16, cache_max_entry_count=blocks))
+    """fp16 pools of ``blocks`` blocks of 16 tokens (cache_blocks counts fp16 blocks)."""
+    return Engine(loaded, EngineConfig(block_size=16, cache_blocks=blocks))
 
 
 def test_full_pool_ends_the_reply_and_keeps_the_conversation_consistent(loaded_default):

@@ -81,7 +81,7 @@ def test_stop_ends_the_request_in_the_worker(engine):
 
 
 def test_a_request_the_pool_cannot_hold_undoes_the_turn(loaded_default):
-    small = Engine(loaded_default, EngineConfig(cache_max_entry_count=1))  # one block of 64 tokens per pool
+    small = Engine(loaded_default, EngineConfig(cache_blocks=1))  # one block of 64 tokens per pool
     try:
         s = small.chat("int8-dynamic", system_prompt=SYSTEM)
         assert s.pool.num_blocks == 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvcache.config import BASELINE_MODE, EngineConfig
+from kvcache.config import BASELINE_MODE, EngineConfig, PoolSize
 from kvcache.engine.chat import ChatSession
 from kvcache.engine.engine import Engine
 from kvcache.errors import KVQError
@@ -72,8 +72,8 @@ class AppState:
         return self.model_roots is None or self.allow_hub
 
     @property
-    def cache_max_entry_count(self) -> float | int | None:
-        return self.engine.config.cache_max_entry_count if self.engine is not None else None
+    def pool_size(self) -> PoolSize:
+        return self.engine.config.pool_size if self.engine is not None else PoolSize()
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -84,9 +84,9 @@ class AppState:
     def require_model(self) -> Any:
         return self.require_engine().loaded
 
-    def replace_model(self, loaded: Any, cache_max_entry_count: float | int | None = None) -> None:
+    def replace_model(self, loaded: Any, pool: PoolSize = PoolSize()) -> None:
         """Serve ``loaded`` to every session; replies in flight end with a message, old pools and weights go."""
-        config = EngineConfig(cache_max_entry_count=cache_max_entry_count, pools_sharing=PANES)
+        config = EngineConfig(**pool._asdict(), pools_sharing=PANES)
         if self.engine is None:
             self.engine = Engine(loaded, config, device_lock=self.device_lock)
         else:

@@ -143,8 +143,8 @@ class ChatSession:
         stats = self.last = TurnStats(prompt_tokens=len(ids) - start)
         t0 = time.perf_counter()
         try:
-            request = self.engine.worker.submit(self.pool, ids, max_new, block_table=self.blocks, num_cached=start,
-                                                sampler=self._sampler(config), stop=stop, cut_to_pool=True)
+            request = self.engine.submit(self.pool, ids, max_new, block_table=self.blocks, num_cached=start,
+                                         sampler=self._sampler(config), stop=stop, cut_to_pool=True)
         except KVCacheFull as exc:  # refused before anything of this turn was stored: the conversation stays
             self.messages.pop()
             stats.cache_full = str(exc)

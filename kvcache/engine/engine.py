@@ -17,17 +17,16 @@ from typing import Any
 import torch
 
 from ..codec import kv_float_dtype
-from ..config import BASELINE_MODE, EngineConfig
-from ..errors import ConfigError
-from ..measure.capacity import budget_bytes, plan, pool_blocks
-from ..measure.device_memory import free_memory_bytes
+from ..config import BASELINE_MODE, EngineConfig, PoolSize, check_pool_size
+from ..errors import ConfigError, WorkerClosed
 from ..modes import KV_MODES, KVMode, get_mode, require_qparams
 from ..qparams import KVQParams
 from ..storage.block_pool import BlockPool
 from ..shape import KVShape
+from ..storage.sizing import budget_bytes, capacity_report, free_memory_bytes, pool_blocks
 from .chat import ChatSession
 from .sampling import eos_ids
-from .worker import BatchWorker
+from .worker import BatchWorker, Request
 
 
 class Engine:
@@ -47,7 +46,7 @@ class Engine:
         self._pools: dict[tuple[str, int], BlockPool] = {}
         self._sessions: dict[tuple[str, int], weakref.WeakSet[ChatSession]] = {}
         self.worker = BatchWorker(loaded.model, eos_ids=self.eos_ids, device_lock=self.device_lock,
-                                  prefill_chunk=config.prefill_chunk)
+                                  prefill_chunk=config.prefill_chunk, max_num_seqs=config.max_num_seqs)
         self.free_after_load = free_memory_bytes(loaded.device)  # what a pool fraction applies to
 
     def replace_model(self, loaded: Any, config: EngineConfig | None = None) -> None:
@@ -71,15 +70,15 @@ class Engine:
     # --- pools ------------------------------------------------------------------------------------
     def pool_size(self, mode: str | KVMode) -> int:
         """Blocks a fixed pool of ``mode`` gets (0: it grows on demand)."""
-        count = self.config.cache_max_entry_count
-        if count is None:
+        size = self.config.pool_size
+        if size == PoolSize():
             return 0
-        budget = budget_bytes(count, self.shape, free_bytes=self.free_after_load,
-                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
-                              fp_dtype=self.fp_dtype)
-        blocks = pool_blocks(get_mode(mode), self.shape, budget, self.config.block_size, self.fp_dtype, stored=True)
+        blocks = pool_blocks(get_mode(mode), self.shape, self._budget(size), self.config.block_size, self.fp_dtype,
+                             stored=True, max_num_seqs=self.config.max_num_seqs)
         if blocks < 1:
-            raise ConfigError(f"a KV pool of cache_max_entry_count={count} holds no block of {self.config.block_size} "
+            setting = (f"cache_blocks={size.cache_blocks}" if size.cache_blocks is not None
+                       else f"cache_max_entry_count={size.cache_max_entry_count}")
+            raise ConfigError(f"a KV pool of {setting} holds no block of {self.config.block_size} "
                               f"{get_mode(mode).name} tokens: raise it (a fraction of free memory, or a number of blocks)")
         return blocks
 
@@ -96,7 +95,8 @@ class Engine:
             blocks = self.pool_size(kv)
             model = self.loaded.model
             pool = BlockPool(kv, self.shape, block_size=self.config.block_size, num_blocks=blocks,
-                             growable=blocks == 0, device=model.device, fp_dtype=self.fp_dtype, qparams=qparams)
+                             growable=blocks == 0, device=model.device, fp_dtype=self.fp_dtype, qparams=qparams,
+                             max_num_seqs=self.config.max_num_seqs)
             self._pools[key], self._sessions[key] = pool, weakref.WeakSet()
         return pool
 
@@ -117,16 +117,29 @@ class Engine:
         self._sessions[(pool.mode.name, id(pool.qparams))].add(session)
         return session
 
+    def submit(self, pool: BlockPool, prompt_ids: list[int], max_new_tokens: int, **options: Any) -> Request:
+        """Queue a reply over ``pool`` (the worker batches it with the others of that pool): its token stream.
+        ``options``: as :meth:`BatchWorker.submit` (block_table, num_cached, sampler, stop, cut_to_pool)."""
+        if self.worker is None:
+            raise WorkerClosed("the engine is between models: send the message again")
+        return self.worker.submit(pool, prompt_ids, max_new_tokens, **options)
+
     # --- what the pages show ------------------------------------------------------------------------
-    def capacity(self, cache_max_entry_count: float | int, session_tokens: int = 2048,
-                 modes: list[KVMode] | None = None) -> dict[str, Any]:
-        """Both capacity views for ``cache_max_entry_count``, sized exactly as this engine sizes its pools."""
-        budget = budget_bytes(cache_max_entry_count, self.shape, free_bytes=self.free_after_load,
-                              pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
-                              fp_dtype=self.fp_dtype)
-        return plan(modes or list(KV_MODES.values()), self.shape, budget, block_size=self.config.block_size,
-                    session_tokens=session_tokens, fp_dtype=self.fp_dtype, cache_max_entry_count=cache_max_entry_count,
-                    free_bytes=self.free_after_load, pools_sharing=self.config.pools_sharing)
+    def _budget(self, size: PoolSize) -> int:
+        return budget_bytes(self.shape, **size._asdict(), free_bytes=self.free_after_load,
+                            pools_sharing=self.config.pools_sharing, block_size=self.config.block_size,
+                            fp_dtype=self.fp_dtype)
+
+    def capacity(self, cache_max_entry_count: float | None = None, session_tokens: int = 2048,
+                 modes: list[KVMode] | None = None, *, cache_blocks: int | None = None) -> dict[str, Any]:
+        """Both capacity views for a pool of ``cache_max_entry_count`` or ``cache_blocks``, sized exactly as this
+        engine sizes its pools."""
+        size = PoolSize(cache_max_entry_count, cache_blocks)
+        check_pool_size(*size)
+        return capacity_report(modes or list(KV_MODES.values()), self.shape, self._budget(size),
+                               block_size=self.config.block_size, session_tokens=session_tokens, fp_dtype=self.fp_dtype,
+                               max_num_seqs=self.config.max_num_seqs,
+                               **size._asdict(), free_bytes=self.free_after_load, pools_sharing=self.config.pools_sharing)
 
     def status(self) -> dict[str, Any]:
         """Pools (size and use) and the worker's state, for the memory gauges."""

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..config import PREFILL_CHUNK
+from ..config import MAX_NUM_SEQS, PREFILL_CHUNK
 from ..errors import ConfigError, KVCacheFull
 from ..hf.cache import PagedKVCache
 from ..hf.compat import cache_kwargs
@@ -49,14 +49,15 @@ class BatchScheduler:
     """Greedy continuous batching of many requests over one pool: ``add()`` them, then ``step()``.
 
     ``prefill_chunk``: prompt tokens prefilled per step, all sequences together (None: every prompt whole).
+    ``max_num_seqs``: sequences running at once (vLLM's ``max_num_seqs``); the others wait.
     """
 
     def __init__(self, model: Any, pool: BlockPool, *, eos_ids: Iterable[int] = (),
-                 prefill_chunk: int | None = PREFILL_CHUNK):
+                 prefill_chunk: int | None = PREFILL_CHUNK, max_num_seqs: int = MAX_NUM_SEQS):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be at least 1 token (or None for whole prompts), "
                               f"got {prefill_chunk}")
-        self.model, self.pool, self.prefill_chunk = model, pool, prefill_chunk
+        self.model, self.pool, self.prefill_chunk, self.max_num_seqs = model, pool, prefill_chunk, max_num_seqs
         self.eos_ids = frozenset(eos_ids)
         self.cache = PagedKVCache(pool)  # carries each step's context into the model; holds no blocks itself
         self.waiting: deque[Sequence] = deque()
@@ -165,7 +166,7 @@ class BatchScheduler:
     # --- internals -------------------------------------------------------------------------
     def _admit(self) -> None:
         """Start waiting requests, in order, while the pool can hold each one's next forward besides the others'."""
-        while self.waiting:
+        while self.waiting and len(self.running) < self.max_num_seqs:
             self._share_prefix(self.waiting[0])
             if not self._fits(self.waiting[0]):
                 break

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..config import PREFILL_CHUNK
+from ..config import MAX_NUM_SEQS, PREFILL_CHUNK
 from ..errors import KVCacheFull, WorkerClosed
 from ..storage.block_pool import BlockPool
 from .scheduler import BatchScheduler
@@ -67,8 +67,8 @@ class BatchWorker:
     """The thread that runs ``model`` for every request, batching those that share a pool."""
 
     def __init__(self, model: Any, *, eos_ids: Iterable[int] = (), device_lock: threading.Lock | None = None,
-                 prefill_chunk: int | None = PREFILL_CHUNK):
-        self.model, self.prefill_chunk = model, prefill_chunk
+                 prefill_chunk: int | None = PREFILL_CHUNK, max_num_seqs: int = MAX_NUM_SEQS):
+        self.model, self.prefill_chunk, self.max_num_seqs = model, prefill_chunk, max_num_seqs
         self.eos_ids = frozenset(eos_ids)
         self.device_lock = device_lock or threading.Lock()
         self.max_batch = 0  # the most rows one decode forward has carried
@@ -100,7 +100,8 @@ class BatchWorker:
             sched = self._schedulers.get(id(pool))
             if sched is None:
                 sched = self._schedulers[id(pool)] = BatchScheduler(self.model, pool, eos_ids=self.eos_ids,
-                                                                      prefill_chunk=self.prefill_chunk)
+                                                                      prefill_chunk=self.prefill_chunk,
+                                                                      max_num_seqs=self.max_num_seqs)
             with self._step_lock:
                 seq_id = sched.add(prompt_ids, max_new_tokens, block_table=block_table, num_cached=num_cached,
                                    sampler=sampler, cut_to_pool=cut_to_pool)

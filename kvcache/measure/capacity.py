@@ -1,128 +1,18 @@
-"""How much KV cache fits: LMDeploy's ``cache_max_entry_count`` made explicit, per KV mode.
+"""How much KV cache fits, as tables: the report of :func:`kvcache.storage.sizing.capacity_report`.
 
 Two views of the same numbers, because users misread one for the other: in the *same memory*
 an int8 cache holds about twice the tokens; for the *same conversation* it takes about half
-the bytes. ``cache_max_entry_count`` in (0, 1] is a fraction of the memory free after the
-weights load (LMDeploy's meaning since 0.2.2); an integer >= 1 is a number of blocks.
+the bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
-from ..config import BASELINE_MODE, BLOCK_SIZE
-from ..modes import KVMode, get_mode
-from ..shape import KVShape
-from ..storage.sinks import SINK_BLOCKS_PER_SLOT, fixed_pool_slots
 from .text_table import text_table
 
 
-@dataclass
-class ModeCapacity:
-    kv: str
-    bytes_per_token: int
-    block_bytes: int
-    blocks: int
-    tokens: int
-    sessions: int  # concurrent sessions of ``session_tokens`` that fit
-    session_bytes: int  # bytes one session of ``session_tokens`` holds (whole blocks, its sink slot, the pool's maps)
-    tokens_vs_fp16: float
-    session_bytes_vs_fp16: float
-
-
-def budget_bytes(
-    cache_max_entry_count: float | int,
-    shape: KVShape,
-    *,
-    free_bytes: int | None = None,
-    pools_sharing: int = 1,
-    block_size: int = BLOCK_SIZE,
-    fp_dtype: torch.dtype = torch.float16,
-) -> int:
-    """The memory one pool gets: a fraction of ``free_bytes`` split over ``pools_sharing`` pools, or N fp16 blocks."""
-    if isinstance(cache_max_entry_count, int):
-        return cache_max_entry_count * block_size * get_mode(BASELINE_MODE).bytes_per_token(shape, fp_dtype)
-    if free_bytes is None:
-        raise ValueError("a fractional cache_max_entry_count needs the free memory after the weights load")
-    return int(cache_max_entry_count * free_bytes) // pools_sharing
-
-
-def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLOCK_SIZE,
-                fp_dtype: torch.dtype = torch.float16, stored: bool = False) -> int:
-    """Blocks of ``mode`` that ``budget`` bytes hold, after the mode's static parameters and maps, counting the
-    sink slots a fixed pool of that many blocks holds (one per :data:`SINK_BLOCKS_PER_SLOT` blocks).
-
-    By the scheme's own bytes (what its engine stores); ``stored``: by what this tool's pool allocates (an
-    emulated transformers scheme holds 16-bit values), as the engine sizes its pools."""
-    room = budget - mode.static_param_bytes(shape)
-    per_token = mode.pool_bytes_per_token(shape, fp_dtype) if stored else mode.bytes_per_token(shape, fp_dtype)
-    block = per_token * block_size
-    slot = mode.sink_bytes(shape, fp_dtype)
-
-    def cost(n: int) -> int:
-        return n * block + fixed_pool_slots(n) * slot
-
-    n = max(0, int(room // (block + slot / SINK_BLOCKS_PER_SLOT)))
-    while n and cost(n) > room:
-        n -= 1
-    while cost(n + 1) <= room:
-        n += 1
-    return n
-
-
-def pool_sessions(mode: KVMode, shape: KVShape, blocks: int, session_blocks: int, block_size: int = BLOCK_SIZE,
-                  fp_dtype: torch.dtype = torch.float16) -> int:
-    """Sessions of ``session_blocks`` blocks a fixed pool of ``blocks`` holds at once: each also takes a sink slot
-    (the pool holds :func:`fixed_pool_slots`) and, with a residual window, that window's 16-bit bytes out of the
-    blocks' bytes."""
-    block = mode.bytes_per_token(shape, fp_dtype) * block_size
-    sessions = min(blocks // session_blocks,
-                   blocks * block // (session_blocks * block + mode.residual_bytes(shape, fp_dtype)))
-    return min(sessions, fixed_pool_slots(blocks)) if mode.sink_tokens else sessions
-
-
-def plan(
-    modes: list[KVMode],
-    shape: KVShape,
-    budget: int,
-    *,
-    block_size: int = BLOCK_SIZE,
-    session_tokens: int = 2048,
-    fp_dtype: torch.dtype = torch.float16,
-    **facts: Any,
-) -> dict[str, Any]:
-    """Blocks, tokens and sessions per mode in the same ``budget`` bytes, as each scheme stores them (a
-    transformers scheme: its codes, plus each session's 16-bit residual window); ``facts`` are recorded in the report."""
-    rows = []
-    per_session = -(-session_tokens // block_size)
-    for mode in modes:
-        bpt = mode.bytes_per_token(shape, fp_dtype)
-        blocks = pool_blocks(mode, shape, budget, block_size, fp_dtype)
-        sessions = pool_sessions(mode, shape, blocks, per_session, block_size, fp_dtype)
-        rows.append(dict(kv=mode.name, bytes_per_token=bpt, block_bytes=bpt * block_size, blocks=blocks,
-                         tokens=blocks * block_size, sessions=sessions,
-                         session_bytes=per_session * bpt * block_size + mode.sequence_bytes(shape, fp_dtype)
-                         + mode.static_param_bytes(shape)))
-    base = next((r for r in rows if r["kv"] == BASELINE_MODE), rows[0])
-    results = [
-        ModeCapacity(**r, tokens_vs_fp16=r["tokens"] / max(base["tokens"], 1),
-                     session_bytes_vs_fp16=r["session_bytes"] / base["session_bytes"])
-        for r in rows
-    ]
-    return {
-        "shape": asdict(shape),
-        "block_size": block_size,
-        "budget_bytes": budget,
-        **facts,
-        "session_tokens": session_tokens,
-        "results": [asdict(r) for r in results],
-    }
-
-
-def format_plan(report: dict[str, Any]) -> str:
+def format_capacity(report: dict[str, Any]) -> str:
     """Both views as a table: same memory -> tokens; same conversation -> bytes."""
     mib = 1024 * 1024
     head = (f"budget {report['budget_bytes'] / mib:.1f} MiB, block_size {report['block_size']}, "

@@ -182,15 +182,3 @@ def read_device_memory() -> MemoryReading:
     _read_torch(reading)
     _read_process(reading)
     return reading
-
-
-def free_memory_bytes(device: Any) -> int:
-    """Memory free for the KV pools on ``device`` (a torch device or its name) now: CUDA's free memory, or available RAM."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available

@@ -7,7 +7,7 @@ context's length (KL vs fp16, top-1, Δppl, as ``evaluate`` does) and, where mea
 context (the ``needle`` grid's cells, or ``--needle-trials``). The ranking puts options that lose pass keys
 fp16 finds after those that do not, then orders by KL. Each row has bytes per token at the context (every
 per-sequence cost counted, sinks included), the tokens and sessions of that length a KV budget holds
-(:func:`kvcache.measure.capacity.plan`, the pools' own rule), and the exact flag that turns it on.
+(:func:`kvcache.storage.sizing.capacity_report`, the pools' own rule), and the exact flag that turns it on.
 
 Measurements are kept (:mod:`kvcache.measure.results_cache`): a second call at the same context is instant.
 """
@@ -29,7 +29,7 @@ from ..models.variants import check_window, context_limit
 from ..modes import KV_MODES, KVMode, get_mode
 from ..qparams import KVQParams
 from ..shape import KVShape, config_hash
-from .capacity import plan
+from ..storage.sizing import capacity_report
 from .evaluate import ProgressFn, by_position, make_windows, score_windows
 from .needle import NeedleDesign, needle
 from .results_cache import ResultsCache, mode_fingerprint, qparams_hash, text_hash
@@ -176,8 +176,8 @@ def recommend(
             retrieval = {m.name: store.get(_needle_key(model_hash, context, m, qparams, design)) for m in modes}
     seconds = round(time.perf_counter() - t0, 1)
     budget = int(budget_mib * 2**20) if budget_mib else None
-    fits = {r["kv"]: r for r in plan(modes, shape, budget, block_size=BLOCK_SIZE, session_tokens=context,
-                                     fp_dtype=kv_float_dtype(model.dtype))["results"]} \
+    fits = {r["kv"]: r for r in capacity_report(modes, shape, budget, block_size=BLOCK_SIZE, session_tokens=context,
+                                                fp_dtype=kv_float_dtype(model.dtype))["results"]} \
         if budget else {}
     fp16_found = (retrieval.get(BASELINE_MODE) or {}).get("correct")
     options = []

@@ -3,8 +3,9 @@
 A mode with ``sink_tokens`` N gives each sequence one *sink slot*: N tokens of K and V per layer and KV
 head in the pool's float dtype, bound to the sequence's first block when that block is allocated
 (``sink_slot[block] = slot``, -1 for every other block) and freed with it. Attention reads positions
-below N from the slot. A growable pool adds slots as sequences arrive; a fixed one holds one slot per
-:data:`SINK_BLOCKS_PER_SLOT` blocks (a sequence of 256 tokens or more per slot), counted in its bytes.
+below N from the slot. A growable pool adds slots as sequences arrive; a fixed one holds a slot for each
+sequence its scheduler may run at once (``max_num_seqs``, or one per block if the pool has fewer), counted
+in its bytes, so slots never run out while blocks are free.
 """
 
 from __future__ import annotations
@@ -14,19 +15,17 @@ import torch
 from .layout import LayerKV
 from ..shape import KVShape
 
-SINK_BLOCKS_PER_SLOT = 4
 
-
-def fixed_pool_slots(num_blocks: int) -> int:
-    """Sink slots a fixed pool of ``num_blocks`` blocks holds."""
-    return -(-num_blocks // SINK_BLOCKS_PER_SLOT)
+def fixed_pool_slots(num_blocks: int, max_num_seqs: int) -> int:
+    """Sink slots a fixed pool of ``num_blocks`` blocks holds: one per sequence it can run at once."""
+    return min(num_blocks, max_num_seqs)
 
 
 class SinkSlots:
     def __init__(self, tokens: int, shape: KVShape, device: torch.device, fp_dtype: torch.dtype, num_blocks: int,
-                 growable: bool):
+                 growable: bool, max_num_seqs: int):
         self.tokens, self.shape, self.device, self.fp_dtype, self.growable = tokens, shape, device, fp_dtype, growable
-        self.num_slots = fixed_pool_slots(num_blocks) if tokens and not growable else 0
+        self.num_slots = fixed_pool_slots(num_blocks, max_num_seqs) if tokens and not growable else 0
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slot_of: dict[int, int] = {}  # block -> slot, the host's copy of ``sink_slot`` (no device reads)
         self.sink_slot = torch.full((num_blocks,), -1, dtype=torch.int32, device=device) if tokens else None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvcache.config import parse_pool_setting
+from kvcache.config import PoolSize, parse_pool_setting
 from kvcache.engine.chat import ChatSession
-from kvcache.measure.device_memory import free_memory_bytes, read_device_memory
+from kvcache.measure.device_memory import read_device_memory
+from kvcache.storage.sizing import free_memory_bytes
 
 from .. import charts
 from ..state import (
@@ -74,7 +75,7 @@ def _log_point(sess: SessionState, reading: Any, figures: dict[str, Any]) -> Non
 
 
 def capacity(
-    app: AppState, sess: SessionState, cache_max_entry_count: float | int, session_tokens: int = 2048
+    app: AppState, sess: SessionState, cache_max_entry_count: str | float, session_tokens: int = 2048
 ) -> tuple[dict[str, Any], Any, Any]:
     """Both views of the KV budget for the loaded model, every mode: ``(report, same_memory, same_conversation)``.
 
@@ -84,10 +85,11 @@ def capacity(
     (or this session's own chat, when it is longer) takes.
     """
     engine = app.require_engine()
-    count = parse_pool_setting(str(cache_max_entry_count))
-    if count is None:
+    size = parse_pool_setting(str(cache_max_entry_count))
+    if size == PoolSize():
         raise UserError("Give cache_max_entry_count as a fraction of free memory (e.g. 0.5) or a number of blocks (e.g. 400 blocks).")
     held = len(sess.left.cached_ids) if sess.left is not None else 0
-    report = engine.capacity(count, session_tokens=max(int(session_tokens), held, 1))
+    report = engine.capacity(size.cache_max_entry_count, max(int(session_tokens), held, 1),
+                             cache_blocks=size.cache_blocks)
     same_memory, same_conversation = charts.capacity_tables(report)
     return report, same_memory, same_conversation

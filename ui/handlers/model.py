@@ -32,7 +32,7 @@ def model_status(app: AppState) -> str:
     return f"{text} · {pool_status(app)}{notes}"
 
 
-def load_model(app: AppState, path: str, cache_max_entry_count: float | int | None = None) -> str:
+def load_model(app: AppState, path: str, cache_max_entry_count: str | float | None = None) -> str:
     """Load ``path`` ('default', a local HF folder, a .gguf or a Hub id) for everyone; on failure the old model stays.
 
     ``cache_max_entry_count``: the KV pools' size, applied after the weights load (0 or None: grow on demand).
@@ -82,15 +82,15 @@ def check_model_path(app: AppState, path: str) -> None:
 
 def pool_setting(app: AppState) -> str:
     """The pool size as the model bar shows it: '' (grow on demand), a fraction, or a number of blocks."""
-    count = app.cache_max_entry_count
-    return "" if count is None else f"{count} blocks" if isinstance(count, int) else str(count)
+    fraction, blocks = app.pool_size
+    return f"{blocks} blocks" if blocks is not None else "" if fraction is None else str(fraction)
 
 
 def pool_status(app: AppState) -> str:
     """The KV pools' size setting, in a few words (their use is on the Memory tab's gauges)."""
-    if app.cache_max_entry_count is None:
-        return "KV pools: shared, growing on demand"
-    count = app.cache_max_entry_count
-    return f"KV pools: shared, {count} blocks each" if isinstance(count, int) else f"KV pools: shared, cache_max_entry_count={count}"
+    fraction, blocks = app.pool_size
+    if blocks is not None:
+        return f"KV pools: shared, {blocks} blocks each"
+    return "KV pools: shared, growing on demand" if fraction is None else f"KV pools: shared, cache_max_entry_count={fraction}"
 
 
