@@ -223,7 +223,12 @@ def cmd_kv_qparams(args: argparse.Namespace) -> int:
         from kvcache.modes import best_calibrated_mode
         from kvcache.qparams import KVQParams
 
-        print(f"use: python -m kvcache chat --kv {best_calibrated_mode(KVQParams.load(files[0]))} --qparams {files[0]}")
+        qp = KVQParams.load(files[0])
+        print(f"use: python -m kvcache chat --kv {best_calibrated_mode(qp)} --qparams {files[0]}")
+        if qp.k_transform is not None and args.qk_context is None:
+            print(f"the key transform fits positions up to {stats.meta.get('seqlen', 'the calibration length')}; for "
+                  "longer contexts export with --qk-context N (the context you serve): keys then lose no more late "
+                  "in it than early")
     elif args.format == "vllm":
         print("for a model folder vLLM serves as is, rerun with --model MODEL_DIR (the model they were calibrated on)")
     else:

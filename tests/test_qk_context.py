@@ -80,6 +80,9 @@ def test_qk_context_refusals(tmp_path, capsys):
     assert_one_line_error(err, "--qk-context", "kvq")
     rc, out, _ = run(capsys, "kv_qparams", str(wd), str(tmp_path / "k"), "--format", "kvq", "--qk-context", "8192")
     assert rc == 0 and KVQParams.load(tmp_path / "k" / "kv_qparams.safetensors").metadata["qk_context"] == "8192"
+    assert "--qk-context" not in out
+    rc, out, _ = run(capsys, "kv_qparams", str(wd), str(tmp_path / "d"), "--format", "kvq")
+    assert rc == 0 and "fits positions up to 2048" in out and "--qk-context N" in out  # says how to fit a longer one
 
 
 def test_calibration_records_the_models_rope_frequencies(tmp_path):
