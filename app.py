@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvcache.models.loader import load_model
     from kvcache.qparams import KVQParams
     from ui import AppState, build_demo
+    from ui.page import queue_quietly
     from ui.access import check_exposure, hub_ids_allowed, model_roots, read_auth
 
     try:
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         app.load_error = one_line(exc)
         print(f"warning: {app.load_error}; serving without a model", file=sys.stderr)
 
-    demo = build_demo(app)
-    demo.queue(default_concurrency_limit=1)
+    demo = queue_quietly(build_demo(app), default_concurrency_limit=1)
     try:
         demo.launch(
             server_name=args.host, server_port=args.port, auth=login, max_file_size=app.max_upload_bytes,
