@@ -21,6 +21,7 @@ from typing import Any
 from kvcache.config import BASELINE_MODE, EngineConfig, PoolSize
 from kvcache.engine.chat import ChatSession
 from kvcache.engine.engine import Engine
+from kvcache.engine.turns import TurnLock
 from kvcache.errors import KVQError
 from kvcache.modes import get_mode, require_qparams
 from kvcache.qparams import KVQParams
@@ -60,7 +61,7 @@ class AppState:
     work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvq-studio-")))
     sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
-    device_lock: threading.Lock = field(default_factory=threading.Lock)  # calibration/evaluation vs the worker
+    device_lock: TurnLock = field(default_factory=TurnLock)  # long jobs vs the worker's steps: they take turns
 
     @property
     def loaded(self) -> Any:

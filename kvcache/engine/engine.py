@@ -10,7 +10,6 @@ every session of that mode, as in a serving engine. Pools are sized once from
 from __future__ import annotations
 
 import gc
-import threading
 import weakref
 from typing import Any
 
@@ -21,18 +20,19 @@ from ..config import BASELINE_MODE, EngineConfig, PoolSize, check_pool_size
 from ..errors import ConfigError, WorkerClosed
 from ..modes import KV_MODES, KVMode, get_mode, require_qparams
 from ..qparams import KVQParams
-from ..storage.block_pool import BlockPool
 from ..shape import KVShape
+from ..storage.block_pool import BlockPool
 from ..storage.sizing import budget_bytes, capacity_report, free_memory_bytes, pool_blocks
 from .chat import ChatSession
 from .sampling import eos_ids
+from .turns import TurnLock
 from .worker import BatchWorker, Request
 
 
 class Engine:
-    def __init__(self, loaded: Any, config: EngineConfig | None = None, *, device_lock: threading.Lock | None = None):
-        """``device_lock``: held by the worker for each step, so other device work (calibration) can take turns."""
-        self.device_lock = device_lock or threading.Lock()
+    def __init__(self, loaded: Any, config: EngineConfig | None = None, *, device_lock: TurnLock | None = None):
+        """``device_lock``: held by the worker for each step, so other device work (an evaluation) can take turns."""
+        self.device_lock = device_lock or TurnLock()
         self.version = 0
         self.loaded: Any = None
         self.worker: BatchWorker | None = None

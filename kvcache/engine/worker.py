@@ -5,7 +5,7 @@ them in turn, so the requests of every session in a pool share each decode forwa
 batching: they join and leave between steps). A chat session keeps its conversation's blocks
 between turns and hands them in with its next request, so only the new tokens are prefilled.
 Callers read their tokens from a :class:`Request` as they come; ``device_lock`` is held for each
-step, so other work on the device (calibration, evaluation) can take turns with the worker.
+step, so other work on the device (an evaluation) can take turns with the worker (:mod:`.turns`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..errors import KVCacheFull, WorkerClosed
 from ..storage.block_pool import BlockPool
 from .scheduler import BatchScheduler
 from .sequence import Sampler, Sequence
+from .turns import TurnLock
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,11 @@ class Request:
 class BatchWorker:
     """The thread that runs ``model`` for every request, batching those that share a pool."""
 
-    def __init__(self, model: Any, *, eos_ids: Iterable[int] = (), device_lock: threading.Lock | None = None,
+    def __init__(self, model: Any, *, eos_ids: Iterable[int] = (), device_lock: TurnLock | None = None,
                  prefill_chunk: int | None = PREFILL_CHUNK, max_num_seqs: int = MAX_NUM_SEQS):
         self.model, self.prefill_chunk, self.max_num_seqs = model, prefill_chunk, max_num_seqs
         self.eos_ids = frozenset(eos_ids)
-        self.device_lock = device_lock or threading.Lock()
+        self.device_lock = device_lock or TurnLock()
         self.max_batch = 0  # the most rows one decode forward has carried
         self.steps = 0
         self._schedulers: dict[int, BatchScheduler] = {}  # by id(pool)

@@ -58,7 +58,7 @@ def calibrate(
 
     work_dir = sess.work_dir(app, "calib")
     try:
-        with app.device_lock:  # chat steps wait until the calibration is done
+        with app.device_lock:  # chat steps wait: its observers would also see theirs
             out = _calibrate(
                 loaded, dataset=dataset, samples=int(samples), seqlen=int(seqlen), work_dir=work_dir,
                 data_dir=app.calib_data_dir, device=app.device, progress=on_progress, bar=False,
@@ -277,9 +277,10 @@ def plan_bits(
     stem = next(s for s in (f"{stem}{f'_{n}' if n else ''}" for n in range(len(sess.plans) + 1))
                 if kv_label(f"{s}.json") not in sess.plans)
     try:
-        with app.device_lock:  # chat steps wait until the planner is done
+        with app.device_lock:  # chat steps run between its measurements (take_turns)
             plan, spec = _plan_bits(loaded, budget, qparams=qparams if calibrated else None, samples=int(samples),
-                                    seqlen=int(seqlen), data_dir=app.calib_data_dir, progress=progress, name=stem)
+                                    seqlen=int(seqlen), data_dir=app.calib_data_dir, progress=_taking_turns(app, progress),
+                                    name=stem)
     except torch.OutOfMemoryError:
         empty_cuda_cache()
         raise UserError("Out of GPU memory while planning: use fewer samples or a shorter sequence length.") from None
@@ -306,3 +307,14 @@ def plan_bits(
         f"Pick **{plan_label}** in the Chat tab's quantized pane or in the Evaluate tab."
     )
     return summary, charts.plan_table(plan_table(mode)), str(path), plan_label
+
+
+def _taking_turns(app: AppState, progress: ProgressFn | None) -> ProgressFn:
+    """``progress``, letting waiting chat steps run at each report (the job holds the device lock)."""
+
+    def report(fraction: float, message: str = "") -> Any:
+        out = progress(fraction, message) if progress is not None else True
+        app.device_lock.take_turns()
+        return out
+
+    return report

@@ -24,13 +24,15 @@ def cancel_evaluation(sess: SessionState) -> str:
     return "Cancelling… (the measurement stops at its next unit; nothing is reported)"
 
 
-def _cancellable(sess: SessionState, progress: ProgressFn | None) -> ProgressFn:
-    """The library's progress callback: shows progress, and says no once Cancel was pressed."""
+def _cancellable(app: AppState, sess: SessionState, progress: ProgressFn | None) -> ProgressFn:
+    """The library's progress callback: shows progress, lets waiting chat steps run (the job holds the device
+    lock), and says no once Cancel was pressed."""
     sess.eval_cancel.clear()
 
     def report(fraction: float, message: str = "") -> bool:
         if progress is not None:
             progress(fraction, message)
+        app.device_lock.take_turns()
         return not sess.eval_cancel.is_set()
 
     return report
@@ -69,9 +71,9 @@ def needle_grid(
     modes, qparams = _modes_and_qparams(app, sess, modes)
     if not lengths or not depths:
         raise UserError("Pick at least one context length and one depth.")
-    with app.device_lock:  # chat steps wait until the grid is done
+    with app.device_lock:  # chat steps run between its trials (take_turns)
         report = needle(loaded, modes, qparams=qparams, lengths=[int(n) for n in lengths],
-                        depths=[float(d) for d in depths], trials=int(trials), progress=_cancellable(sess, progress))
+                        depths=[float(d) for d in depths], trials=int(trials), progress=_cancellable(app, sess, progress))
     remember_needle(report, loaded.model, qparams)
     sess.needle_report = report
     totals = {}
@@ -100,7 +102,7 @@ def recommend_options(
     with app.device_lock:
         report = recommend(loaded, engine, int(context), text=text, text_name=name, qparams=qparams,
                            qparams_path=label, budget_mib=float(budget_mib) if budget_mib else None,
-                           progress=_cancellable(sess, progress))
+                           progress=_cancellable(app, sess, progress))
     sess.recommend_report = report
     pick = report["pick"] or f"none of the {engine} options"
     summary = (f"**{report['model']}** at **{context:,} tokens**, {engine} options and ours: KL vs fp16 over "
@@ -139,11 +141,11 @@ def evaluate(
     modes, qparams = _modes_and_qparams(app, sess, modes)
     label = sess.current_qparams(app)[1]
     try:
-        with app.device_lock:  # chat steps wait until the evaluation is done
+        with app.device_lock:  # chat steps run between its chunks (take_turns)
             report = _evaluate(
                 loaded, text, modes, qparams=qparams, seqlen=int(seqlen), samples=int(samples),
                 greedy_prompts=int(greedy_prompts), greedy_tokens=int(greedy_tokens),
-                progress=_cancellable(sess, progress),
+                progress=_cancellable(app, sess, progress),
             )
     except torch.OutOfMemoryError:
         empty_cuda_cache()
