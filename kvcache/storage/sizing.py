@@ -1,7 +1,7 @@
 """How the engine sizes its KV pools: LMDeploy's ``cache_max_entry_count`` made explicit, per KV mode.
 
 ``cache_max_entry_count`` in (0, 1] is a fraction of the memory free after the weights load (LMDeploy's
-meaning since 0.2.2); an integer >= 1 is a number of blocks. The engine sizes its pools with these
+meaning since 0.2.2); ``cache_blocks`` N is the memory of N fp16 blocks. The engine sizes its pools with these
 functions and the capacity views (:func:`capacity_report`) use the same ones, so what a page promises is
 what the engine allocates. Two views of the same numbers, because users misread one for the other: in the
 *same memory* an int8 cache holds about twice the tokens; for the *same conversation* it takes about half
@@ -77,7 +77,7 @@ def pool_blocks(mode: KVMode, shape: KVShape, budget: int, block_size: int = BLO
     slot = mode.sink_bytes(shape, fp_dtype)
     n = room // (block + slot)  # up to max_num_seqs blocks, each brings a slot; past it, slots are all there
     if n >= max_num_seqs:
-        n = (room - max_num_seqs * slot) // block
+        n = (room - fixed_pool_slots(n, max_num_seqs) * slot) // block
     return max(0, int(n))
 
 

@@ -17,7 +17,7 @@ from kvcache.shape import KVShape
 
 from .. import charts
 from ..state import AppState, SessionState, UserError, kv_label
-from .common import ProgressFn, check_upload, empty_cuda_cache
+from .common import ProgressFn, check_upload, empty_cuda_cache, taking_turns
 
 CALIB_DATASETS = ("builtin", "self", "c4", "wikitext2", "ptb", "pileval", "upload")
 EXPORT_FORMATS = ("turbomind", "kvq", "vllm")
@@ -279,7 +279,7 @@ def plan_bits(
     try:
         with app.device_lock:  # chat steps run between its measurements (take_turns)
             plan, spec = _plan_bits(loaded, budget, qparams=qparams if calibrated else None, samples=int(samples),
-                                    seqlen=int(seqlen), data_dir=app.calib_data_dir, progress=_taking_turns(app, progress),
+                                    seqlen=int(seqlen), data_dir=app.calib_data_dir, progress=taking_turns(app, progress),
                                     name=stem)
     except torch.OutOfMemoryError:
         empty_cuda_cache()
@@ -307,14 +307,3 @@ def plan_bits(
         f"Pick **{plan_label}** in the Chat tab's quantized pane or in the Evaluate tab."
     )
     return summary, charts.plan_table(plan_table(mode)), str(path), plan_label
-
-
-def _taking_turns(app: AppState, progress: ProgressFn | None) -> ProgressFn:
-    """``progress``, letting waiting chat steps run at each report (the job holds the device lock)."""
-
-    def report(fraction: float, message: str = "") -> Any:
-        out = progress(fraction, message) if progress is not None else True
-        app.device_lock.take_turns()
-        return out
-
-    return report

@@ -21,6 +21,17 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], Any]
 
 
+def taking_turns(app: AppState, progress: ProgressFn | None) -> ProgressFn:
+    """``progress``, letting waiting chat steps run at each report (a long job holds the device lock)."""
+
+    def report(fraction: float, message: str = "") -> Any:
+        out = progress(fraction, message) if progress is not None else True
+        app.device_lock.take_turns()
+        return out
+
+    return report
+
+
 def default_system_prompt() -> str:
     try:
         return SYSTEM_PROMPT_FILE.read_text(encoding="utf-8").strip()

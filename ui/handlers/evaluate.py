@@ -16,7 +16,7 @@ from kvcache.modes import get_mode
 
 from .. import charts
 from ..state import AppState, SessionState, UserError, kv_label
-from .common import ProgressFn, check_upload, empty_cuda_cache
+from .common import ProgressFn, check_upload, empty_cuda_cache, taking_turns
 
 
 def cancel_evaluation(sess: SessionState) -> str:
@@ -28,11 +28,10 @@ def _cancellable(app: AppState, sess: SessionState, progress: ProgressFn | None)
     """The library's progress callback: shows progress, lets waiting chat steps run (the job holds the device
     lock), and says no once Cancel was pressed."""
     sess.eval_cancel.clear()
+    shown = taking_turns(app, progress)
 
     def report(fraction: float, message: str = "") -> bool:
-        if progress is not None:
-            progress(fraction, message)
-        app.device_lock.take_turns()
+        shown(fraction, message)
         return not sess.eval_cancel.is_set()
 
     return report
