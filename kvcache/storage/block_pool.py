@@ -16,10 +16,10 @@ from ..config import BLOCK_SIZE, MAX_NUM_SEQS
 from ..errors import ConfigError
 from ..modes import KVMode, require_qparams
 from ..qparams import KVQParams
+from ..shape import KVShape
 from .allocator import BlockAllocator
 from .kv_storage import KVStorage
 from .prefix_cache import PrefixCache
-from ..shape import KVShape
 from .sinks import SinkSlots
 
 

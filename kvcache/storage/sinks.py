@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .layout import LayerKV
 from ..shape import KVShape
+from .layout import LayerKV
 
 
 def fixed_pool_slots(num_blocks: int, max_num_seqs: int) -> int:
