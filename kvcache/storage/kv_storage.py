@@ -11,9 +11,9 @@ import torch
 from ..codec import FP16
 from ..modes import KVMode
 from ..qparams import KVQParams
+from ..shape import KVShape
 from .layout import LayerKV, new_blocks
 from .maps import layer_maps
-from ..shape import KVShape
 from .sinks import SinkSlots
 from .tables import layer_grid, layer_tensor_scale
 
