@@ -135,12 +135,16 @@ def test_the_context_window_bounds_a_reply_and_refuses_a_longer_conversation(eng
 
 
 def test_a_prompt_prefilled_in_small_chunks_gives_the_same_reply(loaded_default, engine):
+    """16-bit: the same 8 tokens. int8: the same first token. Chunks change the matmuls' shapes, so K and V differ in
+    the last bits; an int8 code on a rounding edge then flips, and a later greedy token on a near-tie may follow."""
     chunked = Engine(loaded_default, EngineConfig(prefill_chunk=8))
     try:
-        s = chunked.chat("int8-dynamic", system_prompt="You are a helpful tutor.")
         config = GenerationConfig(max_new_tokens=8)
-        want = engine.chat("int8-dynamic", system_prompt="You are a helpful tutor.").reply("What is 2 + 2?", config)
-        assert s.reply("What is 2 + 2?", config) == want and s.last.prefill_s > 0
+        for mode, words in (("fp16", None), ("int8-dynamic", 1)):
+            s = chunked.chat(mode, system_prompt="You are a helpful tutor.")
+            want = engine.chat(mode, system_prompt="You are a helpful tutor.").reply("What is 2 + 2?", config)
+            got = s.reply("What is 2 + 2?", config)
+            assert got.split()[:words] == want.split()[:words] and s.last.prefill_s > 0, (mode, got, want)
         assert chunked.worker.prefill_chunk == 8 and s.last.prompt_tokens > 16  # a few chunks
     finally:
         chunked.close()

@@ -210,5 +210,6 @@ def test_the_long_prompt_benchmark_sees_the_sessions_decode_through_a_chunked_pr
     rows = {chunk: measure_gaps(loaded, get_mode("fp16"), sessions, long, prefill_chunk=chunk, block_size=16, lead=4)
             for chunk in (16, None)}
     assert all(r["prompt_tokens"] == 200 and r["max_gap_ms"] >= r["median_gap_ms"] > 0 for r in rows.values())
-    # every step of the 13 chunks gave each session a token; whole, the prompt took one step
-    assert rows[16]["tokens_during_prefill"] >= 200 // 16 - 1 and rows[None]["tokens_during_prefill"] <= 2
+    # every step of the 13 chunks gave each session a token; whole, the prompt took one step (and the sessions
+    # may get a step or two in before the worker takes the prompt up: a timing, so a margin)
+    assert rows[16]["tokens_during_prefill"] >= 200 // 16 - 1 > 4 >= rows[None]["tokens_during_prefill"]
