@@ -7,6 +7,9 @@
 - ``lloyd-max``: the MSE-optimal scalar quantizer of one coordinate of a unit vector rotated at random in
   ``d`` dimensions, which is close to N(0, 1/d) for d >= 64 (TurboQuant; vLLM solves the same conditions
   in turboquant/centroids.py); sorted ascending.
+- ``lloyd-max-peak``: ours, the MSE-optimal levels for the coordinates of a group of ``g`` rotated channels
+  divided by the group's peak with its sign flipped (so the peak itself is level 0, ``-1``, stored exactly, as
+  llama.cpp's q4_0 stores its peak as ``-8``): :func:`lloyd_max_peak`;
 - ``signmag``: 4-bit sign-and-magnitude codes (``magnitude index | sign << 3``) over the positive 4-bit Gaussian
   Lloyd-Max centroids scaled to a largest level of 1 (vLLM's int4_per_token_head has such a codebook; its exact
   levels were not in the sources we read: an approximation);
@@ -29,6 +32,7 @@ IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
 FLOAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
 _TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+PEAK_GRIDS = ("lloyd-max-peak",)  # level 0 is -1 and a group's peak is scaled onto it (a signed scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +86,42 @@ def lloyd_max(bits: int, dim: int, iterations: int = 500) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+def lloyd_max_peak(bits: int, group: int, iterations: int = 1000) -> torch.Tensor:
+    """``2^bits`` levels, ascending, the first exactly ``-1``: Lloyd-Max for ``y = -x_i / p`` where ``x`` is a group of
+    ``group`` iid Gaussians (what a Hadamard rotation makes of a token's channels) and ``p`` its value of largest
+    magnitude. The peak is always ``-1`` (held by level 0); the other ``group - 1`` coordinates, given
+    ``m = |p|``, are Gaussians truncated to ``(-m, m)`` over ``m``. Their density's cell masses and means are
+    integrals over ``m`` of closed forms (``Phi``, ``phi``), summed on a fine grid in float64.
+
+    Against the uniform grid with the peak at ``-2^(b-1)`` (``int`` sym) it cuts the squared error of such
+    groups by 8% at 4 bits in groups of 16 and 10% at 3 bits in groups of 32.
+    """
+    n, g = 1 << bits, group
+    m = torch.linspace(1e-4, 9.0, 12001, dtype=torch.float64)  # the peak's magnitude; P(m > 9) is ~1e-18 per value
+
+    def pdf(t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+
+    inside = 2 * _normal_cdf(m) - 1
+    weight = g * 2 * pdf(m) * inside ** (g - 2) * (g - 1) / g  # density of m, over P(|x| < m), times the share
+    weight = weight * (m[1] - m[0])
+    weight[0] /= 2
+    weight[-1] /= 2
+    c = torch.linspace(-1, 1 - 2 / n, n, dtype=torch.float64)
+    for _ in range(iterations):
+        edges = torch.cat([c.new_tensor([-1.0]), (c[1:] + c[:-1]) / 2, c.new_tensor([1.0])])
+        a, b = edges[:-1, None] * m, edges[1:, None] * m
+        mass = ((_normal_cdf(b) - _normal_cdf(a)) * weight).sum(-1)
+        mean = ((pdf(a) - pdf(b)) / m * weight).sum(-1) / mass.clamp_min(1e-300)
+        mean[0] = -1.0
+        if torch.max(torch.abs(mean - c)) < 1e-12:
+            c = mean
+            break
+        c = mean
+    return c.float()
+
+
+@functools.lru_cache(maxsize=64)
 def lloyd_max_vllm(bits: int, dim: int) -> torch.Tensor:
     """vLLM TurboQuant's centroids (turboquant/centroids.py ``solve_lloyd_max``): the same conditions as
     :func:`lloyd_max`, solved numerically its way, which lands up to ~1e-3 relative from the exact optimum.
@@ -120,7 +160,8 @@ def lloyd_max_vllm(bits: int, dim: int) -> torch.Tensor:
 def fixed_grid(name: str, bits: int, head_dim: int, group_size: int = 0) -> torch.Tensor | None:
     """The table of a fixed codebook (fp32 ``[2^bits]``), or None for the integer grids and calibrated tables.
 
-    ``lloyd-max`` centroids are for unit vectors of the group's dimension (the whole head by default).
+    ``lloyd-max`` centroids are for unit vectors of the group's dimension (the whole head by default),
+    ``lloyd-max-peak`` levels for groups of that many channels.
     """
     if name in ("int", "uint", "table"):
         return None
@@ -132,6 +173,8 @@ def fixed_grid(name: str, bits: int, head_dim: int, group_size: int = 0) -> torc
         return lloyd_max(bits, group_size or head_dim)
     if name == "lloyd-max-vllm":
         return lloyd_max_vllm(bits, group_size or head_dim)
+    if name == "lloyd-max-peak":
+        return lloyd_max_peak(bits, group_size or head_dim)
     if name == "signmag":
         mags = lloyd_max(4, 1)[8:]
         mags = mags / mags[-1]
@@ -150,7 +193,7 @@ def grid_values(u: torch.Tensor, name: str, bits: int, table: torch.Tensor | Non
     if name == "uint":
         return u.float()
     if table is None:
-        if name in ("lloyd-max", "lloyd-max-vllm", "table"):
+        if name in ("lloyd-max", "lloyd-max-vllm", "lloyd-max-peak", "table"):
             raise ValueError(f"the {name} grid needs its table")
         table = fixed_grid(name, bits, u.shape[-1])
     if table.dim() == 1:

@@ -8,7 +8,8 @@ A codec composes pieces, each chosen separately for K and V:
   ``-2^(b-1) .. 2^(b-1)-1``, ``uint`` the unsigned one ``0 .. 2^b-1``; the others are codebooks
   (:mod:`kvcache.codebooks`): the floating-point formats ``e4m3``, ``e5m2`` (fp8) and ``e2m1`` (fp4),
   llama.cpp's ``iq4nl`` table, ``lloyd-max`` centroids for the coordinates of a rotated unit vector
-  (TurboQuant), and ``table``, one calibrated per layer, KV head and side;
+  (TurboQuant), ``lloyd-max-peak`` centroids for a rotated group divided by its peak (ours), and ``table``,
+  one calibrated per layer, KV head and side;
 - **scaling**: ``none`` (the grid value as it is, times an optional per-tensor scale), ``static`` (calibrated
   per tensor, head or channel) or ``token`` (computed at write time per token, KV head and group of
   ``group_size`` channels), with or without a zero point (``symmetric``), in ``param_dtype`` (ours: the pool's
@@ -37,8 +38,8 @@ STATIC_PARAM_DTYPE = torch.float32  # static parameters are fp32 so they add no 
 OUR_ENGINE = "kvq"  # the engine name of this tool's own schemes (KVMode.engine), listed before the others
 SEQUENCE_TOKENS = 2048  # the sequence length per-sequence costs (sinks) are spread over in ratios
 
-GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "lloyd-max-vllm": None, "table": None, "e4m3": 8, "e5m2": 8,
-             "e2m1": 4, "iq4nl": 4, "signmag": 4}
+GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "lloyd-max-vllm": None, "lloyd-max-peak": None, "table": None,
+             "e4m3": 8, "e5m2": 8, "e2m1": 4, "iq4nl": 4, "signmag": 4}
 FLOAT_GRIDS = ("e4m3", "e5m2", "e2m1")  # floating-point formats: meaningful with no parameters at all
 # "ue8m0": a power-of-two scale stored as its biased exponent byte (2^(byte - 127), MX formats);
 # "pool": the pool's 16-bit float dtype (ours, and an engine's that stores the model's dtype)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebooks import FLOAT_MAX, float_codes, grid_values
+from .codebooks import FLOAT_MAX, PEAK_GRIDS, float_codes, grid_values
 from .codec import Codec
-from .quant import (SCALE_EPS, group_view, nearest_codes, pack_codes, quantize, quantize_groups, round_up_to,
-                    token_qparams, unpack_codes)
+from .quant import (SCALE_EPS, group_view, nearest_codes, pack_codes, peak_scale, quantize, quantize_groups,
+                    round_up_to, token_qparams, unpack_codes)
 
 
 @dataclass
@@ -60,8 +60,8 @@ def _table_extent(table: torch.Tensor) -> torch.Tensor:
 def kvq_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
     """Ours. Integer grids: :func:`kvcache.quant.token_qparams` (asymmetric ``zp = (min+max)/2`` with the scale
     rounded up so the range fits, or llama.cpp's q4_0-style signed peak) or static parameters; codes
-    round-half-even. Codebooks: per group, the largest magnitude maps to the codebook's (scale rounded up),
-    nearest entry (ties to the even index). ``x`` is ``[tokens, kv_heads, head_dim]``."""
+    round-half-even. Codebooks: per group, the largest magnitude maps to the codebook's (scale rounded up; for
+    the peak grids the peak itself, signed, onto level 0), nearest entry (ties to the even index). ``x`` is ``[tokens, kv_heads, head_dim]``."""
     x = _tensor_scaled(codec, x, side)
     if codec.grid == "int":
         if codec.scaling == "static":
@@ -75,8 +75,11 @@ def kvq_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
     if not codec.symmetric:
         raise ValueError(f"{codec.label()}: the kvq rule reads codebooks with a scale only (symmetric)")
     groups = group_view(x, codec.group_size)  # [tokens, kv_heads, groups, g]
-    extent = _table_extent(side.grid)  # [kv_heads, 1, 1]
-    scale = round_up_to((groups.abs().amax(dim=-1) / extent[..., 0]).clamp_min(SCALE_EPS), side.param_dtype)
+    if codec.grid in PEAK_GRIDS:  # the peak onto level 0 (-1), signed
+        scale = peak_scale(groups, side.grid[:, :1].float(), side.param_dtype)
+    else:
+        extent = _table_extent(side.grid)  # [kv_heads, 1, 1]
+        scale = round_up_to((groups.abs().amax(dim=-1) / extent[..., 0]).clamp_min(SCALE_EPS), side.param_dtype)
     unit = groups / scale.float()[..., None]
     if codec.grid in FLOAT_MAX:
         u = float_codes(unit, codec.grid)

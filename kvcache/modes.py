@@ -36,6 +36,13 @@ def sym_rotated(bits: int, group: int, qk: bool = False) -> Codec:
 
 
 INT8_SYM_QK = Codec(8, "token", symmetric=True, rotate=True, qk_transform=True)
+
+
+def peak_lloyd_max(bits: int, group: int, qk: bool = False) -> Codec:
+    """:func:`sym_rotated`'s codes on the ``lloyd-max-peak`` levels (:func:`kvcache.codebooks.lloyd_max_peak`)."""
+    return replace(sym_rotated(bits, group, qk), grid="lloyd-max-peak")
+
+
 INT3_G32, INT2_G32 = sym_rotated(3, 32), sym_rotated(2, 32)  # the best 3- and 2-bit codes (keys: with qk_transform), the planner's
 # Not a listed mode: 2-bit codes in groups of 32 (symmetric, rotated) for K and V, no calibration; the 2-bit bit-plane
 # layout the kernels take, for their tests and benchmarks (the planner gives layers 2 bits; no named mode does).
@@ -57,6 +64,9 @@ KVQ_MODES: dict[str, KVMode] = {  # ours
         _mode("k8v4", "K int8 (symmetric, rotated, calibrated query-aware transform); V int4 in groups of 16 "
                       "(symmetric, rotated); first 4 tokens 16-bit (--qparams)",
               INT8_SYM_QK, INT4_G16, sinks=4),
+        _mode("k8v4-lm", "K int8 (symmetric, rotated, calibrated query-aware transform); V 4-bit in groups of 16 on "
+                         "Lloyd-Max levels for peak-scaled rotated groups (k8v4's bytes); first 4 tokens 16-bit (--qparams)",
+              INT8_SYM_QK, peak_lloyd_max(4, 16), sinks=4),
         _mode("int4", "K and V int4 in groups of 16 (symmetric, rotated), K through the calibrated query-aware "
                       "transform; first 4 tokens 16-bit (--qparams)",
               replace(INT4_G16, qk_transform=True), INT4_G16, sinks=4),
@@ -68,6 +78,9 @@ KVQ_MODES: dict[str, KVMode] = {  # ours
         _mode("int3", "K and V 3-bit in groups of 32 (symmetric, rotated), K through the calibrated query-aware "
                       "transform; first 4 tokens fp16 (--qparams)",
               replace(INT3_G32, qk_transform=True), INT3_G32, sinks=4),
+        _mode("int3-lm", "K and V 3-bit in groups of 32 on Lloyd-Max levels for peak-scaled rotated groups (int3's "
+                         "bytes), K through the calibrated query-aware transform; first 4 tokens fp16 (--qparams)",
+              peak_lloyd_max(3, 32, qk=True), peak_lloyd_max(3, 32), sinks=4),
         _mode("int3-compact", "K and V 3-bit per head (symmetric, rotated), K through the calibrated query-aware "
                               "transform; first 4 tokens fp16 (--qparams)",
               sym_rotated(3, 0, qk=True), sym_rotated(3, 0), sinks=4),

@@ -120,9 +120,15 @@ def sym_token_qparams(x: torch.Tensor, bits: int = 4, param_dtype: torch.dtype =
     The scale is signed (it carries that value's sign) and rounded to ``param_dtype`` with its magnitude never
     shrinking, so every value stays within ``[-2^(b-1), 2^(b-1)]`` steps; codes clamp at ``2^(b-1) - 1``.
     """
+    return peak_scale(x, qrange(bits)[0], param_dtype)
+
+
+def peak_scale(x: torch.Tensor, lowest: "float | torch.Tensor", param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The signed scale that maps the value of largest magnitude over the last dim onto the grid's ``lowest`` level
+    (negative), its magnitude rounded up to ``param_dtype`` so no value lands beyond that level."""
     x = x.float()
     peak = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))[..., 0]
-    scale = peak / qrange(bits)[0]
+    scale = peak / lowest
     magnitude = _round_up(scale.abs().clamp_min(SCALE_EPS), param_dtype)
     return torch.where(scale < 0, -magnitude.float(), magnitude.float()).to(param_dtype)
 
