@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from kvcache.codebooks import IQ4NL_LEVELS, float_codes, float_grid, lloyd_max
+from kvcache.codebooks import IQ4NL_LEVELS, float_codes, float_grid, lloyd_max, lloyd_max_peak
 from kvcache.codec import Codec, KVMode
 from kvcache.encoding import SideParams, decode, encode, from_storage, to_storage
 from kvcache.hf.cache import PagedKVCache
@@ -109,6 +109,41 @@ def test_lloyd_max_against_closed_forms():
     assert torch.allclose(lloyd_max(2, d) / sigma, torch.tensor([-1.5104, -0.4528, 0.4528, 1.5104]), atol=1e-4)
     three = lloyd_max(3, d) / sigma  # Max's 8-level table: 0.2451 0.7560 1.3439 2.1520
     assert torch.allclose(three[4:], torch.tensor([0.2451, 0.7560, 1.3439, 2.1520]), atol=1e-3)
+
+
+def _peak_scaled(groups: torch.Tensor) -> torch.Tensor:
+    """``-x / peak`` of every coordinate of sampled Gaussian groups (the peak: the value of largest magnitude)."""
+    peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    return (-groups / peak).flatten()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 16), (3, 32), (2, 32)])
+def test_lloyd_max_peak_meets_lloyds_conditions_on_sampled_groups(bits, group):
+    levels = lloyd_max_peak(bits, group).double()
+    assert levels[0] == -1 and torch.all(levels[1:] > levels[:-1]) and levels[-1] < 1
+    y = _peak_scaled(torch.randn(40_000, group, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    cell = (y[:, None] - levels[None]).abs().argmin(-1)  # nearest level, by definition
+    for i in range(1, len(levels)):  # every free level is the mean of its cell (level 0 holds the peaks, -1)
+        assert abs(y[cell == i].mean() - levels[i]) < 4e-3
+    # and the squared error is below the uniform grid's with the peak on its lowest level (q4_0's rule)
+    half = 1 << (bits - 1)
+    uniform = torch.arange(-half, half, dtype=torch.float64) / half
+    err = lambda t: ((y[:, None] - t[None]).abs().min(-1).values ** 2).mean()  # noqa: E731
+    assert err(levels) < 0.95 * err(uniform)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_peak_grid_puts_the_peak_on_level_zero_by_hand(sign):
+    codec = Codec(4, "token", group_size=8, symmetric=True, grid="lloyd-max-peak")
+    x = sign * torch.tensor([[[2.0, -0.5, 1.0, 0.0, 0.25, -2.0, 1.5, 0.75]]])  # peak 2 (first of +-2), times sign
+    enc = encode(codec, x, _side(codec))
+    assert enc.scale.item() == -2.0 * sign  # signed: the peak / -1
+    table = lloyd_max_peak(4, 8)
+    unit = x[0, 0] / enc.scale.item()
+    want = (unit[:, None] - table[None]).abs().argmin(-1)  # the nearest level of each
+    assert enc.codes[0, 0].tolist() == want.tolist() and want[0] == 0 and want[5] == 15  # -2 sits past the top level
+    back = decode(codec, enc.codes, enc.scale, enc.zp, _side(codec))
+    assert back[0, 0, 0] == x[0, 0, 0] and torch.allclose(back[0, 0], table[want] * enc.scale.item())
 
 
 # --- encode and decode -----------------------------------------------------------------------------------
