@@ -16,10 +16,15 @@ What is observed, per layer, over every calibration token:
 * The second moments ``E[k k^T]`` and ``E[q q^T]`` per KV head (K and Q after RoPE; a KV head's query
   heads averaged), from which the query-aware key transform is computed at export: the queries are
   seen by the ``kvq`` attention (:func:`kvcache.hf.attention.observing_queries`).
+
+Every hook sees only the calibrating thread's forwards (:func:`this_thread_only`), so the app's chats may run
+the same model between batches.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,12 +141,26 @@ class _LayerObservers:
         self.query_moment.update(q)
 
 
+def this_thread_only(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook``, silent when called from another thread than the one that made it: in the app, chat steps run the
+    same model between calibration batches (they take turns on the device), and must not count in the stats."""
+    owner = threading.get_ident()
+
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        return hook(*args, **kwargs) if threading.get_ident() == owner else None
+
+    return guarded
+
+
 def _attach(layer: nn.Module, prefix: str, attn: nn.Module, shape: KVShape, obs: _LayerObservers) -> list:
-    """Forward hooks on every nn.Linear of ``layer`` (inputs/outputs) and on ``k_proj`` (K before RoPE)."""
+    """Forward hooks on every nn.Linear of ``layer`` (inputs/outputs) and on ``k_proj`` (K before RoPE), seeing only
+    this thread's forwards."""
     handles = []
     kvh, d = shape.num_kv_heads, shape.head_dim
 
     def linear_hook(name: str):
+        @this_thread_only
         def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
             obs.inputs[name].update(args[0])
             obs.outputs[name].update(out)
@@ -155,6 +174,7 @@ def _attach(layer: nn.Module, prefix: str, attn: nn.Module, shape: KVShape, obs:
             obs.outputs[full] = ActivationObserver(mod.out_features)
             handles.append(mod.register_forward_hook(linear_hook(full)))
 
+    @this_thread_only
     def k_pre_rope_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         obs.key_pre_rope.update(out.view(*out.shape[:-1], kvh, d))
 
@@ -190,6 +210,7 @@ def catch_layer0_inputs(
     kwargs_by_batch: dict[int, dict[str, Any]] = {}
     caught: dict[str, Any] = {}
 
+    @this_thread_only
     def catcher(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         kwargs = dict(kwargs)
         caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
@@ -269,7 +290,7 @@ def _observe_layer(run: LayerwiseRun, i: int, hidden: list[torch.Tensor], dev_kw
             if measure:
                 torch.cuda.reset_peak_memory_stats(compute)
                 base = torch.cuda.memory_allocated(compute)
-            with observing_queries(struct.attns[i], obs.on_query):
+            with observing_queries(struct.attns[i], this_thread_only(obs.on_query)):
                 out = layer(h.to(compute), **dev_kwargs[h.shape[0]], **cache_kwargs(cache))
             out = out[0] if isinstance(out, tuple) else out
             if measure:

@@ -58,10 +58,10 @@ def calibrate(
 
     work_dir = sess.work_dir(app, "calib")
     try:
-        with app.device_lock:  # chat steps wait: its observers would also see theirs
+        with app.device_lock:  # chat steps run between batches; the observers see only this thread's forwards
             out = _calibrate(
                 loaded, dataset=dataset, samples=int(samples), seqlen=int(seqlen), work_dir=work_dir,
-                data_dir=app.calib_data_dir, device=app.device, progress=on_progress, bar=False,
+                data_dir=app.calib_data_dir, device=app.device, progress=taking_turns(app, on_progress), bar=False,
             )
     except torch.OutOfMemoryError:
         empty_cuda_cache()
