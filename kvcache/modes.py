@@ -43,7 +43,7 @@ def peak_lloyd_max(bits: int, group: int, qk: bool = False) -> Codec:
     return replace(sym_rotated(bits, group, qk), grid="lloyd-max-peak")
 
 
-INT3_G32, INT2_G32 = sym_rotated(3, 32), sym_rotated(2, 32)  # the best 3- and 2-bit codes (keys: with qk_transform), the planner's
+INT3_G32, INT2_G32 = sym_rotated(3, 32), sym_rotated(2, 32)  # 3- and 2-bit codes on the uniform grid (keys: with qk_transform)
 # Not a listed mode: 2-bit codes in groups of 32 (symmetric, rotated) for K and V, no calibration; the 2-bit bit-plane
 # layout the kernels take, for their tests and benchmarks (the planner gives layers 2 bits; no named mode does).
 INT2_G32_MODE = KVMode("int2-g32", "K and V 2-bit in groups of 32 (symmetric, rotated; our rule)", INT2_G32, INT2_G32)

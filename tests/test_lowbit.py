@@ -315,7 +315,8 @@ def test_candidates_run_from_16_bits_down_to_2(calibrated):
     for side, want_qk in (("k", calibrated), ("v", False)):
         assert [c.bits for c in opts[side]] == [16, 8, 4, 3, 2]
         assert all(c.rotate and c.qk_transform == want_qk for c in opts[side][1:])
-    assert opts["k"][3] == replace(KV_MODES["int3"].k, qk_transform=calibrated) and opts["v"][3] == KV_MODES["int3"].v
+    assert opts["k"][3] == replace(KV_MODES["int3-lm"].k, qk_transform=calibrated) and opts["v"][3] == KV_MODES["int3-lm"].v
+    assert opts["v"][2] == KV_MODES["k8v4-lm"].v and all(c.grid == "lloyd-max-peak" for c in opts["v"][2:])
 
 
 # --- listing -----------------------------------------------------------------------------------------
