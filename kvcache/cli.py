@@ -190,6 +190,8 @@ def cmd_needle(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     remember_needle(report, loaded.model, qparams)  # `recommend` at these contexts shows it
     print(format_grid(report))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     _write_json(args.json, report)
     return 0
 

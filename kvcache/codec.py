@@ -252,6 +252,11 @@ class KVMode:
         return any(c.needs_calibration for c in self._codecs())
 
     @property
+    def uses_qk_transform(self) -> bool:
+        """Some layer's keys go through the calibrated query-aware transform (fitted to a context length)."""
+        return any(c.qk_transform for c in self._codecs())
+
+    @property
     def reads_qparams(self) -> bool:
         """It takes calibrated parameters when given: it needs them, or its per-tensor scales are 1.0 without."""
         return self.needs_qparams or self.uses_tensor_scales

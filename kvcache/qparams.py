@@ -102,6 +102,24 @@ class KVQParams:
         zp = getattr(self, f"{side}_zp")[i].float()
         return float((zp.abs() + scale * ((1 << self.bits) - 1) / 2).max())
 
+    @property
+    def qk_context(self) -> int | None:
+        """The context length the key transform was fitted to (``--qk-context``, else the calibration windows'), or
+        None when there is no transform or it is unknown."""
+        if self.k_transform is None:
+            return None
+        fitted = self.metadata.get("qk_context") or self.metadata.get("seqlen")
+        return int(fitted) if fitted and str(fitted).isdigit() else None
+
+    def qk_context_warning(self, context: int) -> str | None:
+        """Why keys of a ``context``-token sequence may lose more late in it than early, with what to do, or None."""
+        fitted = self.qk_context
+        if fitted is None or context <= fitted:
+            return None
+        return (f"the key transform was fitted to {fitted} positions and this measures {context}: keys lose more late "
+                f"in a longer context; export with `python -m calib kv_qparams WORK_DIR OUT --format kvq --qk-context "
+                f"{context}` for figures (and a cache) fitted to it")
+
     def check_matches(self, shape: KVShape, needs_transform: bool = False) -> None:
         """Raise a readable error when these parameters were made for another model (or lack a needed transform)."""
         want_layers = shape.num_layers

@@ -69,6 +69,19 @@ def test_export_fits_the_transform_to_the_context(tmp_path):
     assert long.metadata["qk_context"] == "8192" and "qk_context" not in plain.metadata
 
 
+def test_measurements_longer_than_the_fit_say_how_to_fit_them(tmp_path):
+    from kvcache.measure.evaluate import qk_context_notes
+
+    stats = load_work_dir(_with_moments(tmp_path / "wd"))
+    plain = KVQParams.load(export(stats, tmp_path / "plain", "kvq")[0])
+    long = KVQParams.load(export(stats, tmp_path / "long", "kvq", qk_context=8192)[0])
+    assert (plain.qk_context, long.qk_context) == (2048, 8192)
+    [note] = qk_context_notes(plain, ["fp16", "int8-qk"], 4096)  # evaluate, needle and recommend report it
+    assert "fitted to 2048 positions and this measures 4096" in note and "--qk-context 4096" in note
+    assert qk_context_notes(long, ["int8-qk"], 4096) == qk_context_notes(plain, ["int8-qk"], 2048) == []
+    assert qk_context_notes(plain, ["fp16", "int8-rot"], 4096) == []  # no mode reads the transform
+
+
 def test_qk_context_refusals(tmp_path, capsys):
     old = load_work_dir(_with_moments(tmp_path / "old", inv_freq=False))  # calibrated before the frequencies were kept
     with pytest.raises(ExportError, match="recalibrate"):

@@ -327,7 +327,16 @@ def evaluate(
     if qparams is not None and any(get_mode(m).needs_qparams for m in names):
         report["calibration"] = calibration_source(qparams, windows)
         report["warnings"] += report["calibration"].pop("warnings")
+    report["warnings"] += qk_context_notes(qparams, names, seqlen)
     return report
+
+
+def qk_context_notes(qparams: KVQParams | None, modes: list[str], context: int) -> list[str]:
+    """The warning, once, when a mode reads a key transform fitted to fewer positions than ``context``."""
+    if qparams is None or not any(get_mode(m).uses_qk_transform for m in modes):
+        return []
+    note = qparams.qk_context_warning(context)
+    return [note] if note else []
 
 
 def _mode_result(m: str, scores: dict[str, PositionScores], greedy: dict, seqlen: int, shape: KVShape,
