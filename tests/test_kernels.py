@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import INT4_HEAD_MODE, clone_layer, stored_tensors
 
+from kvcache.codebooks import PEAK_GRIDS
 from kvcache.kernels import decode_attention, prefill_attention, store_kv, use_triton
 from kvcache.kernels.reference import (
     decode_attention_reference,
@@ -91,14 +92,25 @@ def _prefill_triton(*args, **kwargs):
     return prefill_attention_triton(*args, **kwargs)
 
 
+def peak_table(bits: int) -> torch.Tensor:
+    """Stand-in ``lloyd-max-peak`` levels: ascending, level 0 exactly -1, unevenly spaced. The solved levels take
+    seconds to minutes on a CPU (:func:`kvcache.codebooks.lloyd_max_peak`); kernel and reference read whatever table
+    the layer holds, so these test the same code (one test takes the solved 2-bit levels, the quick ones)."""
+    t = torch.linspace(-1.0, 1.0, (1 << bits) + 1, dtype=torch.float64)[:-1]
+    return (t.sign() * t.abs() ** 1.3).float()
+
+
 def make_layer(kv: str | KVMode, num_blocks: int, kvh: int, block_size: int, head_dim: int, *,
                granularity: str | None = None, symmetric: bool = False, fp_dtype: torch.dtype = torch.float16,
                lim: float = 2.5, seed: int = 0) -> LayerKV:
-    """Zeroed storage from ``new_blocks``; static sides get random calibrated-looking parameters; sinks get
+    """Zeroed storage from ``new_blocks``, codebook sides their fixed table; static sides get random calibrated-looking parameters; sinks get
     ``num_blocks // 2`` zeroed slots, bound to no block yet (``fill_rows`` binds them)."""
     mode = get_mode(kv)
     layer = LayerKV(mode.k, mode.v, head_dim, **new_blocks(mode.k, mode.v, num_blocks, kvh, block_size, head_dim,
                                                             DEVICE, fp_dtype))
+    for side, codec in (("k", mode.k), ("v", mode.v)):  # peak codebooks: a stand-in table, laid out as the pool's
+        if codec.quantized and codec.grid in PEAK_GRIDS:
+            setattr(layer, f"{side}_grid", peak_table(codec.bits).to(DEVICE).expand(kvh, codec.grid_size()))
     if mode.needs_qparams:
         g = torch.Generator().manual_seed(seed)
         lo = -lim * (0.5 + torch.rand(kvh, head_dim, generator=g))
