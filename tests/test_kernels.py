@@ -71,7 +71,7 @@ PLANES = [
     _layout("k3-v2g16-asym", Codec(3, "token"), Codec(2, "token", 16)),
 ]
 PLANES_IDS = [m.name for m in PLANES]
-NAMED_LOWBIT = [INT4_HEAD_MODE, "int8-rot", "k8v4", "int4"]  # per-head int4 and the mode table's (rotations are outside the kernels)
+NAMED_LOWBIT = [INT4_HEAD_MODE, "int8-rot", "k8v4", "int4", "k8v4-lm"]  # per-head int4 and the mode table's (rotations are outside the kernels)
 
 
 def _store_triton(*args):
@@ -491,7 +491,7 @@ def test_prefill_lowbit_matches_reference(kv, group, q_len):
 
 
 @needs_triton
-@pytest.mark.parametrize("kv", ["int3", "int3-compact", INT2_G32_MODE], ids=lambda x: getattr(x, "name", x))
+@pytest.mark.parametrize("kv", ["int3", "int3-compact", "int3-lm", INT2_G32_MODE], ids=lambda x: getattr(x, "name", x))
 def test_named_bit_plane_modes_at_head_dim_128(kv):
     """The mode table's 3-bit modes and the 2-bit test mode through all three kernels (default tiles)."""
     layer = make_layer(kv, 10, 2, 32, 128)
@@ -757,6 +757,13 @@ def test_lowbit_storage_is_checked():
     assert "head_dim/2 (24) to be a multiple of the group size" in unsupported(make_layer("int4", 2, 2, 4, 48))
     assert "4-bit codes need head_dim >= 32" in unsupported(make_layer(INT4_HEAD_MODE, 2, 2, 4, 16))
     assert "3- and 2-bit codes need a power-of-two head_dim" in unsupported(make_layer(PLANES[3], 2, 2, 4, 48))
+    lm8 = _layout("lm8", peak_lloyd_max(8, 32), PEAK3_G32)  # 8-bit indices are stored unsigned: the references'
+    assert "and 4-, 3- and 2-bit lloyd-max-peak codes by our rule" in unsupported(make_layer(lm8, 2, 2, 4, 64))
+    assert unsupported(make_layer("int3-lm", 2, 2, 4, 64)) is None
+    layer = make_layer("int3-lm", 2, 2, 4, 64)
+    layer.v_grid = None
+    with pytest.raises(ValueError, match=r"v_grid must be a \[2, 8\] fp32 table"):
+        run(layer)
     kv = torch.randn(1, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of the group size"):
         _store_triton(make_layer("int4", 2, 2, 4, 48), kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE))
