@@ -272,7 +272,8 @@ def bench_mode(kv: str | KVMode) -> KVMode:
 
 def stand_in_layer(kv: str | KVMode, num_blocks: int, kvh: int, bs: int, d: int, device: str = "cuda",
                    fp_dtype: torch.dtype = torch.float16, sink_slots: int = 1) -> LayerKV:
-    """Zeroed blocks of ``kv``'s codecs with stand-in static parameters (ones) and ``sink_slots`` zeroed sink slots
+    """Zeroed blocks of ``kv``'s codecs with stand-in static parameters (ones), codebooks (uniform levels from -1: the
+    solved ones take a while, :func:`kvcache.codebooks.lloyd_max_peak`) and ``sink_slots`` zeroed sink slots
     (every block's ``sink_slot`` -1): the layout a pool builds, for benchmarks and compile checks (no calibration)."""
     mode = bench_mode(kv)
     layer = LayerKV(mode.k, mode.v, d, **new_blocks(mode.k, mode.v, num_blocks, kvh, bs, d, device, fp_dtype))
@@ -280,6 +281,9 @@ def stand_in_layer(kv: str | KVMode, num_blocks: int, kvh: int, bs: int, d: int,
         if codec.scaling == "static":
             setattr(layer, f"{side}_scale", torch.ones(kvh, d, device=device))
             setattr(layer, f"{side}_zp", torch.zeros(kvh, d, device=device))
+        if codec.quantized and codec.grid not in ("int", "uint"):  # a codebook: stand-in levels, laid out as a fixed one's
+            levels = torch.linspace(-1.0, 1.0, codec.grid_size() + 1, device=device)[:-1]
+            setattr(layer, f"{side}_grid", levels.expand(kvh, codec.grid_size()))
     if mode.sink_tokens:
         layer.sink_tokens = mode.sink_tokens
         layer.k_sink, layer.v_sink = (torch.zeros(sink_slots, kvh, mode.sink_tokens, d, dtype=fp_dtype, device=device)

@@ -56,7 +56,8 @@ ARCHS = {
     90: SMLimits("H100 / H200", 228 * 1024, 227 * 1024, 64, 32),
 }
 MODES = ("fp16", "int8", "int8-dynamic", "int4-head", "int8-rot", "k8v4", "int4",  # every codec kind, sinks,
-         "int3", "int3-compact", "int2-g32")  # and bit planes: 3-bit in groups and per head, 2-bit in groups
+         "int3", "int3-compact", "int2-g32",  # bit planes: 3-bit in groups and per head, 2-bit in groups,
+         "k8v4-lm", "int3-lm")  # and the lloyd-max-peak codebook: 4-bit groups, 3-bit groups on both sides
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's; its pools': kv_float_dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default

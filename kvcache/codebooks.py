@@ -33,6 +33,7 @@ FLOAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
 _TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 PEAK_GRIDS = ("lloyd-max-peak",)  # level 0 is -1 and a group's peak is scaled onto it (a signed scale)
+PEAK_LOWEST = -1.0  # every peak grid's level 0, exactly: the kernels divide the peak by it for the scale
 
 
 @functools.lru_cache(maxsize=None)

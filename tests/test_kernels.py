@@ -13,13 +13,14 @@ import pytest
 import torch
 from conftest import INT4_HEAD_MODE, clone_layer, stored_tensors
 
+from kvcache.codebooks import PEAK_GRIDS
 from kvcache.kernels import decode_attention, prefill_attention, store_kv, use_triton
 from kvcache.kernels.reference import (
     decode_attention_reference,
     prefill_attention_reference,
     store_kv_reference,
 )
-from kvcache.modes import INT2_G32_MODE, INT8_TOKEN, Codec, KVMode, get_mode
+from kvcache.modes import INT2_G32_MODE, INT8_TOKEN, Codec, KVMode, get_mode, peak_lloyd_max
 from kvcache.qparams import KVQParams
 from kvcache.storage.layout import LayerKV, new_blocks
 
@@ -70,7 +71,7 @@ PLANES = [
     _layout("k3-v2g16-asym", Codec(3, "token"), Codec(2, "token", 16)),
 ]
 PLANES_IDS = [m.name for m in PLANES]
-NAMED_LOWBIT = [INT4_HEAD_MODE, "int8-rot", "k8v4", "int4"]  # per-head int4 and the mode table's (rotations are outside the kernels)
+NAMED_LOWBIT = [INT4_HEAD_MODE, "int8-rot", "k8v4", "int4", "k8v4-lm"]  # per-head int4 and the mode table's (rotations are outside the kernels)
 
 
 def _store_triton(*args):
@@ -91,14 +92,25 @@ def _prefill_triton(*args, **kwargs):
     return prefill_attention_triton(*args, **kwargs)
 
 
+def peak_table(bits: int) -> torch.Tensor:
+    """Stand-in ``lloyd-max-peak`` levels: ascending, level 0 exactly -1, unevenly spaced. The solved levels take
+    seconds to minutes on a CPU (:func:`kvcache.codebooks.lloyd_max_peak`); kernel and reference read whatever table
+    the layer holds, so these test the same code (one test takes the solved 2-bit levels, the quick ones)."""
+    t = torch.linspace(-1.0, 1.0, (1 << bits) + 1, dtype=torch.float64)[:-1]
+    return (t.sign() * t.abs() ** 1.3).float()
+
+
 def make_layer(kv: str | KVMode, num_blocks: int, kvh: int, block_size: int, head_dim: int, *,
                granularity: str | None = None, symmetric: bool = False, fp_dtype: torch.dtype = torch.float16,
                lim: float = 2.5, seed: int = 0) -> LayerKV:
-    """Zeroed storage from ``new_blocks``; static sides get random calibrated-looking parameters; sinks get
+    """Zeroed storage from ``new_blocks``, codebook sides their fixed table; static sides get random calibrated-looking parameters; sinks get
     ``num_blocks // 2`` zeroed slots, bound to no block yet (``fill_rows`` binds them)."""
     mode = get_mode(kv)
     layer = LayerKV(mode.k, mode.v, head_dim, **new_blocks(mode.k, mode.v, num_blocks, kvh, block_size, head_dim,
                                                             DEVICE, fp_dtype))
+    for side, codec in (("k", mode.k), ("v", mode.v)):  # peak codebooks: a stand-in table, laid out as the pool's
+        if codec.quantized and codec.grid in PEAK_GRIDS:
+            setattr(layer, f"{side}_grid", peak_table(codec.bits).to(DEVICE).expand(kvh, codec.grid_size()))
     if mode.needs_qparams:
         g = torch.Generator().manual_seed(seed)
         lo = -lim * (0.5 + torch.rand(kvh, head_dim, generator=g))
@@ -479,7 +491,7 @@ def test_prefill_lowbit_matches_reference(kv, group, q_len):
 
 
 @needs_triton
-@pytest.mark.parametrize("kv", ["int3", "int3-compact", INT2_G32_MODE], ids=lambda x: getattr(x, "name", x))
+@pytest.mark.parametrize("kv", ["int3", "int3-compact", "int3-lm", INT2_G32_MODE], ids=lambda x: getattr(x, "name", x))
 def test_named_bit_plane_modes_at_head_dim_128(kv):
     """The mode table's 3-bit modes and the 2-bit test mode through all three kernels (default tiles)."""
     layer = make_layer(kv, 10, 2, 32, 128)
@@ -489,6 +501,77 @@ def test_named_bit_plane_modes_at_head_dim_128(kv):
     tables, lens = fill_rows(layer, [77, 19], max_blocks=4, seed=2)
     check_decode(layer, tables, lens, 8)
     check_prefill(layer, tables, 77, 9, 8)
+
+
+# --- lloyd-max-peak codebooks ----------------------------------------------------------------------
+
+PEAK4_G16, PEAK3_G32 = peak_lloyd_max(4, 16), peak_lloyd_max(3, 32)
+PEAK = [_layout("lm4-g16", PEAK4_G16, PEAK4_G16), _layout("lm3-g32", PEAK3_G32, PEAK3_G32),
+        _layout("lm2-g32", peak_lloyd_max(2, 32), peak_lloyd_max(2, 32))]
+
+
+def _peak_ties(table: torch.Tensor, width: int, sign: float) -> torch.Tensor:
+    """A group of ``width`` values whose peak is ``-2 * sign`` (so the scale is exactly ``2 * sign``) and whose other
+    values sit exactly on every midpoint of ``table`` once divided by that scale (then zeros)."""
+    mids = (table[1:] + table[:-1]) / 2  # as nearest_codes forms them
+    x = torch.zeros(width)
+    x[0] = -2.0 * sign
+    x[1:len(mids) + 1] = 2.0 * sign * mids  # exact: a power-of-two multiple
+    return x
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", PEAK, ids=[m.name for m in PEAK])
+def test_store_peak_grid_matches_reference(kv):
+    """lloyd-max-peak codes: signed scales (a negative peak gives a positive scale, a positive one a negative scale),
+    the nearest level with midpoints going to the even index, packed as pack_int4 / bit planes; bit-identical,
+    on a table shared by the heads and on one table per head (V: the rows differ). 2-bit: the solved levels."""
+    from kvcache.encoding import from_storage
+
+    torch.manual_seed(5)
+    layer = make_layer(kv, 3, 2, 4, 64)
+    if kv.k.bits == 2:
+        from kvcache.storage.tables import layer_grid
+
+        layer.k_grid = layer_grid(kv.k, 2, 64, DEVICE)  # lloyd_max_peak(2, 32): quick to solve
+    layer.v_grid = torch.stack([peak_table(kv.v.bits), peak_table(kv.v.bits) ** 3]).to(DEVICE)  # odd powers: ascending
+    g, table = kv.k.group_size, layer.k_grid[0].cpu()
+    key = torch.randn(4, 2, 64) * 1.5
+    value = torch.randn(4, 2, 64)
+    key[0, 0, :g], key[0, 0, g:2 * g] = _peak_ties(table, g, 1.0), _peak_ties(table, g, -1.0)
+    for h in (0, 1):
+        value[0, h, :g] = _peak_ties(layer.v_grid[h].cpu(), g, 1.0)
+    key[1, 1, 3], key[1, 1, g + 5] = -9.0, 9.0  # a clear negative and a clear positive peak
+    key[2, 0] = 0.0  # all zeros: the scale floor
+    slots = torch.tensor([0, 5, 6, 11], device=DEVICE)
+    ref = _store_both(layer, key.to(DEVICE), value.to(DEVICE), slots)
+    assert_same_storage(layer, ref)
+    mids = torch.arange(len(table) - 1)
+    want = torch.where(mids % 2 == 0, mids, mids + 1)  # a tie goes to the even index
+    got = from_storage(kv.k, layer.k[0, 0, 0].cpu(), 64)
+    assert got[1:len(mids) + 1].tolist() == want.tolist() and got[g + 1:g + len(mids) + 1].tolist() == want.tolist()
+    assert got[0] == got[g] == 0  # the peak itself: level 0, -1, whichever its sign
+    assert from_storage(kv.v, layer.v[0, 1, 0].cpu(), 64)[1:len(mids) + 1].tolist() == want.tolist()
+    scales = layer.k_scale[1, 1, 1].float().cpu()  # token 1 (slot 5), head 1
+    assert scales[0] > 0 and scales[1] < 0  # -9 over -1, and 9 over -1
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["k8v4-lm", "int3-lm"])
+def test_peak_grid_modes_decode_and_prefill(kv):
+    """The two lloyd-max-peak modes (K int8 per head and V 4-bit groups of 16; 3-bit groups of 32 on both sides),
+    with their sinks, through the three kernels; V with one table per head in the second pass."""
+    layer = make_layer(kv, 12, 2, 16, 64)
+    key, value = torch.randn(2, 5, 2, 64, device=DEVICE).half()
+    assert_same_storage(layer, _store_both(layer, key, value, torch.tensor([0, 1, 2, 40, 70], device=DEVICE)))
+    for per_head in (False, True):
+        if per_head:
+            layer.sink_slot.fill_(-1)  # fill_rows binds slots again
+            layer.v_grid = torch.stack([peak_table(layer.v_codec.bits), peak_table(layer.v_codec.bits) ** 3]).to(DEVICE)
+        tables, lens = fill_rows(layer, [37, 5, 23], max_blocks=3, seed=int(per_head))
+        check_decode(layer, tables, lens, 8, block_n=16)
+        check_decode(layer, tables, lens, 2, dtype=torch.float32, num_splits=1, seed=1)
+        check_prefill(layer, tables[:1], 37, 9, 4, block_m=16, block_n=16)
 
 
 @needs_triton
@@ -674,6 +757,13 @@ def test_lowbit_storage_is_checked():
     assert "head_dim/2 (24) to be a multiple of the group size" in unsupported(make_layer("int4", 2, 2, 4, 48))
     assert "4-bit codes need head_dim >= 32" in unsupported(make_layer(INT4_HEAD_MODE, 2, 2, 4, 16))
     assert "3- and 2-bit codes need a power-of-two head_dim" in unsupported(make_layer(PLANES[3], 2, 2, 4, 48))
+    lm8 = _layout("lm8", peak_lloyd_max(8, 32), PEAK3_G32)  # 8-bit indices are stored unsigned: the references'
+    assert "and 4-, 3- and 2-bit lloyd-max-peak codes by our rule" in unsupported(make_layer(lm8, 2, 2, 4, 64))
+    assert unsupported(make_layer("int3-lm", 2, 2, 4, 64)) is None
+    layer = make_layer("int3-lm", 2, 2, 4, 64)
+    layer.v_grid = None
+    with pytest.raises(ValueError, match=r"v_grid must be a \[2, 8\] fp32 table"):
+        run(layer)
     kv = torch.randn(1, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of the group size"):
         _store_triton(make_layer("int4", 2, 2, 4, 48), kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE))

@@ -6,7 +6,9 @@ A side (K or V) is read in *parts* (:mod:`kvcache.kernels.common`): one part of 
 unpacks with a mask and a shift into two tiles that each dot against the matching half of the query).
 Codes of 3 and 2 bits are stored in bit planes (:func:`kvcache.quant.pack_codes`) and read in one part of
 head_dim lanes: :func:`unpack_planes` loads each plane's bytes once and spreads them over the channels.
-Parameters per group of channels are applied to the tile in registers (one fp32 multiply-add per
+Codebook sides (``GRID``, the ``lloyd-max-peak`` levels) unpack the same signed codes ``c`` and read each one's
+level, ``table[c + 2^(b-1)]`` in fp32 (:func:`levels`), where integer sides take ``c`` itself; the scale then
+applies the same way (the peak grids have no zero point). Parameters per group of channels are applied to the tile in registers (one fp32 multiply-add per
 element; the ``[BLOCK_N, groups]`` parameters are broadcast over each group's lanes); per-head and
 static parameters are folded around the dots instead (:mod:`kvcache.kernels.folded`).
 
@@ -87,16 +89,23 @@ def unpack_planes(data_ptr, row, valid, BITS: tl.constexpr, HEAD_D: tl.constexpr
 
 
 @triton.jit
+def levels(c, t_ptr, BITS: tl.constexpr):
+    """The codebook levels (fp32) of signed codes ``c``: ``t_ptr[c + 2^(b-1)]`` (``t_ptr``: the head's table).
+    Every index is in range, masked lanes included (they hold code 0 or the lowest code)."""
+    return tl.load(t_ptr + (c.to(tl.int32) + (1 << (BITS - 1))))
+
+
+@triton.jit
 def read_side(
-    data_ptr, s_ptr, z_ptr, row, p_row, valid, lanes, lmask,
+    data_ptr, s_ptr, z_ptr, t_ptr, row, p_row, valid, lanes, lmask,
     HEAD_D: tl.constexpr, QUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-    PART: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+    PART: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, GRID: tl.constexpr,
 ):
     """One side's tile at ``row`` (element offsets of each token's vector) as dot operands.
 
-    Returns (a, b, scale, zp): the parts in ``DOT`` (b = 0 unless 4-bit), codes as they are except in
-    groups (dequantized here), and the per-token, per-head scale and zero point ``[BLOCK_N]`` the folded
-    paths apply around the dots (0 where none).
+    Returns (a, b, scale, zp): the parts in ``DOT`` (b = 0 unless 4-bit), codes as they are (``GRID``: their
+    levels from the head's table at ``t_ptr``) except in groups (dequantized here), and the per-token, per-head
+    scale and zero point ``[BLOCK_N]`` the folded paths apply around the dots (0 where none).
     """
     b = 0.0
     if BITS < 4:  # bit planes: one part of head_dim lanes (a power of two, :func:`kvcache.kernels.common.unsupported`)
@@ -107,6 +116,10 @@ def read_side(
     if BITS == 4:  # pack_int4: low nibble channel j, high nibble channel j + head_dim/2, both offset by 8
         a = (x & 15).to(tl.int8) - 8
         b = (x >> 4).to(tl.int8) - 8
+    if GRID:
+        a = levels(a, t_ptr, BITS)
+        if BITS == 4:
+            b = levels(b, t_ptr, BITS)
     t_s = 0.0
     t_z = 0.0
     if QUANT == 2:

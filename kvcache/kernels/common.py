@@ -3,7 +3,10 @@
 Every wrapper (store, decode, prefill) checks its inputs with these before launching, and derives the
 kernels' compile-time switches from the layer the same way, for K and for V separately
 (:func:`side_args`): ``QUANT`` 0 floats, 1 static codes, 2 per-token codes; ``BITS`` 16, 8, 4, 3 or 2;
-``GROUP`` channels per per-token parameter group (head_dim: one group per head); ``SYM`` no zero point.
+``GROUP`` channels per per-token parameter group (head_dim: one group per head); ``SYM`` no zero point;
+``GRID`` codes are indices into a codebook (the ``lloyd-max-peak`` levels at 4, 3 or 2 bits, per-token signed
+scales): the layer's table ``[kv_heads, 2^bits]`` fp32 is read at ``code + 2^(b-1)`` (``TSTRIDE``: its head
+stride, 0 for a fixed codebook expanded over the heads), else codes are the integers themselves.
 A 4-bit side is read in two *parts* of head_dim/2 lanes (the low and high nibbles of each byte,
 :func:`kvcache.quant.pack_int4`), every other side in one part of head_dim lanes (3- and 2-bit codes: bit planes, :func:`kvcache.quant.pack_codes`,
 unpacked by :func:`kvcache.kernels.codes.unpack_planes`).
@@ -18,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codebooks import PEAK_GRIDS
 from ..modes import Codec
 from ..storage.layout import LayerKV
 
@@ -27,6 +31,7 @@ PARAM_DTYPES = (torch.float16, torch.bfloat16)  # per-token parameters; the roun
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MIN_HEAD_DIM_4BIT = 32  # a part of head_dim/2 lanes must be a tensor-core dot's K (>= 16)
 KERNEL_BITS = (8, 4, 3, 2)  # code widths the kernels read and write (3 and 2: bit planes)
+GRID_BITS = (4, 3, 2)  # widths of codebook indices the kernels take (8-bit indices are stored unsigned, unlike int8)
 MAX_SINKS = 64  # sink tokens one tile of the attention kernels holds
 # Fused multiply-adds, pinned: Triton's default flips to off in 3.10 (3.9 warns about it), and the
 # kernels should compile the same on the GPU image's 3.6 and anything newer. The quantizing paths
@@ -45,6 +50,20 @@ def group_channels(codec: Codec, head_dim: int) -> int:
     return head_dim // codec.groups(head_dim) if codec.scaling == "token" else head_dim
 
 
+def peak_grid(codec: Codec) -> bool:
+    """Whether ``codec``'s codes index a peak-scaled codebook the kernels read (:data:`GRID_BITS` wide, per token)."""
+    return codec.quantized and codec.grid in PEAK_GRIDS
+
+
+def _kernel_codes(c: Codec) -> bool:
+    """Codes the kernels encode and decode: integers by our rule, or the peak grids' indices with signed per-token scales."""
+    if c.rule != "kvq" or c.tensor_scale:
+        return False
+    if c.grid == "int":
+        return c.bits in KERNEL_BITS
+    return peak_grid(c) and c.bits in GRID_BITS and c.scaling == "token" and c.symmetric
+
+
 def unsupported(layer: LayerKV) -> str | None:
     """Why the Triton kernels cannot take this layer's codecs (the dispatch then runs the reference), or None."""
     d = layer.head_dim
@@ -52,9 +71,10 @@ def unsupported(layer: LayerKV) -> str | None:
         return f"head_dim {d} is not supported by the Triton kernels (supported: {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, e.g. 64 or 128)"
     for side in ("k", "v"):
         c, scale = layer.codec(side), layer.params(side)[0]
-        if c.quantized and (c.bits not in KERNEL_BITS or c.grid != "int" or c.rule != "kvq" or c.tensor_scale):
-            return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8-, 4-, 3- and 2-bit integer codes by "
-                    "our rule (other widths, codebooks and engine rules run through the references)")
+        if c.quantized and not _kernel_codes(c):
+            return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8-, 4-, 3- and 2-bit integer codes and "
+                    "4-, 3- and 2-bit lloyd-max-peak codes by our rule (other widths, codebooks and engine rules run "
+                    "through the references)")
         if c.bits < 4 and d & (d - 1):
             return (f"{side.upper()} codec {c.label()}: 3- and 2-bit codes need a power-of-two head_dim in the Triton "
                     f"kernels (their bit planes unpack in power-of-two tiles), this layer's is {d}")
@@ -111,8 +131,20 @@ def check_storage(layer: LayerKV) -> None:
             _check_params(layer, side, (torch.float32,), (kvh, d))
         elif c.scaling == "token":
             _check_params(layer, side, PARAM_DTYPES, (nb, kvh, bs, c.groups(d)))
+        if peak_grid(c):
+            _check_grid(layer, side)
     if layer.sink_tokens:
         _check_sinks(layer)
+
+
+def _check_grid(layer: LayerKV, side: str) -> None:
+    t, c = getattr(layer, f"{side}_grid"), layer.codec(side)
+    want = (layer.num_kv_heads, c.grid_size())
+    if (t is None or tuple(t.shape) != want or t.dtype != torch.float32 or t.stride(1) != 1
+            or t.stride(0) not in (0, want[1]) or t.device != layer.k.device):
+        raise ValueError(f"{side}_grid must be a {list(want)} fp32 table on {layer.k.device} (rows contiguous, or one "
+                         f"row expanded over the heads) for {c.label()}, got "
+                         f"{None if t is None else (tuple(t.shape), t.dtype, t.stride(), str(t.device))}")
 
 
 def _check_sinks(layer: LayerKV) -> None:
@@ -144,16 +176,21 @@ class SideArgs:
     sym: bool
     part: int  # real lanes of a part: head_dim, or head_dim/2 for 4-bit codes
     lanes: int  # a part's lanes in a tile: part rounded up to a power of two
+    table: torch.Tensor  # the codebook [kv_heads, 2^bits] fp32 for a grid side; else the data tensor (never read)
+    grid: bool  # codes index ``table`` (a peak grid)
+    table_stride: int  # the table's head stride: 0 for one table expanded over the heads
 
     @property
     def grouped(self) -> bool:
         return self.quant == 2 and self.group < self.part * (2 if self.bits == 4 else 1)
 
     def consts(self, prefix: str) -> dict[str, int | bool]:
-        """``PREFIX_{QUANT, BITS, GROUP, SYM, PART, LANES, GP}`` for a launch; GP: lanes per group in a tile."""
+        """``PREFIX_{QUANT, BITS, GROUP, SYM, PART, LANES, GP, GRID, TSTRIDE}`` for a launch; GP: lanes per group in
+        a tile. TSTRIDE is compile-time: it is 0 or 2^bits, and the table lookups index with it per head."""
         return {f"{prefix}_QUANT": self.quant, f"{prefix}_BITS": self.bits, f"{prefix}_GROUP": self.group,
                 f"{prefix}_SYM": self.sym, f"{prefix}_PART": self.part, f"{prefix}_LANES": self.lanes,
-                f"{prefix}_GP": self.group if self.grouped else self.lanes}
+                f"{prefix}_GP": self.group if self.grouped else self.lanes, f"{prefix}_GRID": self.grid,
+                f"{prefix}_TSTRIDE": self.table_stride}
 
 
 def side_args(layer: LayerKV, side: str) -> SideArgs:
@@ -169,9 +206,11 @@ def side_args(layer: LayerKV, side: str) -> SideArgs:
     else:
         pstrides = (0, 0, 0)
     part = layer.head_dim // 2 if c.bits == 4 else layer.head_dim
+    grid = peak_grid(c)
+    table = getattr(layer, f"{side}_grid") if grid else data
     return SideArgs(data, scale, zp, (data.stride(0), data.stride(1), data.stride(2)), pstrides, quant,
                     c.bits, group_channels(c, layer.head_dim), c.symmetric and quant == 2, part,
-                    triton.next_power_of_2(part))
+                    triton.next_power_of_2(part), table, grid, table.stride(0) if grid else 0)
 
 
 def sink_args(layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:

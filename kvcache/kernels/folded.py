@@ -1,6 +1,7 @@
 """Dequantization folded into attention's math: the pieces the decode and prefill kernels share.
 
-The dots take the stored codes (int8 and 4-bit codes convert exactly to fp16) and the parameters are
+The dots take the stored codes (int8 and 4-bit codes convert exactly to fp16; a codebook's levels are rounded
+to the dot dtype) and the parameters are
 applied around them, so no dequantized tile is formed, wherever one parameter covers a whole vector
 of the dot:
 

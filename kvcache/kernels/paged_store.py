@@ -5,8 +5,10 @@ codec: codes and per-token parameters bit-identical to :func:`kvcache.quant.toke
 :func:`kvcache.quant.quantize_groups` (IEEE division, round-half-even, parameters rounded to fp16 with
 scales rounded up, the symmetric peak at the first channel of largest magnitude), 4-bit codes packed as
 :func:`kvcache.quant.pack_int4`, 3- and 2-bit codes in bit planes as :func:`kvcache.quant.pack_codes`
-(:func:`pack_planes`), and the fp16 copy of sink tokens. One program handles one token and a
-tile of its heads, K and V together.
+(:func:`pack_planes`), and the fp16 copy of sink tokens. Codes on a peak codebook (``lloyd-max-peak``, 4, 3
+or 2 bits) take the same signed scale (the group's peak over the lowest level, -1) and the index of the nearest
+level of ``x / scale`` (ties to the even index, :func:`kvcache.quant.nearest_codes`), as :func:`kvcache.encoding.kvq_rule`,
+packed the same way. One program handles one token and a tile of its heads, K and V together.
 
 A side's tile is ``[BLOCK_H, groups, lanes per group]`` (one group of all lanes when parameters are per
 head or static), so per-group minima, maxima and peaks are reductions over the last axis. 4-bit codes
@@ -23,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codebooks import PEAK_LOWEST
 from ..quant import SCALE_EPS, qrange
 from ..storage.layout import LayerKV
 from .common import FLOAT_DTYPES, FP_FUSION, SideArgs, check_storage, range_checks_enabled, side_args, sink_args
@@ -39,6 +42,36 @@ def _quantize(x, scale, zp, QMIN: tl.constexpr, QMAX: tl.constexpr):
     y = tl.minimum(tl.maximum(y, QMIN - 1.0), QMAX + 1.0)  # clamping first keeps the magic rounding exact
     y = (y + _ROUND_MAGIC) - _ROUND_MAGIC
     return tl.minimum(tl.maximum(y, QMIN), QMAX)
+
+
+@triton.jit
+def _nearest(unit, t_row, hmask, BITS: tl.constexpr):
+    """Signed codes (fp32) of the nearest level of each head's table (``t_row``: its first level) to ``unit``, as
+    :func:`kvcache.quant.nearest_codes` with ``ties="even"``: the index is the count of midpoints below ``unit``,
+    plus one on a midpoint whose lower index is odd; then minus 2^(b-1), as the packing takes codes. The midpoints
+    are the reference's, ``(t[i] + t[i+1]) / 2`` in fp32 (an add, then an exact halving: no fused op to differ)."""
+    codes = tl.zeros_like(unit) - (1 << (BITS - 1))
+    lo = tl.load(t_row, mask=hmask, other=0.0)
+    for i in tl.static_range((1 << BITS) - 1):
+        hi = tl.load(t_row + (i + 1), mask=hmask, other=0.0)
+        mid = ((lo + hi) * 0.5)[:, None, None]
+        above = unit > mid
+        if i % 2 == 1:
+            above = above | (unit == mid)
+        codes = tl.where(above, codes + 1.0, codes)
+        lo = hi
+    return codes
+
+
+@triton.jit
+def _codes(x, scale, zp, t_row, hmask, QMIN: tl.constexpr, QMAX: tl.constexpr, BITS: tl.constexpr,
+           GRID: tl.constexpr):
+    """Signed codes (fp32) of ``x``: the nearest level of ``x / scale`` (``GRID``), else the integer grid's."""
+    if GRID:
+        codes = _nearest(tl.math.div_rn(x, scale), t_row, hmask, BITS)
+    else:
+        codes = _quantize(x, scale, zp, QMIN, QMAX)
+    return codes
 
 
 @triton.jit
@@ -137,15 +170,16 @@ def pack_planes(codes, dst_row, hmask, BITS: tl.constexpr, HEAD_D: tl.constexpr,
 
 @triton.jit
 def _store_side(
-    x_row, dst_row, s_ptr, z_ptr, p_row, sink_row, keep_sink, hmask,
+    x_row, dst_row, s_ptr, z_ptr, p_row, t_row, sink_row, keep_sink, hmask,
     QUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, PART: tl.constexpr,
     LANES: tl.constexpr, GP: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SINKS: tl.constexpr,
-    SCALE_FLOOR: tl.constexpr, BLOCK_H: tl.constexpr,
+    SCALE_FLOOR: tl.constexpr, BLOCK_H: tl.constexpr, GRID: tl.constexpr,
 ):
     """Encode one token's K or V (heads ``[BLOCK_H]``) per the side's codec; rows are per-head base pointers/offsets.
 
     QUANT 0 floats, 1 static codes (``p_row`` indexes ``[kv_heads, head_dim]``), 2 per-token codes
-    (``p_row``: the token's parameter row per head); BITS 4: two halves of PART lanes, packed.
+    (``p_row``: the token's parameter row per head); BITS 4: two halves of PART lanes, packed. GRID: per-token
+    symmetric codes on each head's table at ``t_row`` (QMIN its lowest level, -1: the peak's signed scale).
     """
     gi = tl.arange(0, LANES // GP)
     lane = gi[None, :, None] * GP + tl.arange(0, GP)[None, None, :]  # [1, groups, GP]
@@ -186,9 +220,9 @@ def _store_side(
                 s_b = s16.to(tl.float32)[:, :, None]
                 if not SYM:
                     z_b = z16[:, :, None]
-        codes = _quantize(a, s_a, z_a, QMIN, QMAX)
+        codes = _codes(a, s_a, z_a, t_row, hmask, QMIN, QMAX, BITS, GRID)
         if BITS == 4:  # pack_int4: low nibble channel j, high nibble channel j + head_dim/2, offset by 8
-            high = _quantize(b, s_b, z_b, QMIN, QMAX)
+            high = _codes(b, s_b, z_b, t_row, hmask, QMIN, QMAX, BITS, GRID)
             byte = (codes + 8.0).to(tl.uint8) | ((high + 8.0).to(tl.uint8) << 4)
             tl.store(dst_row[:, None, None] + lane, byte, mask=mask)
         elif BITS < 4:  # bit planes over all of head_dim (a power of two: PART == LANES)
@@ -200,7 +234,7 @@ def _store_side(
 @triton.jit
 def _store_kv_kernel(
     key_ptr, value_ptr, slots_ptr,
-    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, slot_map_ptr, k_sink_ptr, v_sink_ptr,
+    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kt_ptr, vt_ptr, slot_map_ptr, k_sink_ptr, v_sink_ptr,
     num_heads,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kb, stride_kch, stride_kct, stride_vb, stride_vch, stride_vct,
@@ -209,8 +243,10 @@ def _store_kv_kernel(
     BLOCK_H: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINKS: tl.constexpr, SCALE_FLOOR: tl.constexpr,
     K_QUANT: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_SYM: tl.constexpr,
     K_PART: tl.constexpr, K_LANES: tl.constexpr, K_GP: tl.constexpr, K_QMIN: tl.constexpr, K_QMAX: tl.constexpr,
+    K_GRID: tl.constexpr, K_TSTRIDE: tl.constexpr,
     V_QUANT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_SYM: tl.constexpr,
     V_PART: tl.constexpr, V_LANES: tl.constexpr, V_GP: tl.constexpr, V_QMIN: tl.constexpr, V_QMAX: tl.constexpr,
+    V_GRID: tl.constexpr, V_TSTRIDE: tl.constexpr,
 ):
     tok = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -231,12 +267,14 @@ def _store_kv_kernel(
     v_static = offs_h * stride_vph
     _store_side(key_ptr + tok * stride_kt + offs_h * stride_kh, k_ptr + blk * stride_kb + offs_h * stride_kch + off * stride_kct,
                 ks_ptr, kz_ptr, k_static if K_QUANT == 1 else blk * stride_kpb + k_static + off * stride_kpt,
-                k_sink_row, keep_sink, hmask,
-                K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, K_GP, K_QMIN, K_QMAX, SINKS, SCALE_FLOOR, BLOCK_H)
+                kt_ptr + offs_h * K_TSTRIDE, k_sink_row, keep_sink, hmask,
+                K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, K_GP, K_QMIN, K_QMAX, SINKS, SCALE_FLOOR, BLOCK_H,
+                K_GRID)
     _store_side(value_ptr + tok * stride_vt + offs_h * stride_vh, v_ptr + blk * stride_vb + offs_h * stride_vch + off * stride_vct,
                 vs_ptr, vz_ptr, v_static if V_QUANT == 1 else blk * stride_vpb + v_static + off * stride_vpt,
-                v_sink_row, keep_sink, hmask,
-                V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, V_GP, V_QMIN, V_QMAX, SINKS, SCALE_FLOOR, BLOCK_H)
+                vt_ptr + offs_h * V_TSTRIDE, v_sink_row, keep_sink, hmask,
+                V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, V_GP, V_QMIN, V_QMAX, SINKS, SCALE_FLOOR, BLOCK_H,
+                V_GRID)
 
 
 def store_kv_triton(
@@ -277,8 +315,12 @@ def _check_slots(slots: torch.Tensor, layer: LayerKV) -> None:
         raise ValueError(f"slots must be in [0, {capacity}) ({layer.num_blocks} blocks of {layer.block_size}), got [{lo}, {hi}]")
 
 
-def _store_consts(side: SideArgs, prefix: str) -> dict[str, int | bool]:
-    lo, hi = qrange(side.bits) if side.quant else (0, 0)
+def _store_consts(side: SideArgs, prefix: str) -> dict[str, int | float | bool]:
+    """The side's switches and its code range: the integer grid's, or for a peak grid its lowest level (the peak's)."""
+    if side.grid:
+        lo, hi = PEAK_LOWEST, 1.0
+    else:
+        lo, hi = qrange(side.bits) if side.quant else (0, 0)
     return {**side.consts(prefix), f"{prefix}_QMIN": lo, f"{prefix}_QMAX": hi}
 
 
@@ -290,7 +332,7 @@ def _launch(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch
     slot_map, k_sink, v_sink, sink_strides = sink_args(layer)
     grid = (n, triton.cdiv(kvh, block_h))
     _store_kv_kernel[grid](
-        key, value, slots, k.data, v.data, k.scale, k.zp, v.scale, v.zp, slot_map, k_sink, v_sink,
+        key, value, slots, k.data, v.data, k.scale, k.zp, v.scale, v.zp, k.table, v.table, slot_map, k_sink, v_sink,
         kvh,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         *k.strides, *v.strides, *k.param_strides, *v.param_strides, *sink_strides,
