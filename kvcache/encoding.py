@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebooks import FLOAT_MAX, PEAK_GRIDS, float_codes, grid_values
+from .codebooks import FLOAT_MAX, PEAK_GRIDS, PEAK_LOWEST, float_codes, grid_values
 from .codec import Codec
 from .quant import (SCALE_EPS, group_view, nearest_codes, pack_codes, peak_scale, quantize, quantize_groups,
                     round_up_to, token_qparams, unpack_codes)
@@ -76,7 +76,7 @@ def kvq_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
         raise ValueError(f"{codec.label()}: the kvq rule reads codebooks with a scale only (symmetric)")
     groups = group_view(x, codec.group_size)  # [tokens, kv_heads, groups, g]
     if codec.grid in PEAK_GRIDS:  # the peak onto level 0 (-1), signed
-        scale = peak_scale(groups, side.grid[:, :1].float(), side.param_dtype)
+        scale = peak_scale(groups, PEAK_LOWEST, side.param_dtype)
     else:
         extent = _table_extent(side.grid)  # [kv_heads, 1, 1]
         scale = round_up_to((groups.abs().amax(dim=-1) / extent[..., 0]).clamp_min(SCALE_EPS), side.param_dtype)

@@ -123,7 +123,7 @@ def sym_token_qparams(x: torch.Tensor, bits: int = 4, param_dtype: torch.dtype =
     return peak_scale(x, qrange(bits)[0], param_dtype)
 
 
-def peak_scale(x: torch.Tensor, lowest: "float | torch.Tensor", param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def peak_scale(x: torch.Tensor, lowest: float, param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The signed scale that maps the value of largest magnitude over the last dim onto the grid's ``lowest`` level
     (negative), its magnitude rounded up to ``param_dtype`` so no value lands beyond that level."""
     x = x.float()
