@@ -257,6 +257,11 @@ class KVMode:
         return any(c.qk_transform for c in self._codecs())
 
     @property
+    def uses_static_keys(self) -> bool:
+        """Some layer's keys use static calibrated ranges: post-RoPE, those hold only for positions calibrated."""
+        return any(pair[0].scaling == "static" for pair in (self.layers or ((self.k, self.v),)))
+
+    @property
     def reads_qparams(self) -> bool:
         """It takes calibrated parameters when given: it needs them, or its per-tensor scales are 1.0 without."""
         return self.needs_qparams or self.uses_tensor_scales

@@ -120,6 +120,16 @@ class KVQParams:
                 f"in a longer context; export with `python -m calib kv_qparams WORK_DIR OUT --format kvq --qk-context "
                 f"{context}` for figures (and a cache) fitted to it")
 
+    def static_context_warning(self, context: int) -> str | None:
+        """Why static key ranges calibrated on shorter windows clip keys of a ``context``-token sequence, or None."""
+        seqlen = self.metadata.get("seqlen")
+        if not (seqlen and str(seqlen).isdigit()) or context <= int(seqlen):
+            return None
+        return (f"static key ranges were calibrated on {seqlen}-token windows and this measures {context}: post-RoPE "
+                f"keys past position {seqlen} leave the calibrated min/max and are clipped (static int8: +119% Δppl over "
+                f"8K windows of the built-in model, see the README); calibrate with `--calib-seqlen {context}` or use "
+                f"a per-token mode (int8-qk, int8-dynamic)")
+
     def check_matches(self, shape: KVShape, needs_transform: bool = False) -> None:
         """Raise a readable error when these parameters were made for another model (or lack a needed transform)."""
         want_layers = shape.num_layers

@@ -70,16 +70,26 @@ def test_export_fits_the_transform_to_the_context(tmp_path):
 
 
 def test_measurements_longer_than_the_fit_say_how_to_fit_them(tmp_path):
-    from kvcache.measure.evaluate import qk_context_notes
+    from kvcache.measure.evaluate import context_notes
 
     stats = load_work_dir(_with_moments(tmp_path / "wd"))
     plain = KVQParams.load(export(stats, tmp_path / "plain", "kvq")[0])
     long = KVQParams.load(export(stats, tmp_path / "long", "kvq", qk_context=8192)[0])
     assert (plain.qk_context, long.qk_context) == (2048, 8192)
-    [note] = qk_context_notes(plain, ["fp16", "int8-qk"], 4096)  # evaluate, needle and recommend report it
+    [note] = context_notes(plain, ["fp16", "int8-qk"], 4096)  # evaluate, needle and recommend report it
     assert "fitted to 2048 positions and this measures 4096" in note and "--qk-context 4096" in note
-    assert qk_context_notes(long, ["int8-qk"], 4096) == qk_context_notes(plain, ["int8-qk"], 2048) == []
-    assert qk_context_notes(plain, ["fp16", "int8-rot"], 4096) == []  # no mode reads the transform
+    assert context_notes(long, ["int8-qk"], 4096) == context_notes(plain, ["int8-qk"], 2048) == []
+    assert context_notes(plain, ["fp16", "int8-rot"], 4096) == []  # no mode reads the transform
+
+
+def test_static_key_ranges_calibrated_on_shorter_windows_are_flagged(tmp_path):
+    from kvcache.measure.evaluate import context_notes
+
+    plain = KVQParams.load(export(load_work_dir(_with_moments(tmp_path / "wd")), tmp_path / "plain", "kvq")[0])
+    [note] = context_notes(plain, ["fp16", "int8"], 4096)  # static min/max of post-RoPE keys seen at 0-2047 only
+    assert "calibrated on 2048-token windows and this measures 4096" in note and "--calib-seqlen 4096" in note
+    assert context_notes(plain, ["int8"], 2048) == []
+    assert len(context_notes(plain, ["int8", "int8-qk"], 4096)) == 2  # both causes, once each
 
 
 def test_qk_context_refusals(tmp_path, capsys):

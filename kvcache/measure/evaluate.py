@@ -327,16 +327,21 @@ def evaluate(
     if qparams is not None and any(get_mode(m).needs_qparams for m in names):
         report["calibration"] = calibration_source(qparams, windows)
         report["warnings"] += report["calibration"].pop("warnings")
-    report["warnings"] += qk_context_notes(qparams, names, seqlen)
+    report["warnings"] += context_notes(qparams, names, seqlen)
     return report
 
 
-def qk_context_notes(qparams: KVQParams | None, modes: list[str], context: int) -> list[str]:
-    """The warning, once, when a mode reads a key transform fitted to fewer positions than ``context``."""
-    if qparams is None or not any(get_mode(m).uses_qk_transform for m in modes):
+def context_notes(qparams: KVQParams | None, modes: list[str], context: int) -> list[str]:
+    """The warnings, once each, when a mode reads a key transform fitted to, or static key ranges calibrated on,
+    fewer positions than ``context``."""
+    if qparams is None:
         return []
-    note = qparams.qk_context_warning(context)
-    return [note] if note else []
+    notes = []
+    if any(get_mode(m).uses_qk_transform for m in modes):
+        notes.append(qparams.qk_context_warning(context))
+    if any(get_mode(m).uses_static_keys for m in modes):
+        notes.append(qparams.static_context_warning(context))
+    return [n for n in notes if n]
 
 
 def _mode_result(m: str, scores: dict[str, PositionScores], greedy: dict, seqlen: int, shape: KVShape,

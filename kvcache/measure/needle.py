@@ -34,7 +34,7 @@ from ..models.variants import check_window, context_limit
 from ..modes import get_mode, require_qparams
 from ..qparams import KVQParams
 from ..shape import KVShape
-from .evaluate import ProgressFn, qk_context_notes, report_progress
+from .evaluate import ProgressFn, context_notes, report_progress
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -211,7 +211,7 @@ def needle(
         "prefill_tokens": prefilled,  # per mode: what was really prefilled (shared prefix once, then suffixes)
         "prompt_tokens": prompt_tokens,  # per mode, had every trial been prefilled from scratch
         "seconds": seconds,
-        "warnings": qk_context_notes(qparams, names, max(lengths)),
+        "warnings": context_notes(qparams, names, max(lengths)),
     }
 
 

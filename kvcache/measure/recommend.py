@@ -30,7 +30,7 @@ from ..modes import KV_MODES, KVMode, get_mode
 from ..qparams import KVQParams
 from ..shape import KVShape, config_hash
 from ..storage.sizing import capacity_report
-from .evaluate import ProgressFn, by_position, make_windows, qk_context_notes, score_windows
+from .evaluate import ProgressFn, by_position, context_notes, make_windows, score_windows
 from .needle import NeedleDesign, needle
 from .results_cache import ResultsCache, mode_fingerprint, qparams_hash, text_hash
 
@@ -141,7 +141,7 @@ def recommend(
     if context < 2 or windows < 1:
         raise EvalError(f"--context must be at least 2 and --windows at least 1, got {context} and {windows}")
     modes, notes = candidates(engine, qparams is not None, every_mode)
-    notes += qk_context_notes(qparams, [m.name for m in modes], context)
+    notes += context_notes(qparams, [m.name for m in modes], context)
     store = store or ResultsCache()
     shape, model_hash = KVShape.from_config(model.config), _model_key(model)
     wins = make_windows(loaded.tokenizer, text, context, windows, max_positions)
