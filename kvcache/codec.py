@@ -239,8 +239,12 @@ class KVMode:
                             "make a plan for this model with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
         return list(self.layers)
 
+    def _pairs(self) -> tuple[tuple[Codec, Codec], ...]:
+        """The distinct (K, V) codec pairs as declared: the plan's layers, or the one pair of a uniform mode."""
+        return self.layers or ((self.k, self.v),)
+
     def _codecs(self) -> list[Codec]:
-        return [c for pair in (self.layers or ((self.k, self.v),)) for c in pair]
+        return [c for pair in self._pairs() for c in pair]
 
     @property
     def quantized(self) -> bool:
@@ -259,7 +263,7 @@ class KVMode:
     @property
     def uses_static_keys(self) -> bool:
         """Some layer's keys use static calibrated ranges: post-RoPE, those hold only for positions calibrated."""
-        return any(pair[0].scaling == "static" for pair in (self.layers or ((self.k, self.v),)))
+        return any(k.scaling == "static" for k, _ in self._pairs())
 
     @property
     def reads_qparams(self) -> bool:
@@ -272,7 +276,7 @@ class KVMode:
         return any(c.tensor_scale for c in self._codecs())
 
     def _mean_bits(self, side: int, num_layers: int | None) -> float:
-        pairs = self.layer_codecs(num_layers) if num_layers else (self.layers or ((self.k, self.v),))
+        pairs = self.layer_codecs(num_layers) if num_layers else self._pairs()
         bits = [pair[side].bits for pair in pairs]
         return sum(bits) / len(bits)
 

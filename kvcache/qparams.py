@@ -108,8 +108,12 @@ class KVQParams:
         None when there is no transform or it is unknown."""
         if self.k_transform is None:
             return None
-        fitted = self.metadata.get("qk_context") or self.metadata.get("seqlen")
-        return int(fitted) if fitted and str(fitted).isdigit() else None
+        return _positions(self.metadata.get("qk_context") or self.metadata.get("seqlen"))
+
+    @property
+    def calib_seqlen(self) -> int | None:
+        """The length of the calibration windows (what static key ranges saw), or None when unknown."""
+        return _positions(self.metadata.get("seqlen"))
 
     def qk_context_warning(self, context: int) -> str | None:
         """Why keys of a ``context``-token sequence may lose more late in it than early, with what to do, or None."""
@@ -122,8 +126,8 @@ class KVQParams:
 
     def static_context_warning(self, context: int) -> str | None:
         """Why static key ranges calibrated on shorter windows clip keys of a ``context``-token sequence, or None."""
-        seqlen = self.metadata.get("seqlen")
-        if not (seqlen and str(seqlen).isdigit()) or context <= int(seqlen):
+        seqlen = self.calib_seqlen
+        if seqlen is None or context <= seqlen:
             return None
         return (f"static key ranges were calibrated on {seqlen}-token windows and this measures {context}: post-RoPE "
                 f"keys past position {seqlen} leave the calibrated min/max and are clipped (static int8: +119% Δppl over "
@@ -208,6 +212,11 @@ class KVQParams:
             bits=int(meta["bits"]),
             metadata={k: v for k, v in meta.items() if k not in reserved},
         )
+
+
+def _positions(value: object) -> int | None:
+    """A position count kept in the file's string metadata, or None when absent or not a number."""
+    return int(value) if value and str(value).isdigit() else None
 
 
 _EXPORT_HINT = "export one with `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`"
