@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvcache.measure.planner import (ProgressFn, Scorer, candidates, make_plan, plan_facts, plan_table,
-                                     sensitivity, split_windows)
+from kvcache.measure.planner import (ALLOCATED_KEY_BITS, ProgressFn, Scorer, candidates, make_plan, plan_facts,
+                                     plan_table, sensitivity, split_windows)
 from kvcache.modes import plan_to_json
 from kvcache.qparams import KVQParams
 from kvcache.shape import KVShape, config_hash
@@ -31,8 +31,8 @@ def plan_bits(
 ) -> tuple[Any, dict[str, Any]]:
     """Plan bits per layer for ``loaded`` within ``budget_dppl_pct`` on ``samples`` x ``seqlen`` tokens of ``dataset``.
 
-    With ``qparams`` carrying key transforms the keys' candidates use them (the calibrated modes' codecs);
-    without, the calibration-free ones. Returns ``(plan, spec)``, the spec being the JSON a plan file holds.
+    With ``qparams`` carrying key transforms the keys' candidates use them (the calibrated modes' codecs; with the
+    key eigenbasis too, allocated keys below 8 bits); without, the calibration-free ones. Returns ``(plan, spec)``, the spec being the JSON a plan file holds.
     """
     model = loaded.model
     shape = KVShape.from_config(model.config)
@@ -45,7 +45,8 @@ def plan_bits(
     if progress:
         progress(0.0, "fp16 reference on the planning windows")
     use = qparams if calibrated else None
-    options = candidates(calibrated)
+    allocated = calibrated and qparams.k_basis is not None and all(b * shape.head_dim % 8 == 0 for b in ALLOCATED_KEY_BITS)
+    options = candidates(calibrated, allocated=allocated)
     sens = sensitivity(Scorer(model, choose_on, use), options, shape.num_layers, report)
     if progress:
         progress(0.9, "choosing the plan, verifying it on the held-out windows")
@@ -78,9 +79,15 @@ def write_plan(spec: dict[str, Any], path: str | Path) -> Path:
 
 
 def summary(plan: Any) -> str:
-    """The plan in a few lines: bits per layer (f: fp16), bytes, predicted and held-out Δppl."""
+    """The plan in a few lines: bits per layer (f: fp16; space-separated when some are fractional, allocated keys),
+    bytes, predicted and held-out Δppl."""
     rows = plan_table(plan.mode)
-    k, v = ("".join("f" if r[f"{s}_bits"] >= 16 else str(r[f"{s}_bits"]) for r in rows) for s in ("k", "v"))
+
+    def per_layer(side: str) -> str:
+        bits = ["f" if r[f"{side}_bits"] >= 16 else f"{r[f'{side}_bits']:g}" for r in rows]
+        return (" " if any(len(b) > 1 for b in bits) else "").join(bits)
+
+    k, v = per_layer("k"), per_layer("v")
     ver = plan.verified
     lo, hi = ver.get("dppl_interval") or (ver["dppl_pct"], ver["dppl_pct"])
     return (f"K bits per layer: {k}\nV bits per layer: {v}\n"

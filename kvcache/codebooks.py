@@ -86,6 +86,43 @@ def lloyd_max(bits: int, dim: int, iterations: int = 500) -> torch.Tensor:
     return (c * sigma).float()
 
 
+GAUSS_MAX_BITS = 8  # the widest code a channel of the ``gauss`` grid gets
+
+
+@functools.lru_cache(maxsize=1)
+def gauss_levels() -> torch.Tensor:
+    """The ``gauss`` grid: Lloyd-Max levels of N(0, 1) for every width, ``[GAUSS_MAX_BITS + 1, 2^GAUSS_MAX_BITS]`` fp32;
+    row ``b`` holds the ``2^b`` levels of a ``b``-bit code (row 0: the 0-bit code, 0), zero-padded."""
+    out = torch.zeros(GAUSS_MAX_BITS + 1, 1 << GAUSS_MAX_BITS)
+    for b in range(1, GAUSS_MAX_BITS + 1):
+        out[b, : 1 << b] = lloyd_max(b, 1)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def gauss_distortion() -> torch.Tensor:
+    """Squared error of N(0, 1) on each width's :func:`gauss_levels` (``[GAUSS_MAX_BITS + 1]`` float64; 1 at 0 bits):
+    ``1 - sum_j P(cell j) c_j^2``, exact for Lloyd-Max centroids (each the mean of its cell)."""
+    out = [1.0]
+    for b in range(1, GAUSS_MAX_BITS + 1):
+        c = lloyd_max(b, 1).double()
+        edges = torch.cat([c.new_tensor([-math.inf]), (c[1:] + c[:-1]) / 2, c.new_tensor([math.inf])])
+        mass = _normal_cdf(edges[1:]) - _normal_cdf(edges[:-1])
+        out.append(float(1 - (mass * c * c).sum()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def gauss_values(u: torch.Tensor, widths: torch.Tensor, head_axis: int = 1, levels: torch.Tensor | None = None,
+                 ) -> torch.Tensor:
+    """What ``gauss`` codes ``u`` (``[..., D]``, KV head at ``head_axis``) stand for, given each head's per-channel
+    ``widths`` (``[H, D]``): ``levels[width, code]`` (``levels``: :func:`gauss_levels`)."""
+    levels = (gauss_levels() if levels is None else levels).to(u.device)
+    shape = [1] * u.dim()
+    shape[head_axis], shape[-1] = widths.shape
+    w = widths.long().reshape(shape).expand(u.shape)
+    return levels[w, u.long()]
+
+
 @functools.lru_cache(maxsize=64)
 def lloyd_max_peak(bits: int, group: int, iterations: int = 1000) -> torch.Tensor:
     """``2^bits`` levels, ascending, the first exactly ``-1``: Lloyd-Max for ``y = -x_i / p`` where ``x`` is a group of

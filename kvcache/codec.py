@@ -8,15 +8,20 @@ A codec composes pieces, each chosen separately for K and V:
   ``-2^(b-1) .. 2^(b-1)-1``, ``uint`` the unsigned one ``0 .. 2^b-1``; the others are codebooks
   (:mod:`kvcache.codebooks`): the floating-point formats ``e4m3``, ``e5m2`` (fp8) and ``e2m1`` (fp4),
   llama.cpp's ``iq4nl`` table, ``lloyd-max`` centroids for the coordinates of a rotated unit vector
-  (TurboQuant), ``lloyd-max-peak`` centroids for a rotated group divided by its peak (ours), and ``table``,
-  one calibrated per layer, KV head and side;
+  (TurboQuant), ``lloyd-max-peak`` centroids for a rotated group divided by its peak (ours), ``gauss``, the
+  Lloyd-Max levels of N(0, 1) at each channel's own width (ours, with ``allocated``), and ``table``, one
+  calibrated per layer, KV head and side;
 - **scaling**: ``none`` (the grid value as it is, times an optional per-tensor scale), ``static`` (calibrated
   per tensor, head or channel) or ``token`` (computed at write time per token, KV head and group of
   ``group_size`` channels), with or without a zero point (``symmetric``), in ``param_dtype`` (ours: the pool's
   16-bit dtype, so a bf16 model's parameters do not overflow fp16; an engine's: what that engine stores);
 - an encoder **rule**: whose arithmetic picks the parameters and rounds (ours, ``kvq``, or an engine's:
   :mod:`kvcache.encoding`);
-- linear maps around the cache: a Hadamard ``rotate`` and, for keys, the calibrated ``qk_transform``.
+- linear maps around the cache: a Hadamard ``rotate`` and, for keys, the calibrated ``qk_transform``;
+- ``allocated`` bits (keys, ours): the query-aware transform followed by the eigenbasis of the transformed key
+  covariance, each channel divided by its standard deviation, and a code width per channel (0 to 8 bits, on
+  average ``allocated``) chosen from the calibrated score-error weights (:func:`kvcache.quant.allocate_bits`),
+  one per-token scale; the codes are packed as one bit stream per head (:func:`kvcache.quant.pack_widths`).
 
 A value is decoded as ``grid[code] * scale + zero_point`` (times the per-tensor scale), whatever the pieces;
 that is what the kernels and their references read.
@@ -39,13 +44,14 @@ OUR_ENGINE = "kvq"  # the engine name of this tool's own schemes (KVMode.engine)
 SEQUENCE_TOKENS = 2048  # the sequence length per-sequence costs (sinks) are spread over in ratios
 
 GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "lloyd-max-vllm": None, "lloyd-max-peak": None, "table": None,
-             "e4m3": 8, "e5m2": 8, "e2m1": 4, "iq4nl": 4, "signmag": 4}
+             "e4m3": 8, "e5m2": 8, "e2m1": 4, "iq4nl": 4, "signmag": 4, "gauss": 8}
 FLOAT_GRIDS = ("e4m3", "e5m2", "e2m1")  # floating-point formats: meaningful with no parameters at all
 # "ue8m0": a power-of-two scale stored as its biased exponent byte (2^(byte - 127), MX formats);
 # "pool": the pool's 16-bit float dtype (ours, and an engine's that stores the model's dtype)
 PARAM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "e4m3": torch.float8_e4m3fn,
                 "ue8m0": torch.uint8}
 SCALINGS = ("none", "static", "token")
+GAUSS_LEVELS = 9 * 256  # the gauss grid's table: N(0, 1) levels of 0 to 8 bits (kvcache.codebooks.gauss_levels)
 
 
 def kv_float_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +78,7 @@ class Codec:
     residual_sign: bool = False  # the top bit of a code is the sign of the residual, times a per-token magnitude (LMDeploy's QJL bit)
     rotation_block: int = 0  # rotate in blocks of this many channels (block-diagonal Hadamard; 0: the whole head)
     rotation_min: int = 0  # rotate only heads whose head_dim this divides (llama.cpp: 64), others stay unrotated
+    allocated: float = 0.0  # keys: mean bits per channel, allocated per channel in the calibrated eigenbasis (gauss grid)
 
     def __post_init__(self) -> None:
         reason = self._invalid()
@@ -103,6 +110,12 @@ class Codec:
             return "a residual sign bit needs per-token scale and magnitude (not symmetric) and >= 2 bits"
         if (self.rotation_block or self.rotation_min) and not self.rotate:
             return "rotation_block and rotation_min are for rotated codecs"
+        if (self.grid == "gauss") != (self.allocated > 0):
+            return "the gauss grid is the allocated codes' and they take it"
+        if self.allocated and not (0 < self.allocated < self.bits and self.scaling == "token" and self.symmetric
+                                   and not self.group_size and not self.rotate and self.qk_transform):
+            return ("allocated bits are keys through the query-aware transform, one symmetric scale per token and head, "
+                    "no rotation, fewer on average than the widest code")
         return None
 
     @property
@@ -112,6 +125,11 @@ class Codec:
     @property
     def needs_calibration(self) -> bool:
         return self.scaling == "static" or self.qk_transform or self.grid == "table"
+
+    @property
+    def mean_bits(self) -> float:
+        """Code bits per channel on average: ``allocated`` when bits are allocated per channel, else ``bits``."""
+        return self.allocated or self.bits
 
     def param_dtype_in(self, fp_dtype: torch.dtype) -> torch.dtype:
         """The per-token parameters' dtype in a pool of 16-bit dtype ``fp_dtype``."""
@@ -132,6 +150,12 @@ class Codec:
 
     def code_width(self, head_dim: int) -> int:
         """Stored elements per token and head: head_dim (floats, 8-bit codes), or head_dim * bits / 8 bytes."""
+        if self.allocated:
+            total = self.allocated * head_dim
+            if total != int(total) or int(total) % 8:
+                raise ModeError(f"{self.allocated:g} bits per channel over head_dim {head_dim} is not a whole number of "
+                                "bytes: pick another KV mode")
+            return int(total) // 8
         if self.bits in (8, 16):
             return head_dim
         if head_dim % 8:
@@ -163,6 +187,8 @@ class Codec:
         if not self.quantized:
             return "fp16"
         kind = f"int{self.bits}" if self.grid == "int" else f"{self.grid}{'' if GRID_BITS[self.grid] else self.bits}"
+        if self.allocated:
+            kind = f"gauss {self.allocated:g}b allocated"
         if self.grid == "uint":
             kind = f"uint{self.bits}"
         scale = {"static": ["static"], "none": [], "token": [f"g{self.group_size}" if self.group_size else "per head"]}
@@ -218,6 +244,9 @@ class KVMode:
                 if c.group_size and d % c.group_size:
                     raise ModeError(f"{self.name}: {side} is quantized in blocks of {c.group_size} channels, which do "
                                     f"not divide this model's head_dim {d}; pick another KV mode")
+                if c.allocated and (c.allocated * d) % 8:
+                    raise ModeError(f"{self.name}: {side} takes {c.allocated:g} bits per channel, over this model's "
+                                    f"head_dim {d} not a whole number of bytes; pick another KV mode")
                 if c.bits < 8 and d % 8:
                     raise ModeError(f"{self.name}: {c.bits}-bit codes pack in bytes, this model's head_dim {d} is not "
                                     "a multiple of 8; pick another KV mode")
@@ -277,7 +306,7 @@ class KVMode:
 
     def _mean_bits(self, side: int, num_layers: int | None) -> float:
         pairs = self.layer_codecs(num_layers) if num_layers else self._pairs()
-        bits = [pair[side].bits for pair in pairs]
+        bits = [pair[side].mean_bits for pair in pairs]
         return sum(bits) / len(bits)
 
     @property
@@ -351,11 +380,14 @@ class KVMode:
                 total += f32 if c.tensor_scale else 0
                 if c.grid == "table":  # calibrated per layer and KV head
                     total += shape.num_kv_heads * c.grid_size() * f32
+                elif c.allocated:  # every channel's width (int32), and the levels of every width, one per pool
+                    total += shape.num_kv_heads * shape.head_dim * 4
+                    shared_grids.add(("gauss", 0))
                 elif c.quantized and c.grid not in ("int", "uint"):  # a fixed codebook, one per pool
                     shared_grids.add((c.grid, c.bits))
             if k.qk_transform:  # the key map, and the query's inverse, per KV head
                 total += 2 * shape.num_kv_heads * shape.head_dim ** 2 * f32
-        total += sum((1 << bits) * f32 for _, bits in shared_grids)
+        total += sum((1 << bits) * f32 if bits else GAUSS_LEVELS * f32 for _, bits in shared_grids)
         rotations = {c.rotation_for(shape.head_dim) for c in self._codecs()} - {0}
         total += len(rotations) * shape.head_dim ** 2 * f32  # one Hadamard matrix per block size, shared by every layer
         return total

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebooks import FLOAT_MAX, PEAK_GRIDS, PEAK_LOWEST, float_codes, grid_values
+from .codebooks import FLOAT_MAX, PEAK_GRIDS, PEAK_LOWEST, float_codes, gauss_levels, gauss_values, grid_values
 from .codec import Codec
-from .quant import (SCALE_EPS, group_view, nearest_codes, pack_codes, peak_scale, quantize, quantize_groups,
-                    round_up_to, token_qparams, unpack_codes)
+from .quant import (SCALE_EPS, group_view, nearest_codes, pack_codes, pack_widths, peak_scale, quantize,
+                    quantize_groups, round_up_to, token_qparams, unpack_codes, unpack_widths)
 
 
 @dataclass
@@ -32,6 +32,7 @@ class SideParams:
     grid: torch.Tensor | None = None  # [kv_heads, 2^bits] fp32 (codebook grids)
     tensor_scale: torch.Tensor | None = None  # [] fp32 (codecs with a per-tensor scale)
     param_dtype: torch.dtype = torch.float16  # what per-token parameters are stored in (the codec's, in this pool)
+    widths: torch.Tensor | None = None  # [kv_heads, head_dim] int32: each channel's code width (allocated codecs)
 
 
 @dataclass
@@ -63,6 +64,8 @@ def kvq_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
     round-half-even. Codebooks: per group, the largest magnitude maps to the codebook's (scale rounded up; for
     the peak grids the peak itself, signed, onto level 0), nearest entry (ties to the even index). ``x`` is ``[tokens, kv_heads, head_dim]``."""
     x = _tensor_scaled(codec, x, side)
+    if codec.allocated:
+        return _allocated(x, side)
     if codec.grid == "int":
         if codec.scaling == "static":
             c = quantize(x, side.static_scale, side.static_zp, codec.bits)
@@ -86,6 +89,22 @@ def kvq_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
     else:
         u = nearest_codes(unit.transpose(0, 1), side.grid, ties="even").transpose(0, 1).to(torch.int32)
     return Encoded(u.reshape(x.shape), scale, None)
+
+
+def _allocated(x: torch.Tensor, side: SideParams) -> Encoded:
+    """Allocated codes: the scale is the RMS of the coded channels (rounded up to the param dtype), each channel the
+    nearest of the N(0, 1) Lloyd-Max levels of its own width (ties to the even index); a 0-bit channel decodes to 0."""
+    widths = side.widths.to(x.device)
+    coded = (widths > 0).float()
+    rms = ((x * x * coded).sum(-1) / coded.sum(-1).clamp_min(1)).sqrt()  # [tokens, kv_heads]
+    scale = round_up_to(rms.clamp_min(SCALE_EPS), side.param_dtype)[..., None]
+    unit = x / scale.float()
+    levels = (gauss_levels() if side.grid is None else side.grid).to(x.device)
+    u = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
+    for b in widths.unique().tolist():
+        if b:
+            u = torch.where(widths == b, nearest_codes(unit, levels[b, : 1 << b], ties="even").to(torch.int32), u)
+    return Encoded(u, scale, None)
 
 
 def norm_rule(codec: Codec, x: torch.Tensor, side: SideParams) -> Encoded:
@@ -126,7 +145,10 @@ def decode(codec: Codec, codes: torch.Tensor, scale: torch.Tensor | None, zp: to
         groups = group_view(base, codec.group_size) + group_view(sign, codec.group_size) * zp.float()[..., None]
         x = (groups * scale.float()[..., None]).reshape(base.shape)
         return (x * side.tensor_scale.float() if codec.tensor_scale else x).to(dtype)
-    x = grid_values(codes, codec.grid, codec.bits, side.grid, head_axis)
+    if codec.allocated:
+        x = gauss_values(codes, side.widths.to(codes.device), head_axis, side.grid)
+    else:
+        x = grid_values(codes, codec.grid, codec.bits, side.grid, head_axis)
     if codec.scaling == "static":
         shape = [1] * x.dim()
         shape[head_axis], shape[-1] = x.shape[head_axis], x.shape[-1]
@@ -146,15 +168,22 @@ def decode(codec: Codec, codes: torch.Tensor, scale: torch.Tensor | None, zp: to
     return x.to(dtype)
 
 
-def to_storage(codec: Codec, codes: torch.Tensor) -> torch.Tensor:
-    """Code indices as stored: int8 signed codes for the 8-bit int grid, else uint8 (packed below 8 bits)."""
+def to_storage(codec: Codec, codes: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
+    """Code indices as stored: int8 signed codes for the 8-bit int grid, else uint8 (packed below 8 bits; allocated
+    codes, ``[..., kv_heads, head_dim]``, in one bit stream per head of their ``widths``)."""
+    if codec.allocated:
+        return pack_widths(codes, widths.to(codes.device))
     if codec.bits == 8 and codec.grid == "int":
         return (codes - 128).to(torch.int8)
     return pack_codes(codes, codec.bits)
 
 
-def from_storage(codec: Codec, stored: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The inverse of :func:`to_storage`: int32 code indices ``[..., head_dim]``."""
+def from_storage(codec: Codec, stored: torch.Tensor, head_dim: int, widths: torch.Tensor | None = None,
+                 head_axis: int = -2) -> torch.Tensor:
+    """The inverse of :func:`to_storage`: int32 code indices ``[..., head_dim]`` (allocated codes: the KV head at
+    ``head_axis``)."""
+    if codec.allocated:
+        return unpack_widths(stored.movedim(head_axis, -2), widths.to(stored.device)).movedim(-2, head_axis)
     if codec.bits == 8 and codec.grid == "int":
         return stored.to(torch.int32) + 128
     return unpack_codes(stored, codec.bits, head_dim)

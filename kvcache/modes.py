@@ -43,6 +43,12 @@ def peak_lloyd_max(bits: int, group: int, qk: bool = False) -> Codec:
     return replace(sym_rotated(bits, group, qk), grid="lloyd-max-peak")
 
 
+def allocated_keys(mean_bits: float) -> Codec:
+    """Keys in the calibrated eigenbasis after the query-aware transform, ``mean_bits`` per channel on average given
+    where the score error they save is largest (0 to 8 per channel), N(0, 1) Lloyd-Max levels, one scale per token."""
+    return Codec(8, "token", symmetric=True, qk_transform=True, grid="gauss", allocated=mean_bits)
+
+
 INT3_G32, INT2_G32 = sym_rotated(3, 32), sym_rotated(2, 32)  # 3- and 2-bit codes on the uniform grid (keys: with qk_transform)
 # Not a listed mode: 2-bit codes in groups of 32 (symmetric, rotated) for K and V, no calibration; the 2-bit bit-plane
 # layout the kernels take, for their tests and benchmarks (the planner gives layers 2 bits; no named mode does).
@@ -84,6 +90,15 @@ KVQ_MODES: dict[str, KVMode] = {  # ours
         _mode("int3-compact", "K and V 3-bit per head (symmetric, rotated), K through the calibrated query-aware "
                               "transform; first 4 tokens fp16 (--qparams)",
               sym_rotated(3, 0, qk=True), sym_rotated(3, 0), sinks=4),
+        # Bits allocated per key channel in the calibrated eigenbasis (transform coding): at int3's bytes it cuts
+        # the keys' share of the loss (README, "Below 4 bits").
+        _mode("int3-klt", "K 3.25 bits per channel on average, allocated per channel in the calibrated eigenbasis of "
+                          "the query-aware transform, one scale per token; V int3-lm's (int3's bytes); first 4 tokens "
+                          "fp16 (--qparams)",
+              allocated_keys(3.25), peak_lloyd_max(3, 32), sinks=4),
+        _mode("int2-klt", "K 2.5 bits per channel on average, allocated as int3-klt's; V 2-bit in groups of 32 on "
+                          "Lloyd-Max levels for peak-scaled rotated groups; first 4 tokens fp16 (--qparams)",
+              allocated_keys(2.5), peak_lloyd_max(2, 32), sinks=4),
     )
 }
 

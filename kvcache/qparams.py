@@ -21,7 +21,8 @@ from .shape import KVShape
 
 FORMAT = "kvq-qparams"
 FILE_NAME = "kv_qparams.safetensors"  # what `python -m calib kv_qparams ... --format kvq` writes in OUT_DIR
-FORMAT_VERSION = 2  # 2: optional per-layer key transforms (k_transform); version 1 files still load
+FORMAT_VERSION = 3  # 2: optional per-layer key transforms (k_transform); 3: optional eigenbases (k_basis, k_weight)
+_OPTIONAL = ("k_transform", "k_basis", "k_weight")  # per-layer tensors a file may carry
 _NAMES = ("k_scale", "k_zp", "v_scale", "v_zp")
 
 
@@ -36,6 +37,8 @@ class KVQParams:
     bits: int = 8
     metadata: dict[str, str] = field(default_factory=dict)
     k_transform: list[torch.Tensor] | None = None  # per layer [kv_heads, d, d]: the query-aware key map A (k' = k @ A)
+    k_basis: list[torch.Tensor] | None = None  # per layer [kv_heads, d, d]: A, then the eigenbasis, per-channel unit variance
+    k_weight: list[torch.Tensor] | None = None  # per layer [kv_heads, d]: score error of unit noise per channel of k_basis
 
     @property
     def num_layers(self) -> int:
@@ -56,6 +59,8 @@ class KVQParams:
         bits: int = 8,
         metadata: dict[str, str] | None = None,
         k_transform: list[torch.Tensor] | None = None,
+        k_basis: list[torch.Tensor] | None = None,
+        k_weight: list[torch.Tensor] | None = None,
     ) -> "KVQParams":
         """Parameters from per-layer ``min``/``max``/``absmax`` stats, each (num_kv_heads, head_dim)."""
         granularity_shape(granularity, 1, 1)  # validates the name
@@ -71,7 +76,7 @@ class KVQParams:
                 out[f"{prefix}_scale"].append(scale)
                 out[f"{prefix}_zp"].append(zp)
         return cls(**out, granularity=granularity, symmetric=symmetric, bits=bits, metadata=dict(metadata or {}),
-                   k_transform=k_transform)
+                   k_transform=k_transform, k_basis=k_basis, k_weight=k_weight)
 
     def layer(self, i: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
         """Layer ``i``'s (k_scale, k_zp, v_scale, v_zp), each expanded to (num_kv_heads, head_dim) fp32."""
@@ -134,7 +139,7 @@ class KVQParams:
                 f"8K windows of the built-in model, see the README); calibrate with `--calib-seqlen {context}` or use "
                 f"a per-token mode (int8-qk, int8-dynamic)")
 
-    def check_matches(self, shape: KVShape, needs_transform: bool = False) -> None:
+    def check_matches(self, shape: KVShape, needs_transform: bool = False, needs_basis: bool = False) -> None:
         """Raise a readable error when these parameters were made for another model (or lack a needed transform)."""
         want_layers = shape.num_layers
         kvh, d = granularity_shape(self.granularity, shape.num_kv_heads, shape.head_dim)
@@ -152,16 +157,24 @@ class KVQParams:
                 "without query statistics): recalibrate with `python -m calib calibrate` and re-export with "
                 "`python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`"
             )
+        if needs_basis and self.k_basis is None:
+            raise QParamsError(
+                "these qparams carry no key eigenbasis for allocated bits (made by an older KVQ Studio): re-export "
+                "them with `python -m calib kv_qparams WORK_DIR OUT_DIR --format kvq`"
+            )
         want_t = (shape.num_kv_heads, shape.head_dim, shape.head_dim)
-        if self.k_transform is not None and tuple(self.k_transform[0].shape) != want_t:
-            raise QParamsError(f"the key transforms are {tuple(self.k_transform[0].shape)} per layer, the model needs "
-                               f"{want_t} ({shape}); recalibrate this model")
+        for name, want_shape in (("k_transform", want_t), ("k_basis", want_t), ("k_weight", want_t[:2])):
+            got = getattr(self, name)
+            if got is not None and tuple(got[0].shape) != want_shape:
+                raise QParamsError(f"the {name} tensors are {tuple(got[0].shape)} per layer, the model needs "
+                                   f"{want_shape} ({shape}); recalibrate this model")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         tensors = {f"layers.{i}.{n}": getattr(self, n)[i].float().contiguous() for n in _NAMES for i in range(self.num_layers)}
-        for i, t in enumerate(self.k_transform or []):
-            tensors[f"layers.{i}.k_transform"] = t.float().contiguous()
+        for name in _OPTIONAL:
+            for i, t in enumerate(getattr(self, name) or []):
+                tensors[f"layers.{i}.{name}"] = t.float().contiguous()
         meta = {
             **{k: str(v) for k, v in self.metadata.items()},
             "format": FORMAT,
@@ -195,11 +208,12 @@ class KVQParams:
             lists = {name: [tensors[f"layers.{i}.{name}"] for i in range(n)] for name in _NAMES}
         except KeyError as e:
             raise QParamsError(f"{path} is missing tensor {e.args[0]}; re-export it") from None
-        if "layers.0.k_transform" in tensors:
-            try:
-                lists["k_transform"] = [tensors[f"layers.{i}.k_transform"] for i in range(n)]
-            except KeyError as e:
-                raise QParamsError(f"{path} is missing tensor {e.args[0]}; re-export it") from None
+        for name in _OPTIONAL:
+            if f"layers.0.{name}" in tensors:
+                try:
+                    lists[name] = [tensors[f"layers.{i}.{name}"] for i in range(n)]
+                except KeyError as e:
+                    raise QParamsError(f"{path} is missing tensor {e.args[0]}; re-export it") from None
         for name, ts in lists.items():
             for i, t in enumerate(ts):
                 if not torch.isfinite(t).all():

@@ -262,3 +262,60 @@ def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return x.float()
     return _round_up(x, dtype)
+
+
+# --- codes of a width per channel: bit allocation -------------------------------------------------------
+
+
+def allocate_bits(weight: torch.Tensor, total: int, distortion: torch.Tensor) -> torch.Tensor:
+    """Bits per channel (``[..., D]`` int32, summing to ``total`` over the last dim) minimising ``sum w_i D(b_i)``.
+
+    ``weight`` (``[..., D]``, >= 0) is what a unit of squared error costs in each channel; ``distortion``
+    (``[max_bits + 1]``, decreasing, ``D(0) = 1``) is the squared error of a unit-variance channel coded in
+    ``b`` bits. Greedy by marginal return, one bit at a time, which is optimal because ``D`` is convex in ``b``
+    (reverse water-filling on integers); ties go to the lower channel index.
+    """
+    top = distortion.numel() - 1
+    if not 0 <= total <= top * weight.shape[-1]:
+        raise ValueError(f"{total} bits over {weight.shape[-1]} channels of at most {top} bits each")
+    w = weight.double().clamp_min(0)
+    drop = torch.cat([distortion[:-1] - distortion[1:], distortion.new_full((1,), -1.0)]).double()
+    bits = torch.zeros(w.shape, dtype=torch.long)
+    for _ in range(total):
+        gain = torch.where(bits < top, w * drop[bits], torch.full_like(w, -1.0))
+        bits.scatter_add_(-1, gain.argmax(-1, keepdim=True), torch.ones_like(bits[..., :1]))
+    return bits.to(torch.int32)
+
+
+def _bit_fields(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a stream of codes of ``widths`` (``[H, D]``, every row summing to the same ``T``): the channel and the bit
+    of that channel's code that each stream bit holds (``[H, T]`` each)."""
+    w = widths.long()
+    channel = torch.stack([torch.repeat_interleave(torch.arange(w.shape[1]), row) for row in w])
+    start = torch.cumsum(w, -1) - w
+    bit = torch.arange(channel.shape[1])[None, :] - torch.gather(start, 1, channel)
+    return channel.to(widths.device), bit.to(device=widths.device, dtype=torch.int32)
+
+
+def pack_widths(u: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Codes ``u`` (``[..., H, D]``) of per-channel ``widths`` (``[H, D]``, 0-8 bits, each row summing to ``T``, a
+    multiple of 8) as ``[..., H, T / 8]`` uint8: one little-endian bit stream per head, channel after channel,
+    each code lowest bit first (channel ``i`` starts at bit ``sum(widths[:i])``; a 0-bit channel takes none)."""
+    total = int(widths[0].sum())
+    if total % 8 or bool((widths.sum(-1) != total).any()):
+        raise ValueError(f"per-channel widths must sum to the same multiple of 8 bits in every head, got {widths.sum(-1).tolist()}")
+    channel, bit = _bit_fields(widths)
+    index = channel.expand(*u.shape[:-1], -1)
+    stream = (torch.gather(u.to(torch.int32), -1, index) >> bit) & 1  # [..., H, T]
+    stream = stream.reshape(*stream.shape[:-1], total // 8, 8) << torch.arange(8, device=u.device, dtype=torch.int32)
+    return stream.sum(-1).to(torch.uint8)
+
+
+def unpack_widths(packed: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_widths`: ``[..., H, T / 8]`` uint8 -> ``[..., H, D]`` int32 codes (0 where 0 bits)."""
+    channel, bit = _bit_fields(widths)
+    p = packed.to(torch.int32)
+    stream = (p[..., :, None] >> torch.arange(8, device=p.device, dtype=torch.int32)) & 1
+    stream = stream.reshape(*p.shape[:-1], -1) << bit
+    out = torch.zeros((*p.shape[:-1], widths.shape[-1]), dtype=torch.int32, device=p.device)
+    return out.scatter_add_(-1, channel.expand_as(stream), stream)

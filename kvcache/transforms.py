@@ -53,6 +53,27 @@ def qk_transform(key_cov: torch.Tensor, query_cov: torch.Tensor) -> torch.Tensor
     return a.transpose(-1, -2).float()  # row-vector convention: k' = k @ A
 
 
+def key_eigenbasis(key_cov: torch.Tensor, query_cov: torch.Tensor, transform: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per KV head, where allocated key codes live: ``(basis [kv_heads, d, d], weight [kv_heads, d])``, keys stored as
+    ``k @ basis``.
+
+    After the query-aware transform ``A`` (:func:`qk_transform`) the key and query second moments are equal; their
+    eigenvectors ``U`` decorrelate both, so per-channel noise costs ``sum_i E[q_i^2] E[n_i^2]`` in score error and
+    bits can be given where it pays (transform coding). ``basis = A U diag(1/sigma)`` (descending variance, each
+    channel of unit second moment, what one per-token scale and N(0, 1) levels expect); ``weight`` is each
+    channel's E[q^2] in that basis: the score error of unit noise there. Computed in float64.
+    """
+    ck, cq, a = key_cov.double(), query_cov.double(), transform.double()
+    lam, u = torch.linalg.eigh(a.transpose(-1, -2) @ ck @ a)
+    lam, u = lam.flip(-1), u.flip(-1)
+    lam = lam.clamp_min(lam[..., :1] * 1e-8)
+    basis = a @ u / lam.sqrt()[..., None, :]
+    inv = torch.linalg.inv(basis)
+    weight = (inv @ cq @ inv.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1)
+    return basis.float(), weight.clamp_min(0).float()
+
+
 def _mean_phase(omega: torch.Tensor, offsets: int) -> torch.Tensor:
     """``mean(exp(i * omega * t) for t in 0..offsets-1)``, elementwise (a geometric series, in closed form)."""
     half = torch.sin(omega / 2)

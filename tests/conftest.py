@@ -38,8 +38,9 @@ def static_qparams(shape, granularity="channel", symmetric=False, lim=4.0, cente
 
 
 def random_qparams(config, seed: int = 7):
-    """Calibrated-looking parameters for a (tiny) model: static int8 ranges of +-4 and a random, well-conditioned
-    query-aware key transform per layer (determinant 1), enough for every calibrated mode to run."""
+    """Calibrated-looking parameters for a (tiny) model: static int8 ranges of +-4, a random, well-conditioned
+    query-aware key transform per layer (determinant 1) and the eigenbasis after it for identity-like moments,
+    enough for every calibrated mode to run."""
     from kvcache.shape import KVShape
 
     shape = KVShape.from_config(config)
@@ -48,6 +49,12 @@ def random_qparams(config, seed: int = 7):
          for _ in range(shape.num_layers)]
     qp = static_qparams(shape)
     qp.k_transform = [t / torch.linalg.det(t).abs()[:, None, None] ** (1 / shape.head_dim) for t in a]
+    from kvcache.transforms import key_eigenbasis
+
+    eye = torch.eye(shape.head_dim).expand(shape.num_kv_heads, -1, -1)
+    moments = [(eye * torch.linspace(2.0, 0.05, shape.head_dim), eye) for _ in range(shape.num_layers)]
+    bases = [key_eigenbasis(k, q, t) for (k, q), t in zip(moments, qp.k_transform)]
+    qp.k_basis, qp.k_weight = [b for b, _ in bases], [w for _, w in bases]
     return qp
 
 

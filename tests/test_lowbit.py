@@ -319,6 +319,16 @@ def test_candidates_run_from_16_bits_down_to_2(calibrated):
     assert opts["v"][2] == KV_MODES["k8v4-lm"].v and all(c.grid == "lloyd-max-peak" for c in opts["v"][2:])
 
 
+def test_allocated_key_candidates_cost_what_the_groups_they_replace_cost():
+    plain, allocated = candidates(True), candidates(True, allocated=True)
+    assert allocated["v"] == plain["v"] and allocated["k"][:2] == plain["k"][:2]
+    assert [c.mean_bits for c in allocated["k"]] == [16, 8, 4.75, 3.25, 2.25]
+    assert all(c.allocated for c in allocated["k"][2:])
+    for a, p in zip(allocated["k"][2:], plain["k"][2:]):
+        assert a.bytes_per_token_per_head(64) == p.bytes_per_token_per_head(64)  # 40, 28 and 20 bytes
+    assert candidates(False, allocated=True) == candidates(False)  # no transform, no eigenbasis
+
+
 # --- listing -----------------------------------------------------------------------------------------
 
 
@@ -338,3 +348,16 @@ def test_modes_json_for_the_embedded_model(loaded_default, capsys):
     assert (by["k8v4"]["k_bits"], by["k8v4"]["v_bits"]) == (8, 4) and by["int8-dynamic"]["needs_calibration"] is False
     assert main(["modes", "--kv", "int5"]) == 2
     assert "unknown KV mode 'int5'" in capsys.readouterr().err
+
+
+def test_a_plan_summary_separates_fractional_bits():
+    from calib.plan import summary
+    from kvcache.measure.planner import Plan
+    from kvcache.modes import allocated_keys
+
+    v = KV_MODES["int3-lm"].v
+    layers = ((allocated_keys(3.25), v), (KV_MODES["int8-qk"].k, KV_MODES["int8-qk"].v), (FP16, v))
+    mode = KVMode("p", "t", layers[0][0], v, 4, layers=layers)
+    verified = dict(kl=0.01, dppl_pct=1.0, dppl_interval=[0.5, 1.5], top1_pct=95.0)
+    text = summary(Plan(mode, 1.2, verified, 0.3, 3.0, True))
+    assert text.startswith("K bits per layer: 3.25 8 f\nV bits per layer: 383\n")

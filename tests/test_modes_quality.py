@@ -57,6 +57,8 @@ def test_one_default_export_serves_every_mode(rows):
     ("int3", 1.2e-1, 84.0),
     ("int3-lm", 1.1e-1, 85.0),
     ("int3-compact", 1.6e-1, 83.0),
+    ("int3-klt", 8e-2, 87.5),  # measured 3.94e-2, 89.02% (2026-12-03)
+    ("int2-klt", 3e-1, 75.5),  # measured 1.59e-1, 77.65%
 ])
 def test_quality_within_bounds(rows, mode, max_kl, min_top1):
     r = rows[mode]
@@ -72,9 +74,12 @@ def test_the_schemes_beat_what_they_replace(rows):
     assert kl["int4-compact"] < kl["lmdeploy:4"] / 3 and kl["int3"] < kl["lmdeploy:4"]
     # at the same bytes, Lloyd-Max levels for peak-scaled groups beat the uniform grid at 3 bits (here 0.87x)
     assert kl["int3-lm"] < 0.95 * kl["int3"] and rows["int3-lm"]["kv_bytes_per_token"] == rows["int3"]["kv_bytes_per_token"]
+    # and keys allocated per channel in their eigenbasis beat both at the same bytes (here 0.71x int3-lm)
+    assert kl["int3-klt"] < 0.8 * kl["int3-lm"] and rows["int3-klt"]["kv_bytes_per_token"] == rows["int3"]["kv_bytes_per_token"]
 
 
 def test_bytes_as_the_modes_list_gives_them(rows):
     ratio = {m: r["kv_ratio_to_fp16"] for m, r in rows.items()}
     assert ratio["fp16"] == 1.0 and ratio["int8-qk"] <= 0.535 and ratio["k8v4"] <= 0.42 and ratio["int4"] <= 0.32
     assert rows["int4"]["kv_bytes_per_token"] == 7200 and rows["k8v4"]["kv_bytes_per_token"] == 9540
+    assert ratio["int3-klt"] <= 0.23 and ratio["int2-klt"] <= 0.17  # issue 20's 3- and 2-bit classes

@@ -2,7 +2,9 @@
 
 It holds the static scales and zero points (the ``int8`` mode, any granularity) and, when the work dir
 has the query and key second moments (ours since they were added), the query-aware key transform of
-every layer (:func:`kvcache.transforms.qk_transform`), which the calibrated sub-8-bit modes use.
+every layer (:func:`kvcache.transforms.qk_transform`), which the calibrated sub-8-bit modes use, and the key
+eigenbasis after it with its per-channel weights (:func:`kvcache.transforms.key_eigenbasis`), where the
+allocated-bit modes code keys.
 ``qk_context=N`` fits that transform to every position of an N-token context rather than to the
 calibration windows' (the moments averaged over the RoPE turns in between, :func:`rope_averaged`):
 keys late in a long context then lose no more than early ones, at some cost within the first windows.
@@ -15,7 +17,7 @@ from pathlib import Path
 from kvcache.qparams import FILE_NAME as KVQ_FILE
 from kvcache.qparams import KVQParams
 from kvcache.quant import SCALE_EPS
-from kvcache.transforms import qk_transform, rope_averaged
+from kvcache.transforms import key_eigenbasis, qk_transform, rope_averaged
 
 from ..workdir import CalibStats
 from .common import GRANULARITIES, ExportError, now, warn_floored
@@ -33,16 +35,18 @@ def export_kvq(
         raise ExportError(f"the kvq format takes 4 or 8 bits: --kv-bits must be 4 or 8, not {kv_bits}")
     if granularity not in GRANULARITIES:
         raise ExportError(f"unknown granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
-    transforms, fitted = None, {}
+    transforms, bases, fitted = None, None, {}
     if stats.key_moments is not None:
         key_moments, query_moments, fitted = _fitted_moments(stats, qk_context)
         transforms = [qk_transform(k, q) for k, q in zip(key_moments, query_moments)]
+        bases = [key_eigenbasis(k, q, a) for k, q, a in zip(key_moments, query_moments, transforms)]
     elif qk_context is not None:
         raise ExportError(f"{stats.work_dir or 'the work dir'} has no qk_moments.pth, so no key transform to fit to "
                           "--qk-context: recalibrate with `python -m calib calibrate`, or drop --qk-context")
     qp = KVQParams.from_stats(
         stats.key_stats, stats.value_stats, granularity=granularity, symmetric=kv_sym, bits=kv_bits,
         metadata={**stats.metadata(), **stats.text_sketch(), **fitted, "exported": now()}, k_transform=transforms,
+        k_basis=[b for b, _ in bases] if bases else None, k_weight=[w for _, w in bases] if bases else None,
     )
     floored = [
         f"layer {i} {prefix}"

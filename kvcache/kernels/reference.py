@@ -34,7 +34,7 @@ def _store_side(layer: LayerKV, side: str, x: torch.Tensor, blk: torch.Tensor, o
         getattr(layer, f"{side}_scale")[blk, :, off] = enc.scale
     if enc.zp is not None:
         getattr(layer, f"{side}_zp")[blk, :, off] = enc.zp
-    data[blk, :, off] = to_storage(codec, enc.codes)
+    data[blk, :, off] = to_storage(codec, enc.codes, layer.widths(side))
 
 
 def _store_sinks(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> None:
@@ -78,7 +78,8 @@ def _read_side(layer: LayerKV, side: str, blocks: torch.Tensor, b: int, length: 
     codec, data = layer.codec(side), getattr(layer, side)
     if not codec.quantized:
         return read_blocks(data, blocks, b, dtype)[:, :, :length]
-    codes = from_storage(codec, read_blocks(data, blocks, b, data.dtype)[:, :, :length], layer.head_dim)
+    codes = from_storage(codec, read_blocks(data, blocks, b, data.dtype)[:, :, :length], layer.head_dim,
+                         layer.widths(side), head_axis=1)
     scale = zp = None
     if codec.scaling == "token":
         s, z = layer.params(side)

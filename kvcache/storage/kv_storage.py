@@ -15,7 +15,7 @@ from ..shape import KVShape
 from .layout import LayerKV, new_blocks
 from .maps import layer_maps
 from .sinks import SinkSlots
-from .tables import layer_grid, layer_tensor_scale
+from .tables import allocated_widths, layer_grid, layer_tensor_scale
 
 
 class KVStorage:
@@ -25,7 +25,8 @@ class KVStorage:
         if mode.emulated:  # the sequence is kept as decoded 16-bit values and re-quantized in place
             self.emulated, self.codecs = self.codecs, [(FP16, FP16)] * shape.num_layers
         if qparams is not None:
-            qparams.check_matches(shape, needs_transform=any(k.qk_transform for k, _ in self.codecs))
+            qparams.check_matches(shape, needs_transform=any(k.qk_transform for k, _ in self.codecs),
+                                  needs_basis=any(k.allocated for k, _ in self.codecs))
         self.mode, self.shape, self.block_size, self.num_blocks = mode, shape, block_size, num_blocks
         self.qparams, self.device, self.fp_dtype, self.sinks = qparams, device, fp_dtype, sinks
         self.layers = [self._layer(i) for i in range(shape.num_layers)]
@@ -48,6 +49,9 @@ class KVStorage:
             absmax = self.qparams.absmax(side, i) if codec.tensor_scale and self.qparams is not None else None
             setattr(layer, f"{side}_tscale", layer_tensor_scale(codec, absmax, dev))
         transform = self.qparams.k_transform[i] if k_codec.qk_transform else None
+        if k_codec.allocated:  # keys in the eigenbasis, each channel's width from its weight
+            transform = self.qparams.k_basis[i]
+            layer.k_widths = allocated_widths(self.qparams.k_weight[i], k_codec, shape.head_dim).to(dev)
         layer.k_map, layer.q_map, layer.v_map = layer_maps(k_codec, v_codec, shape.num_kv_heads, shape.head_dim,
                                                            transform, dev)
         self.sinks.attach(layer, i)

@@ -16,6 +16,9 @@ codec (:class:`kvcache.modes.Codec`):
   the whole head);
 - codebooks: ``{k,v}_grid`` ``[num_kv_heads, 2^bits]`` fp32 (a fixed one is one tensor shared by every layer,
   expanded over the heads); a per-tensor scale ``{k,v}_tscale`` ``[]`` fp32.
+- allocated key codes: uint8, one bit stream per token and head (:func:`kvcache.quant.pack_widths`; ``width`` =
+  head_dim * allocated / 8), each channel's width in ``k_widths`` ``[num_kv_heads, head_dim]`` int32, the levels of
+  every width in ``k_grid`` ``[9, 256]`` (shared), one scale per token and head.
 
 Rotations and the query-aware key transform live here too (``k_map``, ``q_map``, ``v_map``; applied by
 the transformers glue, never by the kernels, which see only stored vectors). Sinks: with
@@ -56,6 +59,7 @@ class LayerKV:
     v_grid: torch.Tensor | None = None
     k_tscale: torch.Tensor | None = None  # [] fp32: K's per-tensor scale (codecs with tensor_scale)
     v_tscale: torch.Tensor | None = None
+    k_widths: torch.Tensor | None = None  # [kv_heads, head_dim] int32: each key channel's code width (allocated codecs)
     residual: int = 0  # an emulated transformers residual window (storage holds decoded 16-bit values)
     emulated: tuple[Codec, Codec] | None = None  # then: the K and V quantizers the flushes re-quantize with
 
@@ -78,13 +82,17 @@ class LayerKV:
         """``(scale, zero point)`` of ``side`` ('k' or 'v'); None where the codec has none."""
         return getattr(self, f"{side}_scale"), getattr(self, f"{side}_zp")
 
+    def widths(self, side: str) -> torch.Tensor | None:
+        """Each channel's code width of ``side`` (allocated codecs: keys only), or None."""
+        return self.k_widths if side == "k" else None
+
     def side_params(self, side: str) -> SideParams:
         """What the layer holds once for ``side``, as :mod:`kvcache.encoding` takes it."""
         c = self.codec(side)
         scale, zp = self.params(side)
         pdt = scale.dtype if c.scaling == "token" and scale is not None else STATIC_PARAM_DTYPE  # as stored
         static = (scale, zp) if c.scaling == "static" else (None, None)
-        return SideParams(*static, getattr(self, f"{side}_grid"), getattr(self, f"{side}_tscale"), pdt)
+        return SideParams(*static, getattr(self, f"{side}_grid"), getattr(self, f"{side}_tscale"), pdt, self.widths(side))
 
     def per_block_tensors(self) -> list[str]:
         """Names of the tensors that have a block dimension (they grow with the pool)."""
@@ -101,7 +109,7 @@ class LayerKV:
         for side in ("k", "v"):
             if self.codec(side).scaling == "static":
                 out += [t for t in self.params(side) if t is not None]
-        extra = (self.k_map, self.q_map, self.v_map, self.k_grid, self.v_grid, self.k_tscale, self.v_tscale)
+        extra = (self.k_map, self.q_map, self.v_map, self.k_grid, self.v_grid, self.k_tscale, self.v_tscale, self.k_widths)
         return out + [t for t in extra if t is not None]
 
 

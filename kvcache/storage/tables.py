@@ -1,4 +1,5 @@
-"""What a layer's storage holds once per side beyond static parameters: its codebook and its per-tensor scale.
+"""What a layer's storage holds once per side beyond static parameters: its codebook, its per-tensor scale and, for
+allocated codes, every channel's code width.
 
 A fixed codebook (fp8/fp4 values, iq4nl, Lloyd-Max centroids) is one tensor per device shared by every layer
 and pool, expanded over the KV heads (counted once, like the Hadamard matrix); a calibrated table is the
@@ -12,9 +13,15 @@ import functools
 
 import torch
 
-from ..codebooks import FLOAT_MAX, fixed_grid
+from ..codebooks import FLOAT_MAX, fixed_grid, gauss_distortion, gauss_levels
 from ..codec import Codec
 from ..errors import ModeError
+from ..quant import allocate_bits
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_gauss(device: str) -> torch.Tensor:
+    return gauss_levels().to(device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -24,9 +31,12 @@ def _shared_grid(name: str, bits: int, head_dim: int, group_size: int, device: s
 
 def layer_grid(codec: Codec, num_kv_heads: int, head_dim: int, device: torch.device | str,
                table: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``[kv_heads, 2^bits]`` fp32 codebook of a side, or None for the integer grids."""
+    """``[kv_heads, 2^bits]`` fp32 codebook of a side, or None for the integer grids (the ``gauss`` grid: its levels of
+    every width, ``[9, 256]``, :func:`kvcache.codebooks.gauss_levels`)."""
     if not codec.quantized or codec.grid in ("int", "uint"):
         return None
+    if codec.grid == "gauss":
+        return _shared_gauss(str(device))
     if codec.grid == "table":
         if table is None:
             raise ModeError(f"{codec.label()} reads a calibrated codebook: pass --qparams from a calibration that "
@@ -48,3 +58,10 @@ def layer_tensor_scale(codec: Codec, absmax: float | None, device: torch.device 
     if absmax is None or top is None:
         return torch.ones((), dtype=torch.float32, device=device)
     return torch.tensor(max(absmax, 1e-12) / top, dtype=torch.float32, device=device)
+
+
+def allocated_widths(weight: torch.Tensor, codec: Codec, head_dim: int) -> torch.Tensor:
+    """``[kv_heads, head_dim]`` int32 code widths of an allocated codec: ``codec.allocated * head_dim`` bits per head
+    spread over the channels by their calibrated weights (``[kv_heads, head_dim]``), at most ``codec.bits`` each."""
+    total = codec.code_width(head_dim) * 8
+    return allocate_bits(weight.float().cpu(), total, gauss_distortion()[: codec.bits + 1])
