@@ -14,7 +14,7 @@ from typing import Any
 
 from kvcache.measure.planner import (ALLOCATED_KEY_BITS, ProgressFn, Scorer, candidates, make_plan, plan_facts,
                                      plan_table, sensitivity, split_windows)
-from kvcache.modes import plan_to_json
+from kvcache.modes import allocated_keys, plan_to_json
 from kvcache.qparams import KVQParams
 from kvcache.shape import KVShape, config_hash
 
@@ -32,7 +32,8 @@ def plan_bits(
     """Plan bits per layer for ``loaded`` within ``budget_dppl_pct`` on ``samples`` x ``seqlen`` tokens of ``dataset``.
 
     With ``qparams`` carrying key transforms the keys' candidates use them (the calibrated modes' codecs; with the
-    key eigenbasis too, allocated keys below 8 bits); without, the calibration-free ones. Returns ``(plan, spec)``, the spec being the JSON a plan file holds.
+    key eigenbasis too, allocated keys below 8 bits); without, the calibration-free ones. Returns ``(plan, spec)``,
+    the spec being the JSON a plan file holds.
     """
     model = loaded.model
     shape = KVShape.from_config(model.config)
@@ -45,7 +46,8 @@ def plan_bits(
     if progress:
         progress(0.0, "fp16 reference on the planning windows")
     use = qparams if calibrated else None
-    allocated = calibrated and qparams.k_basis is not None and all(b * shape.head_dim % 8 == 0 for b in ALLOCATED_KEY_BITS)
+    allocated = calibrated and qparams.k_basis is not None and all(
+        allocated_keys(b).packs_in_bytes(shape.head_dim) for b in ALLOCATED_KEY_BITS)
     options = candidates(calibrated, allocated=allocated)
     sens = sensitivity(Scorer(model, choose_on, use), options, shape.num_layers, report)
     if progress:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .codebooks import GAUSS_MAX_BITS
 from .errors import ModeError
 
 if TYPE_CHECKING:
@@ -44,14 +45,14 @@ OUR_ENGINE = "kvq"  # the engine name of this tool's own schemes (KVMode.engine)
 SEQUENCE_TOKENS = 2048  # the sequence length per-sequence costs (sinks) are spread over in ratios
 
 GRID_BITS = {"int": None, "uint": None, "lloyd-max": None, "lloyd-max-vllm": None, "lloyd-max-peak": None, "table": None,
-             "e4m3": 8, "e5m2": 8, "e2m1": 4, "iq4nl": 4, "signmag": 4, "gauss": 8}
+             "e4m3": 8, "e5m2": 8, "e2m1": 4, "iq4nl": 4, "signmag": 4, "gauss": GAUSS_MAX_BITS}
 FLOAT_GRIDS = ("e4m3", "e5m2", "e2m1")  # floating-point formats: meaningful with no parameters at all
 # "ue8m0": a power-of-two scale stored as its biased exponent byte (2^(byte - 127), MX formats);
 # "pool": the pool's 16-bit float dtype (ours, and an engine's that stores the model's dtype)
 PARAM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "e4m3": torch.float8_e4m3fn,
                 "ue8m0": torch.uint8}
 SCALINGS = ("none", "static", "token")
-GAUSS_LEVELS = 9 * 256  # the gauss grid's table: N(0, 1) levels of 0 to 8 bits (kvcache.codebooks.gauss_levels)
+GAUSS_LEVELS = (GAUSS_MAX_BITS + 1) << GAUSS_MAX_BITS  # entries of the gauss grid's table (codebooks.gauss_levels)
 
 
 def kv_float_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -148,14 +149,17 @@ class Codec:
             return (self.bits,)
         return tuple(w for w in (4, 2, 1) if self.bits & w)
 
+    def packs_in_bytes(self, head_dim: int) -> bool:
+        """Allocated codes: whether ``allocated * head_dim`` bits are a whole number of bytes (other codecs: True)."""
+        return (self.allocated * head_dim) % 8 == 0
+
     def code_width(self, head_dim: int) -> int:
         """Stored elements per token and head: head_dim (floats, 8-bit codes), or head_dim * bits / 8 bytes."""
         if self.allocated:
-            total = self.allocated * head_dim
-            if total != int(total) or int(total) % 8:
+            if not self.packs_in_bytes(head_dim):
                 raise ModeError(f"{self.allocated:g} bits per channel over head_dim {head_dim} is not a whole number of "
                                 "bytes: pick another KV mode")
-            return int(total) // 8
+            return int(self.allocated * head_dim) // 8
         if self.bits in (8, 16):
             return head_dim
         if head_dim % 8:
@@ -244,7 +248,7 @@ class KVMode:
                 if c.group_size and d % c.group_size:
                     raise ModeError(f"{self.name}: {side} is quantized in blocks of {c.group_size} channels, which do "
                                     f"not divide this model's head_dim {d}; pick another KV mode")
-                if c.allocated and (c.allocated * d) % 8:
+                if not c.packs_in_bytes(d):
                     raise ModeError(f"{self.name}: {side} takes {c.allocated:g} bits per channel, over this model's "
                                     f"head_dim {d} not a whole number of bytes; pick another KV mode")
                 if c.bits < 8 and d % 8:
@@ -373,21 +377,20 @@ class KVMode:
         per_layer = {"tensor": 1, "head": shape.num_kv_heads, "channel": shape.num_kv_heads * shape.head_dim}[granularity]
         f32 = STATIC_PARAM_DTYPE.itemsize
         total = 0
-        shared_grids = set()
+        shared_grids: dict[tuple[str, int], int] = {}  # (grid, bits): its entries, one table per pool
         for k, v in self.layer_codecs(shape.num_layers):
             for c in (k, v):
                 total += 2 * per_layer * f32 if c.scaling == "static" else 0
                 total += f32 if c.tensor_scale else 0
                 if c.grid == "table":  # calibrated per layer and KV head
                     total += shape.num_kv_heads * c.grid_size() * f32
-                elif c.allocated:  # every channel's width (int32), and the levels of every width, one per pool
-                    total += shape.num_kv_heads * shape.head_dim * 4
-                    shared_grids.add(("gauss", 0))
                 elif c.quantized and c.grid not in ("int", "uint"):  # a fixed codebook, one per pool
-                    shared_grids.add((c.grid, c.bits))
+                    shared_grids[(c.grid, c.bits)] = GAUSS_LEVELS if c.allocated else 1 << c.bits
+                if c.allocated:  # every channel's width (int32)
+                    total += shape.num_kv_heads * shape.head_dim * 4
             if k.qk_transform:  # the key map, and the query's inverse, per KV head
                 total += 2 * shape.num_kv_heads * shape.head_dim ** 2 * f32
-        total += sum((1 << bits) * f32 if bits else GAUSS_LEVELS * f32 for _, bits in shared_grids)
+        total += sum(shared_grids.values()) * f32
         rotations = {c.rotation_for(shape.head_dim) for c in self._codecs()} - {0}
         total += len(rotations) * shape.head_dim ** 2 * f32  # one Hadamard matrix per block size, shared by every layer
         return total
