@@ -291,10 +291,11 @@ def _bit_fields(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For a stream of codes of ``widths`` (``[H, D]``, every row summing to the same ``T``): the channel and the bit
     of that channel's code that each stream bit holds (``[H, T]`` each)."""
     w = widths.long()
-    channel = torch.stack([torch.repeat_interleave(torch.arange(w.shape[1]), row) for row in w])
-    start = torch.cumsum(w, -1) - w
-    bit = torch.arange(channel.shape[1])[None, :] - torch.gather(start, 1, channel)
-    return channel.to(widths.device), bit.to(device=widths.device, dtype=torch.int32)
+    end = torch.cumsum(w, -1)  # channel i holds stream bits end[i] - w[i] .. end[i] - 1
+    at = torch.arange(int(end[0, -1]), device=w.device).expand(w.shape[0], -1).contiguous()
+    channel = torch.searchsorted(end, at, right=True)  # the first channel whose code ends after the bit
+    bit = at - torch.gather(end - w, 1, channel)
+    return channel, bit.to(torch.int32)
 
 
 def pack_widths(u: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
