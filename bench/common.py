@@ -25,10 +25,13 @@ from typing import Any
 
 import torch
 
+from kvcache.codebooks import gauss_levels
 from kvcache.errors import KVQError
 from kvcache.measure.device_memory import read_device_memory
 from kvcache.modes import INT2_G32_MODE, INT4_HEAD_MODE, KVMode, get_mode, parse_modes
+from kvcache.quant import width_layout
 from kvcache.storage.layout import LayerKV, new_blocks
+from kvcache.storage.tables import allocated_widths
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -281,7 +284,11 @@ def stand_in_layer(kv: str | KVMode, num_blocks: int, kvh: int, bs: int, d: int,
         if codec.scaling == "static":
             setattr(layer, f"{side}_scale", torch.ones(kvh, d, device=device))
             setattr(layer, f"{side}_zp", torch.zeros(kvh, d, device=device))
-        if codec.quantized and codec.grid not in ("int", "uint"):  # a codebook: stand-in levels, laid out as a fixed one's
+        if codec.allocated:  # keys allocated per channel: the mean width in every channel, the levels of every width
+            layer.k_widths = allocated_widths(torch.ones(d), codec, d).expand(kvh, d).contiguous().to(device)
+            layer.k_layout = width_layout(layer.k_widths)
+            layer.k_grid = gauss_levels().to(device)
+        elif codec.quantized and codec.grid not in ("int", "uint"):  # a codebook: stand-in levels, laid out as a fixed one's
             levels = torch.linspace(-1.0, 1.0, codec.grid_size() + 1, device=device)[:-1]
             setattr(layer, f"{side}_grid", levels.expand(kvh, codec.grid_size()))
     if mode.sink_tokens:

@@ -33,6 +33,7 @@ from triton.runtime import driver
 
 from bench.common import add_json_flag, parser, stand_in_layer, write_json
 from kvcache.codec import kv_float_dtype
+from kvcache.kernels.common import unsupported_store
 from kvcache.kernels.paged_decode import decode_attention_triton
 from kvcache.kernels.paged_prefill import prefill_attention_triton
 from kvcache.kernels.paged_store import store_kv_triton
@@ -57,7 +58,8 @@ ARCHS = {
 }
 MODES = ("fp16", "int8", "int8-dynamic", "int4-head", "int8-rot", "k8v4", "int4",  # every codec kind, sinks,
          "int3", "int3-compact", "int2-g32",  # bit planes: 3-bit in groups and per head, 2-bit in groups,
-         "k8v4-lm", "int3-lm")  # and the lloyd-max-peak codebook: 4-bit groups, 3-bit groups on both sides
+         "k8v4-lm", "int3-lm",  # the lloyd-max-peak codebook: 4-bit groups, 3-bit groups on both sides,
+         "int3-klt")  # and keys allocated per channel (read only: the reference stores them)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the model's; its pools': kv_float_dtype
 SHAPES = {"mha": (32, 32), "gqa4": (32, 8)}  # (query heads, KV heads), as in bench.common.SHAPES
 BLOCK_SIZE = 64  # the cache's default
@@ -155,7 +157,7 @@ def launches(head_dims: list[int], modes: tuple[str, ...] = MODES,
             for head_dim in head_dims:
                 for shape, (hq, kvh) in SHAPES.items():
                     layer = _layer(mode, kvh, head_dim, dtype)
-                    if shape == "gqa4":  # the store kernel depends on the KV heads only
+                    if shape == "gqa4" and unsupported_store(layer) is None:  # the store kernel depends on the KV heads only
                         kv = torch.zeros(3, kvh, head_dim, dtype=dtype)
                         yield (dict(op="store", mode=mode, dtype=dname, head_dim=head_dim, kv_heads=kvh),
                                lambda layer=layer, kv=kv: store_kv_triton(layer, kv, kv, torch.arange(3), check_ranges=False))

@@ -22,7 +22,8 @@ QPARAMS_HELP = ("kv_qparams.safetensors for the calibrated modes, or the folder 
 TEXT_HELP = ("builtin-en (English technical prose), builtin-zh (Chinese politics-exam prose), builtin-en-long "
              "(one English narrative, 2 windows of 8K tokens) or a UTF-8 file")
 MODES_HELP = (", ".join(KVQ_MODES) + "; an engine's scheme as ENGINE:FLAG (vllm:fp8, llamacpp:q4_0, lmdeploy:4, hf:quanto-int4, "
-              "...); or a plan .json from `python -m calib plan`; `python -m kvcache modes` lists them all")
+              "...); or a plan .json from `python -m calib plan`; any of them +recentN keeps the newest N tokens in "
+              "16 bits (int2-klt+recent128, counted in its bytes); `python -m kvcache modes` lists them all")
 
 MODEL_HELP = ("'default' (embedded SmolLM2-135M-Instruct), a local HF model dir, a .gguf file, or a Hub id (ORG/NAME: "
               "from the Hugging Face cache, downloaded when missing unless HF_HUB_OFFLINE is set)")

@@ -231,9 +231,14 @@ class KVMode:
     source: str = ""  # an engine scheme: the engine's files and functions it reproduces
 
     def check_model(self, config: object) -> None:
-        """A plan made for another model is refused in one line (a named mode fits every model)."""
+        """A plan made for another model, or a 16-bit window as long as its context, is refused in one line."""
+        from .models.variants import context_limit
         from .shape import config_hash
 
+        limit = context_limit(config)
+        if self.residual and self.engine != "hf" and limit is not None and self.residual >= limit:  # a +recentN window
+            raise ModeError(f"{self.name}: its 16-bit window of {self.residual} tokens is as long as this model's whole "
+                            f"context ({limit} tokens), so nothing would be quantized; use a window under {limit}")
         if self.model_hash is not None and self.model_hash != config_hash(config):
             raise ModeError(f"KV plan {self.name} was made for another model (config hash {self.model_hash}, this "
                             f"model's is {config_hash(config)}): make a plan for this model with `python -m calib plan MODEL --budget-dppl PCT --out plan.json`")
@@ -386,8 +391,8 @@ class KVMode:
                     total += shape.num_kv_heads * c.grid_size() * f32
                 elif c.quantized and c.grid not in ("int", "uint"):  # a fixed codebook, one per pool
                     shared_grids[(c.grid, c.bits)] = GAUSS_LEVELS if c.allocated else 1 << c.bits
-                if c.allocated:  # every channel's width (int32)
-                    total += shape.num_kv_heads * shape.head_dim * 4
+                if c.allocated:  # every channel's width and its place in the stream (int32 each)
+                    total += 2 * shape.num_kv_heads * shape.head_dim * 4
             if k.qk_transform:  # the key map, and the query's inverse, per KV head
                 total += 2 * shape.num_kv_heads * shape.head_dim ** 2 * f32
         total += sum(shared_grids.values()) * f32
@@ -400,5 +405,6 @@ class KVMode:
             return f"per-layer plan ({len(self.layers)} layers)"
         sinks = f", first {self.sink_tokens} tokens 16-bit" if self.sink_tokens else ""
         skip = f", first and last {self.skip_layers} layers 16-bit" if self.skip_layers else ""
-        window = f", last {self.residual} tokens 16-bit then re-quantized" if self.residual else ""
+        redo = "re-quantized" if self.engine == "hf" else "coded"
+        window = f", last {self.residual} tokens 16-bit then {redo}" if self.residual else ""
         return f"K {self.k.label()}, V {self.v.label()}{sinks}{skip}{window}"

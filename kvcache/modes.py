@@ -154,6 +154,8 @@ def get_mode(name: "str | KVMode") -> KVMode:
     if isinstance(name, KVMode):
         return name
     name = name.strip()
+    if RECENT in name:
+        return _with_recent(name)
     if name.endswith(".json"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -174,6 +176,27 @@ def get_mode(name: "str | KVMode") -> KVMode:
                         "(`python -m kvcache modes` lists every mode)")
     raise ModeError(f"unknown KV mode {name!r}; our modes: {', '.join(KVQ_MODES)}, and every engine's as ENGINE:FLAG "
                     "(`python -m kvcache modes` lists them; or a plan's .json file)")
+
+
+RECENT = "+recent"  # MODE+recentN: the newest N tokens of MODE kept in 16 bits (KIVI's residual), counted in its bytes
+
+
+def _with_recent(name: str) -> KVMode:
+    """``MODE+recentN``: ``MODE`` whose newest tokens stay 16-bit until ``N`` have come, then are coded together."""
+    base_name, _, count = name.rpartition(RECENT)
+    if not count.isdigit() or int(count) < 1:
+        raise ModeError(f"KV mode {name!r}: the window after {RECENT} is a number of tokens, e.g. "
+                        f"{base_name or 'int2-klt'}{RECENT}128")
+    base = get_mode(base_name)
+    if base.residual:
+        raise ModeError(f"KV mode {base.name!r} already keeps a {base.residual}-token residual window; "
+                        f"drop {RECENT}{count}")
+    if not base.quantized:
+        raise ModeError(f"KV mode {base.name!r} stores every token in 16 bits: a {RECENT} window changes nothing")
+    window, full = int(count), f"{base.name}{RECENT}{count}"
+    serve = f"--kv {full}" if base.engine == OUR_ENGINE else f"{base.serve} (the window is KVQ Studio's: {base.engine} has none)"
+    return replace(base, name=full, residual=window, serve=serve,
+                   description=f"{base.description}; the newest tokens (up to {window}) in 16 bits, coded when they fill")
 
 
 def parse_modes(spec: str) -> list[KVMode]:

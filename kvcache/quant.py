@@ -298,6 +298,13 @@ def _bit_fields(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return channel, bit.to(torch.int32)
 
 
+def width_layout(widths: torch.Tensor) -> torch.Tensor:
+    """Each channel's place in its head's bit stream (:func:`pack_widths`) as the kernels read it: ``[H, D]`` int32
+    ``start_bit << 4 | width``."""
+    w = widths.long()
+    return (((torch.cumsum(w, -1) - w) << 4) | w).to(torch.int32)
+
+
 def pack_widths(u: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     """Codes ``u`` (``[..., H, D]``) of per-channel ``widths`` (``[H, D]``, 0-8 bits, each row summing to ``T``, a
     multiple of 8) as ``[..., H, T / 8]`` uint8: one little-endian bit stream per head, channel after channel,

@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import INT4_HEAD_MODE, clone_layer, stored_tensors
 
-from kvcache.codebooks import PEAK_GRIDS
+from kvcache.codebooks import PEAK_GRIDS, gauss_distortion, gauss_levels
+from kvcache.kernels.common import unsupported, unsupported_store
+from kvcache.quant import allocate_bits, width_layout
 from kvcache.kernels import decode_attention, prefill_attention, store_kv, use_triton
 from kvcache.kernels.reference import (
     decode_attention_reference,
@@ -574,6 +576,56 @@ def test_peak_grid_modes_decode_and_prefill(kv):
         check_prefill(layer, tables[:1], 37, 9, 4, block_m=16, block_n=16)
 
 
+def _allocated_layer(kv: str, num_blocks: int, kvh: int, block_size: int, head_dim: int, seed: int = 0) -> LayerKV:
+    """An allocated-keys layer as a pool lays it out: widths allocated for random channel weights (0 to 8 bits, every
+    head the mode's total), their stream layout, the shared levels of every width."""
+    layer = make_layer(kv, num_blocks, kvh, block_size, head_dim)
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.exp(4 * torch.randn(kvh, head_dim, generator=g))  # a few channels worth far more than the rest
+    layer.k_widths = allocate_bits(weight, int(layer.k_codec.allocated * head_dim), gauss_distortion()).to(torch.int32).to(DEVICE)
+    layer.k_layout = width_layout(layer.k_widths)
+    layer.k_grid = gauss_levels().to(DEVICE)
+    assert int(layer.k_widths.max()) >= 6 and int((layer.k_widths == 0).sum()) > 0  # wide, narrow and empty channels
+    return layer
+
+
+@needs_triton
+@pytest.mark.parametrize("kv", ["int3-klt", "int2-klt"])
+def test_allocated_keys_decode_and_prefill(kv):
+    """Keys allocated per channel (codes 0 to 8 bits wide, one bit stream per head, crossing byte boundaries) with
+    lloyd-max-peak values and sinks: decode (GQA, one query head, fp32) and prefill read them as the references do;
+    the store kernel refuses them (the dispatch stores them through the reference)."""
+    layer = _allocated_layer(kv, 12, 2, 16, 64)
+    assert unsupported(layer) is None and "allocated bit streams" in unsupported_store(layer)
+    tables, lens = fill_rows(layer, [37, 5, 23], max_blocks=3, seed=3)
+    check_decode(layer, tables, lens, 8, block_n=16)
+    check_decode(layer, tables, lens, 2, dtype=torch.float32, num_splits=1, seed=1)
+    check_prefill(layer, tables[:1], 37, 9, 4, block_m=16, block_n=16)
+    key = torch.randn(3, 2, 64, device=DEVICE).half()
+    with pytest.raises(ValueError, match="allocated bit streams"):
+        _store_triton(layer, key, key, torch.tensor([0, 1, 2], device=DEVICE))
+
+
+@needs_triton
+def test_allocated_keys_are_stored_by_the_reference_and_read_by_the_kernels(monkeypatch):
+    """On a GPU the dispatch stores allocated keys through the reference (the store kernel would refuse them) and
+    decodes them through the kernel (which differs from the reference by its fp16 dots, not 0)."""
+    import kvcache.kernels as kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda t: True)
+    layer = _allocated_layer("int3-klt", 6, 2, 8, 64, seed=1)
+    want = clone_layer(layer)
+    key = torch.randn(2, 2, 64, device=DEVICE).half()
+    kernels.store_kv(layer, key, key, torch.tensor([3, 9], device=DEVICE))
+    store_kv_reference(want, key, key, torch.tensor([3, 9], device=DEVICE))
+    assert_same_storage(layer, want)
+    tables, lens = fill_rows(layer, [20, 9], max_blocks=3)
+    q = torch.randn(2, 4, 64, device=DEVICE).half()
+    got, ref = kernels.decode_attention(q, layer, tables, lens, 0.2), decode_attention_reference(q, layer, tables, lens, 0.2)
+    torch.testing.assert_close(got, ref, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+    assert not torch.equal(got, ref)
+
+
 @needs_triton
 @pytest.mark.parametrize("kv", ["int4", "k8v4"])
 def test_prefill_lowbit_masks_sinks_and_dtypes(kv):
@@ -756,9 +808,9 @@ def test_lowbit_storage_is_checked():
 
     assert "head_dim/2 (24) to be a multiple of the group size" in unsupported(make_layer("int4", 2, 2, 4, 48))
     assert "4-bit codes need head_dim >= 32" in unsupported(make_layer(INT4_HEAD_MODE, 2, 2, 4, 16))
-    assert "3- and 2-bit codes need a power-of-two head_dim" in unsupported(make_layer(PLANES[3], 2, 2, 4, 48))
+    assert "3- and 2-bit and allocated codes need a power-of-two head_dim" in unsupported(make_layer(PLANES[3], 2, 2, 4, 48))
     lm8 = _layout("lm8", peak_lloyd_max(8, 32), PEAK3_G32)  # 8-bit indices are stored unsigned: the references'
-    assert "and 4-, 3- and 2-bit lloyd-max-peak codes by our rule" in unsupported(make_layer(lm8, 2, 2, 4, 64))
+    assert "4-, 3- and 2-bit lloyd-max-peak codes and allocated codes by our rule" in unsupported(make_layer(lm8, 2, 2, 4, 64))
     assert unsupported(make_layer("int3-lm", 2, 2, 4, 64)) is None
     layer = make_layer("int3-lm", 2, 2, 4, 64)
     layer.v_grid = None
@@ -966,6 +1018,21 @@ def test_real_shapes_lowbit_on_gpu(kv, shape):
     max_blocks = -(-max(lengths) // bs)
     layer = make_layer(kv, len(lengths) * max_blocks + 8, kv_heads, bs, 128)
     check_real_shapes(layer, heads, kv_heads, lengths, max_blocks)
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=list(REAL_SHAPES))
+@pytest.mark.parametrize("kv", ["int3-klt", "int2-klt"])
+def test_real_shapes_allocated_on_gpu(kv, shape):
+    """Allocated keys at head_dim 128, blocks of 64 (stored by the reference): decode over 16K, a 1K new turn over 8K."""
+    heads, kv_heads = REAL_SHAPES[shape]
+    lengths, bs = [16384, 4097, 1, 9001], 64
+    max_blocks = -(-max(lengths) // bs)
+    layer = _allocated_layer(kv, len(lengths) * max_blocks + 8, kv_heads, bs, 128)
+    tables, lens = fill_rows(layer, lengths, max_blocks, seed=3)
+    check_decode(layer, tables, lens, heads)
+    check_prefill(layer, tables[:1, : 8192 // bs].contiguous(), 8192, 1024, heads)
 
 
 @needs_cuda

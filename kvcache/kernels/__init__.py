@@ -29,15 +29,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("KVQ_FORCE_REFERENCE", "0") != "1"
 
 
-def _kernels_take(layer: LayerKV) -> bool:
-    from .common import unsupported
+def _kernels_take(layer: LayerKV, store: bool = False) -> bool:
+    from .common import unsupported, unsupported_store
 
-    return unsupported(layer) is None
+    return (unsupported_store if store else unsupported)(layer) is None
 
 
 def store_kv(layer: LayerKV, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Write (and quantize) ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
-    if use_triton(key) and _kernels_take(layer):
+    if use_triton(key) and _kernels_take(layer, store=True):
         from .common import range_checks_enabled
         from .paged_store import store_kv_triton
 

@@ -6,6 +6,8 @@ A side (K or V) is read in *parts* (:mod:`kvcache.kernels.common`): one part of 
 unpacks with a mask and a shift into two tiles that each dot against the matching half of the query).
 Codes of 3 and 2 bits are stored in bit planes (:func:`kvcache.quant.pack_codes`) and read in one part of
 head_dim lanes: :func:`unpack_planes` loads each plane's bytes once and spreads them over the channels.
+Allocated sides (``int3-klt``'s keys: each channel its own width, one bit stream per head) read each channel's
+one or two bytes by the head's layout and take the level of its width (:func:`unpack_allocated`).
 Codebook sides (``GRID``, the ``lloyd-max-peak`` levels) unpack the same signed codes ``c`` and read each one's
 level, ``table[c + 2^(b-1)]`` in fp32 (:func:`levels`), where integer sides take ``c`` itself; the scale then
 applies the same way (the peak grids have no zero point). Parameters per group of channels are applied to the tile in registers (one fp32 multiply-add per
@@ -89,6 +91,23 @@ def unpack_planes(data_ptr, row, valid, BITS: tl.constexpr, HEAD_D: tl.constexpr
 
 
 @triton.jit
+def unpack_allocated(data_ptr, row, valid, lay_ptr, t_ptr, WIDTH: tl.constexpr, HEAD_D: tl.constexpr,
+                     LEVELS: tl.constexpr):
+    """The levels (fp32, ``[BLOCK_N, HEAD_D]``) of allocated codes (:func:`kvcache.quant.pack_widths`): channel ``c``
+    of the head whose layout is at ``lay_ptr`` (``start_bit << 4 | width``) takes the ``width`` bits from
+    ``start_bit`` of the token's ``WIDTH``-byte stream, at most two bytes, lowest first, and is
+    ``t_ptr[width * LEVELS + code]`` (the N(0, 1) levels per width; width 0 reads level 0, which is 0)."""
+    d = tl.arange(0, HEAD_D)
+    lay = tl.load(lay_ptr + d)
+    byte, shift, width = lay >> 7, (lay >> 4) & 7, lay & 15
+    lo = tl.load(data_ptr + row[:, None] + byte[None, :], mask=valid[:, None], other=0).to(tl.int32)
+    hi = tl.load(data_ptr + row[:, None] + byte[None, :] + 1, mask=valid[:, None] & (byte + 1 < WIDTH)[None, :],
+                 other=0).to(tl.int32)
+    code = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << width) - 1)[None, :]
+    return tl.load(t_ptr + width[None, :] * LEVELS + code)
+
+
+@triton.jit
 def levels(c, t_ptr, BITS: tl.constexpr):
     """The codebook levels (fp32) of signed codes ``c``: ``t_ptr[c + 2^(b-1)]`` (``t_ptr``: the head's table).
     Every index is in range, masked lanes included (they hold code 0 or the lowest code)."""
@@ -97,18 +116,22 @@ def levels(c, t_ptr, BITS: tl.constexpr):
 
 @triton.jit
 def read_side(
-    data_ptr, s_ptr, z_ptr, t_ptr, row, p_row, valid, lanes, lmask,
+    data_ptr, s_ptr, z_ptr, t_ptr, lay_ptr, row, p_row, valid, lanes, lmask,
     HEAD_D: tl.constexpr, QUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
     PART: tl.constexpr, LANES: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, GRID: tl.constexpr,
+    ALLOC: tl.constexpr, WIDTH: tl.constexpr, LEVELS: tl.constexpr,
 ):
     """One side's tile at ``row`` (element offsets of each token's vector) as dot operands.
 
     Returns (a, b, scale, zp): the parts in ``DOT`` (b = 0 unless 4-bit), codes as they are (``GRID``: their
-    levels from the head's table at ``t_ptr``) except in groups (dequantized here), and the per-token, per-head
-    scale and zero point ``[BLOCK_N]`` the folded paths apply around the dots (0 where none).
+    levels from the head's table at ``t_ptr``; ``ALLOC``: per-channel widths, the head's layout at ``lay_ptr``)
+    except in groups (dequantized here), and the per-token, per-head scale and zero point ``[BLOCK_N]`` the folded
+    paths apply around the dots (0 where none).
     """
     b = 0.0
-    if BITS < 4:  # bit planes: one part of head_dim lanes (a power of two, :func:`kvcache.kernels.common.unsupported`)
+    if ALLOC:  # one bit stream per head: a part of head_dim lanes (a power of two), already levels
+        a = unpack_allocated(data_ptr, row, valid, lay_ptr, t_ptr, WIDTH, HEAD_D, LEVELS)
+    elif BITS < 4:  # bit planes: one part of head_dim lanes (a power of two, :func:`kvcache.kernels.common.unsupported`)
         a = unpack_planes(data_ptr, row, valid, BITS, HEAD_D, BLOCK_N)
     else:
         x = tl.load(data_ptr + row[:, None] + lanes[None, :], mask=valid[:, None] & lmask[None, :], other=0)
@@ -116,7 +139,7 @@ def read_side(
     if BITS == 4:  # pack_int4: low nibble channel j, high nibble channel j + head_dim/2, both offset by 8
         a = (x & 15).to(tl.int8) - 8
         b = (x >> 4).to(tl.int8) - 8
-    if GRID:
+    if GRID and not ALLOC:
         a = levels(a, t_ptr, BITS)
         if BITS == 4:
             b = levels(b, t_ptr, BITS)

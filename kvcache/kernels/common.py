@@ -6,7 +6,9 @@ kernels' compile-time switches from the layer the same way, for K and for V sepa
 ``GROUP`` channels per per-token parameter group (head_dim: one group per head); ``SYM`` no zero point;
 ``GRID`` codes are indices into a codebook (the ``lloyd-max-peak`` levels at 4, 3 or 2 bits, per-token signed
 scales): the layer's table ``[kv_heads, 2^bits]`` fp32 is read at ``code + 2^(b-1)`` (``TSTRIDE``: its head
-stride, 0 for a fixed codebook expanded over the heads), else codes are the integers themselves.
+stride, 0 for a fixed codebook expanded over the heads), else codes are the integers themselves; ``ALLOC``
+(attention kernels only: the store leaves them to the reference) codes of per-channel widths in one bit stream
+per head, read by the layer's ``k_layout`` into the levels of every width (``k_grid``, ``[9, 256]``).
 A 4-bit side is read in two *parts* of head_dim/2 lanes (the low and high nibbles of each byte,
 :func:`kvcache.quant.pack_int4`), every other side in one part of head_dim lanes (3- and 2-bit codes: bit planes, :func:`kvcache.quant.pack_codes`,
 unpacked by :func:`kvcache.kernels.codes.unpack_planes`).
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codebooks import PEAK_GRIDS
+from ..codebooks import GAUSS_MAX_BITS, PEAK_GRIDS
 from ..modes import Codec
 from ..storage.layout import LayerKV
 
@@ -56,9 +58,12 @@ def peak_grid(codec: Codec) -> bool:
 
 
 def _kernel_codes(c: Codec) -> bool:
-    """Codes the kernels encode and decode: integers by our rule, or the peak grids' indices with signed per-token scales."""
+    """Codes the kernels decode: integers by our rule, the peak grids' indices with signed per-token scales, and
+    allocated codes (read only: :func:`unsupported_store`)."""
     if c.rule != "kvq" or c.tensor_scale:
         return False
+    if c.allocated:
+        return True
     if c.grid == "int":
         return c.bits in KERNEL_BITS
     return peak_grid(c) and c.bits in GRID_BITS and c.scaling == "token" and c.symmetric
@@ -72,12 +77,12 @@ def unsupported(layer: LayerKV) -> str | None:
     for side in ("k", "v"):
         c, scale = layer.codec(side), layer.params(side)[0]
         if c.quantized and not _kernel_codes(c):
-            return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8-, 4-, 3- and 2-bit integer codes and "
-                    "4-, 3- and 2-bit lloyd-max-peak codes by our rule (other widths, codebooks and engine rules run "
-                    "through the references)")
-        if c.bits < 4 and d & (d - 1):
-            return (f"{side.upper()} codec {c.label()}: 3- and 2-bit codes need a power-of-two head_dim in the Triton "
-                    f"kernels (their bit planes unpack in power-of-two tiles), this layer's is {d}")
+            return (f"{side.upper()} codec {c.label()}: the Triton kernels take 8-, 4-, 3- and 2-bit integer codes, "
+                    "4-, 3- and 2-bit lloyd-max-peak codes and allocated codes by our rule (other widths, codebooks and "
+                    "engine rules run through the references)")
+        if (c.bits < 4 or c.allocated) and d & (d - 1):
+            return (f"{side.upper()} codec {c.label()}: 3- and 2-bit and allocated codes need a power-of-two head_dim "
+                    f"in the Triton kernels (they unpack in power-of-two tiles), this layer's is {d}")
         if c.scaling == "token" and scale is not None and scale.dtype not in PARAM_DTYPES:
             return (f"{side}_scale must be {' or '.join(map(str, PARAM_DTYPES))} for the Triton kernels, got "
                     f"{scale.dtype} (a pool of another dtype runs through the references)")
@@ -92,6 +97,15 @@ def unsupported(layer: LayerKV) -> str | None:
     if layer.sink_tokens > MAX_SINKS:
         return f"{layer.sink_tokens} sink tokens: the Triton kernels take at most {MAX_SINKS}"
     return None
+
+
+def unsupported_store(layer: LayerKV) -> str | None:
+    """Why the Triton store kernel cannot take this layer (the reference stores it), or None: it does not write
+    allocated bit streams (the attention kernels read them)."""
+    reason = unsupported(layer)
+    if reason is None and (layer.k_codec.allocated or layer.v_codec.allocated):
+        return "the Triton store kernel does not write allocated bit streams (the reference codes them)"
+    return reason
 
 
 def _check_params(layer: LayerKV, side: str, want_dtype: tuple[torch.dtype, ...], shape: tuple[int, ...]) -> None:
@@ -133,6 +147,8 @@ def check_storage(layer: LayerKV) -> None:
             _check_params(layer, side, PARAM_DTYPES, (nb, kvh, bs, c.groups(d)))
         if peak_grid(c):
             _check_grid(layer, side)
+        if c.allocated:
+            _check_allocated(layer, side)
     if layer.sink_tokens:
         _check_sinks(layer)
 
@@ -145,6 +161,18 @@ def _check_grid(layer: LayerKV, side: str) -> None:
         raise ValueError(f"{side}_grid must be a {list(want)} fp32 table on {layer.k.device} (rows contiguous, or one "
                          f"row expanded over the heads) for {c.label()}, got "
                          f"{None if t is None else (tuple(t.shape), t.dtype, t.stride(), str(t.device))}")
+
+
+def _check_allocated(layer: LayerKV, side: str) -> None:
+    t, lay = getattr(layer, f"{side}_grid"), getattr(layer, f"{side}_layout", None)
+    want = (GAUSS_MAX_BITS + 1, 1 << GAUSS_MAX_BITS)
+    if t is None or tuple(t.shape) != want or t.dtype != torch.float32 or not t.is_contiguous() or t.device != layer.k.device:
+        raise ValueError(f"{side}_grid must be the contiguous {list(want)} fp32 levels per width on {layer.k.device}, "
+                         f"got {None if t is None else (tuple(t.shape), t.dtype, str(t.device))}")
+    shape = (layer.num_kv_heads, layer.head_dim)
+    if lay is None or tuple(lay.shape) != shape or lay.dtype != torch.int32 or not lay.is_contiguous() or lay.device != layer.k.device:
+        raise ValueError(f"{side}_layout must be a contiguous int32 {list(shape)} tensor on {layer.k.device} "
+                         "(kvcache.quant.width_layout of the widths)")
 
 
 def _check_sinks(layer: LayerKV) -> None:
@@ -179,6 +207,9 @@ class SideArgs:
     table: torch.Tensor  # the codebook [kv_heads, 2^bits] fp32 for a grid side; else the data tensor (never read)
     grid: bool  # codes index ``table`` (a peak grid)
     table_stride: int  # the table's head stride: 0 for one table expanded over the heads
+    layout: torch.Tensor  # allocated codes: each channel's start_bit << 4 | width [kv_heads, head_dim]; else the data
+    alloc: bool  # per-channel widths in one bit stream per head; ``table`` holds the levels of every width
+    width: int  # bytes one token's vector takes in one head (the stream's length)
 
     @property
     def grouped(self) -> bool:
@@ -191,6 +222,12 @@ class SideArgs:
                 f"{prefix}_SYM": self.sym, f"{prefix}_PART": self.part, f"{prefix}_LANES": self.lanes,
                 f"{prefix}_GP": self.group if self.grouped else self.lanes, f"{prefix}_GRID": self.grid,
                 f"{prefix}_TSTRIDE": self.table_stride}
+
+    def read_consts(self, prefix: str) -> dict[str, int | bool]:
+        """:meth:`consts` and what the attention kernels alone take: ``PREFIX_{ALLOC, WIDTH, LEVELS}`` (LEVELS: the
+        level table's row length)."""
+        return {**self.consts(prefix), f"{prefix}_ALLOC": self.alloc, f"{prefix}_WIDTH": self.width,
+                f"{prefix}_LEVELS": 1 << GAUSS_MAX_BITS}
 
 
 def side_args(layer: LayerKV, side: str) -> SideArgs:
@@ -207,10 +244,12 @@ def side_args(layer: LayerKV, side: str) -> SideArgs:
         pstrides = (0, 0, 0)
     part = layer.head_dim // 2 if c.bits == 4 else layer.head_dim
     grid = peak_grid(c)
-    table = getattr(layer, f"{side}_grid") if grid else data
+    table = getattr(layer, f"{side}_grid") if grid or c.allocated else data
+    layout = getattr(layer, f"{side}_layout", None) if c.allocated else None
     return SideArgs(data, scale, zp, (data.stride(0), data.stride(1), data.stride(2)), pstrides, quant,
                     c.bits, group_channels(c, layer.head_dim), c.symmetric and quant == 2, part,
-                    triton.next_power_of_2(part), table, grid, table.stride(0) if grid else 0)
+                    triton.next_power_of_2(part), table, grid, table.stride(0) if grid else 0,
+                    data if layout is None else layout, bool(c.allocated), data.shape[-1])
 
 
 def sink_args(layer: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:

@@ -44,7 +44,7 @@ _MAX_SPLITS = 64
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kt_ptr, vt_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kt_ptr, vt_ptr, kl_ptr, vl_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
     slot_map_ptr, k_sink_ptr, v_sink_ptr,
     sm_scale_log2, num_splits,
     stride_qb, stride_qh,
@@ -58,8 +58,10 @@ def _decode_partial_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINKS: tl.constexpr, BLOCK_S: tl.constexpr,
     K_QUANT: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_SYM: tl.constexpr,
     K_PART: tl.constexpr, K_LANES: tl.constexpr, K_GP: tl.constexpr, K_GRID: tl.constexpr, K_TSTRIDE: tl.constexpr,
+    K_ALLOC: tl.constexpr, K_WIDTH: tl.constexpr, K_LEVELS: tl.constexpr,
     V_QUANT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_SYM: tl.constexpr,
     V_PART: tl.constexpr, V_LANES: tl.constexpr, V_GP: tl.constexpr, V_GRID: tl.constexpr, V_TSTRIDE: tl.constexpr,
+    V_ALLOC: tl.constexpr, V_WIDTH: tl.constexpr, V_LEVELS: tl.constexpr,
     USE_DOT: tl.constexpr, K_DOT: tl.constexpr, V_DOT: tl.constexpr, S_DOT: tl.constexpr,
     K_FP32: tl.constexpr, V_FP32: tl.constexpr, S_FP32: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
@@ -114,9 +116,9 @@ def _decode_partial_kernel(
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         in_blk = pos % BLOCK_SIZE
         ka, kb, t_ks, t_kz = read_side(
-            k_ptr, ks_ptr, kz_ptr, kt_ptr + kvh * K_TSTRIDE, blk * stride_kb + kvh * stride_kh + in_blk * stride_kt,
+            k_ptr, ks_ptr, kz_ptr, kt_ptr + kvh * K_TSTRIDE, kl_ptr + kvh * HEAD_D, blk * stride_kb + kvh * stride_kh + in_blk * stride_kt,
             blk * stride_kpb + kvh * stride_kph + in_blk * stride_kpt, valid, k_lanes, k_lmask,
-            HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, BLOCK_N, K_DOT, K_GRID)
+            HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, BLOCK_N, K_DOT, K_GRID, K_ALLOC, K_WIDTH, K_LEVELS)
         s = part_scores(qa, qb, ka, kb, K_BITS, USE_DOT, K_FP32)
         s = fold_scores(s, q_bias, q_sum, t_ks, t_kz, HEAD_D, K_QUANT, K_GROUP, K_SYM)
         s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
@@ -129,9 +131,9 @@ def _decode_partial_kernel(
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         va, vb, t_vs, t_vz = read_side(
-            v_ptr, vs_ptr, vz_ptr, vt_ptr + kvh * V_TSTRIDE, blk * stride_vb + kvh * stride_vh + in_blk * stride_vt,
+            v_ptr, vs_ptr, vz_ptr, vt_ptr + kvh * V_TSTRIDE, vl_ptr + kvh * HEAD_D, blk * stride_vb + kvh * stride_vh + in_blk * stride_vt,
             blk * stride_vpb + kvh * stride_vph + in_blk * stride_vpt, valid, v_lanes, v_lmask,
-            HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, BLOCK_N, V_DOT, V_GRID)
+            HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, BLOCK_N, V_DOT, V_GRID, V_ALLOC, V_WIDTH, V_LEVELS)
         p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, HEAD_D, V_QUANT, V_GROUP, V_SYM)
         acc_a = acc_a * alpha[:, None] + weighted_sum(p, va, USE_DOT, V_FP32, BLOCK_N)
         if V_BITS == 4:
@@ -300,7 +302,7 @@ def decode_attention_triton(
         planes = min(layer.k_codec.bits, layer.v_codec.bits) < 4  # bit-plane unpacking: 4 warps spill at head_dim 128
         num_warps = 8 if block_n * block_d > 8192 or fp32_dot or planes else 4
     _decode_partial_kernel[(b, kvh, splits)](
-        query, k.data, v.data, k.scale, k.zp, v.scale, v.zp, k.table, v.table, block_tables, seq_lens, o_part, lse,
+        query, k.data, v.data, k.scale, k.zp, v.scale, v.zp, k.table, v.table, k.layout, v.layout, block_tables, seq_lens, o_part, lse,
         slot_map, k_sink, v_sink,
         scale * math.log2(math.e), splits,
         query.stride(0), query.stride(1),
@@ -309,7 +311,7 @@ def decode_attention_triton(
         *o_strides, *l_strides,
         GROUP=group, BLOCK_G=block_g, HEAD_D=d, BLOCK_D=block_d,
         BLOCK_SIZE=layer.block_size, BLOCK_N=block_n, SINKS=layer.sink_tokens, BLOCK_S=sink_block(layer),
-        **k.consts("K"), **v.consts("V"),
+        **k.read_consts("K"), **v.read_consts("V"),
         USE_DOT=use_dot, K_DOT=TL_DTYPES[k_dot], V_DOT=TL_DTYPES[v_dot], S_DOT=TL_DTYPES[s_dot],
         K_FP32=k_dot == torch.float32, V_FP32=v_dot == torch.float32, S_FP32=s_dot == torch.float32,
         STORE_LSE=splits > 1,

@@ -59,7 +59,7 @@ def _masked(s, pos, valid, mmask, q_pos, m_row, stride_mn, MASK: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kt_ptr, vt_ptr, bt_ptr, mask_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, kt_ptr, vt_ptr, kl_ptr, vl_ptr, bt_ptr, mask_ptr, o_ptr,
     slot_map_ptr, k_sink_ptr, v_sink_ptr,
     q_len, kv_len, sm_scale_log2,
     stride_qb, stride_qh, stride_qm,
@@ -73,8 +73,10 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, SINKS: tl.constexpr, BLOCK_S: tl.constexpr,
     K_QUANT: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_SYM: tl.constexpr,
     K_PART: tl.constexpr, K_LANES: tl.constexpr, K_GP: tl.constexpr, K_GRID: tl.constexpr, K_TSTRIDE: tl.constexpr,
+    K_ALLOC: tl.constexpr, K_WIDTH: tl.constexpr, K_LEVELS: tl.constexpr,
     V_QUANT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_SYM: tl.constexpr,
     V_PART: tl.constexpr, V_LANES: tl.constexpr, V_GP: tl.constexpr, V_GRID: tl.constexpr, V_TSTRIDE: tl.constexpr,
+    V_ALLOC: tl.constexpr, V_WIDTH: tl.constexpr, V_LEVELS: tl.constexpr,
     K_DOT: tl.constexpr, V_DOT: tl.constexpr, S_DOT: tl.constexpr,
 ):
     """One (query tile, head, batch row); K and V each per its codec (K_*/V_*, as in the decode kernel).
@@ -120,9 +122,9 @@ def _prefill_kernel(
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         in_blk = pos % BLOCK_SIZE
         ka, kb, t_ks, t_kz = read_side(
-            k_ptr, ks_ptr, kz_ptr, kt_ptr + kvh * K_TSTRIDE, blk * stride_kb + kvh * stride_kh + in_blk * stride_kt,
+            k_ptr, ks_ptr, kz_ptr, kt_ptr + kvh * K_TSTRIDE, kl_ptr + kvh * HEAD_D, blk * stride_kb + kvh * stride_kh + in_blk * stride_kt,
             blk * stride_kpb + kvh * stride_kph + in_blk * stride_kpt, valid, k_lanes, k_lmask,
-            HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, BLOCK_N, K_DOT, K_GRID)
+            HEAD_D, K_QUANT, K_BITS, K_GROUP, K_SYM, K_PART, K_LANES, BLOCK_N, K_DOT, K_GRID, K_ALLOC, K_WIDTH, K_LEVELS)
         s = fold_scores(part_scores(qa, qb, ka, kb, K_BITS, True, False), q_bias, q_sum, t_ks, t_kz,
                         HEAD_D, K_QUANT, K_GROUP, K_SYM) * sm_scale_log2
         s = _masked(s, pos, valid, mmask, q_pos, m_row, stride_mn, MASK)
@@ -133,9 +135,9 @@ def _prefill_kernel(
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         va, vb, t_vs, t_vz = read_side(
-            v_ptr, vs_ptr, vz_ptr, vt_ptr + kvh * V_TSTRIDE, blk * stride_vb + kvh * stride_vh + in_blk * stride_vt,
+            v_ptr, vs_ptr, vz_ptr, vt_ptr + kvh * V_TSTRIDE, vl_ptr + kvh * HEAD_D, blk * stride_vb + kvh * stride_vh + in_blk * stride_vt,
             blk * stride_vpb + kvh * stride_vph + in_blk * stride_vpt, valid, v_lanes, v_lmask,
-            HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, BLOCK_N, V_DOT, V_GRID)
+            HEAD_D, V_QUANT, V_BITS, V_GROUP, V_SYM, V_PART, V_LANES, BLOCK_N, V_DOT, V_GRID, V_ALLOC, V_WIDTH, V_LEVELS)
         p, pz_i = fold_probs(p, pz_i, alpha, t_vs, t_vz, HEAD_D, V_QUANT, V_GROUP, V_SYM)
         acc_a = acc_a * alpha[:, None] + tl.dot(p.to(V_DOT), va)
         if V_BITS == 4:
@@ -229,7 +231,7 @@ def prefill_attention_triton(
         m_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
     grid = (triton.cdiv(q_len, block_m), hq, b)
     _prefill_kernel[grid](
-        query, k.data, v.data, k.scale, k.zp, v.scale, v.zp, k.table, v.table, block_tables, mask, out,
+        query, k.data, v.data, k.scale, k.zp, v.scale, v.zp, k.table, v.table, k.layout, v.layout, block_tables, mask, out,
         slot_map, k_sink, v_sink,
         q_len, kv_len, scale * _LOG2E,
         query.stride(0), query.stride(1), query.stride(2),
@@ -239,9 +241,10 @@ def prefill_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=hq // layer.num_kv_heads, HEAD_D=d, BLOCK_D=block_d, BLOCK_SIZE=layer.block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, MASK=kind, SINKS=layer.sink_tokens, BLOCK_S=sink_block(layer),
-        **k.consts("K"), **v.consts("V"),
+        **k.read_consts("K"), **v.read_consts("V"),
         K_DOT=TL_DTYPES[k_dot], V_DOT=TL_DTYPES[v_dot], S_DOT=TL_DTYPES[s_dot],
-        num_warps=num_warps or (8 if block_m * block_d > 4096 else 4), num_stages=num_stages,
+        # allocated keys (two byte loads and a table lookup per element) spill with 4 warps at head_dim 64
+        num_warps=num_warps or (8 if block_m * block_d > 4096 or layer.k_codec.allocated else 4), num_stages=num_stages,
         enable_fp_fusion=FP_FUSION,
     )
     return out

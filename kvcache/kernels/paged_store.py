@@ -28,7 +28,8 @@ import triton.language as tl
 from ..codebooks import PEAK_LOWEST
 from ..quant import SCALE_EPS, qrange
 from ..storage.layout import LayerKV
-from .common import FLOAT_DTYPES, FP_FUSION, SideArgs, check_storage, range_checks_enabled, side_args, sink_args
+from .common import (FLOAT_DTYPES, FP_FUSION, SideArgs, check_storage, range_checks_enabled, side_args, sink_args,
+                     unsupported_store)
 
 # Adding then subtracting 1.5 * 2**23 rounds an fp32 of magnitude < 2**22 to the nearest integer,
 # ties to even (the IEEE default), like torch.round; no libdevice call, same on GPU and interpreter.
@@ -282,6 +283,9 @@ def store_kv_triton(
 ) -> None:
     """Encode (per each side's codec) and write ``[num_tokens, kv_heads, head_dim]`` K/V at ``slots``."""
     check_storage(layer)
+    reason = unsupported_store(layer)
+    if reason:
+        raise ValueError(reason)
     if key.dim() != 3 or key.shape != value.shape:
         raise ValueError(f"key and value must both be [num_tokens, kv_heads, head_dim], "
                          f"got {tuple(key.shape)} and {tuple(value.shape)}")

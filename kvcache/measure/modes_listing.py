@@ -63,13 +63,15 @@ def mode_facts(modes: list[KVMode], config: Any, tokens: int = SEQUENCE_TOKENS) 
     ``k_bits`` / ``v_bits``: mean bits over the model's layers, as in the text listing (layers a mode leaves in
     16 bits counted);
     ``bytes_per_token``: codes and per-token parameters of one token, all layers and KV heads;
-    ``ratio_to_fp16``: a ``tokens``-long sequence's bytes (its fp16 sink tokens included) over fp16's.
+    ``window_bytes_per_sequence``: a full 16-bit window of ``window_tokens`` beyond its codes;
+    ``ratio_to_fp16``: a ``tokens``-long sequence's bytes (its fp16 sink tokens and full window included) over fp16's.
     """
     shape = KVShape.from_config(config)
     return [dict(name=m.name, **dict(zip(("k_bits", "v_bits"), map(_bits, m.bits_for(shape.num_layers)))),
                  needs_calibration=m.needs_qparams,
                  bytes_per_token=m.bytes_per_token(shape), sink_tokens=m.sink_tokens,
-                 sink_bytes_per_sequence=m.sink_bytes(shape), pool_bytes=m.static_param_bytes(shape),
+                 sink_bytes_per_sequence=m.sink_bytes(shape), window_tokens=m.residual,
+                 window_bytes_per_sequence=m.residual_bytes(shape), pool_bytes=m.static_param_bytes(shape),
                  ratio_to_fp16=m.ratio_to_fp16(shape, tokens), codecs=m.describe_codecs(),
                  engine=m.engine, serve=m.serve, description=m.description)
             for m in modes]

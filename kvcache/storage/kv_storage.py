@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..codec import FP16
+from ..codec import FP16, Codec
 from ..modes import KVMode
 from ..qparams import KVQParams
+from ..quant import width_layout
 from ..shape import KVShape
 from .layout import LayerKV, new_blocks
 from .maps import layer_maps
@@ -22,20 +23,37 @@ class KVStorage:
     def __init__(self, mode: KVMode, shape: KVShape, *, block_size: int, num_blocks: int, device: torch.device,
                  fp_dtype: torch.dtype, qparams: KVQParams | None, sinks: SinkSlots):
         self.codecs = mode.layer_codecs(shape.num_layers)
-        if mode.emulated:  # the sequence is kept as decoded 16-bit values and re-quantized in place
-            self.emulated, self.codecs = self.codecs, [(FP16, FP16)] * shape.num_layers
         if qparams is not None:
             qparams.check_matches(shape, needs_transform=any(k.qk_transform for k, _ in self.codecs),
                                   needs_basis=any(k.allocated for k, _ in self.codecs))
+        if mode.emulated:  # the sequence is kept as decoded 16-bit values and re-quantized in place
+            self.emulated, self.codecs = self.codecs, [(FP16, FP16)] * shape.num_layers
         self.mode, self.shape, self.block_size, self.num_blocks = mode, shape, block_size, num_blocks
         self.qparams, self.device, self.fp_dtype, self.sinks = qparams, device, fp_dtype, sinks
         self.layers = [self._layer(i) for i in range(shape.num_layers)]
 
     def _layer(self, i: int) -> LayerKV:
-        """Layer ``i``'s storage for its codecs: blocks, static parameters, maps, sinks."""
-        k_codec, v_codec = self.codecs[i]
+        """Layer ``i``'s storage for its codecs: blocks, static parameters, maps, sinks.
+
+        An emulated residual window of one of our modes: 16-bit blocks holding the values as its codecs' maps
+        store them (rotated, transformed), beside a block-less layer of its real codecs whose parameters the
+        flushes quantize with (transformers' schemes re-quantize by their own backends and need neither)."""
+        if not self.mode.emulated:
+            layer = self._coded_layer(i, *self.codecs[i], self.num_blocks)
+        else:
+            layer = self._coded_layer(i, FP16, FP16, self.num_blocks)
+            layer.residual, layer.emulated = self.mode.residual, self.emulated[i]
+            if self.mode.engine != "hf":  # transformers' backends re-quantize the whole sequence themselves
+                layer.flush_codes = self._coded_layer(i, *self.emulated[i], 0)
+                layer.k_map, layer.q_map, layer.v_map = (layer.flush_codes.k_map, layer.flush_codes.q_map,
+                                                         layer.flush_codes.v_map)
+        self.sinks.attach(layer, i)
+        return layer
+
+    def _coded_layer(self, i: int, k_codec: Codec, v_codec: Codec, num_blocks: int) -> LayerKV:
+        """Layer ``i``'s blocks, static parameters and maps for ``k_codec`` and ``v_codec`` (no sinks)."""
         shape, dev = self.shape, self.device
-        blocks = new_blocks(k_codec, v_codec, self.num_blocks, shape.num_kv_heads, self.block_size, shape.head_dim,
+        blocks = new_blocks(k_codec, v_codec, num_blocks, shape.num_kv_heads, self.block_size, shape.head_dim,
                             dev, self.fp_dtype)
         layer = LayerKV(k_codec, v_codec, shape.head_dim, **blocks)
         for side, codec in (("k", k_codec), ("v", v_codec)):
@@ -52,11 +70,9 @@ class KVStorage:
         if k_codec.allocated:  # keys in the eigenbasis, each channel's width from its weight
             transform = self.qparams.k_basis[i]
             layer.k_widths = allocated_widths(self.qparams.k_weight[i], k_codec, shape.head_dim).to(dev)
+            layer.k_layout = width_layout(layer.k_widths)
         layer.k_map, layer.q_map, layer.v_map = layer_maps(k_codec, v_codec, shape.num_kv_heads, shape.head_dim,
                                                            transform, dev)
-        self.sinks.attach(layer, i)
-        if self.mode.emulated:
-            layer.residual, layer.emulated = self.mode.residual, self.emulated[i]
         return layer
 
     def grow(self, extra: int) -> None:
@@ -82,8 +98,9 @@ class KVStorage:
     @property
     def param_bytes(self) -> int:
         """Bytes of static parameters, held once whatever the number of tokens."""
+        layers = self.layers + [layer.flush_codes for layer in self.layers if layer.flush_codes is not None]
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # a shared map counts once
-                for layer in self.layers for t in layer.static_tensors()}
+                for layer in layers for t in layer.static_tensors()}
         return sum(held.values())
 
     @property

@@ -60,8 +60,10 @@ class LayerKV:
     k_tscale: torch.Tensor | None = None  # [] fp32: K's per-tensor scale (codecs with tensor_scale)
     v_tscale: torch.Tensor | None = None
     k_widths: torch.Tensor | None = None  # [kv_heads, head_dim] int32: each key channel's code width (allocated codecs)
+    k_layout: torch.Tensor | None = None  # [kv_heads, head_dim] int32: start_bit << 4 | width, as the kernels read it
     residual: int = 0  # an emulated transformers residual window (storage holds decoded 16-bit values)
     emulated: tuple[Codec, Codec] | None = None  # then: the K and V quantizers the flushes re-quantize with
+    flush_codes: "LayerKV | None" = None  # our codecs' parameters for those flushes (a layer without blocks)
 
     @property
     def block_size(self) -> int:
@@ -109,7 +111,8 @@ class LayerKV:
         for side in ("k", "v"):
             if self.codec(side).scaling == "static":
                 out += [t for t in self.params(side) if t is not None]
-        extra = (self.k_map, self.q_map, self.v_map, self.k_grid, self.v_grid, self.k_tscale, self.v_tscale, self.k_widths)
+        extra = (self.k_map, self.q_map, self.v_map, self.k_grid, self.v_grid, self.k_tscale, self.v_tscale, self.k_widths,
+                 self.k_layout)
         return out + [t for t in extra if t is not None]
 
 
